@@ -1,0 +1,31 @@
+"""The embedded "digits" testbed: `python -m memctl.zoo.digits train --seed 0 --out assets/digits`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m memctl.zoo.digits", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train a digits model from a seed")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", type=Path, default=None, help="output folder (default assets/digits-s<seed>)")
+    tr.add_argument("--steps", type=int, default=4000)
+    tr.add_argument("--batch-size", type=int, default=128)
+    tr.add_argument("--max-minutes", type=float, default=60.0, help="wall-clock cap; stops early and saves")
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <out>.work")
+    args = parser.parse_args(argv)
+    from memctl.zoo.train_digits import train
+
+    out = args.out or Path("assets") / f"digits-s{args.seed}"
+    info = train(args.seed, out, steps=args.steps, batch_size=args.batch_size, max_minutes=args.max_minutes,
+                 resume=args.resume)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
