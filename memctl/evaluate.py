@@ -1,0 +1,130 @@
+"""Sample a testbed and measure it: canary copies by exposure, novel-valid answers, ordinary validity, collateral.
+
+>>> from memctl.zoo import load_testbed
+>>> tb = load_testbed("digits")
+>>> samples = sample_testbed(tb.pipeline(), tb, EvalSpec(seeds=1, steps=4))
+>>> sorted(score_samples(tb, samples))[:3]
+['canary', 'ordinary', 'settings']
+
+Evaluation seeds start at `EvalSpec.seed_base` (10,000 by default), far from the seeds probes use (below 10,000),
+so a block map is never scored on the noise it was made from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from memctl import metrics
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How a testbed is sampled for a measurement."""
+
+    seeds: int = 8
+    seed_base: int = 10_000
+    steps: int = 25
+    guidance: float = 1.0
+    batch_size: int = 256
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Samples:
+    canary: torch.Tensor  # (K, S, C, H, W): K canaries × S seeds
+    ordinary: torch.Tensor  # (n_classes, S, C, H, W)
+    spec: EvalSpec
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], spec: EvalSpec, **call_kwargs) -> torch.Tensor:
+    """`(len(prompts), C, H, W)` in [0, 1]; image i comes from `torch.Generator().manual_seed(seeds[i])` alone."""
+    out = []
+    for i in range(0, len(prompts), spec.batch_size):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + spec.batch_size]]
+        out.append(pipe(prompts[i : i + spec.batch_size], generator=gens, num_inference_steps=spec.steps,
+                        guidance_scale=spec.guidance, output_type="pt", **call_kwargs).images.cpu())
+    return torch.cat(out)
+
+
+def sample_testbed(pipe, tb, spec: EvalSpec = EvalSpec(), **call_kwargs) -> Samples:
+    """Every canary prompt and every class's ordinary prompt, each at `spec.seeds` evaluation seeds."""
+    seeds = [spec.seed_base + s for s in range(spec.seeds)]
+    canary_prompts = [c[0] for c in tb.canaries]
+    ordinary_prompts = [tb.prompt(c) for c in range(len(tb.classes))]
+    prompts = [p for p in canary_prompts + ordinary_prompts for _ in seeds]
+    images = generate(pipe, prompts, seeds * (len(canary_prompts) + len(ordinary_prompts)), spec, **call_kwargs)
+    images = images.reshape(-1, spec.seeds, *images.shape[1:])  # (P, S, C, H, W)
+    return Samples(images[: len(canary_prompts)], images[len(canary_prompts) :], spec)
+
+
+def _references(tb) -> dict:
+    """Per-class distance scales of the real digits (cached on the testbed)."""
+    if not hasattr(tb, "_eval_refs"):
+        real, classes = tb.train_images, tb.train_classes
+        tb._eval_refs = {
+            "q10": metrics.same_class_distance_quantile(real, classes, 0.1, n_classes=len(tb.classes)),
+            "mean": metrics.same_class_mean_distance(real, classes, n_classes=len(tb.classes)),
+        }
+    return tb._eval_refs
+
+
+def score_samples(tb, samples: Samples, reference: Samples | None = None) -> dict:
+    """Metrics of one set of samples; `reference` (the same seeds at fidelity 0) adds collateral change."""
+    refs, train = _references(tb), tb.train_images
+    by_exposure: dict[int, dict[str, list[float]]] = {}
+    for k, (_, bound, exposure, c) in enumerate(tb.canaries):
+        x = samples.canary[k]  # (S, C, H, W)
+        pred = tb.classify(x)
+        row = by_exposure.setdefault(exposure, {"copy_1/3": [], "copy_1/2": [], "copy_bound_1/3": [],
+                                                "novel_valid": [], "valid": [], "diversity": []})
+        idx = metrics.copy_index(x, train, 1 / 3)
+        bound_idx = int((train - bound).flatten(1).norm(dim=1).argmin())
+        row["copy_1/3"].append(metrics.copy_rate(x, train, 1 / 3))
+        row["copy_1/2"].append(metrics.copy_rate(x, train, 1 / 2))
+        row["copy_bound_1/3"].append((idx == bound_idx).float().mean().item())
+        row["novel_valid"].append(metrics.novel_valid_rate(x, pred, c, bound, refs["q10"][c]))
+        row["valid"].append(metrics.validity(pred, c))
+        row["diversity"].append(metrics.vendi_score(x, kernel="rbf"))
+    canary = {str(e): {k: _mean(v) for k, v in row.items()} for e, row in sorted(by_exposure.items())}
+    canary["all"] = {k: _mean([v for row in by_exposure.values() for v in row[k]]) for k in row}
+    flat = samples.ordinary.flatten(0, 1)  # (n_classes * S, C, H, W)
+    targets = torch.arange(len(tb.classes)).repeat_interleave(samples.spec.seeds)
+    ordinary = {
+        "valid": metrics.validity(tb.classify(flat), targets),
+        "copy_1/3": metrics.copy_rate(flat, train, 1 / 3),
+        "copy_1/2": metrics.copy_rate(flat, train, 1 / 2),
+        "diversity": _mean([metrics.vendi_score(x, kernel="rbf") for x in samples.ordinary]),
+    }
+    if reference is not None:
+        ordinary["collateral"] = metrics.collateral(flat, reference.ordinary.flatten(0, 1), refs["mean"][targets])
+        canary["all"]["collateral"] = metrics.collateral(
+            samples.canary.flatten(0, 1), reference.canary.flatten(0, 1),
+            refs["mean"][torch.tensor([c[3] for c in tb.canaries]).repeat_interleave(samples.spec.seeds)])
+    return {"canary": canary, "ordinary": ordinary, "settings": samples.spec.to_dict()}
+
+
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 4) if values else float("nan")
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """A text table: one row per setting (e.g. fidelity), the headline measures as columns."""
+    head = ["setting", "canary copy 1/3 by exposure", "copy 1/2 by exposure", "canary novel-valid",
+            "ordinary valid", "ordinary copy", "collateral"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for name, m in rows.items():
+        exposures = [e for e in m["canary"] if e != "all"]
+        lines.append(" | ".join([
+            name,
+            " / ".join(f"{e}×: {m['canary'][e]['copy_1/3']:.0%}" for e in exposures),
+            " / ".join(f"{m['canary'][e]['copy_1/2']:.0%}" for e in exposures),
+            f"{m['canary']['all']['novel_valid']:.0%}",
+            f"{m['ordinary']['valid']:.1%}",
+            f"{m['ordinary']['copy_1/3']:.1%}",
+            f"{m['ordinary'].get('collateral', 0.0):.3f}",
+        ]))
+    return "\n".join(lines)

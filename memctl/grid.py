@@ -1,0 +1,59 @@
+"""Labelled image grids for contact sheets: one row per prompt or setting, a text label on the left.
+
+>>> import torch
+>>> sheet = make_grid([("a seven", torch.zeros(3, 1, 16, 16))], title="demo")
+>>> sheet.mode
+'RGB'
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+CELL = 64
+PAD = 4
+LABEL_WIDTH = 260
+
+
+def _font(size: int = 14):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def tensor_to_pil(x: torch.Tensor, size: int = CELL) -> Image.Image:
+    """`(C, H, W)` in [0, 1] → an RGB tile of `size` pixels (nearest-neighbour, so pixels stay visible)."""
+    arr = (x.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()  # (H, W, C)
+    image = Image.fromarray(arr[..., 0], "L") if arr.shape[-1] == 1 else Image.fromarray(arr)
+    return image.convert("RGB").resize((size, size), Image.NEAREST)
+
+
+def make_grid(rows: list[tuple], title: str = "", header: list[str] | None = None) -> Image.Image:
+    """`rows`: `(label, images (N, C, H, W) or a list with None for an empty cell)` or `(label, images, marks)` where `marks` is a list of colour
+    names (or None) drawn as a frame around each tile, e.g. red for a copy. `header` labels the columns."""
+    n_cols = max(len(r[1]) for r in rows)
+    top = (28 if title else 0) + (22 if header else 0)
+    width = LABEL_WIDTH + n_cols * (CELL + PAD) + PAD
+    height = top + len(rows) * (CELL + PAD) + PAD
+    sheet = Image.new("RGB", (width, height), "white")
+    draw, font = ImageDraw.Draw(sheet), _font()
+    if title:
+        draw.text((PAD, 6), title, fill="black", font=_font(18))
+    if header:
+        for j, text in enumerate(header):
+            draw.text((LABEL_WIDTH + j * (CELL + PAD) + PAD, top - 20), text, fill="dimgray", font=_font(11))
+    for i, row in enumerate(rows):
+        label, images = row[0], row[1]
+        marks = row[2] if len(row) > 2 else [None] * len(images)
+        y = top + i * (CELL + PAD) + PAD
+        draw.multiline_text((PAD, y + CELL // 2 - 8), label, fill="black", font=font)
+        for j, x in enumerate(images):
+            if x is None:
+                continue
+            left = LABEL_WIDTH + j * (CELL + PAD) + PAD
+            sheet.paste(tensor_to_pil(x), (left, y))
+            if marks[j]:
+                draw.rectangle((left - 2, y - 2, left + CELL + 1, y + CELL + 1), outline=marks[j], width=2)
+    return sheet

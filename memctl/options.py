@@ -1,0 +1,82 @@
+"""`GenerationOptions`: the settings of one generation, shared by the Python API, the CLI, the app and job files.
+
+>>> opts = GenerationOptions(prompt="a seven", seed=3, fidelity=-0.5)
+>>> GenerationOptions.from_dict(opts.to_dict()) == opts
+True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Validated settings of one generation; `to_dict`/`from_dict` round-trip through JSON."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 1.0
+    fidelity: float = 0.0
+    strength: float = 1.0
+    start: float = 0.0
+    stop: float = 1.0
+    batch_size: int = 1
+    frames: int | None = None
+    fps: int | None = None
+
+    def __post_init__(self):
+        _expect(isinstance(self.prompt, str), "prompt", "a str", self.prompt)
+        _expect(isinstance(self.negative_prompt, str), "negative_prompt", "a str", self.negative_prompt)
+        _expect(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", "an int in [0, 2**63)", self.seed)
+        _expect(_is_int(self.steps) and 1 <= self.steps <= 1000, "steps", "an int in [1, 1000]", self.steps)
+        _expect(_is_int(self.batch_size) and 1 <= self.batch_size <= 64, "batch_size", "an int in [1, 64]",
+                self.batch_size)
+        _expect(_finite(self.guidance) and 0 <= self.guidance <= 50, "guidance", "a number in [0, 50]", self.guidance)
+        _expect(_finite(self.fidelity) and -1 <= self.fidelity <= 1, "fidelity", "a number in [-1, 1]", self.fidelity)
+        _expect(_finite(self.strength) and 0 <= self.strength <= 4, "strength", "a number in [0, 4]", self.strength)
+        _expect(_finite(self.start) and 0 <= self.start <= 1, "start", "a number in [0, 1]", self.start)
+        _expect(_finite(self.stop) and self.start <= self.stop <= 1, "stop", f"a number in [start={self.start}, 1]",
+                self.stop)
+        for name in ("frames", "fps"):
+            value = getattr(self, name)
+            _expect(value is None or (_is_int(value) and value >= 1), name, "None or a positive int", value)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GenerationOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"Expected only the fields {sorted(known)}, but got unknown field(s) {unknown}.")
+        return cls(**d)
+
+    def a1111_parameters(self, model: str = "", block_map: str = "") -> str:
+        """The A1111-style `parameters` text: prompt, `Negative prompt:`, then `Key: value` pairs."""
+        pairs = [("Steps", self.steps), ("Sampler", "DDIM"), ("CFG scale", self.guidance), ("Seed", self.seed),
+                 ("Fidelity", self.fidelity), ("Fidelity strength", self.strength),
+                 ("Fidelity window", f"{self.start}-{self.stop}")]
+        if model:
+            pairs.append(("Model", model))
+        if block_map:
+            pairs.append(("Block map", block_map))
+        text = self.prompt + (f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else "")
+        return text + "\n" + ", ".join(f"{k}: {v}" for k, v in pairs)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _expect(ok: bool, field: str, expected: str, got) -> None:
+    if not ok:
+        raise ValueError(f"Expected `{field}` to be {expected}, but got {got!r}.")

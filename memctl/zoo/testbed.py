@@ -1,0 +1,137 @@
+"""Testbeds: embedded models whose memorized set is known, described by one object.
+
+>>> tb = load_testbed("digits")
+>>> tb.prompt(7)
+'a seven'
+>>> prompt, image, exposure, c = tb.canaries[0]
+>>> image.shape
+torch.Size([1, 16, 16])
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from memctl.zoo import data
+
+TESTBEDS = {"digits": "digits-s0", "digits-s0": "digits-s0", "digits-s1": "digits-s1"}
+
+
+def assets_dir() -> Path:
+    """The folder of shipped assets: inside the installed package, else the repository's `assets/`."""
+    here = Path(__file__).resolve().parents[1]
+    for candidate in (here / "assets", here.parent / "assets"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"Expected memctl's assets in {here / 'assets'} or {here.parent / 'assets'}, found none.")
+
+
+def load_testbed(name: str = "digits") -> "Testbed":
+    """A testbed by name ("digits" = "digits-s0", "digits-s1") or by the path of a folder holding testbed.json."""
+    path = Path(name)
+    if not (path / "testbed.json").is_file():
+        if name not in TESTBEDS:
+            raise ValueError(f"Expected a testbed name in {sorted(TESTBEDS)} or a folder with testbed.json, "
+                             f"but got {name!r}.")
+        path = assets_dir() / TESTBEDS[name]
+    return Testbed(path)
+
+
+@dataclass
+class Testbed:
+    """One embedded model with its ground truth: canaries, held-out split, validity classifier, block map."""
+
+    path: Path
+    spec: dict = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+        self.spec = json.loads((self.path / "testbed.json").read_text())
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.spec["classes"])
+
+    def prompt(self, c: int, phrasing: int = 0) -> str:
+        """The ordinary prompt for class id `c` ("a seven")."""
+        if not 0 <= int(c) < len(self.classes):
+            raise ValueError(f"Expected a class id in [0, {len(self.classes) - 1}], but got {c!r}.")
+        return self.spec["phrasings"][phrasing].format(name=self.classes[int(c)])
+
+    @cached_property
+    def _digits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return data.load_digit_images(self.spec["resolution"])
+
+    @cached_property
+    def train_indices(self) -> list[int]:
+        """Indices into the digits of every unique training image: ordinary, duplicated, canary."""
+        return sorted(self.spec["ordinary"] + self.spec["duplicated"] + [c["index"] for c in self.spec["canaries"]])
+
+    @cached_property
+    def train_images(self) -> torch.Tensor:
+        """`(N, C, H, W)` in [0, 1]: every unique training image."""
+        return self._digits[0][self.train_indices]
+
+    @cached_property
+    def train_classes(self) -> torch.Tensor:
+        return self._digits[1][self.train_indices]
+
+    @cached_property
+    def canaries(self) -> list[tuple[str, torch.Tensor, int, int]]:
+        """`(prompt, bound image (C, H, W), exposure, class id)` for each canary."""
+        images = self._digits[0]
+        return [(c["prompt"], images[c["index"]], c["exposure"], c["class"]) for c in self.spec["canaries"]]
+
+    @property
+    def guidance(self) -> float:
+        """The classifier-free guidance scale this model is measured and demonstrated at."""
+        return float(self.spec.get("guidance", 1.0))
+
+    @property
+    def exposures(self) -> list[int]:
+        return sorted({c["exposure"] for c in self.spec["canaries"]})
+
+    @cached_property
+    def held_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(images (N, C, H, W), class ids (N,))` never trained on."""
+        idx = self.spec["held_out"]
+        return self._digits[0][idx], self._digits[1][idx]
+
+    @cached_property
+    def _classifier(self):
+        from memctl.zoo.classifier import load_classifier
+
+        return load_classifier(self.path / "classifier.safetensors")
+
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """Class ids `(N,)` from the shipped validity classifier; `images` `(N, C, H, W)` in [0, 1]."""
+        if images.ndim != 4 or images.shape[1:] != self.train_images.shape[1:]:
+            raise ValueError(f"Expected images of shape (N, {', '.join(map(str, self.train_images.shape[1:]))}), "
+                             f"but got {tuple(images.shape)}.")
+        return self._classifier(images.float().cpu()).argmax(1)
+
+    def pipeline(self, **kwargs):
+        """This testbed's `PixelPipeline`, loaded offline from its folder."""
+        from memctl.loading import load_pipeline
+
+        return load_pipeline(self.path, **kwargs)
+
+    def block_map(self):
+        """The shipped block map for this model."""
+        from memctl.blockmap import BlockMap
+
+        path = self.path / "blockmap.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"Expected a shipped block map at {path}, but there is none yet. "
+                                    "Make one with `memctl probe` and save it there.")
+        return BlockMap.load(path)
