@@ -1,0 +1,415 @@
+"""The one place memctl installs and removes hooks (diffusers `HookRegistry`, `pre_forward`/`post_forward` only).
+
+    >>> with scaled(unet, find_blocks(unet, names=["mid_block"]), 0.0):  # ablate the mid block
+    ...     eps = unet(x, t, encoder_hidden_states=c).sample
+    >>> list_hooks(unet)  # nothing left behind
+    []
+
+Hooks are global state on the modules they wrap: a hook left attached changes every later call of the model, in
+every pipeline sharing it. Temporary hooks therefore live in context managers (`attached`, `scaled`, `recorded`)
+that remove exactly what they added, in reverse order, even when the forward raises; persistent ones (the knob) go
+through `attach`/`detach` under one hook name. `list_hooks` shows what memctl has attached.
+
+Residual scaling is exact at scale 1: branch mode computes `out * s`, delta mode `out + (s - 1) * (out - inp)`,
+both equal to `out` bit for bit (up to the sign of a zero) when `s == 1`. The scale `s` is a 0-d non-persistent
+buffer on the hooked module, so it follows `.to(device/dtype)`, is changed in place (`.fill_`) without
+re-registering anything, and never makes `torch.compile` recompile. Hooks are written with `pre_forward` and
+`post_forward` only: a hook using `new_forward` breaks diffusers' removal of earlier hooks (see NOTES).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from memctl.blocks import Block, unwrap
+
+__all__ = [
+    "KNOB",
+    "CLOCK",
+    "ResidualScaleHook",
+    "ConditionProjectHook",
+    "cross_attentions",
+    "RecordHook",
+    "TimestepHook",
+    "ScaleSet",
+    "attach",
+    "detach",
+    "attached",
+    "scaled",
+    "recorded",
+    "list_hooks",
+]
+
+KNOB = "memctl.knob"  # per-block residual scaling of the fidelity knob
+CLOCK = "memctl.knob.clock"  # root hook reading the timestep of each denoiser call
+
+
+def _arg_position(module: torch.nn.Module, arg: str) -> int | None:
+    """Position of `arg` among the positional arguments of `module.forward` (None if it has no such parameter)."""
+    params = list(inspect.signature(type(module).forward).parameters)[1:]  # drop self
+    return params.index(arg) if arg in params else None
+
+
+def _get_arg(args: tuple, kwargs: dict, arg: str, pos: int | None) -> Any:
+    if arg in kwargs:
+        return kwargs[arg]
+    return args[pos] if pos is not None and pos < len(args) else None
+
+
+class _InputsOfDelta(ModelHook):
+    """Shared by hooks that need a delta-mode block's inputs: grabs them in `pre_forward` for `post_forward`."""
+
+    def __init__(self, block: Block):
+        super().__init__()
+        self.block = block
+        # (hidden input, encoder input) of the call in flight; one slot, so a forward that raised leaves nothing
+        # behind that the next call would read (a module does not re-enter its own forward).
+        self._pending: tuple[Any, Any] = (None, None)
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        b = self.block
+        self._pos = _arg_position(module, b.input_arg), _arg_position(module, b.encoder_arg)
+        return module
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if self.block.mode == "delta":
+            hidden = _get_arg(args, kwargs, self.block.input_arg, self._pos[0])
+            if hidden is None:
+                hidden = args[0] if args else None
+            self._pending = (hidden, _get_arg(args, kwargs, self.block.encoder_arg, self._pos[1]))
+        return args, kwargs
+
+    def _split(self, output: Any) -> tuple[list[Any] | None, torch.Tensor, Any, Any]:
+        """(output as a list or None for a tensor, hidden output, hidden input, encoder input)."""
+        (inp, enc), self._pending = self._pending, (None, None)
+        if isinstance(output, torch.Tensor):
+            return None, output, inp, enc
+        items = list(output)
+        return items, items[self.block.output_index], inp, enc
+
+    def _update(self, out: torch.Tensor, inp: torch.Tensor | None) -> torch.Tensor:
+        if self.block.mode == "branch":
+            return out
+        if not isinstance(inp, torch.Tensor) or inp.shape != out.shape:
+            got = tuple(inp.shape) if isinstance(inp, torch.Tensor) else type(inp).__name__
+            raise ValueError(
+                f"Expected block {self.block.name!r} to return input + update with its input's shape, but got "
+                f"output {tuple(out.shape)} for input {got}. It is not a residual block in delta mode: hook the "
+                f"module that outputs its residual branch instead (mode='branch')."
+            )
+        return out - inp
+
+
+class ResidualScaleHook(_InputsOfDelta):
+    """Scale a block's residual update by a 0-d buffer `s` on the hooked module (1 = untouched, 0 = ablated).
+
+    >>> block = find_blocks(unet)[0]
+    >>> hook = ResidualScaleHook(block, "memctl.demo", value=0.5)
+    >>> with attached(unet, {block.target: hook}, "memctl.demo"):
+    ...     _ = hook.scale.fill_(0.0)  # in place: ablated from the next call on
+    """
+
+    def __init__(self, block: Block, name: str, value: float = 1.0):
+        super().__init__(block)
+        self.buffer = "_" + name.replace(".", "_") + "_scale"
+        self.value = float(value)
+        self._module: torch.nn.Module | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        super().initialize_hook(module)
+        device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+        module.register_buffer(self.buffer, torch.tensor(self.value, device=device), persistent=False)
+        self._module = module
+        return module
+
+    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # (sic: diffusers' spelling)
+        module._buffers.pop(self.buffer, None)
+        self._module = None
+        return module
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The live 0-d scale; change it in place (`.fill_`, `.copy_`)."""
+        return getattr(self._module, self.buffer)
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        s = getattr(module, self.buffer)
+        items, out, inp, enc = self._split(output)
+        if self.block.mode == "branch":
+            new = out * s
+        else:
+            new = out + (s - 1) * self._update(out, inp)
+        if items is None:
+            return new
+        items[self.block.output_index] = new
+        e = self.block.encoder_index
+        if self.block.mode == "delta" and e is not None and items[e] is not None and isinstance(enc, torch.Tensor):
+            items[e] = items[e] + (s - 1) * (items[e] - enc)
+        return type(output)(items)
+
+
+class ConditionProjectHook(ModelHook):
+    """Remove (s=0), keep (s=1, exact) or amplify (s>1) a subspace of a cross-attention's conditioning input.
+
+    `e -> e - (1 - s) (e R) Wᵀ` (see `memctl.subspace.project`), applied to `encoder_hidden_states` of an
+    `Attention` module before it computes its keys and values; `s` is a 0-d buffer like `ResidualScaleHook.scale`.
+    """
+
+    def __init__(self, name: str, read: torch.Tensor, write: torch.Tensor, value: float = 1.0):
+        super().__init__()
+        self.buffer = "_" + name.replace(".", "_") + "_scale"
+        self.read, self.write, self.value = read, write, float(value)
+        self._module: torch.nn.Module | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+        module.register_buffer(self.buffer, torch.tensor(self.value, device=device), persistent=False)
+        module.register_buffer(self.buffer + "_read", self.read.to(device), persistent=False)
+        module.register_buffer(self.buffer + "_write", self.write.to(device), persistent=False)
+        self._module = module
+        return module
+
+    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # (sic: diffusers' spelling)
+        for suffix in ("", "_read", "_write"):
+            module._buffers.pop(self.buffer + suffix, None)
+        self._module = None
+        return module
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return getattr(self._module, self.buffer)
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        e = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        if e is None:
+            return args, kwargs
+        s = getattr(module, self.buffer)
+        read, write = getattr(module, self.buffer + "_read"), getattr(module, self.buffer + "_write")
+        new = e - (1 - s).to(e.dtype) * ((e @ read.to(e.dtype)) @ write.to(e.dtype).T)
+        if "encoder_hidden_states" in kwargs or len(args) < 2:
+            kwargs["encoder_hidden_states"] = new
+        else:
+            args = (args[0], new, *args[2:])
+        return args, kwargs
+
+
+def cross_attentions(model: torch.nn.Module, block: Block) -> list[str]:
+    """Dotted paths of the cross-attention modules (`Attention` with `is_cross_attention`) inside a block."""
+    root = unwrap(model).get_submodule(block.name)
+    return [f"{block.name}.{n}" for n, m in root.named_modules()
+            if type(m).__name__ == "Attention" and getattr(m, "is_cross_attention", False)]
+
+
+class RecordHook(_InputsOfDelta):
+    """Append `reduce(update)` (or `reduce(output)` with `what="output"`) of each call to `store`, detached."""
+
+    def __init__(self, block: Block, store: list, what: str = "residual", reduce: Callable | None = None):
+        super().__init__(block)
+        if what not in ("residual", "output"):
+            raise ValueError(f"Expected what='residual' or 'output', but got {what!r}.")
+        self.what, self.store, self.reduce = what, store, reduce
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        _, out, inp, _ = self._split(output)
+        value = out if self.what == "output" else self._update(out, inp)
+        value = value.detach()
+        self.store.append(self.reduce(value) if self.reduce is not None else value)
+        return output
+
+
+class TimestepHook(ModelHook):
+    """Root hook: reads the denoiser's `timestep` argument and calls `callback(module, t)` before each forward.
+
+    `t` is a 0-d float tensor, the largest timestep of the batch divided by `scale` (the pipeline's
+    `num_train_timesteps`, so that `t` is the normalized noise level in [0, 1]; Flux-like pipelines already divide
+    by 1000 and use `scale=1`). Works in every pipeline, including those without `callback_on_step_end`.
+    """
+
+    def __init__(self, callback: Callable[[torch.nn.Module, torch.Tensor], None], scale: float = 1000.0):
+        super().__init__()
+        self.callback, self.scale = callback, float(scale)
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._pos = _arg_position(module, "timestep")
+        if self._pos is None:
+            raise ValueError(
+                f"Expected {type(module).__name__}.forward to take a `timestep` argument, but its parameters are "
+                f"{list(inspect.signature(type(module).forward).parameters)[1:]}."
+            )
+        return module
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        t = _get_arg(args, kwargs, "timestep", self._pos)
+        if t is not None:
+            t = t.detach() if isinstance(t, torch.Tensor) else torch.tensor(float(t))
+            self.callback(module, t.float().reshape(-1).max() / self.scale)
+        return args, kwargs
+
+
+def attach(model: torch.nn.Module, hooks: Mapping[str, ModelHook], name: str) -> list[tuple[str, str]]:
+    """Register each hook on the module at its dotted path ("" = the model) under `name`; all or nothing.
+
+    Returns the (path, name) pairs attached, which `detach(model, name, only=...)` removes exactly.
+    """
+    model, done = unwrap(model), []
+    try:
+        for path, hook in hooks.items():
+            module = model.get_submodule(path)
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            if name in registry.hooks:
+                raise ValueError(
+                    f"Expected no hook named {name!r} on {path or type(model).__name__!r} yet, but one is attached. "
+                    f"Remove it first (memctl.remove_knob, or leave the enclosing context), or use another name=."
+                )
+            registry.register_hook(hook, name)
+            done.append((path, name))
+    except BaseException:
+        detach(model, name, only=done)
+        raise
+    _invalidate(model)
+    return done
+
+
+def detach(model: torch.nn.Module, name: str, only: Iterable[tuple[str, str]] | None = None) -> None:
+    """Remove the hooks called `name` below `model` (or exactly the pairs in `only`), newest first, and tidy up."""
+    model = unwrap(model)
+    pairs = list(only) if only is not None else [(p, n) for p, n in list_hooks(model, prefix="") if n == name]
+    for path, hook_name in reversed(pairs):
+        module = model.get_submodule(path)
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is not None and hook_name in registry.hooks:
+            later = registry._hook_order[registry._hook_order.index(hook_name) + 1 :]
+            if any(hasattr(registry.hooks[n], "new_forward") for n in later):
+                warnings.warn(
+                    f"Removing {hook_name!r} from {path!r} while later hooks {later} replace forward (new_forward): "
+                    f"diffusers may then skip them and keep the removed one. Remove those hooks first.",
+                    stacklevel=2,
+                )
+            registry.remove_hook(hook_name, recurse=False)
+            if not registry.hooks:
+                _restore(module)
+    _invalidate(model)
+
+
+def _restore(module: torch.nn.Module) -> None:
+    """Drop an emptied registry and the instance-level `forward` it left, so the module is as it was."""
+    bound = module.__dict__.get("forward")
+    if getattr(bound, "__func__", None) is type(module).forward and getattr(bound, "__self__", None) is module:
+        del module.__dict__["forward"]
+    del module.__dict__["_diffusers_hook"]
+
+
+def _invalidate(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is not None:
+            registry._child_registries_cache = None
+
+
+@contextmanager
+def attached(model: torch.nn.Module, hooks: Mapping[str, ModelHook], name: str) -> Iterator[list[tuple[str, str]]]:
+    """Hooks for the duration of a `with` block; removed in reverse order even if the body raises."""
+    done = attach(model, hooks, name)
+    try:
+        yield done
+    finally:
+        detach(model, name, only=done)
+
+
+class ScaleSet:
+    """Live residual scales of hooked blocks, by block name: `scales.set("mid_block", 0.5)` changes them in place."""
+
+    def __init__(self, hooks: Mapping[str, list[ResidualScaleHook]]):
+        self.hooks = dict(hooks)
+
+    def set(self, block: str | Block, value: float | torch.Tensor) -> None:
+        for hook in self.hooks[block.name if isinstance(block, Block) else block]:
+            hook.scale.copy_(torch.as_tensor(value))
+
+    def get(self, block: str | Block) -> float:
+        return float(self.hooks[block.name if isinstance(block, Block) else block][0].scale)
+
+    def names(self) -> list[str]:
+        return list(self.hooks)
+
+
+def _check_free(hooks: Mapping[str, _InputsOfDelta], path: str, leaf: Block) -> None:
+    if path in hooks:
+        raise ValueError(
+            f"Expected blocks that do not overlap, but {hooks[path].block.name!r} and {leaf.name!r} both hook "
+            f"{path!r}. Pass either a stage or its units, not both."
+        )
+
+
+@contextmanager
+def scaled(
+    model: torch.nn.Module, blocks: Iterable[Block], scale: float = 0.0, name: str = "memctl.scale"
+) -> Iterator[ScaleSet]:
+    """Scale the residual updates of `blocks` (stages: all their units) by `scale` inside the `with` block.
+
+    >>> with scaled(unet, find_blocks(unet)[:3], 0.0) as scales:  # ablate three units
+    ...     a = unet(**inputs).sample
+    ...     scales.set(find_blocks(unet)[0], 0.5)  # in place, no re-registration
+    ...     b = unet(**inputs).sample
+    """
+    groups: dict[str, list[ResidualScaleHook]] = {}
+    hooks: dict[str, ResidualScaleHook] = {}
+    for block in blocks:
+        for leaf in block.leaves():
+            hook = ResidualScaleHook(leaf, name, scale)
+            groups.setdefault(block.name, []).append(hook)
+            _check_free(hooks, leaf.target, leaf)
+            hooks[leaf.target] = hook
+    with attached(model, hooks, name):
+        yield ScaleSet(groups)
+
+
+@contextmanager
+def recorded(
+    model: torch.nn.Module,
+    blocks: Iterable[Block],
+    what: str = "residual",
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    name: str = "memctl.record",
+) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record each unit's residual update (or output) per call, detached, keyed by unit name.
+
+    >>> with recorded(unet, find_blocks(unet), reduce=lambda r: r.pow(2).mean()) as rec:
+    ...     _ = unet(**inputs)
+    >>> len(rec["mid_block.resnets.0"]), rec["mid_block.resnets.0"][0].shape
+    (1, torch.Size([]))
+
+    `what="output"` records the hidden-state output of the unit itself (for a branch-mode unit, the module `name`
+    rather than its branch end). `reduce` keeps memory small (e.g. a per-channel mean).
+    """
+    store: dict[str, list[torch.Tensor]] = {}
+    hooks: dict[str, RecordHook] = {}
+    for block in blocks:
+        for leaf in block.leaves():
+            path = leaf.name if (what == "output" and leaf.mode == "branch") else leaf.target
+            _check_free(hooks, path, leaf)
+            hooks[path] = RecordHook(leaf, store.setdefault(leaf.name, []), what, reduce)
+    with attached(model, hooks, name):
+        yield store
+
+
+def list_hooks(model: torch.nn.Module, prefix: str = "memctl.") -> list[tuple[str, str]]:
+    """(module path, hook name) of every hook whose name starts with `prefix`, in module order.
+
+    >>> with scaled(unet, find_blocks(unet, names=["mid_block.resnets.0"]), 0.5):
+    ...     list_hooks(unet)
+    [('mid_block.resnets.0.conv2', 'memctl.scale')]
+    """
+    found = []
+    for path, module in unwrap(model).named_modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is not None:
+            found += [(path, n) for n in registry.hooks if n.startswith(prefix)]
+    return found

@@ -1,0 +1,308 @@
+"""The fidelity knob: a block map + `fidelity` in [-1, 1] -> per-block residual scales, applied through hooks.
+
+    >>> apply_knob(pipe, bmap, strength=1.0, start=0.0, stop=1.0)
+    >>> with fidelity(pipe, -0.6):  # < 0: shrink memorization-heavy blocks
+    ...     images = pipe("a seven", num_inference_steps=4).images
+    >>> remove_knob(pipe)  # the untouched model again
+
+`apply_knob` hooks every block of the map once (a 0-d scale per block, hook name `memctl.knob`) and the denoiser
+itself (`memctl.knob.clock`): before each denoiser call the clock reads the timestep, turns it into the normalized
+noise level t = timestep / num_train_timesteps (1 = pure noise), evaluates `knob_law` on the map's scores at t
+(interpolating per-level scores), sets factors to 1 outside the window [start, stop], and writes them into the
+scales in place. Changing the fidelity only fills a 0-d tensor: nothing is re-registered and `torch.compile`d
+denoisers do not recompile. At fidelity 0 every factor is exactly 1.0 and the output is bit-identical to the
+untouched model. The state lives on the denoiser module (`_memctl_knob`), so pipelines sharing it (`from_pipe`)
+share the knob.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from memctl.blockmap import BlockMap
+from memctl.blocks import find_blocks, unwrap
+from memctl.hooks import CLOCK, KNOB, ResidualScaleHook, TimestepHook, attach, detach
+
+__all__ = ["knob_law", "apply_knob", "set_fidelity", "fidelity", "remove_knob", "get_knob", "KnobInfo"]
+
+_ATTR = "_memctl_knob"
+_BUFFERS = ("_memctl_knob_scores", "_memctl_knob_levels", "_memctl_knob_fidelity")
+_DENOISERS = ("unet", "transformer", "transformer_2")
+# Denoisers whose pipelines pass timestep / 1000 (already a normalized noise level).
+_UNIT_TIMESTEP = {
+    "FluxTransformer2DModel",
+    "Flux2Transformer2DModel",
+    "ChromaTransformer2DModel",
+    "QwenImageTransformer2DModel",
+}
+
+
+def knob_law(
+    scores: torch.Tensor, fidelity: float | torch.Tensor, strength: float = 1.0, scale: float | None = None
+) -> torch.Tensor:
+    """Per-block factors: clamp(1 + strength * fidelity * score / scale, 0, 2), scale = max |score| by default.
+
+    >>> knob_law(torch.tensor([2.0, -1.0, 0.0]), -0.5)
+    tensor([0.5000, 1.2500, 1.0000])
+
+    Pure and shape-preserving (`scores` may be `(n_blocks,)` or `(n_blocks, n_levels)`); fidelity < 0 shrinks
+    memorization-heavy blocks (score > 0) and boosts generalization-heavy ones; fidelity 0 gives exactly 1.0.
+    """
+    if scale is None:
+        m = scores.abs().max()
+        norm = scores / torch.where(m > 0, m, torch.ones_like(m))
+    else:
+        norm = scores / (scale if scale > 0 else 1.0)
+    return (1 + strength * fidelity * norm).clamp(0, 2)
+
+
+class _KnobState:
+    """What `apply_knob` put on one denoiser; its `on_timestep` is the clock hook's callback."""
+
+    def __init__(self, bmap, component, strength, start, stop, scale, groups, timestep_scale):
+        self.bmap, self.component = bmap, component
+        self.strength, self.start, self.stop, self.scale = strength, start, stop, scale
+        self.groups: list[list[ResidualScaleHook]] = groups
+        self.timestep_scale = timestep_scale
+        self.fidelity = 0.0
+
+    def on_timestep(self, module: torch.nn.Module, t: torch.Tensor) -> None:
+        scores = module._memctl_knob_scores.float()  # (n_blocks, n_levels); float32 whatever the model's dtype
+        t = t.to(scores.device, torch.float32)
+        factors = knob_law(scores, module._memctl_knob_fidelity.float(), self.strength, self.scale)
+        if factors.shape[1] == 1:
+            now = factors[:, 0]
+        else:  # piecewise linear in t between recorded levels, constant beyond them
+            levels = module._memctl_knob_levels.float()
+            tc = t.clamp(levels[0], levels[-1])
+            i = torch.searchsorted(levels, tc.reshape(1)).clamp(1, levels.shape[0] - 1)
+            lo, hi = levels[i - 1], levels[i]
+            w = ((tc - lo) / (hi - lo)).reshape(())
+            a, b = factors.index_select(1, i - 1)[:, 0], factors.index_select(1, i)[:, 0]
+            now = a + w * (b - a)
+        inside = (t >= self.start) & (t <= self.stop)
+        now = torch.where(inside, now, torch.ones_like(now))
+        for i, hooks in enumerate(self.groups):
+            for hook in hooks:
+                hook.scale.copy_(now[i])
+
+
+@dataclass(frozen=True)
+class KnobInfo:
+    """The knob's state on a pipeline, for metadata: `get_knob(pipe).to_dict()`."""
+
+    block_map: BlockMap
+    fidelity: float
+    strength: float
+    start: float
+    stop: float
+    components: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.block_map
+        return {
+            "fidelity": self.fidelity,
+            "strength": self.strength,
+            "window": [self.start, self.stop],
+            "components": list(self.components),
+            "block_map": {"method": m.method, "granularity": m.granularity, "n_blocks": m.n_blocks,
+                          "per_level": m.per_level, "fingerprints": m.fingerprints, "meta": m.meta},
+        }  # fmt: skip
+
+
+def _check_real(name: str, value: Any, lo: float, hi: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or not lo <= value <= hi
+    ):
+        raise ValueError(f"Expected {name} in [{lo:g}, {hi:g}], but got {value!r}.")
+    return float(value)
+
+
+def _denoisers(target: Any) -> list[tuple[str | None, torch.nn.Module]]:
+    """(component, unwrapped module) of a bare denoiser (component None) or of each denoiser a pipeline holds."""
+    if isinstance(target, torch.nn.Module):
+        return [(None, unwrap(target))]
+    found = [
+        (c, unwrap(getattr(target, c))) for c in _DENOISERS if isinstance(getattr(target, c, None), torch.nn.Module)
+    ]
+    if not found:
+        raise TypeError(
+            f"Expected a diffusers pipeline with a denoiser ({', '.join(_DENOISERS)}) or a denoiser module, but got "
+            f"{type(target).__name__} with none of them."
+        )
+    return found
+
+
+def _timestep_scale(target: Any, module: torch.nn.Module) -> float:
+    if type(module).__name__ in _UNIT_TIMESTEP:
+        return 1.0
+    config = getattr(getattr(target, "scheduler", None), "config", None) or {}
+    return float(config.get("num_train_timesteps", 1000))
+
+
+def apply_knob(
+    pipe_or_denoiser: Any,
+    bmap: BlockMap,
+    strength: float = 1.0,
+    start: float = 0.0,
+    stop: float = 1.0,
+    timestep_scale: float | None = None,
+) -> None:
+    """Hook the map's blocks for the fidelity knob (at fidelity 0); applying again replaces the previous knob.
+
+    >>> apply_knob(pipe, bmap, strength=0.5, start=0.0, stop=0.6)  # act only at lower noise levels
+    >>> remove_knob(pipe)
+
+    `start`/`stop` bound the window in normalized noise level t = timestep / num_train_timesteps (the pipeline's
+    scheduler's, else 1000; `timestep_scale=` overrides). Outside it all factors are 1.
+    """
+    if not isinstance(bmap, BlockMap):
+        raise TypeError(f"Expected a memctl.BlockMap, but got {type(bmap).__name__}.")
+    if (
+        isinstance(strength, bool)
+        or not isinstance(strength, numbers.Real)
+        or not math.isfinite(strength)
+        or strength < 0
+    ):
+        raise ValueError(
+            f"Expected a finite strength >= 0 (use a negative fidelity to reverse), but got {strength!r}."
+        )
+    start, stop = _check_real("start", start, 0.0, 1.0), _check_real("stop", stop, 0.0, 1.0)
+    if start > stop:
+        raise ValueError(f"Expected start <= stop (a window of noise levels), but got start={start}, stop={stop}.")
+    pairs = _pairs(pipe_or_denoiser, bmap)
+    scale = float(bmap.scores.abs().max()) if bmap.n_blocks else 1.0
+    remove_knob(pipe_or_denoiser)  # every denoiser, including ones this map does not cover
+    for component, module in pairs:
+        try:
+            ts = timestep_scale if timestep_scale is not None else _timestep_scale(pipe_or_denoiser, module)
+            _install(module, bmap, component, float(strength), start, stop, scale, float(ts))
+        except BaseException:
+            remove_knob(module)
+            raise
+
+
+def _pairs(target: Any, bmap: BlockMap) -> list[tuple[str, torch.nn.Module]]:
+    """(component, denoiser) for each component of the map."""
+    found = _denoisers(target)
+    if found[0][0] is None:  # a bare denoiser
+        if len(bmap.fingerprints) != 1:
+            raise ValueError(
+                f"Expected a map of one denoiser for a bare module, but this map covers {list(bmap.fingerprints)}: "
+                f"pass the pipeline instead."
+            )
+        return [(next(iter(bmap.fingerprints)), found[0][1])]
+    held = dict(found)
+    if len(bmap.fingerprints) == 1 and len(held) == 1:  # a one-denoiser map on a one-denoiser pipeline
+        return [(next(iter(bmap.fingerprints)), next(iter(held.values())))]
+    missing = [c for c in bmap.fingerprints if c not in held]
+    if missing:
+        raise ValueError(
+            f"Expected the pipeline to hold the denoisers this map was made for ({', '.join(bmap.fingerprints)}), but "
+            f"{type(target).__name__} has no {', '.join(missing)} (it has {', '.join(held)})."
+        )
+    return [(c, held[c]) for c in bmap.fingerprints]
+
+
+def _install(module, bmap, component, strength, start, stop, scale, timestep_scale) -> None:
+    part = bmap.select(component)
+    part.check_model(module, component)
+    blocks = find_blocks(module, names=part.names)
+    groups, hooks = [], {}
+    for block in blocks:
+        group = []
+        for leaf in block.leaves():
+            if leaf.target in hooks:
+                raise ValueError(f"Expected blocks that do not overlap, but {block.name!r} repeats {leaf.target!r}.")
+            hooks[leaf.target] = ResidualScaleHook(leaf, KNOB, 1.0)
+            group.append(hooks[leaf.target])
+        groups.append(group)
+    device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+    module.register_buffer(_BUFFERS[0], part.scores.to(device), persistent=False)
+    levels = part.levels if part.levels is not None else torch.zeros(1)
+    module.register_buffer(_BUFFERS[1], levels.to(device), persistent=False)
+    module.register_buffer(_BUFFERS[2], torch.tensor(0.0, device=device), persistent=False)
+    state = _KnobState(bmap, component, strength, start, stop, scale, groups, timestep_scale)
+    module.__dict__[_ATTR] = state
+    attach(module, hooks, KNOB)
+    attach(module, {"": TimestepHook(state.on_timestep, timestep_scale)}, CLOCK)
+
+
+def _knobbed(target: Any) -> list[tuple[torch.nn.Module, _KnobState]]:
+    return [(m, m.__dict__[_ATTR]) for _, m in _denoisers(target) if _ATTR in m.__dict__]
+
+
+def _set(module: torch.nn.Module, state: _KnobState, f: float) -> None:
+    state.fidelity = f
+    getattr(module, _BUFFERS[2]).fill_(f)
+
+
+def set_fidelity(pipe: Any, f: float) -> None:
+    """Set the knob on every denoiser of `pipe` (or a bare denoiser) to fidelity `f` in [-1, 1].
+
+    >>> apply_knob(pipe, bmap)
+    >>> set_fidelity(pipe, -0.6)
+    >>> remove_knob(pipe)
+    """
+    f = _check_real("fidelity", f, -1.0, 1.0)
+    knobbed = _knobbed(pipe)
+    if not knobbed:
+        raise ValueError(
+            f"Expected a knob on {type(pipe).__name__}, but none is applied: call memctl.apply_knob(pipe, block_map) "
+            f"first."
+        )
+    for module, state in knobbed:
+        _set(module, state, f)
+
+
+@contextmanager
+def fidelity(pipe: Any, f: float) -> Iterator[None]:
+    """Fidelity `f` inside a `with` block; the previous value comes back after it, even on errors.
+
+    >>> apply_knob(pipe, bmap)
+    >>> with fidelity(pipe, 0.5):
+    ...     images = pipe("a seven", num_inference_steps=4).images
+    >>> get_knob(pipe).fidelity, remove_knob(pipe)
+    (0.0, None)
+    """
+    before = [(m, s, s.fidelity) for m, s in _knobbed(pipe)]
+    set_fidelity(pipe, f)
+    try:
+        yield
+    finally:
+        for module, state, value in before:
+            _set(module, state, value)
+
+
+def remove_knob(pipe_or_denoiser: Any) -> None:
+    """Remove the knob's hooks, buffers and state: the model is untouched again (no-op without a knob)."""
+    for _, module in _denoisers(pipe_or_denoiser):
+        detach(module, CLOCK)
+        detach(module, KNOB)
+        for name in _BUFFERS:
+            module._buffers.pop(name, None)
+        module.__dict__.pop(_ATTR, None)
+
+
+def get_knob(pipe: Any) -> KnobInfo | None:
+    """The knob's state (map, fidelity, strength, window), or None without a knob.
+
+    >>> apply_knob(pipe, bmap); set_fidelity(pipe, -0.6)
+    >>> get_knob(pipe).to_dict()["fidelity"], remove_knob(pipe), get_knob(pipe)
+    (-0.6, None, None)
+    """
+    states = [s for _, s in _knobbed(pipe)]
+    if not states:
+        return None
+    s = states[0]
+    return KnobInfo(s.bmap, s.fidelity, s.strength, s.start, s.stop, tuple(st.component for st in states))

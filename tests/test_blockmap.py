@@ -1,0 +1,137 @@
+"""memctl.blockmap: construction, save/load, fingerprints, shuffled controls, clear errors."""
+
+import doctest
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import memctl.blockmap
+from memctl.blockmap import BlockMap, fingerprint
+from memctl.blocks import find_blocks
+from tests.tiny import build, doc_globs
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return build("sd")[0]
+
+
+@pytest.fixture(scope="module")
+def bmap(unet):
+    scores = {b.name: (i - 5) / 3 for i, b in enumerate(find_blocks(unet))}
+    return BlockMap.from_scores(unet, scores, method="test", meta={"probes": 3})
+
+
+def test_from_scores(unet, bmap):
+    assert bmap.n_blocks == 12 and bmap.scores.shape == (12, 1) and not bmap.per_level
+    assert bmap.granularity == "unit" and bmap.method == "test" and bmap.components == ["unet"] * 12
+    assert bmap.fingerprint == fingerprint(unet) and bmap.kinds[0] == "resnet"
+    stages = BlockMap.from_scores(unet, {"mid_block": 1.0, "up_blocks.0": -1.0})
+    assert stages.granularity == "stage" and stages.kinds == ["stage", "stage"]
+    mixed = BlockMap.from_scores(unet, {"mid_block": 1.0, "up_blocks.0.resnets.0": -1.0})
+    assert mixed.granularity == "mixed"
+    assert BlockMap.from_scores(build("wan")[0], {"blocks.0": 1.0}).components == ["transformer"]
+
+
+def test_per_level_scores(unet):
+    m = BlockMap.from_scores(unet, {"mid_block": [0.1, 0.9], "up_blocks.0": 0.5}, levels=[0.2, 0.8])
+    assert m.per_level and torch.allclose(m.scores, torch.tensor([[0.1, 0.9], [0.5, 0.5]]))
+    assert m.levels.tolist() == pytest.approx([0.2, 0.8])
+    with pytest.raises(ValueError, match=r"Expected levels=\[...\]"):
+        BlockMap.from_scores(unet, {"mid_block": [0.1, 0.9]})
+    with pytest.raises(ValueError, match="Expected 1 or 2 scores per block"):
+        BlockMap.from_scores(unet, {"mid_block": [0.1, 0.9, 0.3]}, levels=[0.2, 0.8])
+    with pytest.raises(ValueError, match="ascending noise levels in"):
+        BlockMap.from_scores(unet, {"mid_block": [0.1, 0.9]}, levels=[0.8, 0.2])
+
+
+def test_save_load_round_trip(tmp_path, unet, bmap):
+    for m in (bmap, BlockMap.from_scores(unet, {"mid_block": [0.1, -0.9]}, levels=[0.0, 1.0])):
+        path = tmp_path / "map.safetensors"
+        m.save(path)
+        assert BlockMap.load(path) == m
+        m.save(path)  # overwrite in place
+        assert BlockMap.load(str(path)) == m
+    assert os.listdir(tmp_path) == ["map.safetensors"]  # the temporary file was renamed, not left behind
+    with safe_open(path, framework="pt") as f:  # plain safetensors + JSON metadata
+        assert f.metadata()["format"] == "memctl.blockmap" and "scores" in f.keys()
+        json.loads(f.metadata()["blockmap"])
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Expected a block map file at"):
+        BlockMap.load(tmp_path / "missing.safetensors")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ValueError, match="Expected a memctl block map"):
+        BlockMap.load(tmp_path / "corrupt.safetensors")
+    save_file({"w": torch.zeros(2)}, tmp_path / "weights.safetensors")
+    with pytest.raises(ValueError, match="Expected a memctl block map .* no 'memctl.blockmap' metadata"):
+        BlockMap.load(tmp_path / "weights.safetensors")
+
+
+def test_fingerprint_mismatch_is_a_clear_error(unet, bmap):
+    bmap.check_model(unet)
+    other, _ = build("sd", seed=1)
+    with pytest.raises(ValueError, match=r"This map was made for a different model: .* \(its weights differ\)"):
+        bmap.check_model(other)
+    with pytest.raises(ValueError, match=r"different model: .* \(its config differs\)"):
+        bmap.check_model(build("sdxl")[0], "unet")
+    assert fingerprint(build("sd")[0]) == bmap.fingerprint  # deterministic across builds
+
+
+def test_dtype_cast_of_the_same_weights_still_matches(bmap):
+    for dtype in (torch.float16, torch.bfloat16):
+        bmap.check_model(build("sd")[0].to(dtype))
+
+
+def test_shuffled_is_a_permutation_control(bmap):
+    control = bmap.shuffled(seed=1)
+    assert control.names == bmap.names and control.kinds == bmap.kinds and control.fingerprints == bmap.fingerprints
+    assert sorted(control.scores.flatten().tolist()) == sorted(bmap.scores.flatten().tolist())
+    assert not torch.equal(control.scores, bmap.scores)
+    assert control == bmap.shuffled(seed=1) and control != bmap.shuffled(seed=2)
+    assert control.meta["control"]["shuffled_seed"] == 1 and control.meta["probes"] == 3
+
+
+@pytest.mark.parametrize(
+    "scores, kwargs, error, match",
+    [
+        ({"up_blocks.0.resnet.1": 1.0}, {}, ValueError, "Close matches: up_blocks.0.resnets.1"),
+        ({"mid_block": float("nan")}, {}, ValueError, "Expected finite scores"),
+        ({}, {}, ValueError, "Expected at least one"),
+        ({"mid_block": 1.0, "mid_block.resnets.0": 1.0}, {}, ValueError, "Expected blocks that do not overlap"),
+        ({"mid_block": 1.0}, {"meta": {"bad": object()}}, ValueError, "Expected meta to be JSON-serialisable"),
+    ],
+)
+def test_bad_input_is_a_clear_error(unet, scores, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        BlockMap.from_scores(unet, scores, **kwargs)
+
+
+def test_table_and_to_dict(bmap):
+    table = bmap.table()
+    assert "up_blocks.1.resnets.1" in table and "+2.000" in table and "-1.667" in table and "method test" in table
+    assert json.loads(json.dumps(bmap.to_dict()))["names"] == bmap.names
+
+
+def test_combine_and_select_for_two_experts():
+    a, b = build("wan")[0], build("wan", seed=1)[0]
+    ma = BlockMap.from_scores(a, {"blocks.0": 1.0})
+    mb = BlockMap.from_scores(b, {"blocks.1": -1.0}, component="transformer_2")
+    both = BlockMap.combine(ma, mb)
+    assert both.components == ["transformer", "transformer_2"] and both.fingerprints["transformer_2"] == mb.fingerprint
+    part = both.select("transformer_2")
+    assert part.names == ["blocks.1"] and torch.equal(part.scores, mb.scores) and part.fingerprint == mb.fingerprint
+    assert "transformer_2:blocks.1" in both.table()
+    with pytest.raises(ValueError, match="Expected a map of one denoiser"):
+        _ = both.fingerprint
+    with pytest.raises(ValueError, match="Expected maps of distinct components"):
+        BlockMap.combine(ma, ma)
+
+
+def test_docstring_examples(tmp_path):
+    assert doctest.testmod(memctl.blockmap, extraglobs=doc_globs(tmp_path)).failed == 0
