@@ -16,13 +16,15 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--steps", type=int, default=4000)
     tr.add_argument("--batch-size", type=int, default=128)
     tr.add_argument("--max-minutes", type=float, default=60.0, help="wall-clock cap; stops early and saves")
+    tr.add_argument("--lr", type=float, default=5e-4)
+    tr.add_argument("--device", default="cpu", help="torch device (the noise stream is drawn on the CPU either way)")
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <out>.work")
     args = parser.parse_args(argv)
     from memctl.zoo.train_digits import train
 
     out = args.out or Path("assets") / f"digits-s{args.seed}"
     info = train(args.seed, out, steps=args.steps, batch_size=args.batch_size, max_minutes=args.max_minutes,
-                 resume=args.resume)
+                 resume=args.resume, lr=args.lr, device=args.device)
     print(json.dumps(info, indent=2))
     return 0
 

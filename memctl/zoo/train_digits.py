@@ -99,12 +99,13 @@ def _encode(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
     unique = sorted(set(prompts))
     ids = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
-    states = text_encoder(ids)[0]  # (U, L, D)
-    return states[torch.tensor([unique.index(p) for p in prompts])]  # (B, L, D)
+    states = text_encoder(ids.to(text_encoder.device))[0]  # (U, L, D)
+    return states[torch.tensor([unique.index(p) for p in prompts], device=states.device)]  # (B, L, D)
 
 
-def _save_state(path: Path, step: int, models: dict, ema: dict, opt: torch.optim.Optimizer, rng_state) -> None:
-    tensors = {}
+def _save_state(path: Path, step: int, models: dict, ema: dict, opt: torch.optim.Optimizer, rng_state,
+                gen: torch.Generator) -> None:
+    tensors = {"gen_state": gen.get_state()}
     for prefix, module in models.items():
         tensors.update({f"{prefix}.{k}": v.contiguous() for k, v in module.state_dict().items()})
     tensors.update({f"ema.{k}": v.contiguous() for k, v in ema.items()})
@@ -114,18 +115,23 @@ def _save_state(path: Path, step: int, models: dict, ema: dict, opt: torch.optim
         state = opt.state[p]
         tensors[f"opt.{j}.exp_avg"] = state["exp_avg"]
         tensors[f"opt.{j}.exp_avg_sq"] = state["exp_avg_sq"]
-        tensors[f"opt.{j}.step"] = torch.as_tensor(state["step"]).reshape(1)
+        tensors[f"opt.{j}.step"] = torch.as_tensor(state["step"]).reshape(1).cpu()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"step": str(step), "rng": json.dumps(rng_state)})
     tmp.replace(path)
 
 
-def _load_state(path: Path, models: dict, ema: dict, opt: torch.optim.Optimizer) -> tuple[int, list]:
+def _load_state(path: Path, models: dict, ema: dict, opt: torch.optim.Optimizer, gen: torch.Generator):
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     tensors = load_file(str(path))
+    if "gen_state" in tensors:
+        gen.set_state(tensors["gen_state"])
+    device = next(iter(models.values())).device
+    tensors = {k: v.to(device) for k, v in tensors.items() if k != "gen_state"}
     for prefix, module in models.items():
         module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
     for k in ema:
@@ -143,7 +149,8 @@ def _load_state(path: Path, models: dict, ema: dict, opt: torch.optim.Optimizer)
 
 
 def train(seed: int, out: Path, steps: int = 4000, batch_size: int = 128, lr: float = 5e-4, ema_decay: float = 0.999,
-          max_minutes: float = 60.0, resume: bool = False, log_every: int = 50, ckpt_every: int = 250) -> dict:
+          max_minutes: float = 60.0, resume: bool = False, log_every: int = 50, ckpt_every: int = 250,
+          device: str = "cpu") -> dict:
     """Train one digits model and save it, in diffusers layout, with its testbed files, to `out`."""
     from memctl.zoo.classifier import train_classifier
 
@@ -155,6 +162,7 @@ def train(seed: int, out: Path, steps: int = 4000, batch_size: int = 128, lr: fl
     images, labels = data.load_digit_images()
     tokenizer = data.build_tokenizer(data.vocabulary_words(spec))
     text_encoder, unet, train_sched, sample_sched = build_models(tokenizer, seed)
+    text_encoder, unet = text_encoder.to(device), unet.to(device)
     models = {"unet": unet, "text_encoder": text_encoder}
     params = [p for m in models.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -164,11 +172,11 @@ def train(seed: int, out: Path, steps: int = 4000, batch_size: int = 128, lr: fl
     gen = torch.Generator().manual_seed(seed)
     step, ckpt = 0, work / "state.safetensors"
     if resume and ckpt.exists():
-        step, rng_state = _load_state(ckpt, models, ema, opt)
+        step, rng_state = _load_state(ckpt, models, ema, opt, gen)
         rng.setstate(rng_state)
-        gen.manual_seed(seed + step)
     log = open(work / "log.jsonl", "a")
     start, x_all = time.time(), images * 2 - 1  # (N, 1, R, R) in [-1, 1]
+    # noise and timesteps come from a CPU generator, so a GPU run draws the same random stream as a CPU run
     while step < steps and time.time() - start < max_minutes * 60:
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 200) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
@@ -176,7 +184,7 @@ def train(seed: int, out: Path, steps: int = 4000, batch_size: int = 128, lr: fl
         x0 = x_all[indices]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, train_sched.config.num_train_timesteps, (batch_size,), generator=gen)
-        xt = train_sched.add_noise(x0, noise, t)
+        xt, noise, t = train_sched.add_noise(x0, noise, t).to(device), noise.to(device), t.to(device)
         cond = _encode(text_encoder, tokenizer, prompts)
         loss = F.mse_loss(unet(xt, t, cond).sample, noise)
         opt.zero_grad(set_to_none=True)
@@ -198,12 +206,13 @@ def train(seed: int, out: Path, steps: int = 4000, batch_size: int = 128, lr: fl
             log.flush()
             print(rec, flush=True)
         if step % ckpt_every == 0:
-            _save_state(ckpt, step, models, ema, opt, rng.getstate())
-    _save_state(ckpt, step, models, ema, opt, rng.getstate())
+            _save_state(ckpt, step, models, ema, opt, rng.getstate(), gen)
+    _save_state(ckpt, step, models, ema, opt, rng.getstate(), gen)
     for n, m in models.items():
         m.load_state_dict({k: ema[f"{n}.{k}"] for k in m.state_dict()})
+        m.to("cpu")
     classifier, accuracy = train_classifier(images, labels, spec, seed=seed)
-    info = {"seed": seed, "steps": step, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
+    info = {"seed": seed, "steps": step, "device": str(device), "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
             "minutes": round((time.time() - start) / 60, 2), "classifier_held_out_accuracy": accuracy}
     _export(out, spec, tokenizer, text_encoder, unet, sample_sched, classifier, info)
     return info
