@@ -31,7 +31,8 @@ from memctl.blocks import find_blocks, unwrap
 __all__ = ["BlockMap", "fingerprint", "default_component"]
 
 _FORMAT, _VERSION = "memctl.blockmap", 1
-LEVERS = ("residual", "subspace")
+LEVERS = ("residual", "condition")
+_CONDITION_TENSORS = {"read", "tau", "bank", "g_inv_half"}
 _SAMPLES_PER_TENSOR = 16
 
 
@@ -98,7 +99,7 @@ class BlockMap:
     method: str = "manual"  # how the scores were made ("ablation", ...)
     meta: dict = field(default_factory=dict)  # JSON-able probe summary
     samples: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # component -> weight sample
-    lever: str = "residual"  # "residual": scale residual updates; "subspace": a conditioning subspace per block
+    lever: str = "residual"  # "residual": scale residual updates; "condition": pull memorized conditioning tokens
     lever_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # e.g. subspace read/write
 
     def __post_init__(self):
@@ -124,8 +125,8 @@ class BlockMap:
             raise ValueError(f"Expected levels for {self.scores.shape[1]} scores per block, but got None.")
         if self.lever not in LEVERS:
             raise ValueError(f"Expected lever in {LEVERS}, but got {self.lever!r}.")
-        if self.lever == "subspace" and not {"read", "write"} <= set(self.lever_tensors):
-            raise ValueError(f"Expected 'read' and 'write' tensors for a subspace map, but got "
+        if self.lever == "condition" and not _CONDITION_TENSORS <= set(self.lever_tensors):
+            raise ValueError(f"Expected tensors {sorted(_CONDITION_TENSORS)} for a condition map, but got "
                              f"{sorted(self.lever_tensors)}.")
         if len(set(zip(self.components, self.names, strict=True))) != n:
             raise ValueError(f"Expected each block once, but got duplicates in {self.names}.")
@@ -219,18 +220,21 @@ class BlockMap:
     def shuffled(self, seed: int = 0) -> BlockMap:
         """A control: the same blocks and scores, with the scores' rows permuted across blocks by `seed`.
 
-        For a subspace map the subspace is replaced too, by as many random orthonormal directions in the same
-        whitened space: same structure and magnitudes, nothing learned about where memory lives.
+        For a condition map the memorized subspace is replaced too, by as many random orthonormal directions in the
+        same whitened space (its threshold recomputed on the general bank): same structure and magnitudes, nothing
+        learned about where memory lives.
         """
         gen = torch.Generator().manual_seed(seed)
         perm = torch.randperm(self.n_blocks, generator=gen)
         meta = {**self.meta, "control": {"shuffled_seed": seed, "permutation": perm.tolist()}}
         tensors = dict(self.lever_tensors)
-        if self.lever == "subspace":
+        if self.lever == "condition":
+            from memctl.subspace import weight_threshold
+
             d, k = tensors["read"].shape
             q, _ = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))
             tensors["read"] = (tensors["g_inv_half"].double() @ q).float()
-            tensors["write"] = (tensors["g_half"].double() @ q).float()
+            tensors["tau"] = weight_threshold(tensors["bank"], tensors["read"])
         return BlockMap(self.names, self.scores[perm], self.levels, self.kinds, self.components,
                         dict(self.fingerprints), self.granularity, self.method, meta, dict(self.samples),
                         self.lever, tensors)  # fmt: skip

@@ -34,7 +34,7 @@ __all__ = [
     "KNOB",
     "CLOCK",
     "ResidualScaleHook",
-    "ConditionProjectHook",
+    "ConditionHook",
     "cross_attentions",
     "RecordHook",
     "TimestepHook",
@@ -155,29 +155,32 @@ class ResidualScaleHook(_InputsOfDelta):
         return type(output)(items)
 
 
-class ConditionProjectHook(ModelHook):
-    """Remove (s=0), keep (s=1, exact) or amplify (s>1) a subspace of a cross-attention's conditioning input.
+class ConditionHook(ModelHook):
+    """Pull the memorized tokens of a cross-attention's conditioning toward the nearest general conditioning.
 
-    `e -> e - (1 - s) (e R) Wᵀ` (see `memctl.subspace.project`), applied to `encoder_hidden_states` of an
-    `Attention` module before it computes its keys and values; `s` is a 0-d buffer like `ResidualScaleHook.scale`.
+    `e -> e + (1 - s) w(e) (g(e) - e)` (see `memctl.subspace.pull_to_general`) on `encoder_hidden_states` of an
+    `Attention` module, before its keys and values: `s` is a 0-d buffer like `ResidualScaleHook.scale`: 1 leaves
+    the input untouched (exactly), 0 replaces memorized tokens, above 1 pushes them further from the general ones.
     """
 
-    def __init__(self, name: str, read: torch.Tensor, write: torch.Tensor, value: float = 1.0):
+    _TENSORS = ("read", "tau", "bank")
+
+    def __init__(self, name: str, tensors: Mapping[str, torch.Tensor], value: float = 1.0):
         super().__init__()
         self.buffer = "_" + name.replace(".", "_") + "_scale"
-        self.read, self.write, self.value = read, write, float(value)
+        self.tensors, self.value = {k: tensors[k] for k in self._TENSORS}, float(value)
         self._module: torch.nn.Module | None = None
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
         module.register_buffer(self.buffer, torch.tensor(self.value, device=device), persistent=False)
-        module.register_buffer(self.buffer + "_read", self.read.to(device), persistent=False)
-        module.register_buffer(self.buffer + "_write", self.write.to(device), persistent=False)
+        for k, v in self.tensors.items():
+            module.register_buffer(f"{self.buffer}_{k}", v.to(device), persistent=False)
         self._module = module
         return module
 
     def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # (sic: diffusers' spelling)
-        for suffix in ("", "_read", "_write"):
+        for suffix in ("", *(f"_{k}" for k in self._TENSORS)):
             module._buffers.pop(self.buffer + suffix, None)
         self._module = None
         return module
@@ -187,12 +190,13 @@ class ConditionProjectHook(ModelHook):
         return getattr(self._module, self.buffer)
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        from memctl.subspace import pull_to_general
+
         e = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         if e is None:
             return args, kwargs
-        s = getattr(module, self.buffer)
-        read, write = getattr(module, self.buffer + "_read"), getattr(module, self.buffer + "_write")
-        new = e - (1 - s).to(e.dtype) * ((e @ read.to(e.dtype)) @ write.to(e.dtype).T)
+        read, tau, bank = (getattr(module, f"{self.buffer}_{k}") for k in self._TENSORS)
+        new = pull_to_general(e, read, tau, bank, 1 - getattr(module, self.buffer))
         if "encoder_hidden_states" in kwargs or len(args) < 2:
             kwargs["encoder_hidden_states"] = new
         else:

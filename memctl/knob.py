@@ -12,7 +12,8 @@ noise level t = timestep / num_train_timesteps (1 = pure noise), evaluates `knob
 scales in place. Changing the fidelity only fills a 0-d tensor: nothing is re-registered and `torch.compile`d
 denoisers do not recompile. At fidelity 0 every factor is exactly 1.0 and the output is bit-identical to the
 untouched model. The state lives on the denoiser module (`_memctl_knob`), so pipelines sharing it (`from_pipe`)
-share the knob.
+share the knob. `passes="cond"` steers the conditional pass of classifier-free guidance only (`memctl.passes`);
+`temporary_knob` is the one-call form the custom pipelines' `fidelity=` / `block_map=` arguments use.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ import torch
 
 from memctl.blockmap import BlockMap
 from memctl.blocks import find_blocks, unwrap
-from memctl.hooks import CLOCK, KNOB, ResidualScaleHook, TimestepHook, attach, detach
+from memctl.hooks import CLOCK, KNOB, ConditionHook, ResidualScaleHook, TimestepHook, attach, cross_attentions, detach
+from memctl.passes import PASS_MODES, PASSES, CondRows, CondRowsHook, PassHook
 
-__all__ = ["knob_law", "apply_knob", "set_fidelity", "fidelity", "remove_knob", "get_knob", "KnobInfo"]
+__all__ = [
+    "knob_law", "apply_knob", "set_fidelity", "fidelity", "temporary_knob", "remove_knob", "get_knob", "KnobInfo"
+]  # fmt: skip
 
 _ATTR = "_memctl_knob"
 _BUFFERS = ("_memctl_knob_scores", "_memctl_knob_levels", "_memctl_knob_fidelity")
@@ -71,12 +75,16 @@ class _KnobState:
         self.strength, self.start, self.stop, self.scale = strength, start, stop, scale
         self.groups: list[list[ResidualScaleHook]] = groups
         self.timestep_scale = timestep_scale
+        self.passes = "both"  # or "cond": the conditional pass only (set by _install)
+        self.positive_gain = float(bmap.meta.get("positive_gain", 1.0))  # fidelity > 0 acts this much weaker
         self.fidelity = 0.0
 
     def on_timestep(self, module: torch.nn.Module, t: torch.Tensor) -> None:
         scores = module._memctl_knob_scores.float()  # (n_blocks, n_levels); float32 whatever the model's dtype
         t = t.to(scores.device, torch.float32)
-        factors = knob_law(scores, module._memctl_knob_fidelity.float(), self.strength, self.scale)
+        f = module._memctl_knob_fidelity.float()
+        f = torch.where(f > 0, f * self.positive_gain, f)
+        factors = knob_law(scores, f, self.strength, self.scale)
         if factors.shape[1] == 1:
             now = factors[:, 0]
         else:  # piecewise linear in t between recorded levels, constant beyond them
@@ -104,6 +112,7 @@ class KnobInfo:
     start: float
     stop: float
     components: tuple[str, ...]
+    passes: str = "both"
 
     def to_dict(self) -> dict[str, Any]:
         m = self.block_map
@@ -112,6 +121,7 @@ class KnobInfo:
             "strength": self.strength,
             "window": [self.start, self.stop],
             "components": list(self.components),
+            "passes": self.passes,
             "block_map": {"method": m.method, "granularity": m.granularity, "n_blocks": m.n_blocks,
                           "per_level": m.per_level, "fingerprints": m.fingerprints, "meta": m.meta},
         }  # fmt: skip
@@ -157,6 +167,7 @@ def apply_knob(
     start: float = 0.0,
     stop: float = 1.0,
     timestep_scale: float | None = None,
+    passes: str = "both",
 ) -> None:
     """Hook the map's blocks for the fidelity knob (at fidelity 0); applying again replaces the previous knob.
 
@@ -164,10 +175,19 @@ def apply_knob(
     >>> remove_knob(pipe)
 
     `start`/`stop` bound the window in normalized noise level t = timestep / num_train_timesteps (the pipeline's
-    scheduler's, else 1000; `timestep_scale=` overrides). Outside it all factors are 1.
+    scheduler's, else 1000; `timestep_scale=` overrides). Outside it all factors are 1. `passes="cond"` acts on the
+    conditional pass of classifier-free guidance only and leaves the unconditional prediction exactly as it was
+    (see `memctl.passes` for how each pipeline's passes are told apart); the default "both" acts on every call.
     """
     if not isinstance(bmap, BlockMap):
         raise TypeError(f"Expected a memctl.BlockMap, but got {type(bmap).__name__}.")
+    if passes not in PASS_MODES:
+        raise ValueError(f"Expected passes in {PASS_MODES}, but got {passes!r}.")
+    if passes == "cond" and bmap.lever != "residual":
+        raise ValueError(
+            f"Expected a residual-lever map for passes='cond', but got lever={bmap.lever!r}: that lever acts on the "
+            f"conditioning, which the unconditional pass does not use. Use passes='both'."
+        )
     if (
         isinstance(strength, bool)
         or not isinstance(strength, numbers.Real)
@@ -181,12 +201,13 @@ def apply_knob(
     if start > stop:
         raise ValueError(f"Expected start <= stop (a window of noise levels), but got start={start}, stop={stop}.")
     pairs = _pairs(pipe_or_denoiser, bmap)
-    scale = float(bmap.scores.abs().max()) if bmap.n_blocks else 1.0
+    scale = float(bmap.meta.get("knob_scale") or (bmap.scores.abs().max() if bmap.n_blocks else 1.0))
     remove_knob(pipe_or_denoiser)  # every denoiser, including ones this map does not cover
     for component, module in pairs:
         try:
             ts = timestep_scale if timestep_scale is not None else _timestep_scale(pipe_or_denoiser, module)
-            _install(module, bmap, component, float(strength), start, stop, scale, float(ts))
+            pipe = None if isinstance(pipe_or_denoiser, torch.nn.Module) else pipe_or_denoiser
+            _install(module, bmap, component, float(strength), start, stop, scale, float(ts), passes, pipe)
         except BaseException:
             remove_knob(module)
             raise
@@ -214,17 +235,21 @@ def _pairs(target: Any, bmap: BlockMap) -> list[tuple[str, torch.nn.Module]]:
     return [(c, held[c]) for c in bmap.fingerprints]
 
 
-def _install(module, bmap, component, strength, start, stop, scale, timestep_scale) -> None:
+def _install(module, bmap, component, strength, start, stop, scale, timestep_scale, passes="both", pipe=None) -> None:
     part = bmap.select(component)
     part.check_model(module, component)
     blocks = find_blocks(module, names=part.names)
     groups, hooks = [], {}
     for block in blocks:
         group = []
-        for leaf in block.leaves():
+        paths = cross_attentions(module, block) if part.lever == "condition" else []
+        for path in paths:  # condition lever: pull memorized conditioning tokens in this block's cross-attention
+            hooks[path] = ConditionHook(KNOB, part.lever_tensors, 1.0)
+            group.append(hooks[path])
+        for leaf in () if paths else block.leaves():
             if leaf.target in hooks:
                 raise ValueError(f"Expected blocks that do not overlap, but {block.name!r} repeats {leaf.target!r}.")
-            hooks[leaf.target] = ResidualScaleHook(leaf, KNOB, 1.0)
+            hooks[leaf.target] = (CondRowsHook if passes == "cond" else ResidualScaleHook)(leaf, KNOB, 1.0)
             group.append(hooks[leaf.target])
         groups.append(group)
     device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
@@ -236,6 +261,10 @@ def _install(module, bmap, component, strength, start, stop, scale, timestep_sca
     module.__dict__[_ATTR] = state
     attach(module, hooks, KNOB)
     attach(module, {"": TimestepHook(state.on_timestep, timestep_scale)}, CLOCK)
+    if passes == "cond":
+        state.passes = passes
+        rows = [h for h in hooks.values() if isinstance(h, CondRowsHook)]
+        attach(module, {"": PassHook(CondRows(pipe, module, rows))}, PASSES)
 
 
 def _knobbed(target: Any) -> list[tuple[torch.nn.Module, _KnobState]]:
@@ -284,9 +313,74 @@ def fidelity(pipe: Any, f: float) -> Iterator[None]:
             _set(module, state, value)
 
 
+@contextmanager
+def temporary_knob(
+    pipe: Any,
+    fidelity: float | None = None,
+    block_map: BlockMap | None = None,
+    start: float | None = None,
+    stop: float | None = None,
+) -> Iterator[None]:
+    """For one call: apply `block_map` (if given), set `fidelity` and the window; afterwards restore what was there.
+
+    >>> with temporary_knob(pipe, -0.5, bmap, start=0.2):
+    ...     images = pipe("ab", num_inference_steps=2, height=8, width=8).images
+    >>> get_knob(pipe) is None  # no knob before, none after
+    True
+
+    Without `block_map` it uses the knob already applied (a clear error if there is none); a map equal to the
+    applied one is not re-applied, so a compiled denoiser does not recompile. A new map keeps the applied knob's
+    strength and passes (else 1.0, "both") and starts from its fidelity (else 0). All None: nothing happens.
+    """
+    if fidelity is None and block_map is None and start is None and stop is None:
+        yield
+        return
+    if fidelity is not None:
+        fidelity = _check_real("fidelity", fidelity, -1.0, 1.0)
+    if block_map is not None and not isinstance(block_map, BlockMap):
+        raise TypeError(f"Expected block_map to be a memctl.BlockMap, but got {type(block_map).__name__}.")
+    before = _knobbed(pipe)
+    if not before and block_map is None:
+        raise ValueError(
+            f"Expected a knob on {type(pipe).__name__} for fidelity=/fidelity_start=/fidelity_stop=, but none is "
+            f"applied: pass block_map= too, or call memctl.apply_knob(pipe, block_map) first."
+        )
+    saved = [(m, s, s.fidelity, s.start, s.stop) for m, s in before]
+    first = before[0][1] if before else None
+    replace = block_map is not None and (first is None or not block_map == first.bmap)
+    try:
+        if replace:
+            kw = {} if first is None else {"strength": first.strength, "passes": first.passes,
+                                            "timestep_scale": first.timestep_scale}  # fmt: skip
+            apply_knob(pipe, block_map, **kw)
+        states = _knobbed(pipe)
+        lo = states[0][1].start if start is None else _check_real("fidelity_start", start, 0.0, 1.0)
+        hi = states[0][1].stop if stop is None else _check_real("fidelity_stop", stop, 0.0, 1.0)
+        if lo > hi:
+            raise ValueError(f"Expected fidelity_start <= fidelity_stop, but got {lo} > {hi}.")
+        f = fidelity if fidelity is not None else (first.fidelity if first is not None else 0.0)
+        for module, state in states:
+            state.start, state.stop = lo, hi
+            _set(module, state, f)
+        yield
+    finally:
+        if replace:
+            remove_knob(pipe)
+            if first is not None:
+                apply_knob(
+                    pipe, first.bmap, first.strength, first.start, first.stop, first.timestep_scale, first.passes
+                )
+        for module, state, f, lo, hi in saved:
+            state = module.__dict__.get(_ATTR, state)  # re-applied: the new state of the same denoiser
+            state.start, state.stop = lo, hi
+            if _ATTR in module.__dict__:
+                _set(module, state, f)
+
+
 def remove_knob(pipe_or_denoiser: Any) -> None:
     """Remove the knob's hooks, buffers and state: the model is untouched again (no-op without a knob)."""
     for _, module in _denoisers(pipe_or_denoiser):
+        detach(module, PASSES)
         detach(module, CLOCK)
         detach(module, KNOB)
         for name in _BUFFERS:
@@ -305,4 +399,4 @@ def get_knob(pipe: Any) -> KnobInfo | None:
     if not states:
         return None
     s = states[0]
-    return KnobInfo(s.bmap, s.fidelity, s.strength, s.start, s.stop, tuple(st.component for st in states))
+    return KnobInfo(s.bmap, s.fidelity, s.strength, s.start, s.stop, tuple(st.component for st in states), s.passes)

@@ -1,0 +1,195 @@
+"""Probing: attribute to every block how much the fit to memorized vs general probes depends on it → a BlockMap.
+
+>>> import memctl
+>>> tb = memctl.zoo.load_testbed("digits")
+>>> probes = memctl.ProbeSet(memorized=[(p, im) for p, im, _, _ in tb.canaries[:4]],
+...                          general=[(tb.prompt(int(c)), im) for im, c in zip(*tb.held_out)][:8])
+>>> bmap = memctl.probe(tb.pipeline(), probes, method="ablation", noise_levels=(0.5,), progress=False)
+>>> len(bmap.names) > 10
+True
+
+Methods:
+- `"ablation"`: zero one residual unit at a time (`out = shortcut`), at each noise level, and compare the rise of
+  the denoising loss on memorized probes with the rise on general probes. The reference method.
+- `"subspace"`: find the directions of the conditioning (text-state) space that memorized prompts use and general
+  prompts do not (a generalized eigenproblem of their second moments), then attribute to every cross-attention
+  block the loss change when those directions are removed from its conditioning input. The knob then removes
+  (fidelity < 0) or amplifies (fidelity > 0) those directions in the blocks the map selects.
+Scores are signed: positive = memorization-heavy (removal hurts memorized probes more), negative =
+generalization-heavy. Probe noise comes from `seed` (below 10,000; evaluations use seeds from 10,000 up).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from memctl.blocks import find_blocks
+from memctl.hooks import ConditionHook, attached, cross_attentions, scaled
+from memctl.probeset import ProbeSet
+from memctl.subspace import fit_subspace, weight_threshold
+
+NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
+POSITIVE_GAIN = 0.1  # condition lever: fidelity > 0 pushes memorized tokens away from general ones, 10x gentler
+
+
+@dataclass
+class _Batch:
+    """Fixed probe inputs at one noise level: noisy images, noise, timesteps and text states."""
+
+    xt: torch.Tensor  # (N, C, H, W)
+    noise: torch.Tensor  # (N, C, H, W)
+    t: torch.Tensor  # (N,)
+    cond: torch.Tensor  # (N, L, D)
+    n_mem: int
+
+
+def _denoiser(pipe):
+    for name in ("unet", "transformer"):
+        if getattr(pipe, name, None) is not None:
+            return getattr(pipe, name)
+    raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but got {type(pipe).__name__}.")
+
+
+def _encode_conditions(pipe, conds: list) -> torch.Tensor:
+    if not all(isinstance(c, str) for c in conds):
+        raise ValueError("Expected prompt (str) conditions for this pipeline, but got class labels; "
+                         "class-conditional probing needs a class-conditional pipeline.")
+    if not hasattr(pipe, "encode_prompt") or getattr(pipe, "vae", None) is not None:
+        raise ValueError(f"Expected a pixel-space text-to-image pipeline (memctl.PixelPipeline) for image probes, "
+                         f"but got {type(pipe).__name__}; use method='prompt' for latent pipelines.")
+    return pipe.encode_prompt(conds)
+
+
+def _make_batches(pipe, probes: ProbeSet, levels, seed: int, repeats: int) -> list[_Batch]:
+    """Memorized then general probes, each repeated `repeats` times with its own fixed noise, per noise level."""
+    denoiser = _denoiser(pipe)
+    x0 = torch.cat([probes.images("memorized"), probes.images("general")]) * 2 - 1  # (N, C, H, W) in [-1, 1]
+    expected = (denoiser.config.in_channels, denoiser.config.sample_size, denoiser.config.sample_size)
+    if tuple(x0.shape[1:]) != expected:
+        raise ValueError(f"Expected probe images of shape {expected} for this model, but got {tuple(x0.shape[1:])}.")
+    conds = probes.conditions("memorized") + probes.conditions("general")
+    with torch.no_grad():
+        cond = _encode_conditions(pipe, conds)
+    x0, cond = x0.repeat(repeats, 1, 1, 1), cond.repeat(repeats, 1, 1)
+    n_mem = len(probes.memorized)
+    order = torch.cat([torch.arange(n_mem) + r * len(conds) for r in range(repeats)] +
+                      [torch.arange(n_mem, len(conds)) + r * len(conds) for r in range(repeats)])
+    x0, cond = x0[order], cond[order]
+    gen = torch.Generator().manual_seed(seed)
+    n_train = pipe.scheduler.config.num_train_timesteps
+    batches = []
+    for level in levels:
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.full((len(x0),), min(n_train - 1, round(level * n_train)), dtype=torch.long)
+        batches.append(_Batch(pipe.scheduler.add_noise(x0, noise, t), noise, t, cond, n_mem * repeats))
+    return batches
+
+
+@torch.no_grad()
+def _losses(denoiser, b: _Batch, chunk: int = 256) -> tuple[float, float]:
+    """Mean ε-prediction loss on the memorized and on the general probes of one batch."""
+    errs = []
+    for i in range(0, len(b.xt), chunk):
+        s = slice(i, i + chunk)
+        eps = denoiser(b.xt[s], b.t[s], encoder_hidden_states=b.cond[s]).sample
+        errs.append((eps - b.noise[s]).pow(2).flatten(1).mean(1))
+    err = torch.cat(errs)
+    return err[: b.n_mem].mean().item(), err[b.n_mem :].mean().item()
+
+
+def _selectivity(base: tuple[float, float], hit: tuple[float, float]) -> float:
+    """Loss rise on memorized minus loss rise on general probes, in units of the general probes' loss.
+
+    Absolute rises, not relative ones: a memorized probe's loss is near zero, so any damage looks huge relative
+    to it, and a block that hurts everything would pass for memorization-heavy.
+    """
+    return ((hit[0] - base[0]) - (hit[1] - base[1])) / base[1]
+
+
+def attribute_ablation(pipe, probes: ProbeSet, levels=NOISE_LEVELS, granularity: str = "unit", seed: int = 0,
+                       repeats: int = 2, progress: bool = True) -> tuple[list, torch.Tensor, dict]:
+    """Per-block selectivity scores `(n_blocks, n_levels)` by zeroing one residual update at a time."""
+    denoiser = _denoiser(pipe)
+    blocks = find_blocks(denoiser, granularity=granularity)
+    batches = _make_batches(pipe, probes, levels, seed, repeats)
+    scores = torch.zeros(len(blocks), len(levels))
+    base = [_losses(denoiser, b) for b in batches]
+    with scaled(denoiser, blocks, 1.0) as scales:
+        for i, block in enumerate(tqdm(blocks, desc="probing (ablation)", unit="block", disable=not progress)):
+            scales.set(block, 0.0)
+            for j, b in enumerate(batches):
+                scores[i, j] = _selectivity(base[j], _losses(denoiser, b))
+            scales.set(block, 1.0)
+    return blocks, scores, {"base_loss": {str(lv): list(bl) for lv, bl in zip(levels, base)}}
+
+
+def condition_tensors(pipe, probes: ProbeSet, k: int = 8) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The condition lever's tensors: memorized directions `read`, threshold `tau`, general `bank`, whitening."""
+    general = list(dict.fromkeys(probes.conditions("general") + [""]))
+    with torch.no_grad():
+        mem = _encode_conditions(pipe, list(dict.fromkeys(probes.conditions("memorized"))))  # (M, L, D)
+        bank = _encode_conditions(pipe, general)  # (P, L, D)
+    sub = fit_subspace(mem, bank, k=min(k, bank.shape[-1]))
+    tensors = {"read": sub.read, "tau": weight_threshold(bank, sub.read), "bank": bank.float().contiguous(),
+               "g_inv_half": sub.g_inv_half}
+    return tensors, [round(x, 2) for x in sub.ratios.tolist()]
+
+
+def attribute_condition(pipe, probes: ProbeSet, levels=NOISE_LEVELS, seed: int = 0, repeats: int = 2, k: int = 8,
+                        progress: bool = True) -> tuple[list, torch.Tensor, dict, dict]:
+    """Per-unit selectivity `(n_blocks, n_levels)` of the condition lever: memorized conditioning tokens replaced
+    in one unit's cross-attention at a time. Units without cross-attention carry no such lever and score 0."""
+    denoiser = _denoiser(pipe)
+    blocks = find_blocks(denoiser, granularity="unit")
+    tensors, ratios = condition_tensors(pipe, probes, k)
+    batches = _make_batches(pipe, probes, levels, seed, repeats)
+    base = [_losses(denoiser, b) for b in batches]
+    scores = torch.zeros(len(blocks), len(levels))
+    lever_blocks = [(i, b, cross_attentions(denoiser, b)) for i, b in enumerate(blocks)]
+    lever_blocks = [x for x in lever_blocks if x[2]]
+    if not lever_blocks:
+        raise ValueError(f"Expected a denoiser with cross-attention for method 'condition', but "
+                         f"{type(denoiser).__name__} has none; use method='ablation'.")
+    for i, _, paths in tqdm(lever_blocks, desc="probing (condition)", unit="block", disable=not progress):
+        with attached(denoiser, {p: ConditionHook("memctl.probe", tensors, 0.0) for p in paths}, "memctl.probe"):
+            for j, b in enumerate(batches):
+                scores[i, j] = _selectivity(base[j], _losses(denoiser, b))
+    positive = scores[scores > 0]
+    # fidelity -1 at strength 1 fully replaces memorized tokens in every unit at least median-selective
+    knob_scale = float(positive.median()) if len(positive) else 1.0
+    extra = {"base_loss": {str(lv): list(bl) for lv, bl in zip(levels, base)}, "subspace_ratios": ratios,
+             "positive_gain": POSITIVE_GAIN, "knob_scale": knob_scale}
+    return blocks, scores, extra, tensors
+
+
+def probe(pipe, probes: ProbeSet, method: str = "ablation", noise_levels=NOISE_LEVELS, granularity: str = "unit",
+          seed: int = 0, progress: bool = True):
+    """Attribute memorization vs generalization to the blocks of `pipe`'s denoiser; returns a `BlockMap`."""
+    from memctl.blockmap import BlockMap
+
+    if not isinstance(probes, ProbeSet):
+        raise ValueError(f"Expected a memctl.ProbeSet, but got {type(probes).__name__}.")
+    if not 0 <= seed < 10_000:
+        raise ValueError(f"Expected a probe seed in [0, 10000) (evaluation seeds start at 10000), but got {seed}.")
+    t0 = time.perf_counter()
+    lever, tensors = "residual", {}
+    if method == "ablation":
+        blocks, scores, extra = attribute_ablation(pipe, probes, noise_levels, granularity, seed, progress=progress)
+    elif method == "condition":
+        if granularity != "unit":
+            raise ValueError(f"Expected granularity 'unit' for method 'condition', but got {granularity!r}.")
+        blocks, scores, extra, tensors = attribute_condition(pipe, probes, noise_levels, seed, progress=progress)
+        lever = "condition"
+    else:
+        raise ValueError(f"Expected method 'ablation' or 'condition', but got {method!r}.")
+    meta = {"probes": probes.summary(), "seed": seed, "seconds": round(time.perf_counter() - t0, 1), **extra}
+    denoiser = _denoiser(pipe)
+    bmap = BlockMap.from_scores(denoiser, {b.name: scores[i].tolist() for i, b in enumerate(blocks)},
+                                levels=list(noise_levels), method=method, meta=meta)
+    bmap.lever, bmap.lever_tensors = lever, tensors
+    bmap.__post_init__()
+    return bmap

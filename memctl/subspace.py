@@ -1,0 +1,84 @@
+"""The conditioning lever: find the directions of text-state space that memorized prompts use and general prompts
+don't, weigh each token by its energy along them, and pull heavy tokens toward the nearest general conditioning.
+
+>>> g = torch.Generator().manual_seed(0)
+>>> general = torch.randn(30, 6, 8, generator=g)                     # 30 general prompts × 6 tokens × width 8
+>>> memorized = general[:5].clone(); memorized[:, 3:, 2] += 8.0       # tokens 3+ carry a memorized tag
+>>> sub = fit_subspace(memorized, general, k=2)
+>>> tau = weight_threshold(general, sub.read)
+>>> w = memorization_weight(memorized, sub.read, tau)
+>>> bool(w[:, 3:].min() > 0.75 and w[:, :3].max() < 0.5)
+True
+>>> pulled = pull_to_general(memorized, sub.read, tau, general, torch.tensor(1.0))
+>>> bool((pulled[:, 3:, 2] - general[:5, 3:, 2]).abs().mean() < 2.0)  # most of the +8 tag is gone
+True
+>>> torch.equal(pull_to_general(memorized, sub.read, tau, general, torch.tensor(0.0)), memorized)
+True
+
+Directions: in coordinates whitened by the general states' second moment G, the top-k eigenvectors V of the
+memorized second moment (a generalized eigenproblem; eigenvalues = how many times more energy memorized tokens put
+there). `read = G^{-1/2} V` gives a token's coordinates along them. The pull `e + α w (g - e)` replaces (α = 1)
+memorized tokens by those of the closest general prompt `g`, keeps everything at α = 0 (bit for bit), and pushes
+away from `g` at α < 0. Related: closed-form concept erasure in cross-attention (Gandikota et al. 2024, UCE) and
+memorized-token attribution by cross-attention (Ren et al. 2024), with the concept found from probes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Subspace:
+    read: torch.Tensor  # (D, k)
+    ratios: torch.Tensor  # (k,) memorized / general energy along each direction
+    g_inv_half: torch.Tensor  # (D, D) whitening of the general states (for random controls in the same space)
+
+
+def _second_moment(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1]).double()
+    return x.T @ x / len(x)
+
+
+def fit_subspace(memorized: torch.Tensor, general: torch.Tensor, k: int = 8, ridge: float = 1e-3) -> Subspace:
+    """Top-`k` generalized eigendirections of (memorized, general) token second moments; inputs `(..., D)`."""
+    if memorized.shape[-1] != general.shape[-1]:
+        raise ValueError(f"Expected states of one width, but got {memorized.shape[-1]} and {general.shape[-1]}.")
+    d = memorized.shape[-1]
+    if not 1 <= k <= d:
+        raise ValueError(f"Expected 1 <= k <= {d}, but got k={k}.")
+    g = _second_moment(general)
+    g = g + ridge * g.diagonal().mean() * torch.eye(d, dtype=g.dtype)
+    ev, evec = torch.linalg.eigh(g)
+    g_inv_half = evec @ torch.diag(ev.rsqrt()) @ evec.T
+    lam, v = torch.linalg.eigh(g_inv_half @ _second_moment(memorized) @ g_inv_half)
+    top = lam.argsort(descending=True)[:k]
+    return Subspace((g_inv_half @ v[:, top]).float(), lam[top].float(), g_inv_half.float())
+
+
+def weight_threshold(general: torch.Tensor, read: torch.Tensor, q: float = 0.99) -> torch.Tensor:
+    """`tau`: the `q`-quantile of general tokens' energy along `read` (such a token gets weight 1/2)."""
+    energy = (general.reshape(-1, general.shape[-1]).double() @ read.double()).pow(2).sum(-1)
+    return energy.float().quantile(q)
+
+
+def memorization_weight(states: torch.Tensor, read: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+    """Per-token weight in [0, 1): energy along the memorized directions, `en / (en + tau)`; `(B, L, D) → (B, L)`."""
+    energy = (states @ read.to(states.dtype)).pow(2).sum(-1)
+    return energy / (energy + torch.as_tensor(tau, dtype=states.dtype, device=states.device))
+
+
+def nearest_general(states: torch.Tensor, bank: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """For each sequence, the general conditioning in `bank` `(P, L, D)` closest on its non-memorized tokens."""
+    bank = bank.to(states.dtype)
+    d = ((states[:, None] - bank[None]).pow(2).sum(-1) * (1 - weight)[:, None]).sum(-1)  # (B, P)
+    return bank[d.argmin(1)]  # (B, L, D)
+
+
+def pull_to_general(states, read, tau, bank, alpha: torch.Tensor) -> torch.Tensor:
+    """`e + α w (g - e)` for `states` `(B, L, D)`: α = 1 replaces memorized tokens, 0 is exact, < 0 pushes away."""
+    w = memorization_weight(states, read, tau)
+    g = nearest_general(states, bank, w)
+    return states + (alpha.to(states.dtype) * w)[..., None] * (g - states)
