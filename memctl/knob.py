@@ -201,6 +201,12 @@ def apply_knob(
     if start > stop:
         raise ValueError(f"Expected start <= stop (a window of noise levels), but got start={start}, stop={stop}.")
     pairs = _pairs(pipe_or_denoiser, bmap)
+    for component, module in pairs:
+        if any(p.device.type == "meta" for p in module.parameters()):
+            raise ValueError(
+                f"Expected the weights of {component} in memory, but they are offloaded (meta device), as "
+                f"enable_sequential_cpu_offload leaves them: apply the knob before enabling sequential offload."
+            )
     scale = float(bmap.meta.get("knob_scale") or (bmap.scores.abs().max() if bmap.n_blocks else 1.0))
     remove_knob(pipe_or_denoiser)  # every denoiser, including ones this map does not cover
     for component, module in pairs:

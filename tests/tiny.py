@@ -12,10 +12,12 @@ random weights so that scaling any block visibly changes the output.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -321,3 +323,228 @@ def doc_globs(tmp_path) -> dict[str, Any]:
     x, t, c = inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]
     path = str(tmp_path / "map.safetensors")
     return dict(pipe=pipe, bmap=bmap, unet=unet, inputs=inputs, x=x, t=t, c=c, path=path, find_blocks=find_blocks)
+
+
+# --- tiny pipelines of every family, offline (for the family, custom-pipeline, video and composition tests) ---------
+
+
+def _clip(hidden: int, projection: int | None = None):
+    """A 1-layer CLIP text encoder over `tiny_tokenizer()`; with `projection`, `CLIPTextModelWithProjection`."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    n = len(tiny_tokenizer())
+    config = CLIPTextConfig(vocab_size=n, hidden_size=hidden, intermediate_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=8, bos_token_id=n - 2, eos_token_id=n - 1,
+                            pad_token_id=n - 1, projection_dim=projection or hidden)  # fmt: skip
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _vae(latent_channels: int = 4, **kwargs):
+    """An image VAE that keeps the size (one block: scale factor 1)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8,),
+                         norm_num_groups=4, down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), **kwargs).eval()  # fmt: skip
+
+
+def tiny_t5_tokenizer():
+    """A T5 (Unigram) tokenizer built in memory from a vocab list: lower-case letters, digits and a few signs."""
+    from transformers import T5Tokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789 ,."
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    vocab += [(c, -2.0) for c in chars] + [("▁" + c, -1.5) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def _t5(cls_name: str = "T5EncoderModel"):
+    import transformers
+
+    config_cls = transformers.UMT5Config if cls_name.startswith("UMT5") else transformers.T5Config
+    config = config_cls(vocab_size=len(tiny_t5_tokenizer()), d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+    return getattr(transformers, cls_name)(config).eval()
+
+
+def _sdxl_pipeline():
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    unet, _ = _unet_cond(sdxl=True)  # cross_attention_dim 8 = 4 + 4 (both encoders); pooled 8
+    return StableDiffusionXLPipeline(
+        vae=_vae(), text_encoder=_clip(4), text_encoder_2=_clip(4, projection=8), tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(), unet=unet.eval(),
+        scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+    )  # fmt: skip
+
+
+def _sd3_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    transformer, _ = _sd3()  # joint_attention_dim 8 = 4 + 4 (CLIPs, no T5); pooled 6 = 3 + 3
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(shift_factor=0.0),
+        text_encoder=_clip(4, projection=3), tokenizer=tiny_tokenizer(), text_encoder_2=_clip(4, projection=3),
+        tokenizer_2=tiny_tokenizer(), text_encoder_3=None, tokenizer_3=None,
+    )  # fmt: skip
+
+
+def _flux_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    transformer, _ = _flux()  # 4 packed channels = 1 latent channel × 2 × 2; joint 8 (T5), pooled 6 (CLIP)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(1, shift_factor=0.0), text_encoder=_clip(6),
+        tokenizer=tiny_tokenizer(), text_encoder_2=_t5(), tokenizer_2=tiny_t5_tokenizer(),
+        transformer=transformer.eval(),
+    )  # fmt: skip
+
+
+def _dit_pipeline():
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=3, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=4,
+    )  # fmt: skip  # 1000 classes: DiTPipeline's null class is 1000
+    _reinit_zeros(transformer)
+    return DiTPipeline(transformer=transformer.eval(), vae=_vae(), scheduler=DDIMScheduler(),
+                       id2label={0: "zero", 1: "one"})  # fmt: skip
+
+
+def _animatediff_pipeline():
+    from diffusers import AnimateDiffPipeline, DDIMScheduler
+
+    unet, _ = _unet_motion()
+    return AnimateDiffPipeline(
+        vae=_vae(), text_encoder=_clip(8), tokenizer=tiny_tokenizer(), unet=unet.eval(), motion_adapter=None,
+        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1, beta_schedule="linear"),
+    )  # fmt: skip
+
+
+def _cogvideox_pipeline():
+    import diffusers as d
+
+    transformer = d.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=4,
+        text_embed_dim=8, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=8,
+    )  # fmt: skip  # 8 text tokens: call with max_sequence_length=8
+    _reinit_zeros(transformer)
+    vae = d.AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 3,
+        up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    )  # fmt: skip  # 9 frames of 32×32 <-> 3 latent frames of 8×8
+    return d.CogVideoXPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=_t5(), vae=vae.eval(),
+                               transformer=transformer.eval(), scheduler=d.CogVideoXDDIMScheduler())  # fmt: skip
+
+
+def _wan_transformer():
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=4,
+        text_dim=8, freq_dim=8, ffn_dim=16, num_layers=2, rope_max_seq_len=32,
+    )  # fmt: skip
+    return _reinit_zeros(model).eval()
+
+
+def _wan_pipeline(experts: int = 1):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4)  # fmt: skip  # 5 frames of 16×16 <-> 2 latent frames of 2×2
+    two = {"transformer_2": _wan_transformer(), "boundary_ratio": 0.5} if experts == 2 else {}
+    return WanPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=_t5("UMT5EncoderModel"), vae=vae.eval(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=_wan_transformer(),
+                       **two)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PipelineFamily:
+    """A tiny pipeline of one family and a small call of it (two steps, guidance on)."""
+
+    name: str
+    builder: Callable[[], Any]
+    call: dict[str, Any]  # keyword arguments; a seeded generator is added by `sample`
+    custom: str  # memctl.pipeline_file name of its custom pipeline
+    guidance: str  # how the guidance passes run: "batch" (one call), "calls" (two calls), "labels" (DiT)
+    output: str = "images"  # or "frames"
+    load: dict[str, Any] = field(default_factory=dict)  # from_pretrained keywords (components saved as None)
+
+
+_IMAGE = {"prompt": "ab", "num_inference_steps": 2, "height": 8, "width": 8, "guidance_scale": 5.0}
+_FLUX = {**_IMAGE, "guidance_scale": 3.5, "negative_prompt": "c", "true_cfg_scale": 2.0, "max_sequence_length": 8}
+_DIT = {"class_labels": [1], "num_inference_steps": 2, "guidance_scale": 4.0, "output_type": "np"}
+_VIDEO = {**_IMAGE, "guidance_scale": 2.0, "max_sequence_length": 8}
+_COGVIDEOX = {**_VIDEO, "num_frames": 9, "height": 32, "width": 32}
+_WAN = {**_VIDEO, "num_frames": 5, "height": 16, "width": 16}
+_ANIMATEDIFF = {**_IMAGE, "num_frames": 3}
+_NO_T5 = {"text_encoder_3": None, "tokenizer_3": None}  # SD3 without T5: saved as None, passed again when loading
+PIPELINE_FAMILIES: dict[str, PipelineFamily] = {
+    p.name: p
+    for p in [
+        PipelineFamily("sd", lambda: tiny_sd_pipeline(), _IMAGE, "sd", "batch"),
+        PipelineFamily("sdxl", _sdxl_pipeline, _IMAGE, "sdxl", "batch"),
+        PipelineFamily("sd3", _sd3_pipeline, _IMAGE, "sd3", "batch", load=_NO_T5),
+        PipelineFamily("flux", _flux_pipeline, _FLUX, "flux", "calls"),
+        PipelineFamily("dit", _dit_pipeline, _DIT, "dit", "labels"),
+        PipelineFamily("animatediff", _animatediff_pipeline, _ANIMATEDIFF, "animatediff", "batch", "frames"),
+        PipelineFamily("cogvideox", _cogvideox_pipeline, _COGVIDEOX, "cogvideox", "batch", "frames"),
+        PipelineFamily("wan", _wan_pipeline, _WAN, "wan", "calls", "frames"),
+        PipelineFamily("wan22", lambda: _wan_pipeline(experts=2), _WAN, "wan", "calls", "frames"),
+    ]
+}
+
+
+def tiny_pipeline(name: str, seed: int = 0):
+    """The tiny pipeline of family `name` (see `PIPELINE_FAMILIES`), built under `seed`, progress bars off."""
+    torch.manual_seed(seed)
+    pipe = PIPELINE_FAMILIES[name].builder()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, name: str, seed: int = 0, **overrides) -> torch.Tensor:
+    """The family's small call on `pipe` with a seeded generator, as a float tensor (images or frames)."""
+    family = PIPELINE_FAMILIES[name]
+    kwargs = {"output_type": "pt", **family.call, **overrides, "generator": torch.Generator().manual_seed(seed)}
+    out = pipe(**kwargs)
+    return torch.as_tensor(np.asarray(getattr(out, family.output)) if kwargs["output_type"] == "np" else
+                           getattr(out, family.output))  # fmt: skip
+
+
+def denoisers(pipe) -> dict[str, torch.nn.Module]:
+    """{component: denoiser} of a pipeline (unet, transformer, transformer_2)."""
+    names = ("unet", "transformer", "transformer_2")
+    return {c: getattr(pipe, c) for c in names if isinstance(getattr(pipe, c, None), torch.nn.Module)}
+
+
+def full_map(pipe, seed: int = 0):
+    """A map covering every unit of every denoiser of `pipe`, seeded scores of both signs (combined for experts)."""
+    from memctl.blockmap import BlockMap
+    from memctl.blocks import find_blocks
+
+    maps = []
+    for i, (component, model) in enumerate(denoisers(pipe).items()):
+        blocks = find_blocks(model)
+        scores = torch.randn(len(blocks), generator=torch.Generator().manual_seed(seed + i))
+        table = {b.name: float(s) for b, s in zip(blocks, scores, strict=True)}
+        maps.append(BlockMap.from_scores(model, table, component=component))
+    return maps[0] if len(maps) == 1 else BlockMap.combine(*maps)
+
+
+@contextmanager
+def denoiser_outputs(pipe) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Record (component, output) of every denoiser call inside the `with` block (a torch forward hook)."""
+    store: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        model.register_forward_hook(lambda m, a, out, c=c: store.append((c, out[0].detach().clone())))
+        for c, model in denoisers(pipe).items()
+    ]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,17 @@
+"""memctl custom pipeline: diffusers' `StableDiffusionXLPipeline` (SD XL, text-to-image) + the fidelity knob.
+
+    pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=memctl.pipeline_file("sdxl"),
+                                             trust_remote_code=True)
+    image = pipe("a photo of a cat", fidelity=-0.5, block_map=bmap).images[0]
+
+`fidelity=`, `block_map=`, `fidelity_start=`, `fidelity_stop=` act for one call (`memctl.pipelines.FidelityMixin`).
+Only modules are imported here: diffusers loads the one DiffusionPipeline subclass defined in this file.
+"""
+
+import diffusers
+
+import memctl.pipelines as _m
+
+
+class MemctlStableDiffusionXLPipeline(_m.FidelityMixin, diffusers.StableDiffusionXLPipeline):
+    """`StableDiffusionXLPipeline` + `fidelity=`, `block_map=`, `fidelity_start=`, `fidelity_stop=`."""
