@@ -1,0 +1,514 @@
+"""`memctl render JOB.yaml`: batch renders from a job file, resumable, with provenance, on one or many processes.
+
+    memctl render assets/example-job.yaml --out out/render/example      # one process
+    accelerate launch --multi_gpu --num_processes 8 -m memctl.render JOB.yaml --out DIR  # 8 GPUs; torchrun too
+
+Every output is written atomically (temp file, fsync, rename) and recorded in `manifest.jsonl` (settings, seed,
+model and map fingerprints, versions, time, sha256). A rerun skips outputs whose file still matches its record
+and settings; `--force` redoes them. Each image has its own `torch.Generator().manual_seed(seed)` and the
+batches are fixed by the job, so the same job on the same machine gives byte-identical PNGs however it is split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import hashlib
+import inspect
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memctl.jobs import Job, JobError, Output, load_job
+from memctl.metadata import provenance, save_png
+
+MANIFEST = "manifest.jsonl"
+STATE_DIR = ".memctl"  # per-process manifest parts and status files while a render runs
+_TEMP = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.part")  # our temp files: "." + name + mkstemp's 8 characters
+_FATAL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # stop this process: every further write would fail too
+
+
+@dataclass
+class Summary:
+    """What a render did: outputs done, skipped (already verified) and failed with reasons."""
+
+    total: int = 0
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    manifest: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def text(self) -> str:
+        lines = [f"memctl render: {self.total} outputs: {len(self.done)} done, {len(self.skipped)} skipped "
+                 f"(already done), {len(self.failed)} failed"]
+        lines += [f"  failed {name}: {reason}" for name, reason in self.failed[:20]]
+        if len(self.failed) > 20:
+            lines.append(f"  ... and {len(self.failed) - 20} more (see the lines above)")
+        if self.manifest is not None:
+            lines.append(f"manifest: {self.manifest}")
+        return "\n".join(lines)
+
+
+def render_job(job: str | Path | Job, out: str | Path | None = None, force: bool = False, pipeline=None) -> Summary:
+    """Render a job; returns this process's `Summary` (on the main process: the whole job's).
+
+    The job is validated, the model and block map loaded and checked, and every output planned before anything
+    is written. `pipeline` replaces loading the job's model (tests, notebooks, models held in memory)."""
+    job = job if isinstance(job, Job) else load_job(job)
+    out = Path(out) if out is not None else Path("out/render") / Path(job.source).stem
+    state = _process_state()
+    renderer = Renderer(job, state.device, pipeline)
+    batches = job.batches()
+    _check_inside(out, {o.name for b in batches for o in b})
+    state_dir = out / STATE_DIR
+    if state.is_main_process:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out)
+    state.wait_for_everyone()
+    records = _read_records(out)
+    verified = set() if force else {o.name for b in batches for o in b if _is_verified(out, records, o, renderer)}
+    pending = [b for b in batches if not all(o.name in verified for o in b)]
+    state.wait_for_everyone()  # every process has read the folder before any writes to it
+    mine = Summary(total=sum(len(b) for b in batches))
+    try:
+        with state.split_between_processes(pending) as share:
+            _render_share(renderer, out, share, verified, mine, state)
+    finally:
+        renderer.close()
+    _write_json(state_dir / f"status-{state.process_index}.json",
+                {"done": mine.done, "failed": mine.failed})
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return mine
+    whole = _merge(out, mine.total)
+    whole.skipped = sorted(o.name for b in batches for o in b if o.name in verified)
+    print(whole.text(), flush=True)
+    return whole
+
+
+def _process_state():
+    """accelerate's `PartialState`, on CPU too (it needs `cpu=True` to use gloo when a launcher started many)."""
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    state = PartialState(cpu=cpu)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world != state.num_processes:  # every process would render every output
+        raise RuntimeError(f"Expected {world} processes (WORLD_SIZE) in accelerate's state, but got "
+                           f"{state.num_processes}. Launch with `accelerate launch` or `torchrun`.")
+    return state
+
+
+def _render_share(renderer: Renderer, out: Path, share: list, verified: set, summary: Summary, state) -> None:
+    from tqdm.auto import tqdm
+
+    part = out / STATE_DIR / f"manifest.part-{state.process_index}.jsonl"
+    todo = [o for b in share for o in b if o.name not in verified]
+    desc = "render" if state.num_processes == 1 else f"render (process {state.process_index} of {state.num_processes})"
+    bar = tqdm(total=len(todo), unit="img", desc=desc, disable=not state.is_local_main_process, dynamic_ncols=True)
+    fatal = None
+    for batch in share:
+        names = [o.name for o in batch if o.name not in verified]
+        if fatal is not None:
+            summary.failed += [(n, f"not attempted: {fatal}") for n in names]
+            continue
+        try:
+            start = time.perf_counter()
+            data = renderer.encode(batch)
+            seconds = (time.perf_counter() - start) / len(batch)
+        except Exception as err:  # a failing shot must not stop the others
+            summary.failed += [(n, f"{type(err).__name__}: {err}") for n in names]
+            bar.update(len(names))
+            continue
+        for o, blob in zip(batch, data, strict=True):
+            if o.name not in verified:
+                fatal = _save(renderer, out, o, blob, seconds, part, summary, state.process_index) or fatal
+                bar.update(1)
+    bar.close()
+
+
+def _save(renderer: Renderer, out: Path, o: Output, blob: bytes, seconds: float, part: Path, summary: Summary,
+          rank: int) -> str | None:
+    """Write one output and its manifest record; returns a reason to stop when the disk cannot take more."""
+    record = renderer.record(o, blob, seconds, rank)
+    try:
+        atomic_write(out / o.name, blob, before_rename=lambda: _append_line(part, record), stop_at=out)
+    except OSError as err:
+        reason = f"{type(err).__name__}: {err.strerror or err} while writing {o.name}"
+        summary.failed.append((o.name, reason))
+        return reason if err.errno in _FATAL else None
+    summary.done.append(o.name)
+    return None
+
+
+class Renderer:
+    """The job's pipeline and block map, checked against every shot; samples batches and encodes files."""
+
+    def __init__(self, job: Job, device, pipeline=None):
+        self.job, self.testbed, self.bmap, self._applied = job, None, None, None
+        errors: list[str] = []
+        self.pipe = pipeline if pipeline is not None else self._load_model(errors)
+        if self.pipe is not None:
+            if job.cpu_threads is not None and torch.device(device).type == "cpu":
+                torch.set_num_threads(job.cpu_threads)
+            if hasattr(self.pipe, "to") and pipeline is None:
+                self.pipe.to(device)
+            self._check_shots(errors)
+            if job.block_map is not None:
+                self.bmap = self._load_map(errors)
+        if errors:
+            raise JobError(job.source, errors)
+        from memctl.blockmap import fingerprint
+
+        prints = {c: fingerprint(m) for c, m in _denoisers(self.pipe).items()}
+        self.model_info = {"spec": job.model, "fingerprints": prints}
+        self.map_info = None if self.bmap is None else {"spec": job.block_map, "fingerprints": self.bmap.fingerprints}
+        self.versions = provenance()
+
+    def _load_model(self, errors: list[str]):
+        from memctl.loading import load_pipeline
+        from memctl.zoo.testbed import TESTBEDS, Testbed, load_testbed
+
+        spec, dtype = self.job.model, getattr(torch, self.job.dtype)
+        path = Path(spec) if Path(spec).is_absolute() else self.job.base / spec
+        try:
+            if spec in TESTBEDS or (path / "testbed.json").is_file():
+                self.testbed = load_testbed(spec) if spec in TESTBEDS else Testbed(path)
+                return self.testbed.pipeline(torch_dtype=dtype)
+            if path.exists():
+                return load_pipeline(path, torch_dtype=dtype)
+            if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+                return load_pipeline(spec, torch_dtype=dtype)
+        except Exception as err:
+            errors.append(f"job, field `model`: Expected a loadable pipeline, but loading {spec!r} failed: "
+                          f"{type(err).__name__}: {err}")
+            return None
+        errors.append(f"job, field `model`: Expected a testbed name ({', '.join(sorted(TESTBEDS))}), a pipeline "
+                      f"folder (relative to the job file) or a hub id, but got {spec!r}: no such folder.")
+        return None
+
+    def _load_map(self, errors: list[str]):
+        spec, where = self.job.block_map, "job, field `block_map`"
+        try:
+            import memctl.knob  # noqa: F401
+            from memctl.blockmap import BlockMap
+        except ImportError as err:
+            errors.append(f"{where}: Expected memctl.blockmap and memctl.knob to be installed, but {err}.")
+            return None
+        path = Path(spec) if Path(spec).is_absolute() else self.job.base / spec
+        try:
+            if spec == "shipped":
+                if self.testbed is None:
+                    raise ValueError(f"'shipped' works only with a testbed model, not {self.job.model!r}")
+                bmap = self.testbed.block_map()
+            elif not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist")
+            else:
+                bmap = BlockMap.load(path)
+        except Exception as err:
+            errors.append(f"{where}: Expected a readable block map file, but reading {spec!r} failed: "
+                          f"{type(err).__name__}: {err}")
+            return None
+        try:
+            denoisers = _denoisers(self.pipe)
+            for component in bmap.fingerprints:
+                if component not in denoisers:
+                    raise ValueError(f"the map covers {component!r}, which this pipeline does not have")
+                bmap.check_model(denoisers[component], component=component)
+        except Exception as err:
+            errors.append(f"{where}: Expected a block map made for model {self.job.model!r}, but {spec!r} does not "
+                          f"fit it: {err}")
+            return None
+        return bmap
+
+    def _check_shots(self, errors: list[str]) -> None:
+        params = inspect.signature(self.pipe.__call__).parameters
+        self.video, self.sizable = "num_frames" in params, "height" in params and "width" in params
+        native = _native_size(self.pipe)
+        for shot in self.job.shots:
+            v = shot.values
+            if self.video != (v["frames"] is not None):
+                want = "`frames` (this model makes videos)" if self.video else "no `frames` (this model makes images)"
+                errors.append(f"{shot.where()}, field `frames`: Expected {want}, but got {v['frames']!r}.")
+            if v["size"] is not None and not self.sizable and v["size"] != native:
+                errors.append(f"{shot.where()}, field `size`: Expected null or {list(native) if native else 'null'} "
+                              f"(this pipeline renders at one size), but got {list(v['size'])}.")
+
+    def encode(self, batch: tuple[Output, ...]) -> list[bytes]:
+        """Sample one batch (one shot and fidelity, one generator per seed) and encode each output's file."""
+        o = batch[0].options
+        generators = [torch.Generator().manual_seed(x.options.seed) for x in batch]  # one per image, on the CPU
+        kwargs = {"prompt": [x.options.prompt for x in batch], "num_inference_steps": o.steps,
+                  "guidance_scale": o.guidance, "generator": generators}
+        if o.negative_prompt:
+            kwargs["negative_prompt"] = [o.negative_prompt] * len(batch)
+        if batch[0].size is not None and self.sizable:
+            kwargs["width"], kwargs["height"] = batch[0].size
+        if self.video:
+            kwargs.update(num_frames=o.frames, output_type="np")
+        with self._knob(o):
+            result = self.pipe(**kwargs)
+        if self.video:
+            return [encode_mp4(_frames_uint8(f), o.fps, self.embedded(x)) for f, x in zip(result.frames, batch,
+                                                                                          strict=True)]
+        return [self._png(image, x) for image, x in zip(result.images, batch, strict=True)]
+
+    def _knob(self, o):
+        """The knob at this output's fidelity (applied once per strength and window); 0 is the untouched model."""
+        try:
+            from memctl.knob import apply_knob, fidelity, get_knob
+        except ImportError:  # only jobs without a block map get here (the map check needs the knob)
+            return contextlib.nullcontext()
+        if self.bmap is None:  # a knob someone else applied to a given pipeline must not act
+            return fidelity(self.pipe, 0.0) if get_knob(self.pipe) is not None else contextlib.nullcontext()
+        if self._applied != (o.strength, o.start, o.stop):
+            apply_knob(self.pipe, self.bmap, strength=o.strength, start=o.start, stop=o.stop)
+            self._applied = (o.strength, o.start, o.stop)
+        return fidelity(self.pipe, o.fidelity)
+
+    def close(self) -> None:
+        """Remove the knob this renderer applied."""
+        if self._applied is not None:
+            from memctl.knob import remove_knob
+
+            remove_knob(self.pipe)
+            self._applied = None
+
+    def _png(self, image, o: Output) -> bytes:
+        buf = io.BytesIO()
+        text = o.options.a1111_parameters(model=self.job.model, block_map=self.job.block_map or "")
+        save_png(image, buf, self.embedded(o), parameters=text)
+        return buf.getvalue()
+
+    def embedded(self, o: Output) -> dict:
+        """The settings written into the file itself (no time: the bytes must not depend on when)."""
+        return {"name": o.name, "shot": o.shot, **o.settings(), "model": self.model_info,
+                "block_map": self.map_info, "versions": self.versions}
+
+    def key(self, o: Output) -> str:
+        """What the pixels depend on; a manifest record with another key is stale."""
+        what = {"kind": o.kind, "settings": o.settings(), "model": self.model_info["fingerprints"],
+                "block_map": self.map_info and self.map_info["fingerprints"]}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+    def record(self, o: Output, blob: bytes, seconds: float, rank: int) -> dict:
+        return {"name": o.name, "kind": o.kind, "shot": o.shot, "sha256": hashlib.sha256(blob).hexdigest(),
+                "bytes": len(blob), "key": self.key(o), "settings": o.settings(), "model": self.model_info,
+                "block_map": self.map_info, "versions": self.versions, "job": self.job.source,
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": round(seconds, 4),
+                "process": rank}
+
+
+def _denoisers(pipe) -> dict[str, torch.nn.Module]:
+    """`{component: denoiser}`: `unet`, `transformer` and (Wan 2.2) `transformer_2`, as block maps key them."""
+    found = {n: getattr(pipe, n) for n in ("unet", "transformer", "transformer_2")
+             if isinstance(getattr(pipe, n, None), torch.nn.Module)}
+    if not found:
+        raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but got {type(pipe).__name__}.")
+    return found
+
+
+def _native_size(pipe) -> tuple[int, int] | None:
+    size = getattr(getattr(next(iter(_denoisers(pipe).values())), "config", None), "sample_size", None)
+    scale = getattr(pipe, "vae_scale_factor", 1) if getattr(pipe, "vae", None) is not None else 1
+    if isinstance(size, int):
+        return (size * scale, size * scale)
+    return (size[1] * scale, size[0] * scale) if isinstance(size, (list, tuple)) and len(size) == 2 else None
+
+
+def _frames_uint8(frames) -> np.ndarray:
+    """`(F, H, W, 3)` uint8 from a pipeline's frames: array or tensor in [0, 1] `(F, H, W, C)`, or PIL images."""
+    if isinstance(frames, (list, tuple)):
+        frames = np.stack([np.asarray(f.convert("RGB")) for f in frames])
+    arr = frames.float().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise ValueError(f"Expected video frames of shape (F, H, W, 1 or 3), but got {arr.shape}.")
+    return np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr
+
+
+def encode_mp4(frames: np.ndarray, fps: int, comment: dict) -> bytes:
+    """H.264 MP4 bytes of `(F, H, W, 3)` uint8 frames with `comment` as JSON in the container's metadata."""
+    import imageio_ffmpeg
+
+    f, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"Expected even frame width and height for yuv420p H.264, but got {w}x{h}.")
+    params = ["-metadata", "comment=" + json.dumps(comment, sort_keys=True), "-fflags", "+bitexact",
+              "-flags:v", "+bitexact", "-movflags", "+faststart"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "v.mp4")
+        writer = imageio_ffmpeg.write_frames(path, (w, h), fps=fps, codec="libx264", macro_block_size=1,
+                                             ffmpeg_log_level="error", output_params=params)
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+        return Path(path).read_bytes()
+
+
+def read_mp4_comment(path: str | Path) -> dict | None:
+    """The JSON `comment` that `encode_mp4` embedded, read back with the bundled ffmpeg."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"]
+    text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    value = re.search(r"^comment=((?:\\.|[^\\\n])*)$", text, re.M)
+    return json.loads(re.sub(r"\\(.)", r"\1", value.group(1))) if value else None
+
+
+def _write_bytes(f, data: bytes) -> None:
+    """The one place output bytes reach the disk (tests replace it to simulate a full disk)."""
+    f.write(data)
+
+
+def _write_plain(f, data: bytes) -> None:
+    f.write(data)
+
+
+def atomic_write(dest: Path, data: bytes, before_rename=None, stop_at: Path | None = None, write=None) -> None:
+    """Write `data` to a temp file beside `dest`, fsync, call `before_rename`, then rename over `dest`.
+
+    On any failure the temp file goes, and so do folders this call made (up to `stop_at`): no partial output."""
+    made = [p for p in [dest.parent, *dest.parent.parents] if not p.exists() and p != stop_at][::-1]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            (write or _write_bytes)(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _append_line(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write(path, json.dumps(obj, sort_keys=True).encode(), write=_write_plain)
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    except OSError:
+        return None
+
+
+def _read_records(out: Path) -> dict[str, dict]:
+    """Latest record per name from `manifest.jsonl` and any parts a killed run left (a torn last line is skipped)."""
+    records: dict[str, dict] = {}
+    for path in [out / MANIFEST, *sorted((out / STATE_DIR).glob("manifest.part-*.jsonl"))]:
+        if not path.is_file():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                rec = json.loads(line)
+                records[rec["name"]] = rec
+    return records
+
+
+def _is_verified(out: Path, records: dict, o: Output, renderer: Renderer) -> bool:
+    rec = records.get(o.name)
+    return rec is not None and rec.get("key") == renderer.key(o) and _sha256(out / o.name) == rec.get("sha256")
+
+
+def _merge(out: Path, total: int) -> Summary:
+    """Main process, after every process finished: one deduplicated manifest sorted by name, and the summary."""
+    state_dir = out / STATE_DIR
+    records = _read_records(out)
+    kept = [records[n] for n in sorted(records) if _sha256(out / n) == records[n].get("sha256")]
+    atomic_write(out / MANIFEST, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode(),
+                 write=_write_plain)
+    summary = Summary(total=total, manifest=out / MANIFEST)
+    for path in sorted(state_dir.glob("status-*.json")):
+        status = json.loads(path.read_text())
+        summary.done += status["done"]
+        summary.failed += [tuple(x) for x in status["failed"]]
+        path.unlink()
+    for path in state_dir.glob("manifest.part-*.jsonl"):
+        path.unlink()
+    summary.done.sort()
+    summary.failed.sort()
+    return summary
+
+
+def _remove_stale(out: Path) -> None:
+    """Temp files and status files of a killed run (our temp names start with '.', which output names cannot)."""
+    for path in out.rglob(".*.part"):
+        if _TEMP.fullmatch(path.name) and path.is_file():
+            path.unlink()
+    for path in (out / STATE_DIR).glob("status-*.json"):
+        path.unlink()
+
+
+def _check_inside(out: Path, names: set[str]) -> None:
+    root = out.resolve()
+    for folder in sorted({(out / n).parent for n in names}):
+        if not folder.resolve().is_relative_to(root):
+            raise ValueError(f"Expected every output inside {out}, but {folder} resolves to {folder.resolve()} "
+                             "(a symbolic link in the output folder). Remove the link or choose another --out.")
+
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Register `render` on a `memctl` subparsers object."""
+    p = subparsers.add_parser("render", help="render a job file (YAML or JSON): resumable, with a manifest",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("job", metavar="JOB", help="job file (.yaml, .yml or .json); see assets/example-job.yaml")
+    p.add_argument("--out", default=None, help="output folder (default: out/render/<job file name>)")
+    p.add_argument("--force", action="store_true", help="redo outputs that are already done and verified")
+    p.set_defaults(func=_cmd_render)
+    return p
+
+
+def _cmd_render(args) -> int:
+    return 0 if render_job(args.job, args.out, force=args.force).ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="memctl")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["render", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"memctl render: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""Job files: one schema in YAML and JSON, every error named (shot, field, expected, got), safe output names."""
+
+from __future__ import annotations
+
+import doctest
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import memctl.jobs
+from memctl.jobs import JobError, load_job, name_problem, parse_job
+
+SHOT = {"id": "seven", "prompt": "a seven", "seeds": [0, 1]}
+
+
+def job(**top) -> dict:
+    return {"model": "digits", "shots": [dict(SHOT)], **top}
+
+
+def errors_of(data) -> list[str]:
+    with pytest.raises(JobError) as info:
+        parse_job(data)
+    return info.value.errors
+
+
+def test_doctest():
+    assert doctest.testmod(memctl.jobs).failed == 0
+
+
+def test_yaml_and_json_are_one_schema(tmp_path: Path):
+    data = job(block_map="map.safetensors", batch_size=2, defaults={"steps": 4, "guidance": 3.0},
+               shots=[{"id": "a", "prompt": "a seven", "seeds": {"start": 3, "count": 3},
+                       "fidelity": {"from": -1, "to": 1, "count": 3}, "window": [0.2, 0.8]}])  # fmt: skip
+    (tmp_path / "j.yaml").write_text(yaml.safe_dump(data))
+    (tmp_path / "j.json").write_text(json.dumps(data))
+    a, b = load_job(tmp_path / "j.yaml"), load_job(tmp_path / "j.json")
+    assert a.outputs() == b.outputs()
+    assert a.base == tmp_path.resolve()
+    names = [o.name for o in a.outputs()]
+    assert names[:3] == ["a/f-1.00_s3.png", "a/f-1.00_s4.png", "a/f-1.00_s5.png"]
+    assert len(names) == 9 and len(set(names)) == 9
+    o = a.outputs()[4]
+    assert (o.options.fidelity, o.options.seed, o.options.steps, o.options.guidance) == (0.0, 4, 4, 3.0)
+    assert (o.options.start, o.options.stop, o.options.batch_size) == (0.2, 0.8, 2)
+    assert [len(b) for b in a.batches()] == [2, 1, 2, 1, 2, 1]  # one shot and fidelity per batch
+
+
+def test_name_pattern_fields_and_video_extension():
+    data = job(shots=[{"id": "clip", "prompt": "a one", "seeds": [7], "frames": 4, "fps": 12,
+                       "name": "{shot}/{index:03d}-{seed:05d}-{steps}"}])  # fmt: skip
+    (out,) = parse_job(data).outputs()
+    assert out.name == "clip/000-00007-25.mp4" and out.kind == "mp4"
+    assert (out.options.frames, out.options.fps) == (4, 12)
+    fine = parse_job(job(block_map="m", shots=[{**SHOT, "fidelity": 0.125}])).outputs()[0]
+    assert fine.name == "seven/f+0.125_s0.png"
+
+
+def test_missing_field_names_shot_and_field():
+    (err,) = errors_of(job(shots=[{"id": "seven", "seeds": [0]}]))
+    assert err.startswith("shots[0] (id 'seven'), field `prompt`: Expected")
+    assert "but got nothing" in err
+    assert any("field `model`" in e and "got nothing" in e for e in errors_of({"shots": [SHOT]}))
+    (err,) = errors_of(job(shots=[{**SHOT, "prompt": None}]))
+    assert err == "shots[0] (id 'seven'), field `prompt`: Expected `prompt` to be a str, but got None."
+
+
+def test_wrong_type_says_expected_and_got():
+    (err,) = errors_of(job(shots=[{**SHOT, "steps": "ten"}]))
+    assert err == "shots[0] (id 'seven'), field `steps`: Expected `steps` to be an int in [1, 1000], but got 'ten'."
+    (err,) = errors_of(job(batch_size=0))
+    assert "field `batch_size`: Expected an int in [1, 64], but got int 0" in err
+
+
+def test_unknown_fields_are_errors_with_a_hint():
+    errs = errors_of(job(shots=[{**SHOT, "seed": 3}], defaults={"stpes": 4}, colour="red"))
+    assert len(errs) == 3
+    assert any("shots[0] (id 'seven'), field `seed`" in e and "Did you mean `seeds`?" in e for e in errs)
+    assert any("defaults, field `stpes`" in e and "Did you mean `steps`?" in e for e in errs)
+    assert any("job, field `colour`" in e and "unknown field" in e for e in errs)
+
+
+def test_all_errors_are_reported_together():
+    errs = errors_of(job(shots=[{**SHOT, "guidance": -1, "fidelity": 2}, {"id": "seven", "prompt": 3, "seeds": []}]))
+    assert len(errs) == 5, errs
+    text = str(JobError("j.yaml", errs))
+    assert text.startswith("j.yaml is not a valid job (5 error(s)); nothing was rendered:")
+
+
+@pytest.mark.parametrize("pattern", ["../{seed}", "/abs/{seed}", "{shot}/../../{seed}", ".hidden/{seed}",
+                                     "{shot}\\{seed}", "a//{seed}", "sp ace{seed}"])  # fmt: skip
+def test_names_cannot_escape_the_output_folder(pattern: str):
+    (err,) = errors_of(job(shots=[{**SHOT, "name": pattern}]))
+    assert err.startswith("shots[0] (id 'seven'), field `name`: Expected a name inside the output folder")
+
+
+def test_name_problem():
+    assert name_problem("shot/f+0.50_s1.png") is None
+    assert name_problem("../x.png") and name_problem(".x.png") and name_problem("/x.png") and name_problem("a/")
+
+
+def test_names_must_be_distinct_and_patterns_known():
+    (err,) = errors_of(job(shots=[{**SHOT, "name": "{shot}"}]))
+    assert "Expected a distinct name per output" in err and "'seven.png'" in err
+    (err,) = errors_of(job(shots=[{**SHOT, "name": "{prompt}_{seed}"}]))
+    assert "unknown placeholder(s) ['prompt']" in err
+    (err,) = errors_of(job(shots=[{**SHOT, "name": "{seed}.png"}]))
+    assert "without extension" in err
+    errs = errors_of(job(shots=[SHOT, SHOT]))
+    assert any("shots[1] (id 'seven'), field `id`" in e and "shots[0] has it too" in e for e in errs)
+
+
+def test_seed_and_fidelity_forms():
+    bad = [({"seeds": [1, 1]}, "distinct seeds"), ({"seeds": {"start": 0}}, "{start: int, count: int}"),
+           ({"seeds": [-1]}, "[0, 2**63)"), ({"fidelity": [0.5, 0.5]}, "distinct values"),
+           ({"fidelity": {"from": -2, "to": 1, "count": 3}}, "sweep"), ({"window": [0.8, 0.2]}, "`stop`"),
+           ({"size": [16]}, "[width, height]"), ({"fps": 8}, "only with `frames`")]  # fmt: skip
+    for change, words in bad:
+        (err,) = errors_of(job(block_map="m", shots=[{**SHOT, **change}]))
+        assert words in err, (change, err)
+    fids = [
+        o.options.fidelity
+        for o in parse_job(
+            job(block_map="m", shots=[{**SHOT, "seeds": [0], "fidelity": {"from": -1, "to": 1, "count": 5}}])
+        ).outputs()
+    ]
+    assert fids == [-1.0, -0.5, 0.0, 0.5, 1.0]
+
+
+def test_fidelity_needs_a_block_map():
+    (err,) = errors_of(job(shots=[{**SHOT, "fidelity": [0, 0.5]}]))
+    assert "field `fidelity`: Expected 0 when the job has no `block_map`, but got [0.0, 0.5]" in err
+
+
+def test_file_level_errors(tmp_path: Path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("model: digits\nmodel: other\nshots: []\n")
+    with pytest.raises(JobError, match="duplicate key 'model'"):
+        load_job(dup)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": "digits", "model": "x"}')
+    with pytest.raises(JobError, match="duplicate key"):
+        load_job(bad)
+    with pytest.raises(JobError, match="ending in .yaml, .yml or .json"):
+        load_job(tmp_path / "job.txt")
+    with pytest.raises(JobError, match="readable UTF-8 job file"):
+        load_job(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n")
+    with pytest.raises(JobError, match="Expected a mapping"):
+        load_job(tmp_path / "list.yaml")
+
+
+def test_example_job_is_valid():
+    example = Path(__file__).resolve().parents[1] / "assets" / "example-job.yaml"
+    job_ = load_job(example)
+    assert job_.model == "digits" and len(job_.outputs()) > 10
+    assert {o.kind for o in job_.outputs()} == {"png"}

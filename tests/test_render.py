@@ -1,0 +1,337 @@
+"""`memctl render`: outputs with settings, manifest, resume after SIGKILL, two processes, bad jobs, video."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import memctl.render as render
+from memctl.jobs import JobError
+from memctl.metadata import read_png_settings
+from memctl.render import encode_mp4, read_mp4_comment, render_job
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "digits"
+JOB = {
+    "model": MODEL, "cpu_threads": 1, "batch_size": 2, "defaults": {"steps": 4, "guidance": 2.0},
+    "shots": [
+        {"id": "seven", "prompt": "a seven", "seeds": {"start": 0, "count": 8}},
+        {"id": "three", "prompt": "a three", "negative_prompt": "a seven", "seeds": [11, 12, 13, 14, 15, 16, 17]},
+        {"id": "one", "prompt": "the digit one", "seeds": {"start": 40, "count": 9}, "name": "ones/{seed:03d}"},
+    ],
+}  # fmt: skip
+N = 24
+
+
+def write_job(folder: Path, data: dict | None = None, name: str = "job.yaml", **top) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump({**(data or JOB), **top}, sort_keys=False))
+    return path
+
+
+def files(out: Path) -> dict[str, bytes]:
+    """Every file under `out` except the manifest: relative name -> bytes."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != render.MANIFEST}  # fmt: skip
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / render.MANIFEST).read_text().splitlines()]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from memctl.zoo.testbed import load_testbed
+
+    return load_testbed(MODEL).pipeline()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, Path, render.Summary]:
+    """One uninterrupted single-process run of JOB: (job file, output folder, summary)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    job = write_job(tmp)
+    summary = render_job(job, tmp / "out")
+    return job, tmp / "out", summary
+
+
+def test_outputs_manifest_and_embedded_settings(reference, pipe):
+    _, out, summary = reference
+    assert summary.ok and len(summary.done) == N and not summary.skipped
+    made = files(out)
+    assert len(made) == N and all(n.endswith(".png") for n in made), sorted(made)
+    assert "ones/040.png" in made and "three/f+0.00_s11.png" in made
+    records = manifest(out)
+    assert [r["name"] for r in records] == sorted(made)
+    for r in records:
+        assert r["sha256"] == hashlib.sha256(made[r["name"]]).hexdigest() and r["bytes"] == len(made[r["name"]])
+        assert set(r["versions"]) == {"memctl", "diffusers", "torch"} and r["time"].endswith("+00:00")
+        assert r["model"]["spec"] == MODEL and r["model"]["fingerprints"]["unet"] and r["block_map"] is None
+        embedded = read_png_settings(out / r["name"])
+        assert embedded["memctl"]["seed"] == r["settings"]["seed"]
+        assert embedded["memctl"]["prompt"] == r["settings"]["prompt"]
+        assert embedded["memctl"]["model"] == r["model"]
+        assert f"Seed: {r['settings']['seed']}" in embedded["parameters"]
+    three = read_png_settings(out / "three/f+0.00_s12.png")
+    assert "Negative prompt: a seven" in three["parameters"] and three["memctl"]["steps"] == 4
+    # Each image is its seed's own: the same pixels as a direct call with that seed's generator, batched as the job.
+    direct = pipe(["a three"] * 2, negative_prompt=["a seven"] * 2, num_inference_steps=4, guidance_scale=2.0,
+                  generator=[torch.Generator().manual_seed(s) for s in (11, 12)]).images  # fmt: skip
+    for image, seed in zip(direct, (11, 12), strict=True):
+        assert np.array_equal(np.asarray(image), np.asarray(Image.open(out / f"three/f+0.00_s{seed}.png")))
+
+
+def test_rerun_skips_verified_outputs_and_force_redoes(reference, tmp_path: Path, pipe):
+    job, ref, _ = reference
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    inodes = {p: p.stat().st_ino for p in out.rglob("*.png")}
+    again = render_job(job, out, pipeline=pipe)
+    assert (len(again.done), len(again.skipped)) == (0, N)
+    assert {p: p.stat().st_ino for p in out.rglob("*.png")} == inodes  # not rewritten
+    (out / "seven/f+0.00_s3.png").write_bytes(b"corrupt")
+    (out / "ones/041.png").unlink()
+    repaired = render_job(job, out, pipeline=pipe)
+    assert repaired.done == ["ones/041.png", "seven/f+0.00_s3.png"] and len(repaired.skipped) == N - 2
+    assert files(out) == files(ref)
+    forced = render_job(job, out, force=True, pipeline=pipe)
+    assert len(forced.done) == N and files(out) == files(ref) and len(manifest(out)) == N
+
+
+def test_sigkill_midway_then_rerun_equals_uninterrupted(reference, tmp_path: Path):
+    job, ref, _ = reference
+    out = tmp_path / "out"
+    part = out / render.STATE_DIR / "manifest.part-0.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "memctl.render", str(job), "--out", str(out)], cwd=ROOT,
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if part.is_file() and part.read_text().count("\n") >= 6:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the render finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*.png")}
+    assert 5 <= len(before) < N  # the 6th record may be written just before its file's rename
+    summary = render_job(job, out)
+    assert len(summary.skipped) == len(before) and len(summary.done) == N - len(before)
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in before} == before  # nothing rendered twice
+    assert files(out) == files(ref)  # byte for byte; no temp files left
+    assert [r["name"] for r in manifest(out)] == [r["name"] for r in manifest(ref)]
+    assert [r["sha256"] for r in manifest(out)] == [r["sha256"] for r in manifest(ref)]
+
+
+def test_two_processes_equal_one(reference, tmp_path: Path):
+    job, ref, _ = reference
+    out = tmp_path / "out"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # `accelerate launch --cpu --num_processes 2` starts one process unless mpirun is set up; `--multi_gpu` uses
+    # torchrun's launcher, which on a machine without GPUs runs the processes on CPU with gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "-m", "memctl.render", str(job), "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("memctl render:") == 1  # one summary, from the main process
+    assert files(out) == files(ref)
+    records = manifest(out)
+    assert [r["name"] for r in records] == sorted(files(ref)) and len(records) == N  # complete, no duplicates
+    assert {r["process"] for r in records} == {0, 1}
+
+
+def test_failing_shot_does_not_stop_the_others(tmp_path: Path, capsys):
+    shots = [{"id": "long", "prompt": " ".join(["seven"] * 100), "seeds": [0]}, JOB["shots"][0]]
+    job = write_job(tmp_path, {**JOB, "shots": shots})
+    assert render.main([str(job), "--out", str(tmp_path / "out")]) == 1
+    text = capsys.readouterr().out
+    assert "8 done, 0 skipped (already done), 1 failed" in text
+    assert "failed long/f+0.00_s0.png: ValueError: Expected `prompt` of at most" in text
+    assert [r["shot"] for r in manifest(tmp_path / "out")] == ["seven"] * 8
+
+
+def test_disk_full_fails_cleanly(tmp_path: Path, monkeypatch, pipe):
+    def half_then_full(f, data: bytes) -> None:
+        f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(render, "_write_bytes", half_then_full)
+    out = tmp_path / "out"
+    summary = render_job(write_job(tmp_path), out, pipeline=pipe)
+    assert not summary.done and len(summary.failed) == N
+    reasons = dict(summary.failed)
+    assert reasons["seven/f+0.00_s0.png"] == "OSError: No space left on device while writing seven/f+0.00_s0.png"
+    assert reasons["ones/040.png"].startswith("not attempted: OSError: No space left on device")
+    assert files(out) == {} and manifest(out) == []  # no partial files, no temp files, no empty shot folders
+    assert sorted(p.name for p in out.iterdir()) == [".memctl", "manifest.jsonl"]
+
+
+def _other_model_map(tmp_path: Path) -> str:
+    from memctl.blockmap import BlockMap
+    from memctl.blocks import find_blocks
+    from tests.tiny import build
+
+    model, _ = build("sd")
+    BlockMap.from_scores(model, {find_blocks(model)[0].name: 0.5}).save(tmp_path / "other.safetensors")
+    return "other.safetensors"
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"not a block map")
+
+
+BAD = {
+    "missing field": lambda tmp: {**JOB, "shots": [{"id": "a", "seeds": [0]}]},
+    "wrong type": lambda tmp: {**JOB, "shots": [{**JOB["shots"][0], "steps": "four"}]},
+    "unknown field": lambda tmp: {**JOB, "shots": [{**JOB["shots"][0], "sampler": "ddim"}]},
+    "path traversal": lambda tmp: {**JOB, "shots": [{**JOB["shots"][0], "name": "../../{seed}"}]},
+    "missing map": lambda tmp: {**JOB, "block_map": "nowhere.safetensors"},
+    "unreadable map": lambda tmp: _garbage(tmp / "bad.safetensors") or {**JOB, "block_map": "bad.safetensors"},
+    "map for another model": lambda tmp: {**JOB, "block_map": _other_model_map(tmp)},
+    "size the model cannot make": lambda tmp: {**JOB, "shots": [{**JOB["shots"][0], "size": 32}]},
+    "frames on an image model": lambda tmp: {**JOB, "shots": [{**JOB["shots"][0], "frames": 4}]},
+    "unknown model": lambda tmp: {**JOB, "model": "no-such-model"},
+}  # fmt: skip
+WORDS = {"missing field": "field `prompt`", "wrong type": "but got 'four'", "unknown field": "field `sampler`",
+         "path traversal": "inside the output folder", "missing map": "does not exist",
+         "unreadable map": "Expected a readable block map", "map for another model": "made for a different model",
+         "size the model cannot make": "field `size`", "frames on an image model": "field `frames`",
+         "unknown model": "field `model`"}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_job_is_a_clear_error_and_writes_nothing(case: str, tmp_path: Path, capsys):
+    job = write_job(tmp_path, BAD[case](tmp_path))
+    out = tmp_path / "out"
+    assert render.main([str(job), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"memctl render: error: {job} is not a valid job" in err and WORDS[case] in err, err
+    assert "Expected" in err and "but" in err
+    assert not out.exists()
+
+
+def test_symlink_out_of_the_folder_is_refused(tmp_path: Path, pipe):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / "seven").symlink_to(outside)
+    with pytest.raises(ValueError, match="Expected every output inside"):
+        render_job(write_job(tmp_path), out, pipeline=pipe)
+    assert not any(outside.iterdir()) and not (out / render.MANIFEST).exists()
+
+
+def test_block_map_sweep(tmp_path: Path, pipe):
+    from memctl.blockmap import BlockMap
+    from memctl.blocks import find_blocks
+
+    bmap = BlockMap.from_scores(pipe.unet, {b.name: (-1.0) ** i for i, b in enumerate(find_blocks(pipe.unet))})
+    bmap.save(tmp_path / "map.safetensors")
+    shot = {"id": "seven", "prompt": "a seven", "seeds": [0, 1], "fidelity": {"from": -1, "to": 1, "count": 3}}
+    out = tmp_path / "out"
+    summary = render_job(write_job(tmp_path, {**JOB, "block_map": "map.safetensors", "shots": [shot]}), out)
+    assert summary.ok and len(summary.done) == 6
+    records = {r["name"]: r for r in manifest(out)}
+    assert records["seven/f-1.00_s0.png"]["block_map"] == {"spec": "map.safetensors",
+                                                            "fingerprints": bmap.fingerprints}  # fmt: skip
+    assert "Block map: map.safetensors" in read_png_settings(out / "seven/f+1.00_s1.png")["parameters"]
+
+    def pixels(name: str) -> np.ndarray:
+        return np.asarray(Image.open(out / name))
+
+    plain_out = tmp_path / "plain" / "out"
+    plain = render_job(write_job(tmp_path / "plain"), plain_out, pipeline=pipe)
+    assert plain.ok
+    assert np.array_equal(pixels("seven/f+0.00_s0.png"), np.asarray(Image.open(plain_out / "seven/f+0.00_s0.png")))
+    assert not np.array_equal(pixels("seven/f+1.00_s0.png"), pixels("seven/f+0.00_s0.png"))
+    assert not np.array_equal(pixels("seven/f-1.00_s0.png"), pixels("seven/f+0.00_s0.png"))
+
+
+class FakeVideoPipe:
+    """A video pipeline's calling convention on synthetic frames: each clip from its own generator."""
+
+    def __init__(self):
+        self.transformer = torch.nn.Linear(2, 2)
+        with torch.no_grad():
+            for i, p in enumerate(self.transformer.parameters()):
+                p.fill_(i)  # the same model, so the same fingerprint, in every instance
+
+    def __call__(self, prompt, num_inference_steps, guidance_scale, generator, num_frames, output_type="np",
+                 negative_prompt=None, height=None, width=None):  # fmt: skip
+        h, w = height or 8, width or 8
+        clips = [torch.rand((num_frames, h, w, 3), generator=g).numpy() for g in generator]  # (F, H, W, C)
+        return SimpleNamespace(frames=np.stack(clips))
+
+
+def test_mp4_round_trip_on_synthetic_frames(tmp_path: Path):
+    pytest.importorskip("imageio_ffmpeg")
+    frames = (np.arange(4 * 6 * 10 * 3) % 251).astype(np.uint8).reshape(4, 6, 10, 3)
+    comment = {"seed": 3, "prompt": 'rain; wind = "on"\nnight #2 \\ end'}
+    blob = encode_mp4(frames, fps=5, comment=comment)
+    assert blob[4:8] == b"ftyp" and blob == encode_mp4(frames, fps=5, comment=comment)  # deterministic bytes
+    path = tmp_path / "v.mp4"
+    path.write_bytes(blob)
+    assert read_mp4_comment(path) == comment
+    with pytest.raises(ValueError, match="even frame width and height"):
+        encode_mp4(frames[:, :5], fps=5, comment={})
+
+
+def test_video_job(tmp_path: Path):
+    pytest.importorskip("imageio_ffmpeg")
+    shot = {"id": "clip", "prompt": "rain", "seeds": [1, 2, 3], "frames": 5, "fps": 10, "size": [12, 8]}
+    job = write_job(tmp_path, {**JOB, "shots": [shot]})
+    first = render_job(job, tmp_path / "a", pipeline=FakeVideoPipe())
+    assert first.ok and first.done == ["clip/f+0.00_s1.mp4", "clip/f+0.00_s2.mp4", "clip/f+0.00_s3.mp4"]
+    comment = read_mp4_comment(tmp_path / "a/clip/f+0.00_s2.mp4")
+    assert comment["seed"] == 2 and comment["frames"] == 5 and comment["size"] == [12, 8]
+    assert {r["kind"] for r in manifest(tmp_path / "a")} == {"mp4"}
+    render_job(job, tmp_path / "b", pipeline=FakeVideoPipe())
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+    with pytest.raises(JobError, match="field `frames`: Expected `frames` \\(this model makes videos\\)"):
+        render_job(write_job(tmp_path / "img"), tmp_path / "img" / "out", pipeline=FakeVideoPipe())
+
+
+def test_add_cli_registers_render():
+    parser = argparse.ArgumentParser(prog="memctl")
+    render.add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["render", "job.yaml", "--out", "d", "--force"])
+    assert (args.job, args.out, args.force, args.func) == ("job.yaml", "d", True, render._cmd_render)
+    assert "accelerate launch" in parser._subparsers._group_actions[0].choices["render"].format_help()
+
+
+def test_example_job_renders(tmp_path: Path, pipe):
+    from memctl.blockmap import BlockMap
+    from memctl.blocks import find_blocks
+    from memctl.zoo.testbed import load_testbed
+
+    data = yaml.safe_load((ROOT / "assets" / "example-job.yaml").read_text())
+    if not (load_testbed("digits").path / "blockmap.safetensors").is_file():  # until the shipped map exists
+        BlockMap.from_scores(pipe.unet, {find_blocks(pipe.unet)[0].name: 1.0}).save(tmp_path / "map.safetensors")
+        data["block_map"] = "map.safetensors"
+    data["defaults"]["steps"] = 2
+    summary = render_job(write_job(tmp_path, data), tmp_path / "out", pipeline=pipe)
+    assert summary.ok and len(summary.done) == 38
+    assert "baseline/zero-baseline_0107.png" in summary.done and "seven/f-0.50_s3.png" in summary.done
