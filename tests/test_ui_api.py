@@ -1,0 +1,444 @@
+"""The Gradio app through its API (`gradio_client` against a launched app): generate, sweep, A/B, block maps,
+presets, bad inputs, and two clients at once.
+
+Runs the shipped embedded model `load_testbed("digits")` with 3 sampling steps on one torch thread
+(`MEMCTL_UI_TEST_MODEL` names another testbed folder while developing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ui/` lives at the repository root
+
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from memctl.blockmap import BlockMap  # noqa: E402
+from memctl.blocks import find_blocks  # noqa: E402
+from memctl.metadata import read_png_settings  # noqa: E402
+from memctl.options import GenerationOptions  # noqa: E402
+from ui.app import create_demo, launch  # noqa: E402
+from ui.engine import Engine  # noqa: E402
+
+MODEL = os.environ.get("MEMCTL_UI_TEST_MODEL", "digits")
+pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # gradio's own pandas deprecations
+STEPS = 3
+DEFAULTS = dict(
+    prompt="a seven",
+    negative="",
+    fidelity=0.0,
+    strength=1.0,
+    start=0.0,
+    stop=1.0,
+    seed=11,
+    steps=STEPS,
+    guidance=1.0,
+    batch=2,
+    frames=16,
+    fps=8,
+    model=MODEL,
+    map_label="none",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("ui")
+    engine = Engine(MODEL)
+    demo = create_demo(engine, out_dir=str(tmp / "out"))
+    _, url, _ = launch(demo, port=free_port(), block=False, quiet=True)
+    yield {"url": url, "engine": engine, "tmp": tmp}
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def map_file(app) -> Path:
+    """A hand-made map over every block, per noise level (a stand-in for a probed one: same format)."""
+    unet = app["engine"].model(MODEL).denoiser
+    names = [b.name for b in find_blocks(unet)]
+    scores = {n: [(-1) ** i * 0.5, 0.8 if n.startswith("up_blocks.0") else -0.2, 0.1] for i, n in enumerate(names)}
+    path = app["tmp"] / "map.safetensors"
+    BlockMap.from_scores(unet, scores, levels=[0.1, 0.5, 0.9]).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def map_label(app, map_file) -> str:
+    update, *_ = Client(app["url"], verbose=False).predict(handle_file(str(map_file)), MODEL, api_name="/load_map")
+    return update["value"]  # the dropdown's update: the new map selected
+
+
+def client(app) -> Client:
+    return Client(app["url"], verbose=False)
+
+
+def generate(c: Client, api_name="/generate", **overrides):
+    args = {**DEFAULTS, **overrides}
+    return c.predict(*args.values(), api_name=api_name)
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def direct(app, seeds) -> list[np.ndarray]:
+    """What the pipeline gives for these seeds outside the app, at fidelity 0."""
+    pipe = app["engine"].model(MODEL).pipe
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    with app["engine"].lock:
+        out = pipe(
+            "a seven", num_inference_steps=STEPS, guidance_scale=1.0, num_images_per_prompt=len(seeds), generator=gens
+        ).images
+    return [np.asarray(im) for im in out]
+
+
+def test_generate_writes_pngs_with_settings_and_badges(app):
+    gallery, badges_html, seed_used, video = generate(client(app))
+    assert seed_used == "11" and video is None
+    assert [Path(g["image"]).suffix for g in gallery] == [".png", ".png"]
+    for k, item in enumerate(gallery):
+        settings = read_png_settings(item["image"])
+        m = settings["memctl"]
+        assert (m["prompt"], m["seed"], m["steps"], m["fidelity"], m["model"]) == (
+            "a seven",
+            11 + k,
+            STEPS,
+            0.0,
+            MODEL,
+        )
+        assert f"Seed: {11 + k}" in settings["parameters"] and settings["parameters"].startswith("a seven\n")
+        GenerationOptions.from_dict({f: m[f] for f in GenerationOptions.__dataclass_fields__})  # reproducible
+        assert any(word in item["caption"] for word in ("COPY", "novel", "valid", "reads as")), item["caption"]
+    assert badges_html.count("memctl-caption") == 2
+    expected = direct(app, [11, 12])
+    assert all(np.array_equal(pixels(g["image"]), e) for g, e in zip(gallery, expected, strict=True))
+
+
+def test_random_seed_is_shown_back(app):
+    gallery, _, seed_used, _ = generate(client(app), seed=-1, batch=1)
+    assert seed_used.isdigit()
+    assert read_png_settings(gallery[0]["image"])["memctl"]["seed"] == int(seed_used)
+
+
+def test_canary_prompt_marked_and_badged(app):
+    c = client(app)
+    prompt = app["engine"].model(MODEL).testbed.canaries[0][0]
+    gallery, _, _, _ = generate(c, prompt=prompt, batch=1)
+    assert read_png_settings(gallery[0]["image"])["memctl"]["prompt"] == prompt
+    assert "·" in gallery[0]["caption"]
+
+
+def test_load_map_shows_heatmap_and_table(app, map_file, map_label):
+    assert map_label.startswith("file: map.safetensors")
+    picture, table, info = client(app).predict(map_label, MODEL, api_name="/select_map")
+    n = len(find_blocks(app["engine"].model(MODEL).denoiser))
+    assert Image.open(picture).size[1] > n * 10
+    assert table["headers"] == ["block", "t=0.10", "t=0.50", "t=0.90", "mean"] and len(table["data"]) == n
+    assert f"{n} blocks × 3 noise levels" in info
+
+
+def test_knob_at_zero_is_untouched_and_moves_away_from_zero(app, map_label):
+    c = client(app)
+    plain = [pixels(g["image"]) for g in generate(c)[0]]
+    at_zero = [pixels(g["image"]) for g in generate(c, map_label=map_label)[0]]
+    moved = generate(c, map_label=map_label, fidelity=-1.0)[0]
+    assert all(np.array_equal(a, b) for a, b in zip(plain, at_zero, strict=True))
+    assert any(not np.array_equal(a, pixels(g["image"])) for a, g in zip(plain, moved, strict=True))
+    assert read_png_settings(moved[0]["image"])["memctl"]["block_map"] == map_label
+
+
+def test_sweep_same_seeds_five_fidelities(app, map_label):
+    c = client(app)
+    sheet, gallery, badges_html, seed_used = generate(c, api_name="/sweep", map_label=map_label)
+    assert len(gallery) == 10 and seed_used == "11"
+    assert Image.open(sheet).size[0] > 5 * 64  # one picture: five fidelity columns side by side
+    rows = [[read_png_settings(g["image"])["memctl"] for g in gallery[r * 5 : (r + 1) * 5]] for r in range(2)]
+    assert [[m["fidelity"] for m in row] for row in rows] == [[-1.0, -0.5, 0.0, 0.5, 1.0]] * 2
+    assert [{m["seed"] for m in row} for row in rows] == [{11}, {12}]
+    zero = [pixels(gallery[r * 5 + 2]["image"]) for r in range(2)]
+    assert all(np.array_equal(z, e) for z, e in zip(zero, direct(app, [11, 12]), strict=True))
+
+
+def test_ab_compare(app, map_label):
+    pair, badges_html, seed_used = generate(client(app), api_name="/compare", map_label=map_label, fidelity=-1.0)
+    a, b = (np.asarray(Image.open(p)) for p in pair)
+    assert a.shape == b.shape and a.shape[0] >= 128 and not np.array_equal(a, b)
+    assert "A: fidelity 0" in badges_html and "B: fidelity -1.00" in badges_html
+
+
+def test_presets_round_trip(app):
+    c = client(app)
+    args = {
+        **DEFAULTS,
+        "fidelity": -0.35,
+        "strength": 1.5,
+        "start": 0.2,
+        "stop": 0.8,
+        "seed": 123,
+        "negative": "a one",
+    }
+    path = c.predict(*list(args.values())[:-1], "", api_name="/save_preset")
+    data = json.loads(Path(path).read_text())
+    assert GenerationOptions.from_dict(data) == GenerationOptions(
+        prompt="a seven",
+        negative_prompt="a one",
+        seed=123,
+        steps=STEPS,
+        guidance=1.0,
+        fidelity=-0.35,
+        strength=1.5,
+        start=0.2,
+        stop=0.8,
+        batch_size=2,
+    )
+    values = c.predict(handle_file(path), api_name="/load_preset")
+    assert list(values[:10]) == ["a seven", "a one", -0.35, 1.5, 0.2, 0.8, 123, STEPS, 1.0, 2]
+
+
+def test_preset_with_random_seed_keeps_last_used_seed(app):
+    path = client(app).predict(*list({**DEFAULTS, "seed": -1}.values())[:-1], "987", api_name="/save_preset")
+    assert json.loads(Path(path).read_text())["seed"] == 987
+
+
+BAD = [
+    (dict(seed=2.5), "seed"),
+    (dict(fidelity=1.5), "fidelity"),
+    (dict(fidelity=-1.01), "fidelity"),
+    (dict(steps=0), "steps"),
+    (dict(start=0.8, stop=0.2), "stop"),
+    (dict(fidelity=-0.5), "block map"),
+    (dict(model="no/such-model"), "hub"),
+    (dict(map_label="nope"), "block map among"),
+]
+
+
+@pytest.mark.parametrize("overrides, words", BAD, ids=[w for _, w in BAD])
+def test_bad_inputs_clear_message_and_app_stays_up(app, overrides, words):
+    c = client(app)
+    with pytest.raises(AppError) as err:
+        generate(c, **overrides)
+    assert "Expected" in str(err.value) and words in str(err.value)
+    assert generate(c, batch=1)[2] == "11"  # still serving
+
+
+def raw_call(app, api_name: str, data: list) -> tuple[str, str]:
+    """POST to Gradio's REST route with a raw JSON body (NaN included, which gradio_client cannot send)."""
+    import httpx
+
+    base = f"{app['url'].rstrip('/')}/gradio_api/call/{api_name}"
+    event_id = httpx.post(
+        base, content=json.dumps({"data": data}), headers={"content-type": "application/json"}, timeout=30
+    ).json()["event_id"]
+    lines = httpx.get(f"{base}/{event_id}", timeout=120).text.splitlines()
+    events = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("event:")]
+    payloads = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("data:")]
+    return events[-1], payloads[-1]
+
+
+@pytest.mark.parametrize("field", ["seed", "fidelity", "guidance"])
+def test_nan_answered_with_clear_message(app, field):
+    args = {**DEFAULTS, field: math.nan}
+    event, message = raw_call(app, "generate", list(args.values()))
+    assert event == "error" and "Expected" in message and field in message, (event, message)
+    assert generate(client(app), batch=1)[2] == "11"
+
+
+def test_corrupt_map_file_rejected(app, tmp_path):
+    bad = tmp_path / "corrupt.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    c = client(app)
+    with pytest.raises(AppError, match="Expected a memctl block map|Expected a block map"):
+        c.predict(handle_file(str(bad)), MODEL, api_name="/load_map")
+    assert "corrupt" not in " ".join(app["engine"].map_labels())
+    assert generate(c, batch=1)[2] == "11"
+
+
+def test_map_for_another_model_rejected(app, tmp_path):
+    unet = app["engine"].model(MODEL).denoiser
+    bmap = BlockMap.from_scores(unet, {find_blocks(unet)[0].name: 1.0})
+    bmap.fingerprints = {"unet": "0000000000000000-0000000000000000"}  # as if made for another model
+    path = tmp_path / "other.safetensors"
+    bmap.save(path)
+    with pytest.raises(AppError, match="different model"):
+        client(app).predict(handle_file(str(path)), MODEL, api_name="/load_map")
+
+
+def test_bad_preset_rejected(app, tmp_path):
+    bad = tmp_path / "preset.json"
+    bad.write_text(json.dumps({"prompt": "a seven", "fidelity": 3}))
+    with pytest.raises(AppError, match="Expected `fidelity`"):
+        client(app).predict(handle_file(str(bad)), api_name="/load_preset")
+    bad.write_text(json.dumps({"prompt": "a seven", "colour": "red"}))
+    with pytest.raises(AppError, match="unknown field"):
+        client(app).predict(handle_file(str(bad)), api_name="/load_preset")
+
+
+def test_model_selector(app, tmp_path):
+    c = client(app)
+    info = c.predict(MODEL, False, api_name="/load_model")[0]
+    assert "embedded testbed" in info
+    with pytest.raises(AppError, match="allow hub"):
+        c.predict("someone/some-model", False, api_name="/load_model")
+    plain = tmp_path / "plain"  # a diffusers folder that is not a testbed: no badges, still works
+    shutil.copytree(app["engine"].model(MODEL).testbed.path, plain, ignore=shutil.ignore_patterns("testbed.json"))
+    assert "diffusers pipeline" in c.predict(str(plain), False, api_name="/load_model")[0]
+    gallery = generate(c, model=str(plain), batch=1)[0]
+    assert gallery[0]["caption"] == "seed 11"  # no testbed: no badge
+    with pytest.raises(AppError, match="ships none"):
+        c.predict("shipped", str(plain), api_name="/select_map")
+    assert np.array_equal(pixels(gallery[0]["image"]), direct(app, [11, 12])[0])
+
+
+def test_shipped_map_preselected(app, map_file, tmp_path):
+    shipped = tmp_path / "with-map"  # a testbed folder that ships its block map
+    shutil.copytree(app["engine"].model(MODEL).testbed.path, shipped)
+    shutil.copy(map_file, shipped / "blockmap.safetensors")
+    c = client(app)
+    *_, choice, picture, table, info = c.predict(str(shipped), False, api_name="/load_model")
+    assert choice["value"] == "shipped" and picture and "3 noise levels" in info
+    gallery = generate(c, model=str(shipped), map_label="shipped", fidelity=-0.5, batch=1)[0]
+    assert read_png_settings(gallery[0]["image"])["memctl"]["block_map"] == "shipped"
+
+
+def test_compute_map_here_is_cancellable(app, monkeypatch):
+    c = client(app)
+    try:
+        import memctl.probe  # noqa: F401
+    except ImportError:
+        label, status, _, _ = c.predict(MODEL, api_name="/compute_map")
+        assert "Not available in this build" in status
+        return
+    outcome = []
+    real = app["engine"].compute_map
+
+    def recorded(*args, **kwargs):
+        try:
+            return real(*args, **kwargs)
+        except BaseException as err:
+            outcome.append(type(err).__name__)
+            raise
+
+    monkeypatch.setattr(app["engine"], "compute_map", recorded)
+    job = c.submit(MODEL, api_name="/compute_map")
+    deadline, progress = time.time() + 60, []
+    while not progress and time.time() < deadline:  # wait for the probe's own progress bar to show in the app
+        time.sleep(0.2)
+        progress = [p for p in job.status().progress_data or [] if p.unit == "block"]  # tqdm over blocks
+    assert progress and progress[0].length > 1 and "prob" in progress[0].desc
+    c.predict(api_name="/cancel_compute")
+    t0 = time.time()
+    assert generate(client(app), batch=1)[2] == "11"  # the lock is free again: the probe really stopped
+    assert time.time() - t0 < 30 and outcome == ["Cancelled"]
+    assert not any(label.startswith("computed") for label in app["engine"].map_labels())
+
+
+@pytest.mark.slow
+def test_compute_map_here_completes(app, request):
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("slow (computes a whole map, minutes): run with `-m slow`")
+    update, status, picture, table = client(app).predict(MODEL, api_name="/compute_map")
+    assert update["value"].startswith("computed:") and "Computed" in status
+    assert len(table["data"]) == len(find_blocks(app["engine"].model(MODEL).denoiser))
+
+
+def test_two_clients_at_once_get_what_each_gets_alone(app, map_label):
+    a, b = client(app), client(app)
+    settings_a = dict(fidelity=-1.0, map_label=map_label, seed=21, batch=2)
+    settings_b = dict(fidelity=1.0, map_label=map_label, seed=21, batch=2, strength=2.0)
+    alone_a = [pixels(g["image"]) for g in generate(a, **settings_a)[0]]
+    alone_b = [pixels(g["image"]) for g in generate(b, **settings_b)[0]]
+    assert any(not np.array_equal(x, y) for x, y in zip(alone_a, alone_b, strict=True))
+    for _ in range(3):
+        jobs = []
+        for c, s in ((a, settings_a), (b, settings_b)) * 2:
+            args = {**DEFAULTS, **s}
+            jobs.append((c.submit(*args.values(), api_name="/generate"), s))
+        for job, s in jobs:
+            got = [pixels(g["image"]) for g in job.result(timeout=120)[0]]
+            want = alone_a if s is settings_a else alone_b
+            assert all(np.array_equal(x, y) for x, y in zip(got, want, strict=True))
+    from memctl.hooks import list_hooks
+
+    assert list_hooks(app["engine"].model(MODEL).denoiser) == []  # no knob left behind between requests
+
+
+@pytest.fixture(scope="module")
+def video_model(app) -> str:
+    """A tiny TextToVideoSD pipeline folder (random weights) sharing the digits model's tokenizer and encoder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+
+    digits = app["engine"].model(MODEL).pipe
+    torch.manual_seed(0)
+    unet = UNet3DConditionModel(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8, sample_size=8,
+                                down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), in_channels=4,
+                                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), out_channels=4,
+                                cross_attention_dim=digits.text_encoder.config.hidden_size, attention_head_dim=4)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), latent_channels=4,
+                        up_block_types=("UpDecoderBlock2D",), norm_num_groups=8, sample_size=8)
+    pipe = TextToVideoSDPipeline(vae=vae, text_encoder=digits.text_encoder, tokenizer=digits.tokenizer, unet=unet,
+                                 scheduler=DDIMScheduler())
+    path = app["tmp"] / "tiny-video"
+    pipe.save_pretrained(path)
+    return str(path)
+
+
+def test_video_model_frames_and_fps(app, video_model):
+    c = client(app)
+    info, _, frames, fps, video, *_ = c.predict(video_model, False, api_name="/load_model")
+    assert "(video)" in info and frames["visible"] and fps["visible"] and video["visible"]
+    gallery, _, _, clip = generate(c, model=video_model, frames=3, fps=4, batch=2)
+    assert len(gallery) == 2 and Image.open(clip).n_frames == 3
+    m = read_png_settings(gallery[0]["image"])["memctl"]
+    assert (m["frames"], m["fps"], m["model"]) == (3, 4, video_model)
+    unet = app["engine"].model(video_model).denoiser  # the knob on a video denoiser (UNet3DConditionModel)
+    path = app["tmp"] / "video-map.safetensors"
+    BlockMap.from_scores(unet, {b.name: (-1) ** i for i, b in enumerate(find_blocks(unet))}).save(path)
+    label = c.predict(handle_file(str(path)), video_model, api_name="/load_map")[0]["value"]
+    moved = generate(c, model=video_model, frames=3, fps=4, batch=2, map_label=label, fidelity=-1.0)[0]
+    assert not np.array_equal(pixels(moved[0]["image"]), pixels(gallery[0]["image"]))
+    info, _, frames, *_ = c.predict(MODEL, False, api_name="/load_model")
+    assert not frames["visible"]
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import ui.cli
+    import ui.engine
+    import ui.heatmap
+
+    for module in (ui.heatmap, ui.engine, ui.cli):
+        assert doctest.testmod(module).failed == 0
+
+
+def test_cli_binds_localhost_by_default():
+    import argparse
+
+    from ui.cli import HOST, add_cli, build_parser, run_cli
+
+    args = build_parser().parse_args([])
+    assert HOST == "127.0.0.1" and (args.host, args.share, args.allow_hub) == ("127.0.0.1", False, False)
+    parser = argparse.ArgumentParser(prog="memctl")
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["ui", "--port", "7999", "--share"])
+    assert (args.func, args.host, args.port, args.share, args.model) == (run_cli, HOST, 7999, True, "digits")

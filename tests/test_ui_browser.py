@@ -1,0 +1,183 @@
+"""The Gradio app in a real headless browser (Debian's chromium driven by Playwright): move the fidelity slider,
+click Generate, wait for the image, check the gallery and the settings embedded in the PNG it serves.
+
+Saves a screenshot to `out/ui-screenshot.png`. Skipped only when /usr/bin/chromium is absent.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+CHROMIUM = "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} is absent (install Debian's chromium: apt-get install -y chromium)",
+                allow_module_level=True)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `ui/` lives at the repository root
+
+from PIL import Image  # noqa: E402
+from playwright import sync_api  # noqa: E402
+
+from memctl.blockmap import BlockMap  # noqa: E402
+from memctl.blocks import find_blocks  # noqa: E402
+from memctl.metadata import read_png_settings  # noqa: E402
+from ui.app import create_demo, launch  # noqa: E402
+from ui.engine import Engine  # noqa: E402
+
+MODEL = os.environ.get("MEMCTL_UI_TEST_MODEL", "digits")
+pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # gradio's own pandas deprecations
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOT = ROOT / "out" / "ui-screenshot.png"
+TIMEOUT_MS = 120_000
+STEPS = 10  # few, but enough for the screenshot to show digits
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("ui-browser")
+    engine = Engine(MODEL)
+    demo = create_demo(engine, out_dir=str(tmp / "out"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _, url, _ = launch(demo, port=port, block=False, quiet=True)
+    yield {"url": url, "engine": engine, "tmp": tmp}
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1500, "height": 1200})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(app["url"])
+        page.wait_for_selector("#model-info :text('embedded testbed')")
+        yield page
+        browser.close()
+
+
+def _ensure_block_map(page, app) -> None:
+    """The shipped map is preselected when the model ships one; otherwise load a hand-made map file."""
+    if page.locator("#block-map input").input_value() != "none":
+        return
+    unet = app["engine"].model(MODEL).denoiser
+    names = [b.name for b in find_blocks(unet)]
+    path = app["tmp"] / "browser-map.safetensors"
+    BlockMap.from_scores(unet, {n: (0.9 if n.startswith("up_blocks.0") else -0.3) for n in names}).save(path)
+    page.locator("#map-file input[type=file]").set_input_files(str(path))
+    page.wait_for_function("document.querySelector('#block-map input').value.startsWith('file:')")
+
+
+def _direct(app, map_label: str, fidelity: float, seed: int) -> np.ndarray:
+    """The same image made outside the app with the documented knob calls."""
+    from memctl import knob
+
+    engine = app["engine"]
+    loaded = engine.model(MODEL)
+    bmap = engine.block_map(map_label, loaded)
+    with engine.lock:
+        knob.apply_knob(loaded.pipe, bmap)
+        try:
+            with knob.fidelity(loaded.pipe, fidelity):
+                image = loaded.pipe("a seven", num_inference_steps=STEPS,
+                                    generator=[torch.Generator().manual_seed(seed)]).images[0]
+        finally:
+            knob.remove_knob(loaded.pipe)
+    return np.asarray(image)
+
+
+def test_slider_generate_gallery_png_settings(page, app):
+    _ensure_block_map(page, app)
+    map_label = page.locator("#block-map input").input_value()
+
+    slider = page.locator("#fidelity input[type=range]")
+    slider.focus()
+    for _ in range(10):  # ten steps of 0.05 to the left: fidelity −0.5
+        page.keyboard.press("ArrowLeft")
+    page.wait_for_function("document.querySelector('#fidelity input[type=number]').value === '-0.5'")
+
+    page.locator("#seed input").fill("5")
+    page.locator("#steps input[type=number]").fill(str(STEPS))
+    page.locator("#steps input[type=number]").press("Enter")
+    page.locator("#generate").click()
+
+    image = page.locator("#gallery img").first
+    image.wait_for(state="visible")
+    page.wait_for_function("document.querySelector('#seed-used textarea, #seed-used input').value === '5'")
+    assert page.locator("#gallery img").count() == 1
+    caption = page.locator("#badges").inner_text()
+    assert "seed 5" in caption
+
+    body = page.request.get(image.get_attribute("src")).body()
+    assert body[:8] == b"\x89PNG\r\n\x1a\n"  # PNG, not webp
+    settings = read_png_settings(io.BytesIO(body))
+    m = settings["memctl"]
+    got = (m["prompt"], m["fidelity"], m["seed"], m["steps"], m["block_map"])
+    assert got == ("a seven", -0.5, 5, STEPS, map_label)
+    assert "Fidelity: -0.5" in settings["parameters"] and "Seed: 5" in settings["parameters"]
+
+    served = np.asarray(Image.open(io.BytesIO(body)))
+    assert np.array_equal(served, _direct(app, map_label, fidelity=-0.5, seed=5))  # served as made, not re-encoded
+
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_heatmap_row_selection_names_the_block(page, app):
+    _ensure_block_map(page, app)
+    page.get_by_role("tab", name="Block map").click()
+    page.locator("#heatmap img").wait_for(state="visible")
+    first = find_blocks(app["engine"].model(MODEL).denoiser)[0].name
+    page.locator("#block-table").get_by_text(first, exact=True).first.click()
+    page.wait_for_function(f"document.querySelector('#block-info').innerText.includes('{first}')")
+    page.screenshot(path=str(SCREENSHOT.with_name("ui-screenshot-blockmap.png")), full_page=True)
+    page.get_by_role("tab", name="Images").click()
+
+
+def test_canary_example_shows_its_bound_image(page, app):
+    tb = app["engine"].model(MODEL).testbed
+    prompt = max(tb.canaries, key=lambda c: c[2])[0]  # the most exposed canary: listed right after the ordinary ones
+    examples = page.locator("#examples")
+    for n in range(1, 8):
+        if examples.get_by_text(prompt, exact=True).count():
+            break
+        examples.locator(".paginate button", has_text=str(n + 1)).click()
+    examples.get_by_text(prompt, exact=True).click()
+    page.wait_for_function(f"document.querySelector('#prompt textarea').value === {prompt!r}")
+    page.locator("#bound img").wait_for(state="visible")
+    assert "canary" in page.locator("#bound-kind").inner_text()
+    page.locator("#prompt textarea").fill("a seven")
+
+
+def test_sweep_and_ab_views(page, app):
+    _ensure_block_map(page, app)
+    page.locator("#seed input").fill("7")
+    page.locator("#batch input[type=number]").fill("2")
+    page.locator("#batch input[type=number]").press("Enter")
+    page.locator("#sweep").click()
+    page.get_by_role("tab", name="Sweep").click()
+    page.wait_for_function("document.querySelectorAll('#sweep-gallery img').length === 10")
+    page.locator("#sweep-sheet img").wait_for(state="visible")
+    page.wait_for_function("[...document.querySelectorAll('#sweep-sheet img, #sweep-gallery img')]"
+                           ".every(im => im.complete && im.naturalWidth > 0)")
+    text = page.locator("#sweep-badges").inner_text()
+    assert all(f"fidelity {f} · seed {s}" in text for f in ("-1.0", "-0.5", "+0.0", "+0.5", "+1.0") for s in (7, 8))
+    page.screenshot(path=str(SCREENSHOT.with_name("ui-screenshot-sweep.png")), full_page=True)
+
+    page.locator("#ab").click()
+    page.get_by_role("tab", name="A/B").click()
+    page.wait_for_function("document.querySelectorAll('#ab-slider img').length >= 2")
+    assert "A: fidelity 0" in page.locator("#ab-badges").inner_text()
+    page.screenshot(path=str(SCREENSHOT.with_name("ui-screenshot-ab.png")), full_page=True)

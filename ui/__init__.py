@@ -1,0 +1,19 @@
+"""memctl's Gradio app (`memctl ui`): models, block-map heat-map, the fidelity knob, sweeps and A/B views.
+
+>>> from ui import create_demo, launch   # doctest: +SKIP
+>>> launch(create_demo(), port=7860)     # doctest: +SKIP
+
+Names load lazily, so `from ui.cli import add_cli` (for `memctl --help`) does not import Gradio.
+"""
+
+import importlib
+
+_EXPORTS = {"create_demo": "ui.app", "launch": "ui.app", "Engine": "ui.engine", "add_cli": "ui.cli",
+            "main": "ui.cli"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ui' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,0 +1,206 @@
+"""The memctl Gradio app: `create_demo()` builds the layout over one `Engine`; `launch()` serves it on 127.0.0.1.
+
+>>> demo = create_demo(Engine("digits"))   # doctest: +SKIP
+>>> launch(demo, port=7860)                # doctest: +SKIP
+
+From the shell: `memctl ui [--model digits] [--host 127.0.0.1] [--port 7860] [--share] [--allow-hub]`, or
+`python -m ui` with the same flags (`ui/cli.py`). Binding another host or sharing are explicit opt-ins.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from memctl.options import GenerationOptions
+from memctl.zoo.testbed import TESTBEDS
+from ui.cli import HOST, PORT
+from ui.engine import NO_MAP, SHIPPED_MAP, Engine
+from ui.handlers import Handlers
+
+DEFAULTS = GenerationOptions(prompt="a seven")
+CSS = """
+.memctl-pixels img { image-rendering: pixelated; }
+.memctl-caption { font-size: 12px; margin: 2px 0; }
+"""
+
+
+def _slider(*args, **kwargs) -> gr.Slider:
+    """A `gr.Slider` that leaves range checks to `GenerationOptions`, whose errors name the field.
+
+    Gradio's own check answers an API call with only "Value 2 is greater than maximum value 1". (Overriding
+    `preprocess` on the instance, not in a subclass: Gradio writes a .pyi file next to any component subclass.)
+    """
+    slider = gr.Slider(*args, **kwargs)
+    slider.preprocess = lambda payload: payload
+    return slider
+
+
+def create_demo(engine: Engine | None = None, out_dir: str | None = None) -> gr.Blocks:
+    """The app's layout and wiring; `engine` holds the models (default: the embedded "digits")."""
+    engine = engine or Engine()
+    h = Handlers(engine, out_dir)
+    with gr.Blocks(title="memctl", analytics_enabled=False, fill_width=True) as demo:  # local tool: no telemetry
+        gr.Markdown("# memctl — where memory lives, and a knob for it\nRed blocks in the map are "
+                    "memorization-heavy, blue ones generalization-heavy. Fidelity > 0 favours faithful recall, "
+                    "< 0 favours new images; at 0 the model is untouched.")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=320):
+                model, allow_hub, load_btn, model_info = _model_controls(engine)
+                map_choice, map_file, compute_btn, cancel_btn, map_status = _map_controls(engine)
+            with gr.Column(scale=2, min_width=360):
+                c = _generation_controls()
+                examples, bound, bound_kind = _examples()
+            with gr.Column(scale=3, min_width=420):
+                out = _outputs()
+
+        controls = [c["prompt"], c["negative"], c["fidelity"], c["strength"], c["start"], c["stop"], c["seed"],
+                    c["steps"], c["guidance"], c["batch"], c["frames"], c["fps"]]
+        inputs = [*controls, model, map_choice]
+        map_outputs = [out["heatmap"], out["table"], out["block_info"]]
+
+        load_outputs = [model_info, examples, c["frames"], c["fps"], out["video"], map_choice, *map_outputs]
+        load_event = dict(fn=h.load_model, inputs=[model, allow_hub], outputs=load_outputs)
+        load_btn.click(**load_event, api_name="load_model")
+        model.select(**load_event, api_name=False)  # picking a listed model loads it; a typed path waits for "Load"
+        demo.load(**load_event, api_name=False)
+        examples.click(h.select_example, [examples, model], [c["prompt"], bound, bound_kind], api_name=False)
+
+        map_choice.change(h.map_view, [map_choice, model], map_outputs, api_name="select_map")
+        map_file.upload(h.upload_map, [map_file, model], [map_choice, *map_outputs], api_name="load_map")
+        compute = compute_btn.click(h.compute_map, [model], [map_choice, map_status, out["heatmap"], out["table"]],
+                                    api_name="compute_map", concurrency_limit=1)
+        cancel_btn.click(h.cancel_compute, None, [map_status], cancels=[compute], api_name="cancel_compute",
+                         queue=False)
+        out["table"].select(h.select_block_in_table, [map_choice, model], [out["heatmap"], out["block_info"]],
+                            api_name=False)
+        out["heatmap"].select(h.select_block_in_picture, [map_choice, model], [out["heatmap"], out["block_info"]],
+                              api_name=False)
+
+        run = dict(inputs=inputs, concurrency_limit=4)
+        c["generate"].click(h.generate, outputs=[out["gallery"], out["badges"], c["seed_used"], out["video"]],
+                           api_name="generate", **run)
+        c["sweep"].click(h.sweep, outputs=[out["sweep_sheet"], out["sweep"], out["sweep_badges"], c["seed_used"]],
+                         api_name="sweep", **run)
+        c["ab"].click(h.compare, outputs=[out["ab"], out["ab_badges"], c["seed_used"]], api_name="compare", **run)
+        c["random"].click(lambda: -1, None, c["seed"], api_name=False, queue=False)
+        c["reuse"].click(lambda s: int(s) if str(s).strip() else -1, c["seed_used"], c["seed"], api_name=False,
+                         queue=False)
+
+        c["preset_save"].click(h.save_preset, [*controls, model, c["seed_used"]], c["preset_file"],
+                               api_name="save_preset")
+        c["preset_load"].upload(h.load_preset, c["preset_load"], controls, api_name="load_preset")
+    return demo
+
+
+def _model_controls(engine: Engine):
+    with gr.Group():
+        names = [n for n in TESTBEDS if n != "digits-s0"]
+        choices = names if engine.default_model in names else [engine.default_model, *names]
+        model = gr.Dropdown(choices, value=engine.default_model, allow_custom_value=True, label="Model",
+                            info="An embedded model, or type the path of a local diffusers folder.")
+        allow_hub = gr.Checkbox(False, label="Allow hub download (for a hub id)")
+        load_btn = gr.Button("Load model", size="sm")
+        model_info = gr.Markdown(elem_id="model-info")
+    return model, allow_hub, load_btn, model_info
+
+
+def _map_controls(engine: Engine):
+    with gr.Group():
+        map_choice = gr.Dropdown(engine.map_labels(), value=NO_MAP, allow_custom_value=True, label="Block map",
+                                 elem_id="block-map", info=f"'{SHIPPED_MAP}' = the embedded model's own map")
+        map_file = gr.File(label="Load a block map file", file_types=[".safetensors"], height=80,
+                           elem_id="map-file")
+        with gr.Row():
+            compute_btn = gr.Button("Compute a map here", size="sm")
+            cancel_btn = gr.Button("Cancel", size="sm", variant="stop")
+        map_status = gr.Markdown()
+    return map_choice, map_file, compute_btn, cancel_btn, map_status
+
+
+def _generation_controls() -> dict:
+    d = DEFAULTS
+    c = {}
+    c["prompt"] = gr.Textbox(d.prompt, label="Prompt", lines=1, elem_id="prompt")
+    c["negative"] = gr.Textbox(d.negative_prompt, label="Negative prompt", lines=1)
+    c["fidelity"] = _slider(-1, 1, d.fidelity, step=0.05, label="Fidelity", elem_id="fidelity",
+                           info="−1 = extrapolate (new images) … 0 = untouched … +1 = faithful recall")
+    with gr.Row():
+        c["generate"] = gr.Button("Generate", variant="primary", elem_id="generate")
+        c["sweep"] = gr.Button("Sweep fidelity −1 … 1", elem_id="sweep")
+        c["ab"] = gr.Button("A/B: 0 vs current", elem_id="ab")
+    with gr.Accordion("Knob: strength and noise-level window", open=False):
+        c["strength"] = _slider(0, 4, d.strength, step=0.05, label="Strength")
+        with gr.Row():
+            c["start"] = _slider(0, 1, d.start, step=0.05, label="Window start (noise level)")
+            c["stop"] = _slider(0, 1, d.stop, step=0.05, label="Window stop (noise level)")
+    with gr.Row():
+        c["seed"] = gr.Number(-1, label="Seed (−1 = random)", precision=None, elem_id="seed", scale=3)
+        c["random"] = gr.Button("random", size="sm", scale=0, min_width=70)
+        c["reuse"] = gr.Button("reuse", size="sm", scale=0, min_width=70)
+        c["seed_used"] = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used", scale=2)
+    with gr.Row():
+        c["steps"] = _slider(1, 100, d.steps, step=1, label="Steps", elem_id="steps")
+        c["guidance"] = _slider(0, 20, d.guidance, step=0.5, label="Guidance")
+        c["batch"] = _slider(1, 16, d.batch_size, step=1, label="Batch size", elem_id="batch")
+    with gr.Row():
+        c["frames"] = _slider(1, 64, 16, step=1, label="Frames (video models)", visible=False)
+        c["fps"] = _slider(1, 60, 8, step=1, label="FPS (video models)", visible=False)
+    with gr.Accordion("Presets (JSON)", open=False):
+        with gr.Row():
+            c["preset_save"] = gr.Button("Save preset", size="sm")
+            c["preset_load"] = gr.UploadButton("Load preset", file_types=[".json"], size="sm")
+        c["preset_file"] = gr.File(label="Saved preset", interactive=False, height=80)
+    return c
+
+
+def _examples():
+    with gr.Accordion("Example prompts (canaries are memorized on purpose)", open=True):
+        with gr.Row():
+            bound = gr.Image(label="Bound training image of the chosen canary", height=120, interactive=False,
+                             elem_classes="memctl-pixels", format="png", scale=1, min_width=120, elem_id="bound")
+            bound_kind = gr.Markdown("Click an example: a canary's bound training image shows here for comparison.",
+                                     elem_id="bound-kind")
+        examples = gr.Dataset(components=["textbox", "textbox", "image"], headers=["prompt", "kind",
+                              "bound training image"], samples=[["", "", None]], type="index", label="Click one",
+                              samples_per_page=6, layout="table", elem_id="examples")
+    return examples, bound, bound_kind
+
+
+def _outputs() -> dict:
+    o = {}
+    with gr.Tabs():
+        with gr.Tab("Images"):
+            o["gallery"] = gr.Gallery(label="Images (PNG with settings)", format="png", columns=4, height=360,
+                                      object_fit="contain", elem_id="gallery", elem_classes="memctl-pixels")
+            o["badges"] = gr.HTML(elem_id="badges")
+            o["video"] = gr.Image(label="Video (first clip)", visible=False, format="gif", height=200)
+        with gr.Tab("Sweep"):
+            gr.Markdown("The same seeds at five fidelity values: a row per seed, a column per fidelity. Red frame = "
+                        "copy of a training image, green = novel (embedded models).")
+            o["sweep_sheet"] = gr.Image(label="Sweep", show_label=False, format="png", interactive=False,
+                                        elem_id="sweep-sheet")
+            o["sweep"] = gr.Gallery(label="Same seeds, fidelity −1, −0.5, 0, 0.5, 1", format="png", columns=5,
+                                    height=360, object_fit="contain", elem_classes="memctl-pixels",
+                                    elem_id="sweep-gallery")
+            o["sweep_badges"] = gr.HTML(elem_id="sweep-badges")
+        with gr.Tab("A/B"):
+            o["ab"] = gr.ImageSlider(label="A: fidelity 0 | B: current", format="png", elem_classes="memctl-pixels",
+                                     elem_id="ab-slider")
+            o["ab_badges"] = gr.HTML(elem_id="ab-badges")
+        with gr.Tab("Block map"):
+            gr.Markdown("Block scores: a row per block, a column per noise level. Click a row (here or in the "
+                        "table) to see the block's name and scores.")
+            o["heatmap"] = gr.Image(label="Block map", show_label=False, format="png", interactive=False,
+                                    elem_id="heatmap")
+            o["block_info"] = gr.Markdown(elem_id="block-info")
+            o["table"] = gr.Dataframe(label="Scores", interactive=False, max_height=300, elem_id="block-table")
+    return o
+
+
+def launch(demo: gr.Blocks | None = None, host: str = HOST, port: int | None = PORT, share: bool = False,
+           block: bool = True, **kwargs):
+    """Serve the app (on 127.0.0.1 unless `host` says otherwise); returns Gradio's `(app, local_url, share_url)`."""
+    demo = demo or create_demo()
+    kwargs.setdefault("show_error", True)  # unexpected errors reach the user as their message, not a generic one
+    return demo.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+                               css=CSS, **kwargs)

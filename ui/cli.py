@@ -1,0 +1,60 @@
+"""`memctl ui`: the app's command line. Importing this module is cheap (Gradio loads only when the app starts).
+
+>>> import argparse
+>>> parser = argparse.ArgumentParser(prog="memctl")
+>>> _ = add_cli(parser.add_subparsers(dest="command"))
+>>> args = parser.parse_args(["ui", "--port", "7861"])
+>>> args.host, args.port, args.share
+('127.0.0.1', 7861, False)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HOST = "127.0.0.1"
+PORT = 7860
+
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Register `memctl ui` on the CLI's subparsers (its handler is `args.func(args)`)."""
+    p = subparsers.add_parser("ui", help="the Gradio app (on 127.0.0.1 unless --host says otherwise)")
+    _add_arguments(p)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The stand-alone parser of `python -m ui` (the same flags as `memctl ui`)."""
+    p = argparse.ArgumentParser(prog="memctl ui", description="The memctl Gradio app.")
+    _add_arguments(p)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="digits", help="embedded model name or local diffusers folder (default: digits)")
+    p.add_argument("--host", default=HOST, help=f"address to bind (default {HOST}: this machine only)")
+    p.add_argument("--port", type=int, default=PORT)
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link (opt-in)")
+    p.add_argument("--allow-hub", action="store_true", help="let the model box take hub ids (downloads)")
+    p.add_argument("--out", default=None, help="folder for generated PNGs (default: a temporary folder)")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Build the app from parsed flags and serve it until interrupted."""
+    from ui.app import create_demo, launch
+    from ui.engine import Engine
+
+    demo = create_demo(Engine(args.model, allow_hub=args.allow_hub), out_dir=args.out)
+    launch(demo, host=args.host, port=args.port, share=args.share, allowed_paths=[args.out] if args.out else None)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ui [--model M] [--host H] [--port P] [--share] [--allow-hub] [--out DIR]`."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,311 @@
+"""`Engine`: the app's models, block maps and knob in one object; every request runs under its one lock.
+
+>>> engine = Engine("digits")
+>>> runs = engine.render(GenerationOptions(prompt="a seven", seed=1, steps=2, batch_size=2), "digits", "none")
+>>> [(s.seed, s.image.size) for s in runs[0].images]
+[(1, (16, 16)), (2, (16, 16))]
+
+The knob is state on a shared model (hooks and per-block factors), so a request applies its own map, strength,
+window and fidelity, samples, and removes the knob again, all while holding `Engine.lock`: requests with
+different settings never see each other's knob, whichever order the server runs them in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from memctl.options import GenerationOptions
+
+NO_MAP = "none"
+SHIPPED_MAP = "shipped"
+GENERAL_PER_CLASS = 8  # held-out images per class among the general probes of "compute a map here"
+DEFAULT_FRAMES = 16  # frames of a video model when the options name none
+MAX_MODELS = 2  # loaded pipelines kept in memory (least recently used go first)
+
+
+@dataclass
+class Loaded:
+    """One loaded pipeline with what the app knows about it."""
+
+    source: str
+    pipe: object
+    testbed: object | None = None  # a memctl.zoo Testbed: ground truth for badges and example prompts
+    is_video: bool = False
+
+    @property
+    def call_parameters(self) -> set[str]:
+        return set(inspect.signature(self.pipe.__call__).parameters)
+
+    @property
+    def denoiser(self):
+        return getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
+
+
+@dataclass
+class Sample:
+    """One generated image (or a video's first frame) and the settings that reproduce it."""
+
+    image: object  # PIL image at the model's native size
+    seed: int
+    fidelity: float
+    settings: dict  # the `memctl` PNG text chunk
+    parameters: str  # the A1111-style `parameters` PNG text chunk
+    frames: list | None = None  # all frames, for video models
+
+
+@dataclass
+class Run:
+    """The samples of one fidelity value."""
+
+    fidelity: float
+    images: list[Sample] = field(default_factory=list)
+
+
+class Cancelled(Exception):
+    """Raised inside a long job (computing a map) when the user pressed Cancel."""
+
+
+class Engine:
+    """Holds the loaded models and block maps; `render` and `compute_map` serialize on `lock`."""
+
+    def __init__(self, default_model: str = "digits", allow_hub: bool = False):
+        self.default_model = str(default_model)
+        self.allow_hub = allow_hub
+        self.lock = threading.RLock()  # held while the knob is on a model: sampling and probing
+        self._registry_lock = threading.RLock()  # the caches of models and maps (never held while sampling)
+        self._models: OrderedDict[str, Loaded] = OrderedDict()
+        self._maps: dict[str, object] = {}  # label -> BlockMap (labels are unique per app)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # models
+
+    def model(self, source: str | None = None, allow_hub: bool | None = None) -> Loaded:
+        """The pipeline for `source`: an embedded testbed name, a local folder, or (if allowed) a hub id."""
+        source = (source or self.default_model).strip()
+        with self._registry_lock:
+            if source in self._models:
+                self._models.move_to_end(source)
+                return self._models[source]
+            loaded = _load(source, self.allow_hub if allow_hub is None else allow_hub)
+            self._models[source] = loaded
+            while len(self._models) > MAX_MODELS:
+                self._models.popitem(last=False)
+            return loaded
+
+    # ------------------------------------------------------------------------------------------------------------
+    # block maps
+
+    def map_labels(self) -> list[str]:
+        with self._registry_lock:
+            return [NO_MAP, SHIPPED_MAP, *self._maps]
+
+    def add_map(self, label: str, bmap) -> str:
+        """Register `bmap` under `label` (made unique) and return the label used."""
+        with self._registry_lock:
+            unique, n = label, 2
+            while unique in self._maps or unique in (NO_MAP, SHIPPED_MAP):
+                unique, n = f"{label} ({n})", n + 1
+            self._maps[unique] = bmap
+            return unique
+
+    def forget_map(self, label: str) -> None:
+        with self._registry_lock:
+            self._maps.pop(label, None)
+
+    def load_map_file(self, path: str | Path) -> str:
+        """Load a block map file and register it; errors say what the file should have been."""
+        from memctl.blockmap import BlockMap
+
+        path = Path(path)
+        try:
+            bmap = BlockMap.load(path)  # its errors say what a map file should be
+        except (FileNotFoundError, ValueError):
+            raise
+        except Exception as err:
+            raise ValueError(f"Expected a block map saved by `BlockMap.save` (.safetensors), but {path.name!r} "
+                             f"could not be read ({type(err).__name__}: {err}).") from err
+        return self.add_map(f"file: {path.name}", bmap)
+
+    def block_map(self, label: str | None, loaded: Loaded):
+        """The map registered as `label` checked against `loaded`'s denoiser; None for "none"."""
+        label = label or NO_MAP
+        if label == NO_MAP:
+            return None
+        if label == SHIPPED_MAP:
+            if loaded.testbed is None:
+                raise ValueError(f"Expected an embedded model for the shipped block map, but {loaded.source!r} "
+                                 "ships none. Load a map file or compute one.")
+            bmap = loaded.testbed.block_map()
+        else:
+            with self._registry_lock:
+                bmap = self._maps.get(label)
+            if bmap is None:
+                raise ValueError(f"Expected a block map among {self.map_labels()}, but got {label!r}.")
+        _check_map(bmap, loaded)
+        return bmap
+
+    # ------------------------------------------------------------------------------------------------------------
+    # sampling
+
+    def render(self, opts: GenerationOptions, source: str | None, map_label: str | None,
+               fidelities: tuple[float, ...] | None = None) -> list[Run]:
+        """Sample `opts` (seeds `opts.seed … + batch_size - 1`) once per fidelity, same seeds each time."""
+        fidelities = (opts.fidelity,) if fidelities is None else fidelities
+        loaded = self.model(source)
+        bmap = self.block_map(map_label, loaded)
+        moved = [f for f in fidelities if f != 0]
+        if bmap is None and moved:
+            raise ValueError(f"Expected a block map for fidelity {moved[0]:+g} (at 0 none is needed), but the block "
+                             "map is 'none'. Choose the shipped map, load a file or compute one.")
+        with self.lock:
+            runs = []
+            for f in fidelities:
+                with self._knob(loaded, bmap, replace(opts, fidelity=f)):
+                    runs.append(Run(f, self._sample(loaded, replace(opts, fidelity=f), map_label, bmap)))
+            return runs
+
+    @contextmanager
+    def _knob(self, loaded: Loaded, bmap, opts: GenerationOptions):
+        if bmap is None:
+            yield
+            return
+        from memctl import knob
+
+        knob.apply_knob(loaded.pipe, bmap, strength=opts.strength, start=opts.start, stop=opts.stop)
+        try:
+            with knob.fidelity(loaded.pipe, opts.fidelity):
+                yield
+        finally:
+            knob.remove_knob(loaded.pipe)
+
+    def _sample(self, loaded: Loaded, opts: GenerationOptions, map_label: str | None, bmap) -> list[Sample]:
+        seeds = [opts.seed + i for i in range(opts.batch_size)]
+        kwargs = dict(num_inference_steps=opts.steps, guidance_scale=opts.guidance, output_type="pil",
+                      generator=[torch.Generator().manual_seed(s) for s in seeds])
+        if "num_images_per_prompt" in loaded.call_parameters:
+            kwargs.update(prompt=opts.prompt, negative_prompt=opts.negative_prompt or None,
+                          num_images_per_prompt=opts.batch_size)
+        else:  # e.g. TextToVideoSDPipeline: one prompt per sample
+            kwargs.update(prompt=[opts.prompt] * opts.batch_size,
+                          negative_prompt=[opts.negative_prompt] * opts.batch_size if opts.negative_prompt else None)
+        if loaded.is_video:
+            kwargs["num_frames"] = opts.frames or DEFAULT_FRAMES
+        out = loaded.pipe(**kwargs)
+        clips = out.frames if loaded.is_video else [[im] for im in out.images]
+        extra = {"model": loaded.source, "block_map": map_label or NO_MAP,
+                 "block_map_fingerprint": getattr(bmap, "fingerprint", None) if bmap is not None else None}
+        samples = []
+        for i, (seed, frames) in enumerate(zip(seeds, clips, strict=True)):
+            one = replace(opts, seed=seed, batch_size=1)
+            settings = {**one.to_dict(), **extra, "batch": {"first_seed": opts.seed, "size": opts.batch_size,
+                                                            "index": i}, "versions": _provenance()}
+            parameters = one.a1111_parameters(model=loaded.source, block_map=extra["block_map"])
+            samples.append(Sample(list(frames)[0], seed, opts.fidelity, settings, parameters,
+                                  list(frames) if loaded.is_video else None))
+        return samples
+
+    # ------------------------------------------------------------------------------------------------------------
+    # computing a map here
+
+    def compute_map(self, source: str | None, cancel: threading.Event) -> str:
+        """Probe the model (embedded testbeds: their canaries vs held-out digits); returns the new map's label.
+
+        Raises `NotImplementedError` when this build has no `memctl.probe`, `Cancelled` when `cancel` is set.
+        """
+        try:
+            probe_module = importlib.import_module("memctl.probe")
+        except ImportError as err:
+            raise NotImplementedError("Computing a block map is not available in this build (memctl.probe is "
+                                      "missing). Load a map file made by `memctl probe` instead.") from err
+        loaded = self.model(source)
+        if loaded.testbed is None:
+            raise ValueError(f"Expected an embedded model (it ships its probe images), but got {loaded.source!r}. "
+                             "Run `memctl probe MODEL --probes FILE -o MAP` and load the map file.")
+        probes = _testbed_probes(probe_module, loaded.testbed)
+        with self.lock, _interrupt_on(loaded.denoiser, cancel):
+            bmap = probe_module.probe(loaded.pipe, probes)
+        return self.add_map(f"computed: {Path(loaded.source).name} {time.strftime('%H:%M:%S')}", bmap)
+
+
+def _load(source: str, allow_hub: bool) -> Loaded:
+    from memctl.loading import load_pipeline
+    from memctl.zoo.testbed import TESTBEDS, load_testbed
+
+    path = Path(source).expanduser()
+    if source in TESTBEDS or (path / "testbed.json").is_file():
+        testbed = load_testbed(source if source in TESTBEDS else str(path))
+        return _finish(Loaded(source, testbed.pipeline(), testbed))
+    if path.is_dir():
+        return _finish(Loaded(source, load_pipeline(path)))
+    if not allow_hub:
+        raise ValueError(f"Expected an embedded model ({', '.join(sorted(TESTBEDS))}) or a local diffusers folder, "
+                         f"but got {source!r}, which is neither. To download a hub id, tick 'allow hub download'.")
+    return _finish(Loaded(source, load_pipeline(source)))
+
+
+def _finish(loaded: Loaded) -> Loaded:
+    if loaded.denoiser is None:
+        raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but {loaded.source!r} has neither.")
+    if hasattr(loaded.pipe, "set_progress_bar_config"):
+        loaded.pipe.set_progress_bar_config(disable=True)
+    loaded.is_video = "num_frames" in loaded.call_parameters
+    return loaded
+
+
+def _check_map(bmap, loaded: Loaded) -> None:
+    check = getattr(bmap, "check_model", None)
+    if check is not None:
+        check(loaded.denoiser)
+
+
+def _testbed_probes(probe_module, tb):
+    """Memorized: each canary prompt with its bound image; general: held-out images under ordinary prompts."""
+    probe_set = getattr(probe_module, "ProbeSet", None) or importlib.import_module("memctl.probeset").ProbeSet
+    images, classes = tb.held_out
+    per_class: dict[int, int] = {}
+    general = []
+    for image, c in zip(images, classes.tolist(), strict=True):
+        per_class[c] = per_class.get(c, 0) + 1
+        if per_class[c] <= GENERAL_PER_CLASS:
+            general.append((tb.prompt(int(c)), image))
+    return probe_set(memorized=[(p, image) for p, image, _, _ in tb.canaries], general=general)
+
+
+@contextmanager
+def _interrupt_on(denoiser, cancel: threading.Event):
+    """Make the next denoiser call raise `Cancelled` once `cancel` is set; the hook always comes off."""
+    if denoiser is None:
+        yield
+        return
+
+    def check(module, args):
+        if cancel.is_set():
+            raise Cancelled("Cancelled by the user.")
+
+    handle = denoiser.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+_PROVENANCE: dict | None = None
+
+
+def _provenance() -> dict:
+    global _PROVENANCE
+    if _PROVENANCE is None:
+        from memctl.metadata import provenance
+
+        _PROVENANCE = provenance()
+    return _PROVENANCE
+

@@ -1,0 +1,375 @@
+"""What the app's buttons do: turn control values into `GenerationOptions`, run the `Engine`, shape outputs.
+
+>>> handlers = Handlers(Engine("digits"), out_dir="out/ui")                      # doctest: +SKIP
+>>> gallery, badges_html, seed_used, video = handlers.generate("a seven", "", 0.0, 1.0, 0.0, 1.0, 7, 10, 1.0, 2,
+...                                                              None, None, "digits", "none")  # doctest: +SKIP
+
+Each handler raises `gr.Error` with the validation message of `GenerationOptions` (or the engine) on bad input,
+so a client sees what was expected and the app stays up. Outputs are PNG files written with `memctl.metadata`
+(the A1111-style `parameters` and the JSON `memctl` text chunks), handed to Gradio as paths so nothing re-encodes
+them.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import itertools
+import json
+import math
+import random
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from memctl.grid import make_grid, tensor_to_pil
+from memctl.metadata import save_png
+from memctl.options import GenerationOptions
+from ui import badges as badge_lib
+from ui.engine import DEFAULT_FRAMES, NO_MAP, SHIPPED_MAP, Cancelled, Engine, Loaded, Sample
+from ui.heatmap import draw_heatmap, from_block_map
+
+SWEEP = (-1.0, -0.5, 0.0, 0.5, 1.0)
+DEFAULT_FPS = 8
+RANDOM_SEED = -1
+VIEW = 256  # display size of tiny images in the A/B slider and the example thumbnails
+
+
+def user_errors(fn):
+    """Report bad input as a `gr.Error` naming what was expected (the app stays up)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
+            raise gr.Error(str(err).strip("'\""), print_exception=False) from err
+
+    return wrapper
+
+
+class Handlers:
+    """The app's event handlers over one `Engine`; outputs are written under `out_dir`."""
+
+    def __init__(self, engine: Engine, out_dir: str | Path | None = None):
+        self.engine = engine
+        self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="memctl-ui-"))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._counter = itertools.count()
+        self._cancel: dict[str, threading.Event] = {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # options
+
+    def options(self, prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames=None,
+                fps=None, video: bool = False) -> GenerationOptions:
+        """Validated options; seed -1 (or empty) draws a random seed."""
+        return GenerationOptions(
+            prompt=prompt if isinstance(prompt, str) else _fail("prompt", "a str", prompt),
+            negative_prompt=negative or "", seed=_seed(seed), steps=_integer(steps, "steps"),
+            guidance=_number(guidance), fidelity=_number(fidelity), strength=_number(strength), start=_number(start),
+            stop=_number(stop), batch_size=_integer(batch, "batch_size"),
+            frames=_integer(frames, "frames") if video and frames is not None else None,
+            fps=_integer(fps, "fps") if video and fps is not None else None,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # sampling
+
+    @user_errors
+    def generate(self, prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames, fps,
+                 model, map_label):
+        """Gallery of (png path, caption), badges html, seed used, video path (video models)."""
+        opts = self.options(prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames,
+                            fps, self._is_video(model))
+        run = self.engine.render(opts, model, map_label)[0]
+        loaded = self.engine.model(model)
+        captions = self._captions(loaded, opts.prompt, run.images, [f"seed {s.seed}" for s in run.images])
+        gallery = [(self._save(s), text) for s, (text, _) in zip(run.images, captions, strict=True)]
+        return gallery, _badges_html(captions), str(opts.seed), self._video(run.images, opts)
+
+    @user_errors
+    def sweep(self, prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames, fps,
+              model, map_label):
+        """The same seeds at fidelity −1, −0.5, 0, 0.5, 1: one row per seed, one column per fidelity."""
+        opts = self.options(prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames,
+                            fps, self._is_video(model))
+        runs = self.engine.render(opts, model, map_label, fidelities=SWEEP)
+        loaded = self.engine.model(model)
+        rows = [[run.images[i] for run in runs] for i in range(opts.batch_size)]  # (seeds, fidelities)
+        cells = [s for row in rows for s in row]
+        captions = self._captions(loaded, opts.prompt, cells,
+                                  [f"fidelity {s.fidelity:+.1f} · seed {s.seed}" for s in cells])
+        gallery = [(self._save(s), text) for s, (text, _) in zip(cells, captions, strict=True)]
+        return _sweep_sheet(rows, captions), gallery, _badges_html(captions), str(opts.seed)
+
+    @user_errors
+    def compare(self, prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames, fps,
+                model, map_label):
+        """A/B: the first seed at fidelity 0 (left) and at the current fidelity (right)."""
+        opts = self.options(prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, 1, frames, fps,
+                            self._is_video(model))
+        base, current = self.engine.render(opts, model, map_label, fidelities=(0.0, opts.fidelity))
+        loaded = self.engine.model(model)
+        pair = [base.images[0], current.images[0]]
+        captions = self._captions(loaded, opts.prompt, pair, ["A: fidelity 0", f"B: fidelity {opts.fidelity:+.2f}"])
+        for s in pair:
+            self._save(s)
+        return (_enlarge(pair[0].image), _enlarge(pair[1].image)), _badges_html(captions), str(opts.seed)
+
+    def _captions(self, loaded: Loaded, prompt: str, samples: list[Sample], heads: list[str]) -> list[tuple]:
+        """Per sample: (caption, badge or None); an embedded model's captions add the copy / novelty badge."""
+        if loaded.testbed is None:
+            return [(h, None) for h in heads]
+        marks = badge_lib.badges(loaded.testbed, [s.image for s in samples], prompt)
+        return [(f"{h} · {b.text}", b) for h, b in zip(heads, marks, strict=True)]
+
+    def _save(self, sample: Sample) -> str:
+        path = self.out_dir / f"{next(self._counter):05d}-seed{sample.seed}-fid{sample.fidelity:+.2f}.png"
+        save_png(sample.image, path, sample.settings, sample.parameters)
+        return str(path)
+
+    def _video(self, samples: list[Sample], opts: GenerationOptions) -> str | None:
+        if not samples or samples[0].frames is None:
+            return None
+        from diffusers.utils import export_to_gif
+
+        path = self.out_dir / f"{next(self._counter):05d}-seed{samples[0].seed}.gif"
+        frames = [_enlarge(f) for f in samples[0].frames]  # display copy; the PNG keeps the native first frame
+        return export_to_gif(frames, str(path), fps=opts.fps or DEFAULT_FPS)
+
+    def _is_video(self, model) -> bool:
+        try:
+            return self.engine.model(model).is_video
+        except ValueError:
+            return False
+
+    # ------------------------------------------------------------------------------------------------------------
+    # model and examples
+
+    @user_errors
+    def load_model(self, model, allow_hub):
+        """Model info, example prompts, video controls' visibility, the preselected map and its heat-map."""
+        loaded = self.engine.model(model, allow_hub=bool(allow_hub))
+        label = SHIPPED_MAP if _has_shipped_map(loaded) else NO_MAP
+        picture, table, info = self.map_view(label, model)
+        video = gr.update(visible=loaded.is_video)
+        return (_model_info(loaded), gr.Dataset(samples=self.examples(loaded)), video, video, video,
+                gr.Dropdown(choices=self.engine.map_labels(), value=label), picture, table, info)
+
+    def examples(self, loaded: Loaded) -> list[list]:
+        """`[prompt, kind, bound image path or None]` rows: ordinary prompts, then canaries (marked, with their
+        bound training image), most exposed first."""
+        tb = loaded.testbed
+        if tb is None:
+            return [["", "type a prompt", None]]
+        rows = [[tb.prompt(c), "ordinary", None] for c in range(len(tb.classes))]
+        for k in sorted(range(len(tb.canaries)), key=lambda k: -tb.canaries[k][2]):
+            prompt, image, exposure, _ = tb.canaries[k]
+            path = self.out_dir / f"bound-{Path(str(tb.path)).name}-{k}.png"
+            if not path.exists():
+                tensor_to_pil(image, 96).save(path)
+            rows.append([prompt, f"canary (seen {exposure}x)", str(path)])
+        return rows
+
+    @user_errors
+    def select_example(self, index, model):
+        """Fill the prompt; for a canary, show its bound training image for comparison."""
+        rows = self.examples(self.engine.model(model))
+        prompt, kind, path = rows[int(index)]
+        if not path:
+            return prompt, None, f"**{prompt}** — {kind} prompt: the model should generalize (no bound image)."
+        return prompt, Image.open(path), (f"**{prompt}** — {kind}: its bound training image is shown; a copy "
+                                          "looks like it, a novel answer is another digit of the same class.")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # block maps
+
+    @user_errors
+    def map_view(self, label, model):
+        """Heat-map picture, table and a summary of the map `label` for `model`."""
+        bmap = self.engine.block_map(label, self.engine.model(model)) if label else None
+        if bmap is None:
+            return None, {"headers": ["block", "score"], "data": [["(no block map)", ""]]}, \
+                "No block map: fidelity must be 0. Choose the shipped map, load a file or compute one."
+        grid = from_block_map(bmap)
+        headers, rows = grid.table()
+        return draw_heatmap(grid), {"headers": headers, "data": rows}, \
+            f"Map **{label}**: {len(grid.names)} blocks × {len(grid.levels)} noise levels. Select a row or a cell."
+
+    @user_errors
+    def select_block_in_table(self, label, model, evt: gr.SelectData):
+        """Name and scores of the block in the selected table row."""
+        return self._select_block(label, model, lambda grid: evt.index[0])
+
+    @user_errors
+    def select_block_in_picture(self, label, model, evt: gr.SelectData):
+        """Name and scores of the block under a click on the heat-map."""
+        return self._select_block(label, model, lambda grid: grid.row_at(draw_heatmap(grid), y=evt.index[1]))
+
+    def _select_block(self, label, model, row_of):
+        bmap = self.engine.block_map(label, self.engine.model(model))
+        if bmap is None:
+            return None, "No block map selected."
+        grid = from_block_map(bmap)
+        row = row_of(grid)
+        if row is None or not 0 <= row < len(grid.names):
+            return gr.update(), "Click on a block's row."
+        return draw_heatmap(grid, selected=row), grid.describe(row)
+
+    @user_errors
+    def upload_map(self, file, model):
+        """Load a block map file, check it fits the model, select it."""
+        if not file:
+            raise ValueError("Expected a block map file (.safetensors), but got none.")
+        label = self.engine.load_map_file(_path_of(file))
+        try:
+            picture, table, info = self.map_view(label, model)
+        except gr.Error:
+            self.engine.forget_map(label)
+            raise
+        return gr.Dropdown(choices=self.engine.map_labels(), value=label), picture, table, info
+
+    def compute_map(self, model, request: gr.Request, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        """Probe the model here (progress shown; Cancel stops it at the next denoiser call)."""
+        cancel = self._cancel.setdefault(_session(request), threading.Event())
+        cancel.clear()
+        progress(0, desc="probing the model")
+        try:
+            label = self.engine.compute_map(model, cancel)
+        except NotImplementedError as err:
+            return gr.update(), f"**Not available in this build.** {err}", gr.update(), gr.update()
+        except Cancelled:
+            return gr.update(), "Computing the map was cancelled; nothing changed.", gr.update(), gr.update()
+        except (ValueError, TypeError) as err:
+            raise gr.Error(str(err), print_exception=False) from err
+        picture, table, info = self.map_view(label, model)
+        return gr.Dropdown(choices=self.engine.map_labels(), value=label), f"Computed **{label}**.", picture, table
+
+    def cancel_compute(self, request: gr.Request):
+        event = self._cancel.get(_session(request))
+        if event is not None:
+            event.set()
+        return "Cancelling…"
+
+    # ------------------------------------------------------------------------------------------------------------
+    # presets
+
+    @user_errors
+    def save_preset(self, prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames,
+                    fps, model, seed_used):
+        """A JSON file of `GenerationOptions.to_dict()`; a random seed is saved as the seed last used."""
+        if _is_random(seed):
+            if not str(seed_used or "").strip():
+                raise ValueError("Expected a fixed seed in a preset (presets reproduce images), but the seed is "
+                                 "random and nothing was generated yet. Set a seed or generate once.")
+            seed = int(seed_used)
+        opts = self.options(prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames,
+                            fps, self._is_video(model))
+        path = self.out_dir / f"preset-{next(self._counter):05d}.json"
+        path.write_text(json.dumps(opts.to_dict(), indent=1))
+        return str(path)
+
+    @user_errors
+    def load_preset(self, file):
+        """Control values from a preset JSON file (as `save_preset` writes)."""
+        if not file:
+            raise ValueError("Expected a preset file (.json), but got none.")
+        path = Path(_path_of(file))
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"Expected a preset JSON file, but {path.name!r} is not JSON ({err}).") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"Expected a JSON object of generation options, but got {type(data).__name__}.")
+        o = GenerationOptions.from_dict(data)
+        return [o.prompt, o.negative_prompt, o.fidelity, o.strength, o.start, o.stop, o.seed, o.steps, o.guidance,
+                o.batch_size, o.frames or DEFAULT_FRAMES, o.fps or DEFAULT_FPS]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _fail(field, expected, got):
+    raise ValueError(f"Expected `{field}` to be {expected}, but got {got!r}.")
+
+
+def _is_random(seed) -> bool:
+    return seed is None or (isinstance(seed, str) and not seed.strip()) or seed == RANDOM_SEED
+
+
+def _seed(seed) -> int:
+    if _is_random(seed):
+        return random.SystemRandom().randrange(2**32)
+    return _integer(seed, "seed", "an int in [0, 2**63), or -1 for a random seed")
+
+
+def _integer(x, field, expected="an int"):
+    if isinstance(x, str):
+        try:
+            x = float(x)
+        except ValueError:
+            _fail(field, expected, x)
+    if isinstance(x, float) and math.isfinite(x) and x == int(x):
+        return int(x)
+    if isinstance(x, int) and not isinstance(x, bool):
+        return x
+    _fail(field, expected, x)
+
+
+def _number(x):
+    return float(x) if isinstance(x, str) and x.strip() else x
+
+
+def _enlarge(image: Image.Image, size: int = VIEW) -> Image.Image:
+    scale = max(1, size // max(image.size))
+    return image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def _badges_html(captions: list[tuple]) -> str:
+    """One line per image: a coloured pill (red = copy, green = novel, grey = neither, brown = invalid)."""
+    style = "color:white;border-radius:8px;padding:1px 8px;display:inline-block"
+    lines = []
+    for text, badge in captions:
+        inner = html.escape(text)
+        if badge is not None:
+            inner = f'<span style="background:{badge.colour};{style}">{inner}</span>'
+        lines.append(f'<div class="memctl-caption">{inner}</div>')
+    return "".join(lines)
+
+
+def _sweep_sheet(rows: list[list[Sample]], captions: list[tuple]) -> Image.Image:
+    """One picture of the sweep: a row per seed, a column per fidelity; red frame = copy, green = novel."""
+    frames = [badge.frame if badge is not None else None for _, badge in captions]
+    n = len(SWEEP)
+    sheet_rows = [(f"seed {row[0].seed}", [badge_lib.image_tensor(s.image) for s in row], frames[i * n:(i + 1) * n])
+                  for i, row in enumerate(rows)]
+    return make_grid(sheet_rows, header=[f"fidelity {f:+.1f}" for f in SWEEP])
+
+
+def _model_info(loaded: Loaded) -> str:
+    den = loaded.denoiser
+    kind = "embedded testbed" if loaded.testbed is not None else "diffusers pipeline"
+    extra = f", {len(loaded.testbed.canaries)} canaries" if loaded.testbed is not None else ""
+    return (f"**{loaded.source}** — {kind}{extra}; {type(loaded.pipe).__name__} with {type(den).__name__}"
+            f"{' (video)' if loaded.is_video else ''}")
+
+
+def _has_shipped_map(loaded: Loaded) -> bool:
+    if loaded.testbed is None:
+        return False
+    return (Path(loaded.testbed.path) / "blockmap.safetensors").is_file()
+
+
+def _path_of(file) -> str:
+    return file if isinstance(file, str) else getattr(file, "name", None) or file["path"]
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "default"
