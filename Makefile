@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,video
+EXTRAS ?= dev,video,ui
 
 .PHONY: demo test install lint clean
 

@@ -56,3 +56,22 @@ def _load_pixel(path: Path, torch_dtype):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_model_and_testbed(name_or_path: str):
+    """(pipeline, testbed or None): a testbed name / folder gives both, any other pipeline folder only the first."""
+    from memctl.zoo.testbed import TESTBEDS, load_testbed
+
+    if name_or_path in TESTBEDS or (Path(name_or_path) / "testbed.json").is_file():
+        tb = load_testbed(name_or_path)
+        return tb.pipeline(), tb
+    return load_pipeline(name_or_path), None
+
+
+def load_denoisers(name_or_path: str) -> dict:
+    """{component: denoiser} of a testbed or pipeline folder (`unet`, `transformer`, `transformer_2`)."""
+    pipe, _ = load_model_and_testbed(name_or_path)
+    found = {n: getattr(pipe, n) for n in ("unet", "transformer", "transformer_2") if getattr(pipe, n, None) is not None}
+    if not found:
+        raise ValueError(f"Expected a pipeline with a unet or transformer, but {type(pipe).__name__} has neither.")
+    return found

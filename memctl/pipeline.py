@@ -102,7 +102,7 @@ class PixelPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=out) if return_dict else (out,)
 
     def _sample(self, prompts, negatives, steps, guidance_scale, generator, callback_on_step_end):
-        device, use_cfg = self._execution_device, guidance_scale > 1.0
+        device, use_cfg = self._execution_device, guidance_scale != 1.0  # w < 1 mixes toward unconditional
         cond = self.encode_prompt(prompts)
         if use_cfg:
             cond = torch.cat([self.encode_prompt(negatives), cond])

@@ -1,0 +1,151 @@
+"""The `memctl` command line: `memctl demo | bench | blocks | ...`; `--help` on each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_demo(args) -> int:
+    from memctl.demo import run_demo
+
+    run_demo(args.model, Path(args.out), seeds=args.seeds, steps=args.steps, guidance=args.guidance)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from memctl.bench import run_bench
+
+    run_bench(args.suite, Path(args.out), models=args.models, quick=args.quick)
+    return 0
+
+
+def _cmd_blocks(args) -> int:
+    from memctl.blocks import find_blocks
+    from memctl.loading import load_denoisers
+
+    rows = []
+    for component, model in load_denoisers(args.model).items():
+        for b in find_blocks(model, granularity=args.granularity):
+            rows.append({"component": component, "name": b.name, "kind": b.kind, "stage": b.stage})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        width = max(len(r["name"]) for r in rows)
+        print(f"{'component':<12} {'block':<{width}}  {'kind':<12} stage")
+        for r in rows:
+            print(f"{r['component']:<12} {r['name']:<{width}}  {r['kind']:<12} {r['stage']}")
+    return 0
+
+
+def _load_probes(spec: str, tb):
+    """`--probes testbed` (the testbed's canaries and held-out digits) or a JSON file of prompt/image pairs."""
+    from memctl.probeset import ProbeSet
+
+    if spec == "testbed":
+        if tb is None:
+            raise ValueError("Expected --probes FILE for a model that is not a testbed, but got 'testbed'.")
+        from memctl.effect import testbed_probes
+
+        return testbed_probes(tb)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"Expected a probes JSON file or 'testbed', but {spec!r} is neither.")
+    raw = json.loads(path.read_text())
+    unknown = sorted(set(raw) - {"memorized", "general"})
+    if unknown:
+        raise ValueError(f"Expected only the keys 'memorized' and 'general' in {path}, but got {unknown}.")
+
+    def pairs(role):
+        out = []
+        for i, item in enumerate(raw.get(role, [])):
+            if not isinstance(item, dict) or "prompt" not in item:
+                raise ValueError(f"Expected {role}[{i}] to be {{'prompt': str, 'image': path or null}}, got {item!r}.")
+            image = item.get("image")
+            if image is not None:
+                from PIL import Image
+
+                image = Image.open(path.parent / image)
+            out.append((item["prompt"], image))
+        return out
+
+    return ProbeSet(memorized=pairs("memorized"), general=pairs("general"))
+
+
+def _cmd_probe(args) -> int:
+    from memctl.loading import load_model_and_testbed
+    from memctl.probe import probe
+
+    pipe, tb = load_model_and_testbed(args.model)
+    probes = _load_probes(args.probes, tb)
+    bmap = probe(pipe, probes, method=args.method, seed=args.seed, progress=True)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bmap.save(out)
+    if args.json:
+        print(json.dumps(bmap.to_dict(), indent=1))
+    else:
+        print(bmap.table())
+        print(f"\nprobed in {bmap.meta['seconds']} s; wrote {out}")
+    if args.heatmap:
+        from memctl.plots import heatmap
+
+        heatmap(bmap).save(args.heatmap)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memctl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="render the embedded default's samples and metrics to out/demo")
+    p.add_argument("--model", default="digits", help="testbed name or folder (default: digits)")
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=None, help="default: the testbed's recommended value")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("bench", help="measure a suite and write bench/results/<suite>.json")
+    p.add_argument("suite", choices=["digits", "effect"])
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--models", nargs="+", default=["digits-s0", "digits-s1"])
+    p.add_argument("--quick", action="store_true", help="fewer seeds (a smoke run, not for the record)")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("blocks", help="list the residual blocks of a model's denoiser(s)")
+    p.add_argument("model", help="testbed name, diffusers pipeline folder, or denoiser folder")
+    p.add_argument("--granularity", choices=["unit", "stage"], default="unit")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_blocks)
+    from memctl.render import add_cli as add_render_cli
+    from ui.cli import add_cli as add_ui_cli  # cheap: Gradio loads only when `memctl ui` runs
+
+    add_render_cli(sub)
+    add_ui_cli(sub)
+
+    p = sub.add_parser("probe", help="attribute memorization to blocks → a block map (.safetensors)")
+    p.add_argument("model", help="testbed name or diffusers pipeline folder")
+    p.add_argument("--probes", required=True, help="'testbed' or a JSON file {memorized: [...], general: [...]}")
+    p.add_argument("-o", "--output", required=True, help="block map file to write (.safetensors)")
+    p.add_argument("--method", choices=["condition", "ablation"], default="condition")
+    p.add_argument("--seed", type=int, default=0, help="probe noise seed, below 10000 (evaluations use 10000+)")
+    p.add_argument("--heatmap", help="also write the heat-map picture (PNG) here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_probe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"memctl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
