@@ -18,6 +18,7 @@ from memctl.evaluate import EvalSpec, Samples, format_table, sample_testbed, sco
 from memctl.grid import make_grid
 
 SWEEP = (-1.0, -0.5, 0.0, 0.5, 1.0)
+LEGEND = "blue: bound training image, red: copy, green: novel valid digit"
 
 
 def _marks(tb, x: torch.Tensor, c: int, bound: torch.Tensor | None) -> list[str | None]:
@@ -38,7 +39,7 @@ def render_grid(tb, samples: Samples, title: str):
         x = samples.ordinary[c]
         rows.append((tb.prompt(c), [None, *x], [None, *_marks(tb, x, c, None)]))
     header = ["bound"] + [f"seed {samples.spec.seed_base + s}" for s in range(samples.spec.seeds)]
-    return make_grid(rows, title=title, header=header)
+    return make_grid(rows, title=f"{title} - {LEGEND}", header=header)
 
 
 def render_sweep(tb, sweep: dict[float, Samples], n_canaries: int = 12, seed: int = 0):
@@ -54,7 +55,7 @@ def render_sweep(tb, sweep: dict[float, Samples], n_canaries: int = 12, seed: in
         x = torch.stack([s.ordinary[c, seed] for s in sweep.values()])
         rows.append((tb.prompt(c), [None, *x], [None, *_marks(tb, x, c, None)]))
     header = ["bound"] + [f"fidelity {f:+.1f}" for f in sweep]
-    return make_grid(rows, title=f"{tb.name}: fidelity sweep (seed {seed})", header=header)
+    return make_grid(rows, title=f"{tb.name}: fidelity sweep (seed {seed}) - {LEGEND}", header=header)
 
 
 def run_demo(model: str, out: Path, seeds: int = 8, steps: int = 25, guidance: float | None = None) -> dict:

@@ -36,6 +36,8 @@ def make_grid(rows: list[tuple], title: str = "", header: list[str] | None = Non
     n_cols = max(len(r[1]) for r in rows)
     top = (28 if title else 0) + (22 if header else 0)
     width = LABEL_WIDTH + n_cols * (CELL + PAD) + PAD
+    if title:  # never cut the title off
+        width = max(width, int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=_font(18))) + 2 * PAD)
     height = top + len(rows) * (CELL + PAD) + PAD
     sheet = Image.new("RGB", (width, height), "white")
     draw, font = ImageDraw.Draw(sheet), _font()
