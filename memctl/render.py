@@ -163,6 +163,8 @@ class Renderer:
         self.job, self.testbed, self.bmap, self._applied = job, None, None, None
         errors: list[str] = []
         self.pipe = pipeline if pipeline is not None else self._load_model(errors)
+        if pipeline is not None:  # a pipeline handed in: still know the testbed the job names (for `shipped`)
+            self.testbed = self._named_testbed()
         if self.pipe is not None:
             if job.cpu_threads is not None and torch.device(device).type == "cpu":
                 torch.set_num_threads(job.cpu_threads)
@@ -179,6 +181,14 @@ class Renderer:
         self.model_info = {"spec": job.model, "fingerprints": prints}
         self.map_info = None if self.bmap is None else {"spec": job.block_map, "fingerprints": self.bmap.fingerprints}
         self.versions = provenance()
+
+    def _named_testbed(self):
+        from memctl.zoo.testbed import TESTBEDS, Testbed, load_testbed
+
+        path = Path(self.job.model) if Path(self.job.model).is_absolute() else self.job.base / self.job.model
+        if self.job.model in TESTBEDS:
+            return load_testbed(self.job.model)
+        return Testbed(path) if (path / "testbed.json").is_file() else None
 
     def _load_model(self, errors: list[str]):
         from memctl.loading import load_pipeline

@@ -333,5 +333,5 @@ def test_example_job_renders(tmp_path: Path, pipe):
         data["block_map"] = "map.safetensors"
     data["defaults"]["steps"] = 2
     summary = render_job(write_job(tmp_path, data), tmp_path / "out", pipeline=pipe)
-    assert summary.ok and len(summary.done) == 38
+    assert summary.ok and len(summary.done) == 58  # 20 canary + 20 seven + 10 three + 8 zero
     assert "baseline/zero-baseline_0107.png" in summary.done and "seven/f-0.50_s3.png" in summary.done

@@ -352,10 +352,7 @@ def test_compute_map_here_is_cancellable(app, monkeypatch):
     assert not any(label.startswith("computed") for label in app["engine"].map_labels())
 
 
-@pytest.mark.slow
-def test_compute_map_here_completes(app, request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("slow (computes a whole map, minutes): run with `-m slow`")
+def test_compute_map_here_completes(app):
     update, status, picture, table = client(app).predict(MODEL, api_name="/compute_map")
     assert update["value"].startswith("computed:") and "Computed" in status
     assert len(table["data"]) == len(find_blocks(app["engine"].model(MODEL).denoiser))
