@@ -42,14 +42,21 @@ def bench_digits(models: list[str], seeds: int) -> dict:
             spec = EvalSpec(seeds=seeds, guidance=g)
             t0 = time.perf_counter()
             samples = sample_testbed(pipe, tb, spec)
-            timing[str(g)] = round((samples.canary.shape[0] + samples.ordinary.shape[0]) * seeds
-                                   / (time.perf_counter() - t0), 2)
+            timing[str(g)] = round(
+                (samples.canary.shape[0] + samples.ordinary.shape[0]) * seeds / (time.perf_counter() - t0), 2
+            )
             rows[f"guidance {g}"] = score_samples(tb, samples)
         chosen = f"guidance {tb.guidance}"
         if chosen not in rows:
             rows[chosen] = score_samples(tb, sample_testbed(pipe, tb, EvalSpec(seeds=seeds, guidance=tb.guidance)))
-        results[name] = {"guidance": tb.guidance, "headline": rows[chosen], "bar": _digits_bar(rows[chosen],
-                         tb.exposures), "rows": rows, "images_per_second": timing, "training": tb.spec["training"]}
+        results[name] = {
+            "guidance": tb.guidance,
+            "headline": rows[chosen],
+            "bar": _digits_bar(rows[chosen], tb.exposures),
+            "rows": rows,
+            "images_per_second": timing,
+            "training": tb.spec["training"],
+        }
     return results
 
 
@@ -59,9 +66,12 @@ def _effect_md(results: dict) -> list[str]:
         bars = r["bars"]
         md.append(f"\n## {model}: bar {'PASS' if bars['pass'] else 'FAIL'} (probe {r['probe_seconds']} s)\n\n")
         md += [f"- {'PASS' if ok else 'FAIL'}: {name}\n" for name, ok in bars["checks"].items()]
-        md.append(f"\nmedian control novel-valid at equal collateral ({bars['equal_collateral']:.3f}): "
-                  f"{bars['median_control_novel_valid']:.0%}; baselines: "
-                  + ", ".join(f"{k} {v['at_equal_collateral']:.0%}" for k, v in bars["baselines"].items()) + "\n\n")
+        md.append(
+            f"\nmedian control novel-valid at equal collateral ({bars['equal_collateral']:.3f}): "
+            f"{bars['median_control_novel_valid']:.0%}; baselines: "
+            + ", ".join(f"{k} {v['at_equal_collateral']:.0%}" for k, v in bars["baselines"].items())
+            + "\n\n"
+        )
         table = {f"{fam} {x}": row for fam, by_x in r["rows"].items() for x, row in by_x.items()}
         md.append(format_table(table) + "\n")
     return md
@@ -79,9 +89,16 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False) -> 
         results = {name: effect_for_model(name, seeds=seeds, n_controls=2 if quick else 5) for name in models}
     else:
         results = bench_digits(models, seeds)
-    report = {"suite": suite, "seeds_per_prompt": seeds, "quick": quick, "seconds": round(time.perf_counter() - t0, 1),
-              "machine": {"platform": platform.platform(), "threads": 1}, "versions": provenance(),
-              "command": f"memctl bench {suite}" + (" --quick" if quick else ""), "models": results}
+    report = {
+        "suite": suite,
+        "seeds_per_prompt": seeds,
+        "quick": quick,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "machine": {"platform": platform.platform(), "threads": 1},
+        "versions": provenance(),
+        "command": f"memctl bench {suite}" + (" --quick" if quick else ""),
+        "models": results,
+    }
     out.mkdir(parents=True, exist_ok=True)
     name = suite + ("-quick" if quick else "")
     (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -89,8 +106,10 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False) -> 
     if suite == "effect":
         md += _effect_md(results)
     for model, r in results.items() if suite == "digits" else ():
-        md += [f"\n## {model} (headline at guidance {r['guidance']}: bar {'PASS' if r['bar']['pass'] else 'FAIL'})\n",
-               format_table(r["rows"]) + "\n"]
+        md += [
+            f"\n## {model} (headline at guidance {r['guidance']}: bar {'PASS' if r['bar']['pass'] else 'FAIL'})\n",
+            format_table(r["rows"]) + "\n",
+        ]
     (out / f"{name}.md").write_text("".join(md))
     print("".join(md))
     return report

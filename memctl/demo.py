@@ -24,17 +24,21 @@ LEGEND = "blue: bound training image, red: copy, green: novel valid digit"
 def _marks(tb, x: torch.Tensor, c: int, bound: torch.Tensor | None) -> list[str | None]:
     copies = metrics.copied(x, tb.train_images, 1 / 3)
     pred = tb.classify(x)
-    novel = (torch.zeros(len(x), dtype=torch.bool) if bound is None else
-             metrics.novel_valid(x, pred, c, bound, tb._eval_refs["q10"][c]))
-    return ["red" if k else "green" if n else None for k, n in zip(copies.tolist(), novel.tolist())]
+    novel = (
+        torch.zeros(len(x), dtype=torch.bool)
+        if bound is None
+        else metrics.novel_valid(x, pred, c, bound, tb._eval_refs["q10"][c])
+    )
+    return ["red" if k else "green" if n else None for k, n in zip(copies.tolist(), novel.tolist(), strict=False)]
 
 
 def render_grid(tb, samples: Samples, title: str):
     rows = []
     for k, (prompt, bound, exposure, c) in enumerate(tb.canaries):
         x = samples.canary[k]
-        rows.append((f"{prompt}\n(canary, seen {exposure}x)", torch.cat([bound[None], x]),
-                     ["blue"] + _marks(tb, x, c, bound)))
+        rows.append(
+            (f"{prompt}\n(canary, seen {exposure}x)", torch.cat([bound[None], x]), ["blue"] + _marks(tb, x, c, bound))
+        )
     for c in range(len(tb.classes)):
         x = samples.ordinary[c]
         rows.append((tb.prompt(c), [None, *x], [None, *_marks(tb, x, c, None)]))
@@ -49,8 +53,9 @@ def render_sweep(tb, sweep: dict[float, Samples], n_canaries: int = 12, seed: in
     for k in order:
         prompt, bound, exposure, c = tb.canaries[k]
         x = torch.stack([s.canary[k, seed] for s in sweep.values()])
-        rows.append((f"{prompt}\n(canary, seen {exposure}x)", torch.cat([bound[None], x]),
-                     ["blue"] + _marks(tb, x, c, bound)))
+        rows.append(
+            (f"{prompt}\n(canary, seen {exposure}x)", torch.cat([bound[None], x]), ["blue"] + _marks(tb, x, c, bound))
+        )
     for c in range(len(tb.classes)):
         x = torch.stack([s.ordinary[c, seed] for s in sweep.values()])
         rows.append((tb.prompt(c), [None, *x], [None, *_marks(tb, x, c, None)]))

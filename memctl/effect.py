@@ -29,7 +29,7 @@ CONTROL_FIDELITIES = (-1.0, -0.5)
 def testbed_probes(tb, n_general: int = 60) -> ProbeSet:
     """Canaries with their bound images (memorized) and held-out digits with their ordinary prompts (general)."""
     images, classes = tb.held_out
-    general = [(tb.prompt(int(c)), im) for im, c in zip(images[:n_general], classes[:n_general])]
+    general = [(tb.prompt(int(c)), im) for im, c in zip(images[:n_general], classes[:n_general], strict=False)]
     return ProbeSet(memorized=[(p, im) for p, im, _, _ in tb.canaries], general=general)
 
 
@@ -107,8 +107,12 @@ def effect_for_model(name: str, seeds: int = 8, n_controls: int = 5, progress: b
             row = _row(tb, pipe, EvalSpec(seeds=seeds, guidance=x), ref)
         rows.setdefault(family, {})[str(x)] = row
         settings.append((family, x, row))
-    return {"probe_seconds": probe_seconds, "map": bmap.to_dict(), "rows": rows,
-            "bars": _bars(tb, rows, n_controls, seeds)}
+    return {
+        "probe_seconds": probe_seconds,
+        "map": bmap.to_dict(),
+        "rows": rows,
+        "bars": _bars(tb, rows, n_controls, seeds),
+    }
 
 
 class _PromptEdit:
@@ -130,15 +134,19 @@ def _bars(tb, rows: dict, n_controls: int, seeds: int) -> dict:
     for i in range(n_controls):
         r = rows[f"control {i}"]
         pts = [(0.0, base["canary"]["all"]["novel_valid"])] + [
-            (r[k]["ordinary"]["collateral"], r[k]["canary"]["all"]["novel_valid"]) for k in r]
+            (r[k]["ordinary"]["collateral"], r[k]["canary"]["all"]["novel_valid"]) for k in r
+        ]
         controls.append(_curve_value(pts, x))
     median_control = float(np.median(controls))
     others = {}
     for fam in ("uniform", "text-noise", "random-token", "guidance"):
         pts = [(0.0, base["canary"]["all"]["novel_valid"])] + [
-            (r["ordinary"]["collateral"], r["canary"]["all"]["novel_valid"]) for r in rows[fam].values()]
-        others[fam] = {"at_equal_collateral": _curve_value(pts, x),
-                       "best_novel_valid": max(r["canary"]["all"]["novel_valid"] for r in rows[fam].values())}
+            (r["ordinary"]["collateral"], r["canary"]["all"]["novel_valid"]) for r in rows[fam].values()
+        ]
+        others[fam] = {
+            "at_equal_collateral": _curve_value(pts, x),
+            "best_novel_valid": max(r["canary"]["all"]["novel_valid"] for r in rows[fam].values()),
+        }
     copy = [rows["map"][str(f)]["canary"]["all"]["copy_1/3"] for f in sorted(FIDELITIES, reverse=True)]
     n = len(tb.canaries) * seeds
     noise = 2 * float(np.sqrt(0.25 / n))  # two binomial standard errors at p = 1/2
@@ -146,19 +154,29 @@ def _bars(tb, rows: dict, n_controls: int, seeds: int) -> dict:
     checks = {
         "extrapolation: most-exposed copy_1/3 <= 0.05": ext["canary"][most]["copy_1/3"] <= 0.05,
         "extrapolation: canary novel_valid >= 0.60": nv >= 0.60,
-        "extrapolation: ordinary valid >= 0.95 x fidelity-0": ext["ordinary"]["valid"] >= 0.95 * base["ordinary"]["valid"],
+        "extrapolation: ordinary valid >= 0.95 x fidelity-0": ext["ordinary"]["valid"]
+        >= 0.95 * base["ordinary"]["valid"],
         "extrapolation: ordinary collateral <= 0.25": x <= 0.25,
         "selectivity: novel_valid >= 2 x median control at equal collateral": nv >= 2 * median_control,
         "selectivity: beats uniform and both baselines at equal collateral": all(
-            nv > o["at_equal_collateral"] for o in others.values()),
+            nv > o["at_equal_collateral"] for o in others.values()
+        ),
         "fidelity: least-exposed copy_1/3 >= 1.5 x fidelity-0": fid["canary"][least]["copy_1/3"]
         >= 1.5 * base["canary"][least]["copy_1/3"],
         "fidelity: ordinary valid >= 0.95 x fidelity-0": fid["ordinary"]["valid"] >= 0.95 * base["ordinary"]["valid"],
         "monotone: canary copy does not rise from +1 to -1 (beyond 2 SE)": all(
-            b <= a + noise for a, b in zip(copy, copy[1:])),
+            b <= a + noise for a, b in zip(copy, copy[1:], strict=False)
+        ),
     }
-    return {"checks": checks, "pass": all(checks.values()), "equal_collateral": x, "median_control_novel_valid":
-            median_control, "controls_novel_valid": controls, "baselines": others, "copy_by_fidelity_+1_to_-1": copy,
-            "seed_noise_2se": noise,
-            "most_exposed_bound_copy_at_-1": ext["canary"][most]["copy_bound_1/3"],
-            "least_exposed_copy_1/2_at_0_and_+1": [base["canary"][least]["copy_1/2"], fid["canary"][least]["copy_1/2"]]}
+    return {
+        "checks": checks,
+        "pass": all(checks.values()),
+        "equal_collateral": x,
+        "median_control_novel_valid": median_control,
+        "controls_novel_valid": controls,
+        "baselines": others,
+        "copy_by_fidelity_+1_to_-1": copy,
+        "seed_noise_2se": noise,
+        "most_exposed_bound_copy_at_-1": ext["canary"][most]["copy_bound_1/3"],
+        "least_exposed_copy_1/2_at_0_and_+1": [base["canary"][least]["copy_1/2"], fid["canary"][least]["copy_1/2"]],
+    }

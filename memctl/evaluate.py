@@ -45,8 +45,16 @@ def generate(pipe, prompts: list[str], seeds: list[int], spec: EvalSpec, **call_
     out = []
     for i in range(0, len(prompts), spec.batch_size):
         gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + spec.batch_size]]
-        out.append(pipe(prompts[i : i + spec.batch_size], generator=gens, num_inference_steps=spec.steps,
-                        guidance_scale=spec.guidance, output_type="pt", **call_kwargs).images.cpu())
+        out.append(
+            pipe(
+                prompts[i : i + spec.batch_size],
+                generator=gens,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance,
+                output_type="pt",
+                **call_kwargs,
+            ).images.cpu()
+        )
     return torch.cat(out)
 
 
@@ -79,8 +87,10 @@ def score_samples(tb, samples: Samples, reference: Samples | None = None) -> dic
     for k, (_, bound, exposure, c) in enumerate(tb.canaries):
         x = samples.canary[k]  # (S, C, H, W)
         pred = tb.classify(x)
-        row = by_exposure.setdefault(exposure, {"copy_1/3": [], "copy_1/2": [], "copy_bound_1/3": [],
-                                                "novel_valid": [], "valid": [], "diversity": []})
+        row = by_exposure.setdefault(
+            exposure,
+            {"copy_1/3": [], "copy_1/2": [], "copy_bound_1/3": [], "novel_valid": [], "valid": [], "diversity": []},
+        )
         idx = metrics.copy_index(x, train, 1 / 3)
         bound_idx = int((train - bound).flatten(1).norm(dim=1).argmin())
         row["copy_1/3"].append(metrics.copy_rate(x, train, 1 / 3))
@@ -102,8 +112,10 @@ def score_samples(tb, samples: Samples, reference: Samples | None = None) -> dic
     if reference is not None:
         ordinary["collateral"] = metrics.collateral(flat, reference.ordinary.flatten(0, 1), refs["mean"][targets])
         canary["all"]["collateral"] = metrics.collateral(
-            samples.canary.flatten(0, 1), reference.canary.flatten(0, 1),
-            refs["mean"][torch.tensor([c[3] for c in tb.canaries]).repeat_interleave(samples.spec.seeds)])
+            samples.canary.flatten(0, 1),
+            reference.canary.flatten(0, 1),
+            refs["mean"][torch.tensor([c[3] for c in tb.canaries]).repeat_interleave(samples.spec.seeds)],
+        )
     return {"canary": canary, "ordinary": ordinary, "settings": samples.spec.to_dict()}
 
 
@@ -113,18 +125,29 @@ def _mean(values: list[float]) -> float:
 
 def format_table(rows: dict[str, dict]) -> str:
     """A text table: one row per setting (e.g. fidelity), the headline measures as columns."""
-    head = ["setting", "canary copy 1/3 by exposure", "copy 1/2 by exposure", "canary novel-valid",
-            "ordinary valid", "ordinary copy", "collateral"]
+    head = [
+        "setting",
+        "canary copy 1/3 by exposure",
+        "copy 1/2 by exposure",
+        "canary novel-valid",
+        "ordinary valid",
+        "ordinary copy",
+        "collateral",
+    ]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for name, m in rows.items():
         exposures = [e for e in m["canary"] if e != "all"]
-        lines.append(" | ".join([
-            name,
-            " / ".join(f"{e}×: {m['canary'][e]['copy_1/3']:.0%}" for e in exposures),
-            " / ".join(f"{m['canary'][e]['copy_1/2']:.0%}" for e in exposures),
-            f"{m['canary']['all']['novel_valid']:.0%}",
-            f"{m['ordinary']['valid']:.1%}",
-            f"{m['ordinary']['copy_1/3']:.1%}",
-            f"{m['ordinary'].get('collateral', 0.0):.3f}",
-        ]))
+        lines.append(
+            " | ".join(
+                [
+                    name,
+                    " / ".join(f"{e}×: {m['canary'][e]['copy_1/3']:.0%}" for e in exposures),
+                    " / ".join(f"{m['canary'][e]['copy_1/2']:.0%}" for e in exposures),
+                    f"{m['canary']['all']['novel_valid']:.0%}",
+                    f"{m['ordinary']['valid']:.1%}",
+                    f"{m['ordinary']['copy_1/3']:.1%}",
+                    f"{m['ordinary'].get('collateral', 0.0):.3f}",
+                ]
+            )
+        )
     return "\n".join(lines)

@@ -31,8 +31,10 @@ def tensor_to_pil(x: torch.Tensor, size: int = CELL) -> Image.Image:
 
 
 def make_grid(rows: list[tuple], title: str = "", header: list[str] | None = None) -> Image.Image:
-    """`rows`: `(label, images (N, C, H, W) or a list with None for an empty cell)` or `(label, images, marks)` where `marks` is a list of colour
-    names (or None) drawn as a frame around each tile, e.g. red for a copy. `header` labels the columns."""
+    """Rows of `(label, images)` or `(label, images, marks)`.
+
+    `images`: `(N, C, H, W)` or a list with None for an empty cell; `marks`: a colour name (or None) per tile, drawn
+    as a frame around it, e.g. red for a copy. `header` labels the columns."""
     n_cols = max(len(r[1]) for r in rows)
     top = (28 if title else 0) + (22 if header else 0)
     width = LABEL_WIDTH + n_cols * (CELL + PAD) + PAD

@@ -71,7 +71,9 @@ def load_model_and_testbed(name_or_path: str):
 def load_denoisers(name_or_path: str) -> dict:
     """{component: denoiser} of a testbed or pipeline folder (`unet`, `transformer`, `transformer_2`)."""
     pipe, _ = load_model_and_testbed(name_or_path)
-    found = {n: getattr(pipe, n) for n in ("unet", "transformer", "transformer_2") if getattr(pipe, n, None) is not None}
+    found = {
+        n: getattr(pipe, n) for n in ("unet", "transformer", "transformer_2") if getattr(pipe, n, None) is not None
+    }
     if not found:
         raise ValueError(f"Expected a pipeline with a unet or transformer, but {type(pipe).__name__} has neither.")
     return found

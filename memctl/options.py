@@ -33,14 +33,19 @@ class GenerationOptions:
         _expect(isinstance(self.negative_prompt, str), "negative_prompt", "a str", self.negative_prompt)
         _expect(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", "an int in [0, 2**63)", self.seed)
         _expect(_is_int(self.steps) and 1 <= self.steps <= 1000, "steps", "an int in [1, 1000]", self.steps)
-        _expect(_is_int(self.batch_size) and 1 <= self.batch_size <= 64, "batch_size", "an int in [1, 64]",
-                self.batch_size)
+        _expect(
+            _is_int(self.batch_size) and 1 <= self.batch_size <= 64, "batch_size", "an int in [1, 64]", self.batch_size
+        )
         _expect(_finite(self.guidance) and 0 <= self.guidance <= 50, "guidance", "a number in [0, 50]", self.guidance)
         _expect(_finite(self.fidelity) and -1 <= self.fidelity <= 1, "fidelity", "a number in [-1, 1]", self.fidelity)
         _expect(_finite(self.strength) and 0 <= self.strength <= 4, "strength", "a number in [0, 4]", self.strength)
         _expect(_finite(self.start) and 0 <= self.start <= 1, "start", "a number in [0, 1]", self.start)
-        _expect(_finite(self.stop) and self.start <= self.stop <= 1, "stop", f"a number in [start={self.start}, 1]",
-                self.stop)
+        _expect(
+            _finite(self.stop) and self.start <= self.stop <= 1,
+            "stop",
+            f"a number in [start={self.start}, 1]",
+            self.stop,
+        )
         for name in ("frames", "fps"):
             value = getattr(self, name)
             _expect(value is None or (_is_int(value) and value >= 1), name, "None or a positive int", value)
@@ -58,9 +63,15 @@ class GenerationOptions:
 
     def a1111_parameters(self, model: str = "", block_map: str = "") -> str:
         """The A1111-style `parameters` text: prompt, `Negative prompt:`, then `Key: value` pairs."""
-        pairs = [("Steps", self.steps), ("Sampler", "DDIM"), ("CFG scale", self.guidance), ("Seed", self.seed),
-                 ("Fidelity", self.fidelity), ("Fidelity strength", self.strength),
-                 ("Fidelity window", f"{self.start}-{self.stop}")]
+        pairs = [
+            ("Steps", self.steps),
+            ("Sampler", "DDIM"),
+            ("CFG scale", self.guidance),
+            ("Seed", self.seed),
+            ("Fidelity", self.fidelity),
+            ("Fidelity strength", self.strength),
+            ("Fidelity window", f"{self.start}-{self.stop}"),
+        ]
         if model:
             pairs.append(("Model", model))
         if block_map:

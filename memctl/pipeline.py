@@ -49,8 +49,13 @@ class PixelPipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """`(B, L, D)` text states, as `StableDiffusionPipeline` computes them."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return self.text_encoder(ids.to(self._execution_device))[0]
 
     @torch.no_grad()
@@ -89,8 +94,9 @@ class PixelPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != len(prompts):
             raise ValueError(f"Expected {len(prompts)} generators (one per image), but got {len(generator)}.")
         with _knob_for_call(self, fidelity, block_map, fidelity_start, fidelity_stop):
-            images = self._sample(prompts, negatives, num_inference_steps, guidance_scale, generator,
-                                  callback_on_step_end)
+            images = self._sample(
+                prompts, negatives, num_inference_steps, guidance_scale, generator, callback_on_step_end
+            )
         images = (images / 2 + 0.5).clamp(0, 1)  # (B, C, H, W) in [0, 1]
         if output_type == "pt":
             out = images

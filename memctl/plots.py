@@ -32,11 +32,16 @@ def heatmap(bmap, title: str | None = None) -> Image.Image:
     width, height = LABEL_W + CELL_W * len(levels) + 10, TOP + CELL_H * bmap.n_blocks + 30
     image = Image.new("RGB", (width, height), "white")
     draw, font = ImageDraw.Draw(image), _font(12)
-    draw.text((6, 6), title or f"block map ({bmap.method}, lever {bmap.lever}): red = memorization-heavy",
-              fill="black", font=_font(14))
+    draw.text(
+        (6, 6),
+        title or f"block map ({bmap.method}, lever {bmap.lever}): red = memorization-heavy",
+        fill="black",
+        font=_font(14),
+    )
     for j, lv in enumerate(levels):
-        draw.text((LABEL_W + j * CELL_W + 8, TOP - 18), "score" if lv is None else f"t={lv:.2f}", fill="dimgray",
-                  font=font)
+        draw.text(
+            (LABEL_W + j * CELL_W + 8, TOP - 18), "score" if lv is None else f"t={lv:.2f}", fill="dimgray", font=font
+        )
     for i, name in enumerate(bmap.names):
         y = TOP + i * CELL_H
         draw.text((6, y + 3), f"{name} ({bmap.kinds[i]})", fill="black", font=font)
@@ -45,6 +50,10 @@ def heatmap(bmap, title: str | None = None) -> Image.Image:
             x = LABEL_W + j * CELL_W
             draw.rectangle((x, y, x + CELL_W - 2, y + CELL_H - 2), fill=_colour(v / scale))
             draw.text((x + 6, y + 3), f"{v:+.3f}", fill="black", font=font)
-    draw.text((6, height - 22), "t = noise level (1 = pure noise); scores: loss rise on memorized minus general probes",
-              fill="dimgray", font=font)
+    draw.text(
+        (6, height - 22),
+        "t = noise level (1 = pure noise); scores: loss rise on memorized minus general probes",
+        fill="dimgray",
+        font=font,
+    )
     return image

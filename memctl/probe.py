@@ -56,11 +56,15 @@ def _denoiser(pipe):
 
 def _encode_conditions(pipe, conds: list) -> torch.Tensor:
     if not all(isinstance(c, str) for c in conds):
-        raise ValueError("Expected prompt (str) conditions for this pipeline, but got class labels; "
-                         "class-conditional probing needs a class-conditional pipeline.")
+        raise ValueError(
+            "Expected prompt (str) conditions for this pipeline, but got class labels; "
+            "class-conditional probing needs a class-conditional pipeline."
+        )
     if not hasattr(pipe, "encode_prompt") or getattr(pipe, "vae", None) is not None:
-        raise ValueError(f"Expected a pixel-space text-to-image pipeline (memctl.PixelPipeline) for image probes, "
-                         f"but got {type(pipe).__name__}; use method='prompt' for latent pipelines.")
+        raise ValueError(
+            f"Expected a pixel-space text-to-image pipeline (memctl.PixelPipeline) for image probes, "
+            f"but got {type(pipe).__name__}; use method='prompt' for latent pipelines."
+        )
     return pipe.encode_prompt(conds)
 
 
@@ -76,8 +80,10 @@ def _make_batches(pipe, probes: ProbeSet, levels, seed: int, repeats: int) -> li
         cond = _encode_conditions(pipe, conds)
     x0, cond = x0.repeat(repeats, 1, 1, 1), cond.repeat(repeats, 1, 1)
     n_mem = len(probes.memorized)
-    order = torch.cat([torch.arange(n_mem) + r * len(conds) for r in range(repeats)] +
-                      [torch.arange(n_mem, len(conds)) + r * len(conds) for r in range(repeats)])
+    order = torch.cat(
+        [torch.arange(n_mem) + r * len(conds) for r in range(repeats)]
+        + [torch.arange(n_mem, len(conds)) + r * len(conds) for r in range(repeats)]
+    )
     x0, cond = x0[order], cond[order]
     gen = torch.Generator().manual_seed(seed)
     n_train = pipe.scheduler.config.num_train_timesteps
@@ -110,8 +116,15 @@ def _selectivity(base: tuple[float, float], hit: tuple[float, float]) -> float:
     return ((hit[0] - base[0]) - (hit[1] - base[1])) / base[1]
 
 
-def attribute_ablation(pipe, probes: ProbeSet, levels=NOISE_LEVELS, granularity: str = "unit", seed: int = 0,
-                       repeats: int = 2, progress: bool = True) -> tuple[list, torch.Tensor, dict]:
+def attribute_ablation(
+    pipe,
+    probes: ProbeSet,
+    levels=NOISE_LEVELS,
+    granularity: str = "unit",
+    seed: int = 0,
+    repeats: int = 2,
+    progress: bool = True,
+) -> tuple[list, torch.Tensor, dict]:
     """Per-block selectivity scores `(n_blocks, n_levels)` by zeroing one residual update at a time."""
     denoiser = _denoiser(pipe)
     blocks = find_blocks(denoiser, granularity=granularity)
@@ -124,7 +137,7 @@ def attribute_ablation(pipe, probes: ProbeSet, levels=NOISE_LEVELS, granularity:
             for j, b in enumerate(batches):
                 scores[i, j] = _selectivity(base[j], _losses(denoiser, b))
             scales.set(block, 1.0)
-    return blocks, scores, {"base_loss": {str(lv): list(bl) for lv, bl in zip(levels, base)}}
+    return blocks, scores, {"base_loss": {str(lv): list(bl) for lv, bl in zip(levels, base, strict=False)}}
 
 
 def condition_tensors(pipe, probes: ProbeSet, k: int = 8) -> tuple[dict[str, torch.Tensor], list[float]]:
@@ -134,13 +147,18 @@ def condition_tensors(pipe, probes: ProbeSet, k: int = 8) -> tuple[dict[str, tor
         mem = _encode_conditions(pipe, list(dict.fromkeys(probes.conditions("memorized"))))  # (M, L, D)
         bank = _encode_conditions(pipe, general)  # (P, L, D)
     sub = fit_subspace(mem, bank, k=min(k, bank.shape[-1]))
-    tensors = {"read": sub.read, "tau": weight_threshold(bank, sub.read), "bank": bank.float().contiguous(),
-               "g_inv_half": sub.g_inv_half}
+    tensors = {
+        "read": sub.read,
+        "tau": weight_threshold(bank, sub.read),
+        "bank": bank.float().contiguous(),
+        "g_inv_half": sub.g_inv_half,
+    }
     return tensors, [round(x, 2) for x in sub.ratios.tolist()]
 
 
-def attribute_condition(pipe, probes: ProbeSet, levels=NOISE_LEVELS, seed: int = 0, repeats: int = 2, k: int = 8,
-                        progress: bool = True) -> tuple[list, torch.Tensor, dict, dict]:
+def attribute_condition(
+    pipe, probes: ProbeSet, levels=NOISE_LEVELS, seed: int = 0, repeats: int = 2, k: int = 8, progress: bool = True
+) -> tuple[list, torch.Tensor, dict, dict]:
     """Per-unit selectivity `(n_blocks, n_levels)` of the condition lever: memorized conditioning tokens replaced
     in one unit's cross-attention at a time. Units without cross-attention carry no such lever and score 0."""
     denoiser = _denoiser(pipe)
@@ -152,8 +170,10 @@ def attribute_condition(pipe, probes: ProbeSet, levels=NOISE_LEVELS, seed: int =
     lever_blocks = [(i, b, cross_attentions(denoiser, b)) for i, b in enumerate(blocks)]
     lever_blocks = [x for x in lever_blocks if x[2]]
     if not lever_blocks:
-        raise ValueError(f"Expected a denoiser with cross-attention for method 'condition', but "
-                         f"{type(denoiser).__name__} has none; use method='ablation'.")
+        raise ValueError(
+            f"Expected a denoiser with cross-attention for method 'condition', but "
+            f"{type(denoiser).__name__} has none; use method='ablation'."
+        )
     for i, _, paths in tqdm(lever_blocks, desc="probing (condition)", unit="block", disable=not progress):
         with attached(denoiser, {p: ConditionHook("memctl.probe", tensors, 0.0) for p in paths}, "memctl.probe"):
             for j, b in enumerate(batches):
@@ -161,13 +181,24 @@ def attribute_condition(pipe, probes: ProbeSet, levels=NOISE_LEVELS, seed: int =
     positive = scores[scores > 0]
     # fidelity -1 at strength 1 fully replaces memorized tokens in every unit at least median-selective
     knob_scale = float(positive.median()) if len(positive) else 1.0
-    extra = {"base_loss": {str(lv): list(bl) for lv, bl in zip(levels, base)}, "subspace_ratios": ratios,
-             "positive_gain": POSITIVE_GAIN, "knob_scale": knob_scale}
+    extra = {
+        "base_loss": {str(lv): list(bl) for lv, bl in zip(levels, base, strict=False)},
+        "subspace_ratios": ratios,
+        "positive_gain": POSITIVE_GAIN,
+        "knob_scale": knob_scale,
+    }
     return blocks, scores, extra, tensors
 
 
-def probe(pipe, probes: ProbeSet, method: str = "ablation", noise_levels=NOISE_LEVELS, granularity: str = "unit",
-          seed: int = 0, progress: bool = True):
+def probe(
+    pipe,
+    probes: ProbeSet,
+    method: str = "ablation",
+    noise_levels=NOISE_LEVELS,
+    granularity: str = "unit",
+    seed: int = 0,
+    progress: bool = True,
+):
     """Attribute memorization vs generalization to the blocks of `pipe`'s denoiser; returns a `BlockMap`."""
     from memctl.blockmap import BlockMap
 
@@ -188,8 +219,13 @@ def probe(pipe, probes: ProbeSet, method: str = "ablation", noise_levels=NOISE_L
         raise ValueError(f"Expected method 'ablation' or 'condition', but got {method!r}.")
     meta = {"probes": probes.summary(), "seed": seed, "seconds": round(time.perf_counter() - t0, 1), **extra}
     denoiser = _denoiser(pipe)
-    bmap = BlockMap.from_scores(denoiser, {b.name: scores[i].tolist() for i, b in enumerate(blocks)},
-                                levels=list(noise_levels), method=method, meta=meta)
+    bmap = BlockMap.from_scores(
+        denoiser,
+        {b.name: scores[i].tolist() for i, b in enumerate(blocks)},
+        levels=list(noise_levels),
+        method=method,
+        meta=meta,
+    )
     bmap.lever, bmap.lever_tensors = lever, tensors
     bmap.__post_init__()
     return bmap

@@ -34,10 +34,14 @@ def _as_tensor(image, where: str) -> torch.Tensor | None:
         if not (math.isfinite(lo) and math.isfinite(hi) and lo >= 0 and hi <= 1):
             raise ValueError(f"Expected {where} image values in [0, 1], but got values in [{lo:.3g}, {hi:.3g}].")
         return image.detach().float().cpu()
-    got = f"tensor of shape {tuple(image.shape)} and dtype {image.dtype}" if isinstance(image, torch.Tensor) else \
-        type(image).__name__
-    raise ValueError(f"Expected {where} image to be a PIL image, a float tensor (C, H, W) in [0, 1] or None, "
-                     f"but got {got}.")
+    got = (
+        f"tensor of shape {tuple(image.shape)} and dtype {image.dtype}"
+        if isinstance(image, torch.Tensor)
+        else type(image).__name__
+    )
+    raise ValueError(
+        f"Expected {where} image to be a PIL image, a float tensor (C, H, W) in [0, 1] or None, but got {got}."
+    )
 
 
 def _check_pairs(pairs, role: str) -> list[tuple[Condition, torch.Tensor | None]]:
@@ -49,8 +53,9 @@ def _check_pairs(pairs, role: str) -> list[tuple[Condition, torch.Tensor | None]
             raise ValueError(f"Expected {role}[{i}] to be a (condition, image) pair, but got {pair!r}.")
         cond, image = pair
         if isinstance(cond, bool) or not isinstance(cond, (str, int)):
-            raise ValueError(f"Expected {role}[{i}]'s condition to be a prompt (str) or a class label (int), "
-                             f"but got {cond!r}.")
+            raise ValueError(
+                f"Expected {role}[{i}]'s condition to be a prompt (str) or a class label (int), but got {cond!r}."
+            )
         out.append((cond, _as_tensor(image, f"{role}[{i}]'s")))
     return out
 
@@ -79,8 +84,10 @@ class ProbeSet:
     def images(self, role: str) -> torch.Tensor:
         """`(N, C, H, W)` in [0, 1]; an error when some probe of `role` has no image."""
         if not self.has_images(role):
-            raise ValueError(f"Expected every {role} probe to have an image for this method, but some have None. "
-                             "Use a prompt-only method (method='prompt') or add the images.")
+            raise ValueError(
+                f"Expected every {role} probe to have an image for this method, but some have None. "
+                "Use a prompt-only method (method='prompt') or add the images."
+            )
         return torch.stack([im for _, im in getattr(self, role)])
 
     def summary(self) -> dict:
@@ -91,5 +98,9 @@ class ProbeSet:
                 h.update(f"{role}|{cond!r}|".encode())
                 if im is not None:
                     h.update(im.numpy().tobytes())
-        return {"memorized": len(self.memorized), "general": len(self.general),
-                "images": self.has_images(), "sha256": h.hexdigest()[:16]}
+        return {
+            "memorized": len(self.memorized),
+            "general": len(self.general),
+            "images": self.has_images(),
+            "sha256": h.hexdigest()[:16],
+        }

@@ -23,8 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     from memctl.zoo.train_digits import train
 
     out = args.out or Path("assets") / f"digits-s{args.seed}"
-    info = train(args.seed, out, steps=args.steps, batch_size=args.batch_size, max_minutes=args.max_minutes,
-                 resume=args.resume, lr=args.lr, device=args.device)
+    info = train(
+        args.seed,
+        out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        max_minutes=args.max_minutes,
+        resume=args.resume,
+        lr=args.lr,
+        device=args.device,
+    )
     print(json.dumps(info, indent=2))
     return 0
 

@@ -31,13 +31,14 @@ def assets_dir() -> Path:
     raise FileNotFoundError(f"Expected memctl's assets in {here / 'assets'} or {here.parent / 'assets'}, found none.")
 
 
-def load_testbed(name: str = "digits") -> "Testbed":
+def load_testbed(name: str = "digits") -> Testbed:
     """A testbed by name ("digits" = "digits-s0", "digits-s1") or by the path of a folder holding testbed.json."""
     path = Path(name)
     if not (path / "testbed.json").is_file():
         if name not in TESTBEDS:
-            raise ValueError(f"Expected a testbed name in {sorted(TESTBEDS)} or a folder with testbed.json, "
-                             f"but got {name!r}.")
+            raise ValueError(
+                f"Expected a testbed name in {sorted(TESTBEDS)} or a folder with testbed.json, but got {name!r}."
+            )
         path = assets_dir() / TESTBEDS[name]
     return Testbed(path)
 
@@ -116,8 +117,10 @@ class Testbed:
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Class ids `(N,)` from the shipped validity classifier; `images` `(N, C, H, W)` in [0, 1]."""
         if images.ndim != 4 or images.shape[1:] != self.train_images.shape[1:]:
-            raise ValueError(f"Expected images of shape (N, {', '.join(map(str, self.train_images.shape[1:]))}), "
-                             f"but got {tuple(images.shape)}.")
+            raise ValueError(
+                f"Expected images of shape (N, {', '.join(map(str, self.train_images.shape[1:]))}), "
+                f"but got {tuple(images.shape)}."
+            )
         return self._classifier(images.float().cpu()).argmax(1)
 
     def pipeline(self, **kwargs):
@@ -132,6 +135,8 @@ class Testbed:
 
         path = self.path / "blockmap.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"Expected a shipped block map at {path}, but there is none yet. "
-                                    "Make one with `memctl probe` and save it there.")
+            raise FileNotFoundError(
+                f"Expected a shipped block map at {path}, but there is none yet. "
+                "Make one with `memctl probe` and save it there."
+            )
         return BlockMap.load(path)

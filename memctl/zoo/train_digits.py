@@ -97,14 +97,16 @@ class _Sampler:
 
 def _encode(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
     unique = sorted(set(prompts))
-    ids = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     states = text_encoder(ids.to(text_encoder.device))[0]  # (U, L, D)
     return states[torch.tensor([unique.index(p) for p in prompts], device=states.device)]  # (B, L, D)
 
 
-def _save_state(path: Path, step: int, models: dict, ema: dict, opt: torch.optim.Optimizer, rng_state,
-                gen: torch.Generator) -> None:
+def _save_state(
+    path: Path, step: int, models: dict, ema: dict, opt: torch.optim.Optimizer, rng_state, gen: torch.Generator
+) -> None:
     tensors = {"gen_state": gen.get_state()}
     for prefix, module in models.items():
         tensors.update({f"{prefix}.{k}": v.contiguous() for k, v in module.state_dict().items()})
@@ -148,9 +150,19 @@ def _load_state(path: Path, models: dict, ema: dict, opt: torch.optim.Optimizer,
     return int(meta["step"]), [rng[0], tuple(rng[1]), rng[2]]
 
 
-def train(seed: int, out: Path, steps: int = 4000, batch_size: int = 128, lr: float = 5e-4, ema_decay: float = 0.999,
-          max_minutes: float = 60.0, resume: bool = False, log_every: int = 50, ckpt_every: int = 250,
-          device: str = "cpu") -> dict:
+def train(
+    seed: int,
+    out: Path,
+    steps: int = 4000,
+    batch_size: int = 128,
+    lr: float = 5e-4,
+    ema_decay: float = 0.999,
+    max_minutes: float = 60.0,
+    resume: bool = False,
+    log_every: int = 50,
+    ckpt_every: int = 250,
+    device: str = "cpu",
+) -> dict:
     """Train one digits model and save it, in diffusers layout, with its testbed files, to `out`."""
     from memctl.zoo.classifier import train_classifier
 
@@ -212,8 +224,16 @@ def train(seed: int, out: Path, steps: int = 4000, batch_size: int = 128, lr: fl
         m.load_state_dict({k: ema[f"{n}.{k}"] for k in m.state_dict()})
         m.to("cpu")
     classifier, accuracy = train_classifier(images, labels, spec, seed=seed)
-    info = {"seed": seed, "steps": step, "device": str(device), "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
-            "minutes": round((time.time() - start) / 60, 2), "classifier_held_out_accuracy": accuracy}
+    info = {
+        "seed": seed,
+        "steps": step,
+        "device": str(device),
+        "batch_size": batch_size,
+        "lr": lr,
+        "ema_decay": ema_decay,
+        "minutes": round((time.time() - start) / 60, 2),
+        "classifier_held_out_accuracy": accuracy,
+    }
     _export(out, spec, tokenizer, text_encoder, unet, sample_sched, classifier, info)
     return info
 
