@@ -13,5 +13,5 @@ for cfg in $1; do
     --out "/tmp/models/$name" > "$OUT/$name.log" 2>&1 &
 done
 wait
-cd /tmp/models && for d in */; do tar -cf "$OUT/${d%/}.tar" "${d%/}"; done
+cd /tmp/models && for d in */; do case "$d" in *.work/|*.tmp/) continue;; esac; tar -cf "$OUT/${d%/}.tar" "${d%/}"; done
 ls -la "$OUT"
