@@ -23,7 +23,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["Block", "find_blocks", "unwrap"]
+__all__ = ["Block", "DENOISER_ATTRS", "find_blocks", "pipeline_denoisers", "unwrap"]
+
+DENOISER_ATTRS = ("unet", "transformer", "transformer_2")  # transformer_2: Wan 2.2's second expert
 
 # Residual units inside a UNet down/mid/up block: container attribute -> (kind, rank in forward order).
 _UNET_CONTAINERS = {
@@ -92,6 +94,11 @@ class Block:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module under a `torch.compile` wrapper (hooks go on the unwrapped module)."""
     return getattr(model, "_orig_mod", model)
+
+
+def pipeline_denoisers(pipe) -> dict[str, torch.nn.Module]:
+    """`{component: denoiser}` a pipeline holds (`unet`, `transformer`, `transformer_2`); empty if none."""
+    return {c: getattr(pipe, c) for c in DENOISER_ATTRS if isinstance(getattr(pipe, c, None), torch.nn.Module)}
 
 
 def find_blocks(model: torch.nn.Module, granularity: str = "unit", names: list[str] | None = None) -> list[Block]:

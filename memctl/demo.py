@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memctl import metrics
-from memctl.evaluate import EvalSpec, Samples, format_table, sample_testbed, score_samples
+from memctl.evaluate import EvalSpec, Samples, format_table, reference_distances, sample_testbed, score_samples
 from memctl.grid import make_grid
 
 SWEEP = (-1.0, -0.5, 0.0, 0.5, 1.0)
@@ -27,7 +27,7 @@ def _marks(tb, x: torch.Tensor, c: int, bound: torch.Tensor | None) -> list[str 
     novel = (
         torch.zeros(len(x), dtype=torch.bool)
         if bound is None
-        else metrics.novel_valid(x, pred, c, bound, tb._eval_refs["q10"][c])
+        else metrics.novel_valid(x, pred, c, bound, reference_distances(tb)["q10"][c])
     )
     return ["red" if k else "green" if n else None for k, n in zip(copies.tolist(), novel.tolist(), strict=False)]
 

@@ -55,7 +55,7 @@ class _TextNoise:
         self.pipe.encode_prompt = self.orig
 
 
-def _random_token_prompts(tb, seed: int = 0):
+def _random_token_prompts(seed: int = 0):
     rng = random.Random(seed)
     words = ["ship", "tree", "blue", "cat", "road", "lamp", "cold", "star", "milk", "ring"]
     return lambda p: f"{p} {rng.choice(words)}"
@@ -65,11 +65,13 @@ def _row(tb, pipe, spec, ref, **kw) -> dict:
     return score_samples(tb, sample_testbed(pipe, tb, spec, **kw), ref)
 
 
-def _curve_value(points: list[tuple[float, float]], x: float) -> float:
-    """Novel-valid interpolated at collateral `x` along a control's (collateral, novel-valid) points."""
-    pts = sorted(points)
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    return float(np.interp(x, xs, ys))
+def _novel_valid_at(base: dict, family_rows, x: float) -> float:
+    """A family's canary novel-valid rate interpolated at collateral `x`, along its settings and fidelity 0."""
+    pts = sorted(
+        [(0.0, base["canary"]["all"]["novel_valid"])]
+        + [(r["ordinary"]["collateral"], r["canary"]["all"]["novel_valid"]) for r in family_rows]
+    )
+    return float(np.interp(x, [p[0] for p in pts], [p[1] for p in pts]))
 
 
 def effect_for_model(name: str, seeds: int = 8, n_controls: int = 5, progress: bool = True) -> dict:
@@ -82,7 +84,6 @@ def effect_for_model(name: str, seeds: int = 8, n_controls: int = 5, progress: b
     bmap = probe(pipe, testbed_probes(tb), method="condition", progress=progress)
     probe_seconds = round(time.perf_counter() - t0, 1)
     ref = sample_testbed(pipe, tb, spec)
-    settings: list[tuple[str, float, dict]] = []
     jobs = [("map", f, {"map": bmap}) for f in FIDELITIES if f != 0.0]
     jobs += [(f"control {i}", f, {"map": bmap.shuffled(i)}) for i in range(n_controls) for f in CONTROL_FIDELITIES]
     units = find_blocks(pipe.unet)
@@ -102,11 +103,10 @@ def effect_for_model(name: str, seeds: int = 8, n_controls: int = 5, progress: b
             with _TextNoise(pipe, x):
                 row = _row(tb, pipe, spec, ref)
         elif "token" in job:
-            row = _row(tb, _PromptEdit(pipe, _random_token_prompts(tb)), spec, ref)
+            row = _row(tb, _PromptEdit(pipe, _random_token_prompts()), spec, ref)
         else:
             row = _row(tb, pipe, EvalSpec(seeds=seeds, guidance=x), ref)
         rows.setdefault(family, {})[str(x)] = row
-        settings.append((family, x, row))
     return {
         "probe_seconds": probe_seconds,
         "map": bmap.to_dict(),
@@ -130,21 +130,12 @@ def _bars(tb, rows: dict, n_controls: int, seeds: int) -> dict:
     most, least = str(max(tb.exposures)), str(min(tb.exposures))
     base, ext, fid = rows["map"]["0.0"], rows["map"]["-1.0"], rows["map"]["1.0"]
     x = ext["ordinary"]["collateral"]
-    controls = []
-    for i in range(n_controls):
-        r = rows[f"control {i}"]
-        pts = [(0.0, base["canary"]["all"]["novel_valid"])] + [
-            (r[k]["ordinary"]["collateral"], r[k]["canary"]["all"]["novel_valid"]) for k in r
-        ]
-        controls.append(_curve_value(pts, x))
+    controls = [_novel_valid_at(base, rows[f"control {i}"].values(), x) for i in range(n_controls)]
     median_control = float(np.median(controls))
     others = {}
     for fam in ("uniform", "text-noise", "random-token", "guidance"):
-        pts = [(0.0, base["canary"]["all"]["novel_valid"])] + [
-            (r["ordinary"]["collateral"], r["canary"]["all"]["novel_valid"]) for r in rows[fam].values()
-        ]
         others[fam] = {
-            "at_equal_collateral": _curve_value(pts, x),
+            "at_equal_collateral": _novel_valid_at(base, rows[fam].values(), x),
             "best_novel_valid": max(r["canary"]["all"]["novel_valid"] for r in rows[fam].values()),
         }
     copy = [rows["map"][str(f)]["canary"]["all"]["copy_1/3"] for f in sorted(FIDELITIES, reverse=True)]

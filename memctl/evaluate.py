@@ -69,7 +69,7 @@ def sample_testbed(pipe, tb, spec: EvalSpec = EvalSpec(), **call_kwargs) -> Samp
     return Samples(images[: len(canary_prompts)], images[len(canary_prompts) :], spec)
 
 
-def _references(tb) -> dict:
+def reference_distances(tb) -> dict:
     """Per-class distance scales of the real digits (cached on the testbed)."""
     if not hasattr(tb, "_eval_refs"):
         real, classes = tb.train_images, tb.train_classes
@@ -82,7 +82,7 @@ def _references(tb) -> dict:
 
 def score_samples(tb, samples: Samples, reference: Samples | None = None) -> dict:
     """Metrics of one set of samples; `reference` (the same seeds at fidelity 0) adds collateral change."""
-    refs, train = _references(tb), tb.train_images
+    refs, train = reference_distances(tb), tb.train_images
     by_exposure: dict[int, dict[str, list[float]]] = {}
     for k, (_, bound, exposure, c) in enumerate(tb.canaries):
         x = samples.canary[k]  # (S, C, H, W)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from memctl.blockmap import BlockMap
-from memctl.blocks import find_blocks, unwrap
+from memctl.blocks import DENOISER_ATTRS, find_blocks, pipeline_denoisers, unwrap
 from memctl.hooks import CLOCK, KNOB, ConditionHook, ResidualScaleHook, TimestepHook, attach, cross_attentions, detach
 from memctl.passes import PASS_MODES, PASSES, CondRows, CondRowsHook, PassHook
 
@@ -38,7 +38,6 @@ __all__ = [
 
 _ATTR = "_memctl_knob"
 _BUFFERS = ("_memctl_knob_scores", "_memctl_knob_levels", "_memctl_knob_fidelity")
-_DENOISERS = ("unet", "transformer", "transformer_2")
 # Denoisers whose pipelines pass timestep / 1000 (already a normalized noise level).
 _UNIT_TIMESTEP = {
     "FluxTransformer2DModel",
@@ -142,13 +141,11 @@ def _denoisers(target: Any) -> list[tuple[str | None, torch.nn.Module]]:
     """(component, unwrapped module) of a bare denoiser (component None) or of each denoiser a pipeline holds."""
     if isinstance(target, torch.nn.Module):
         return [(None, unwrap(target))]
-    found = [
-        (c, unwrap(getattr(target, c))) for c in _DENOISERS if isinstance(getattr(target, c, None), torch.nn.Module)
-    ]
+    found = [(c, unwrap(m)) for c, m in pipeline_denoisers(target).items()]
     if not found:
         raise TypeError(
-            f"Expected a diffusers pipeline with a denoiser ({', '.join(_DENOISERS)}) or a denoiser module, but got "
-            f"{type(target).__name__} with none of them."
+            f"Expected a diffusers pipeline with a denoiser ({', '.join(DENOISER_ATTRS)}) or a denoiser module, "
+            f"but got {type(target).__name__} with none of them."
         )
     return found
 

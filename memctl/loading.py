@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from memctl.blocks import pipeline_denoisers
+
 
 def load_default(name: str = "digits", **kwargs):
     """The embedded default pipeline (offline, CPU fine)."""
@@ -71,9 +73,7 @@ def load_model_and_testbed(name_or_path: str):
 def load_denoisers(name_or_path: str) -> dict:
     """{component: denoiser} of a testbed or pipeline folder (`unet`, `transformer`, `transformer_2`)."""
     pipe, _ = load_model_and_testbed(name_or_path)
-    found = {
-        n: getattr(pipe, n) for n in ("unet", "transformer", "transformer_2") if getattr(pipe, n, None) is not None
-    }
+    found = pipeline_denoisers(pipe)
     if not found:
         raise ValueError(f"Expected a pipeline with a unet or transformer, but {type(pipe).__name__} has neither.")
     return found

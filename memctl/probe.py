@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from memctl.blocks import find_blocks
+from memctl.blocks import find_blocks, pipeline_denoisers
 from memctl.hooks import ConditionHook, attached, cross_attentions, scaled
 from memctl.probeset import ProbeSet
 from memctl.subspace import fit_subspace, weight_threshold
@@ -48,9 +48,9 @@ class _Batch:
 
 
 def _denoiser(pipe):
-    for name in ("unet", "transformer"):
-        if getattr(pipe, name, None) is not None:
-            return getattr(pipe, name)
+    found = pipeline_denoisers(pipe)
+    if found:
+        return next(iter(found.values()))
     raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but got {type(pipe).__name__}.")
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memctl.blocks import pipeline_denoisers
 from memctl.jobs import Job, JobError, Output, load_job
 from memctl.metadata import provenance, save_png
 
@@ -326,8 +327,7 @@ class Renderer:
 
 def _denoisers(pipe) -> dict[str, torch.nn.Module]:
     """`{component: denoiser}`: `unet`, `transformer` and (Wan 2.2) `transformer_2`, as block maps key them."""
-    found = {n: getattr(pipe, n) for n in ("unet", "transformer", "transformer_2")
-             if isinstance(getattr(pipe, n, None), torch.nn.Module)}
+    found = pipeline_denoisers(pipe)
     if not found:
         raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but got {type(pipe).__name__}.")
     return found
