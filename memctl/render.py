@@ -510,14 +510,10 @@ def _cmd_render(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="memctl")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["render", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"memctl render: error: {err}", file=sys.stderr)
-        return 2
+    """`python -m memctl.render JOB ...` (what `accelerate launch -m` runs): `memctl render JOB ...`."""
+    from memctl.cli import main as cli_main
+
+    return cli_main(["render", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

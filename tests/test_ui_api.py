@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -25,13 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ui/` lives at t
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from PIL import Image  # noqa: E402
+from uiapp import running_app  # noqa: E402
 
 from memctl.blockmap import BlockMap  # noqa: E402
 from memctl.blocks import find_blocks  # noqa: E402
 from memctl.metadata import read_png_settings  # noqa: E402
 from memctl.options import GenerationOptions  # noqa: E402
-from ui.app import create_demo, launch  # noqa: E402
-from ui.engine import Engine  # noqa: E402
 
 MODEL = os.environ.get("MEMCTL_UI_TEST_MODEL", "digits")
 pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # gradio's own pandas deprecations
@@ -54,21 +52,12 @@ DEFAULTS = dict(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("ui")
-    engine = Engine(MODEL)
-    demo = create_demo(engine, out_dir=str(tmp / "out"))
-    _, url, _ = launch(demo, port=free_port(), block=False, quiet=True)
-    yield {"url": url, "engine": engine, "tmp": tmp}
-    demo.close()
+    with running_app(MODEL, tmp / "out") as (url, engine):
+        yield {"url": url, "engine": engine, "tmp": tmp}
 
 
 @pytest.fixture(scope="module")

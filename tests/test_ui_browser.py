@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -25,12 +24,11 @@ sys.path.insert(0, str(ROOT))  # `ui/` lives at the repository root
 
 from PIL import Image  # noqa: E402
 from playwright import sync_api  # noqa: E402
+from uiapp import running_app  # noqa: E402
 
 from memctl.blockmap import BlockMap  # noqa: E402
 from memctl.blocks import find_blocks  # noqa: E402
 from memctl.metadata import read_png_settings  # noqa: E402
-from ui.app import create_demo, launch  # noqa: E402
-from ui.engine import Engine  # noqa: E402
 
 MODEL = os.environ.get("MEMCTL_UI_TEST_MODEL", "digits")
 pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # gradio's own pandas deprecations
@@ -45,14 +43,8 @@ STEPS = 10  # few, but enough for the screenshot to show digits
 def app(tmp_path_factory):
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("ui-browser")
-    engine = Engine(MODEL)
-    demo = create_demo(engine, out_dir=str(tmp / "out"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    _, url, _ = launch(demo, port=port, block=False, quiet=True)
-    yield {"url": url, "engine": engine, "tmp": tmp}
-    demo.close()
+    with running_app(MODEL, tmp / "out") as (url, engine):
+        yield {"url": url, "engine": engine, "tmp": tmp}
 
 
 @pytest.fixture(scope="module")
