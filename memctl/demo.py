@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memctl import metrics
-from memctl.evaluate import EvalSpec, Samples, format_table, reference_distances, sample_testbed, score_samples
+from memctl.evaluate import EvalSpec, Samples, format_table, sample_testbed, score_samples
 from memctl.grid import make_grid
 
 SWEEP = (-1.0, -0.5, 0.0, 0.5, 1.0)
@@ -27,7 +27,7 @@ def _marks(tb, x: torch.Tensor, c: int, bound: torch.Tensor | None) -> list[str 
     novel = (
         torch.zeros(len(x), dtype=torch.bool)
         if bound is None
-        else metrics.novel_valid(x, pred, c, bound, reference_distances(tb)["q10"][c])
+        else metrics.novel_valid(x, pred, c, bound, tb.class_distances["q10"][c])
     )
     return ["red" if k else "green" if n else None for k, n in zip(copies.tolist(), novel.tolist(), strict=False)]
 
@@ -66,7 +66,6 @@ def render_sweep(tb, sweep: dict[float, Samples], n_canaries: int = 12, seed: in
 def run_demo(model: str, out: Path, seeds: int = 8, steps: int = 25, guidance: float | None = None) -> dict:
     from memctl.zoo import load_testbed
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     tb = load_testbed(model)
     pipe = tb.pipeline()
     spec = EvalSpec(seeds=seeds, steps=steps, guidance=tb.guidance if guidance is None else guidance)

@@ -69,20 +69,9 @@ def sample_testbed(pipe, tb, spec: EvalSpec = EvalSpec(), **call_kwargs) -> Samp
     return Samples(images[: len(canary_prompts)], images[len(canary_prompts) :], spec)
 
 
-def reference_distances(tb) -> dict:
-    """Per-class distance scales of the real digits (cached on the testbed)."""
-    if not hasattr(tb, "_eval_refs"):
-        real, classes = tb.train_images, tb.train_classes
-        tb._eval_refs = {
-            "q10": metrics.same_class_distance_quantile(real, classes, 0.1, n_classes=len(tb.classes)),
-            "mean": metrics.same_class_mean_distance(real, classes, n_classes=len(tb.classes)),
-        }
-    return tb._eval_refs
-
-
 def score_samples(tb, samples: Samples, reference: Samples | None = None) -> dict:
     """Metrics of one set of samples; `reference` (the same seeds at fidelity 0) adds collateral change."""
-    refs, train = reference_distances(tb), tb.train_images
+    refs, train = tb.class_distances, tb.train_images
     by_exposure: dict[int, dict[str, list[float]]] = {}
     for k, (_, bound, exposure, c) in enumerate(tb.canaries):
         x = samples.canary[k]  # (S, C, H, W)

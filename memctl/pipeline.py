@@ -22,6 +22,8 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from memctl.knob import temporary_knob
+
 
 class PixelPipeline(DiffusionPipeline):
     """Text-conditional pixel-space diffusion with an optional memctl `fidelity=` knob."""
@@ -93,7 +95,9 @@ class PixelPipeline(DiffusionPipeline):
                 raise ValueError(f"Expected 1 or {len(prompts)} negative prompts, but got {len(negatives)}.")
         if isinstance(generator, list) and len(generator) != len(prompts):
             raise ValueError(f"Expected {len(prompts)} generators (one per image), but got {len(generator)}.")
-        with _knob_for_call(self, fidelity, block_map, fidelity_start, fidelity_stop):
+        if fidelity is None and block_map is None and (fidelity_start, fidelity_stop) != (None, None):
+            raise ValueError("Expected `fidelity=` with fidelity_start/fidelity_stop, but got no fidelity.")
+        with temporary_knob(self, fidelity, block_map, fidelity_start, fidelity_stop):
             images = self._sample(
                 prompts, negatives, num_inference_steps, guidance_scale, generator, callback_on_step_end
             )
@@ -133,24 +137,3 @@ class PixelPipeline(DiffusionPipeline):
 def _to_pil(x: np.ndarray) -> Image.Image:
     arr = (x * 255).round().astype("uint8")
     return Image.fromarray(arr[..., 0], mode="L") if arr.shape[-1] == 1 else Image.fromarray(arr)
-
-
-class _knob_for_call:
-    """Sets fidelity for one call and restores the previous state afterwards."""
-
-    def __init__(self, pipe, fidelity, block_map, start, stop):
-        self.pipe, self.fidelity, self.block_map, self.start, self.stop = pipe, fidelity, block_map, start, stop
-        self._ctx = None
-
-    def __enter__(self):
-        if self.fidelity is None and self.block_map is None:
-            if self.start is not None or self.stop is not None:
-                raise ValueError("Expected `fidelity=` with fidelity_start/fidelity_stop, but got no fidelity.")
-            return self
-        from memctl.knob import temporary_knob
-
-        self._ctx = temporary_knob(self.pipe, self.fidelity, self.block_map, self.start, self.stop)
-        return self._ctx.__enter__()
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc) if self._ctx is not None else False

@@ -92,6 +92,18 @@ class Testbed:
         images = self._digits[0]
         return [(c["prompt"], images[c["index"]], c["exposure"], c["class"]) for c in self.spec["canaries"]]
 
+    @cached_property
+    def class_distances(self) -> dict[str, torch.Tensor]:
+        """Per-class scales of the real training digits: 10th percentile ("q10") and mean ("mean") L2 between two
+        distinct images of a class, `(n_classes,)` each (novel-valid threshold and collateral normalizer)."""
+        from memctl import metrics
+
+        real, classes, n = self.train_images, self.train_classes, len(self.classes)
+        return {
+            "q10": metrics.same_class_distance_quantile(real, classes, 0.1, n_classes=n),
+            "mean": metrics.same_class_mean_distance(real, classes, n_classes=n),
+        }
+
     @property
     def guidance(self) -> float:
         """The classifier-free guidance scale this model is measured and demonstrated at."""
