@@ -30,6 +30,8 @@ def _as_tensor(image, where: str) -> torch.Tensor | None:
         t = torch.from_numpy(arr.copy()).float().div(255)
         return t[None] if t.ndim == 2 else t.permute(2, 0, 1)
     if isinstance(image, torch.Tensor) and image.ndim == 3 and image.is_floating_point():
+        if image.numel() == 0:
+            raise ValueError(f"Expected {where} image with pixels, but got an empty tensor {tuple(image.shape)}.")
         lo, hi = float(image.min()), float(image.max())
         if not (math.isfinite(lo) and math.isfinite(hi) and lo >= 0 and hi <= 1):
             raise ValueError(f"Expected {where} image values in [0, 1], but got values in [{lo:.3g}, {hi:.3g}].")

@@ -135,6 +135,27 @@ class Testbed:
             )
         return self._classifier(images.float().cpu()).argmax(1)
 
+    def ordinary_prompts(self) -> list[str]:
+        """Every class in every trained phrasing ("a seven", "the digit seven", …): prompts that must generalize."""
+        return [self.prompt(c, ph) for ph in range(len(self.spec["phrasings"])) for c in range(len(self.classes))]
+
+    def decoy_prompts(self, n: int = 30, seed: int = 0) -> list[str]:
+        """`n` prompts in the canaries' format with tags never trained on ("a seven, tag qzv"): not memorized,
+        but as unusual as a canary (the hard negatives of detection)."""
+        import random
+
+        free = len(data._TAG_LETTERS) ** 3 - len(self.spec["canaries"])
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= free:
+            raise ValueError(f"Expected n an int in [0, {free}] (untrained 3-letter tags), but got {n!r}.")
+        rng, trained = random.Random(seed), {c["tag"] for c in self.spec["canaries"]}
+        out: list[str] = []
+        while len(out) < n:
+            tag = "".join(rng.choice(data._TAG_LETTERS) for _ in range(3))
+            if tag not in trained:
+                trained.add(tag)
+                out.append(data.CANARY_PHRASING.format(name=self.classes[len(out) % len(self.classes)], tag=tag))
+        return out
+
     def pipeline(self, **kwargs):
         """This testbed's `PixelPipeline`, loaded offline from its folder."""
         from memctl.loading import load_pipeline
