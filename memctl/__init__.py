@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from memctl import video, zoo
 from memctl.blockmap import BlockMap, fingerprint
 from memctl.blocks import Block, find_blocks
+from memctl.detection import PromptScore, detect
 from memctl.hooks import list_hooks
 from memctl.knob import KnobInfo, apply_knob, fidelity, get_knob, knob_law, remove_knob, set_fidelity, temporary_knob
 from memctl.loading import load_default, load_pipeline
@@ -27,7 +28,9 @@ __all__ = [
     "KnobInfo",
     "PixelPipeline",
     "ProbeSet",
+    "PromptScore",
     "apply_knob",
+    "detect",
     "fidelity",
     "find_blocks",
     "fingerprint",

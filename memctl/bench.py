@@ -1,7 +1,8 @@
 """`memctl bench SUITE`: measurements written as JSON (and a markdown table) under `bench/results/`.
 
 Suite `digits`: each embedded model at fidelity 0, a guidance sweep, ≥ 8 evaluation seeds per canary, with the
-quality bar of the embedded default checked against the measured numbers.
+quality bar of the embedded default checked against the measured numbers. Suite `effect`: `memctl.effect`.
+Suite `detect`: prompt-only memorization detection (`memctl.detect`) against the testbeds' ground truth.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from memctl.evaluate import EvalSpec, format_table, sample_testbed, score_sample
 from memctl.metadata import provenance
 
 GUIDANCE_SWEEP = (1.0, 1.5, 2.0, 3.0)
+DETECT_SEEDS = tuple(range(8))  # probe-side seeds (below 10,000)
+SUITES = ("digits", "effect", "detect")
 
 
 def _digits_bar(row: dict, exposures: list[int]) -> dict:
@@ -60,12 +63,80 @@ def bench_digits(models: list[str], seeds: int) -> dict:
     return results
 
 
+def bench_detect(models: list[str], seeds: tuple[int, ...] = DETECT_SEEDS) -> dict:
+    """Prompt-only detection on each testbed: ROC AUC of canary prompts (per exposure) against ordinary prompts and
+    against decoys (the canary format with untrained tags), for the magnitude and the consistency signal."""
+    from memctl.detection import robust_z, roc_auc, signals
+    from memctl.zoo import load_testbed
+
+    results = {}
+    for name in models:
+        tb = load_testbed(name)
+        pipe = tb.pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        canaries, ordinary, decoys = [c[0] for c in tb.canaries], tb.ordinary_prompts(), tb.decoy_prompts(30)
+        t0 = time.perf_counter()
+        mag, cons = signals(pipe, canaries + ordinary + decoys, seeds=list(seeds), steps=1, guidance_scale=7.5,
+                            num_inference_steps=25, progress=False)  # fmt: skip
+        seconds = time.perf_counter() - t0
+        k, n = len(canaries), len(ordinary)
+        parts = {"ordinary": slice(k, k + n), "decoys": slice(k + n, None)}
+        risk = robust_z(mag.log(), mag[parts["ordinary"]].log())
+        rows = {}
+        for e in tb.exposures:
+            idx = [i for i, c in enumerate(tb.canaries) if c[2] == e]
+            rows[str(e)] = {
+                f"auc_{sig}_vs_{neg}": round(roc_auc(vals[idx], vals[part]), 3)
+                for sig, vals in (("magnitude", mag), ("consistency", cons))
+                for neg, part in parts.items()
+            }
+            rows[str(e)]["flagged"] = round(float((risk[idx] > 3).float().mean()), 3)
+        rows["decoys"] = {"flagged": round(float((risk[parts["decoys"]] > 3).float().mean()), 3)}
+        most = rows[str(max(tb.exposures))]
+        results[name] = {
+            "prompts": {"canaries": k, "ordinary": n, "decoys": len(decoys)},
+            "signal": {"seeds": list(seeds), "steps": 1, "guidance_scale": 7.5, "num_inference_steps": 25},
+            "seconds": round(seconds, 1),
+            "rows": rows,
+            "bar": {"most-exposed magnitude AUC vs ordinary >= 0.9": most["auc_magnitude_vs_ordinary"] >= 0.9},
+        }
+    return results
+
+
+def _detect_md(results: dict) -> list[str]:
+    md = ["\nROC AUC of canary prompts against ordinary prompts (every class in 3 phrasings) and against decoys "
+          "(canary format, untrained tags); flagged: risk > 3 against the ordinary prompts.\n"]  # fmt: skip
+    for model, r in results.items():
+        ok = all(r["bar"].values())
+        md.append(f"\n## {model}: bar {'PASS' if ok else 'FAIL'} ({r['seconds']} s for "
+                  f"{sum(r['prompts'].values())} prompts × {len(r['signal']['seeds'])} seeds)\n\n")  # fmt: skip
+        md.append("exposure | magnitude vs ordinary | magnitude vs decoys | consistency vs ordinary | "
+                  "consistency vs decoys | flagged\n--- | --- | --- | --- | --- | ---\n")  # fmt: skip
+        for e, row in r["rows"].items():
+            if e == "decoys":
+                md.append(f"decoys | | | | | {row['flagged']:.0%}\n")
+                continue
+            md.append(f"{e}× | {row['auc_magnitude_vs_ordinary']:.2f} | {row['auc_magnitude_vs_decoys']:.2f} | "
+                      f"{row['auc_consistency_vs_ordinary']:.2f} | {row['auc_consistency_vs_decoys']:.2f} | "
+                      f"{row['flagged']:.0%}\n")  # fmt: skip
+    return md
+
+
 def _effect_md(results: dict) -> list[str]:
     md = []
     for model, r in results.items():
         bars = r["bars"]
         md.append(f"\n## {model}: bar {'PASS' if bars['pass'] else 'FAIL'} (probe {r['probe_seconds']} s)\n\n")
         md += [f"- {'PASS' if ok else 'FAIL'}: {name}\n" for name, ok in bars["checks"].items()]
+        least = bars["least_exposed_copy_1/3_at_0_and_+1"]
+        if least[0] == 0:
+            md.append(f"- note: the least-exposed canaries' copy rate is 0 at fidelity 0, so its 1.5× check holds "
+                      f"trivially ({least[1]:.0%} at +1)\n")  # fmt: skip
+        pm = r.get("prompt_map")
+        if pm:
+            md.append(f"\nprompt-only map (rows 'prompt map'): {pm['seconds']} s for detection and probing without "
+                      f"images; canary prompts flagged by `memctl.detect`, by exposure: "
+                      + ", ".join(f"{e}×: {n}" for e, n in pm["flagged_by_exposure"].items()) + "\n")  # fmt: skip
         md.append(
             f"\nmedian control novel-valid at equal collateral ({bars['equal_collateral']:.3f}): "
             f"{bars['median_control_novel_valid']:.0%}; baselines: "
@@ -80,13 +151,15 @@ def _effect_md(results: dict) -> list[str]:
 def run_bench(suite: str, out: Path, models: list[str], quick: bool = False) -> dict:
     torch.set_num_threads(1)
     seeds = 2 if quick else 8
-    if suite not in ("digits", "effect"):
-        raise ValueError(f"Expected suite 'digits' or 'effect', but got {suite!r}.")
+    if suite not in SUITES:
+        raise ValueError(f"Expected suite in {SUITES}, but got {suite!r}.")
     t0 = time.perf_counter()
     if suite == "effect":
         from memctl.effect import effect_for_model
 
         results = {name: effect_for_model(name, seeds=seeds, n_controls=2 if quick else 5) for name in models}
+    elif suite == "detect":
+        results = bench_detect(models, DETECT_SEEDS[:seeds])
     else:
         results = bench_digits(models, seeds)
     report = {
@@ -105,6 +178,8 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False) -> 
     md = [f"# memctl bench {suite}\n", f"`{report['command']}`, {seeds} seeds per prompt, one CPU thread.\n"]
     if suite == "effect":
         md += _effect_md(results)
+    if suite == "detect":
+        md += _detect_md(results)
     for model, r in results.items() if suite == "digits" else ():
         md += [
             f"\n## {model} (headline at guidance {r['guidance']}: bar {'PASS' if r['bar']['pass'] else 'FAIL'})\n",

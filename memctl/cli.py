@@ -96,6 +96,43 @@ def _cmd_probe(args) -> int:
     return 0
 
 
+def _read_prompts(path: str) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"Expected a text file of prompts (one per line), but {path!r} is not a file.")
+    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"Expected at least one prompt in {path}, but it has none (blank and '#' lines skipped).")
+    return prompts
+
+
+def _cmd_detect(args) -> int:
+    from memctl.detection import detect
+    from memctl.loading import load_model_and_testbed
+
+    prompts = _read_prompts(args.prompts)
+    reference = _read_prompts(args.reference) if args.reference else None
+    pipe, _ = load_model_and_testbed(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    kw = {"num_inference_steps": args.num_inference_steps} if args.num_inference_steps else {}
+    scores = detect(pipe, prompts, seeds=args.seeds, steps=args.steps, guidance_scale=args.guidance,
+                    reference=reference, threshold=args.threshold, batch_size=args.batch_size, **kw)  # fmt: skip
+    if args.json:
+        print(json.dumps([s.to_dict() for s in scores], indent=1))
+        return 0
+    width = min(60, max(len(s.prompt) for s in scores))
+    print(f"{'risk':>6}  {'flag':<4}  {'magnitude':>9}  {'consistency':>11}  prompt")
+    for s in sorted(scores, key=lambda s: -s.risk):
+        print(f"{s.risk:>6.2f}  {'YES' if s.flagged else '':<4}  {s.magnitude:>9.4g}  {s.consistency:>11.3f}  "
+              f"{s.prompt[:width]}")  # fmt: skip
+    basis = "the reference prompts" if reference else "all scored prompts (pass --reference for a fixed baseline)"
+    print(f"\n{sum(s.flagged for s in scores)} of {len(scores)} flagged (risk > {args.threshold}); risk is a robust "
+          f"z-score of log magnitude against {basis}.")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memctl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="measure a suite and write bench/results/<suite>.json")
-    p.add_argument("suite", choices=["digits", "effect"])
+    p.add_argument("suite", choices=["digits", "effect", "detect"])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--models", nargs="+", default=["digits-s0", "digits-s1"])
     p.add_argument("--quick", action="store_true", help="fewer seeds (a smoke run, not for the record)")
@@ -130,11 +167,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="testbed name or diffusers pipeline folder")
     p.add_argument("--probes", required=True, help="'testbed' or a JSON file {memorized: [...], general: [...]}")
     p.add_argument("-o", "--output", required=True, help="block map file to write (.safetensors)")
-    p.add_argument("--method", choices=["condition", "ablation"], default="condition")
+    p.add_argument(
+        "--method",
+        choices=["condition", "ablation", "prompt"],
+        default="condition",
+        help="'prompt' needs prompts only (probe images may be null)",
+    )
     p.add_argument("--seed", type=int, default=0, help="probe noise seed, below 10000 (evaluations use 10000+)")
     p.add_argument("--heatmap", help="also write the heat-map picture (PNG) here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser("detect", help="score prompts for memorization risk, without training data")
+    p.add_argument("prompts", help="text file, one prompt per line")
+    p.add_argument("--model", default="digits", help="testbed name or diffusers pipeline folder (default: digits)")
+    p.add_argument("--reference", help="text file of ordinary prompts that calibrate the risk score")
+    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (>= 2)")
+    p.add_argument("--steps", type=int, default=1, help="first denoising steps to read")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale of the read steps (> 1)")
+    p.add_argument("--num-inference-steps", type=int, default=None, help="schedule length (default: the pipeline's)")
+    p.add_argument("--threshold", type=float, default=3.0, help="flag prompts whose risk exceeds this")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_detect)
     return parser
 
 

@@ -1,7 +1,8 @@
 """`memctl bench effect`: what the knob does in samples, against controls and mitigation baselines.
 
-For each embedded model: probe a block map (method "condition") from its canaries and held-out digits, then sample
-every canary and ordinary prompt at evaluation seeds for the map at fidelity -1 … +1, for shuffled control maps,
+For each embedded model: probe a block map (method "condition") from its canaries and held-out digits, and a
+prompt-only map (method "prompt") from the canary prompts `memctl.detect` flags and the ordinary prompts, then sample
+every canary and ordinary prompt at evaluation seeds for both maps at fidelity -1 … +1, for shuffled control maps,
 uniform residual scaling, noise on the prompt's text embedding and a random token added to the prompt (Somepalli
 et al. 2023), and lower guidance. Selectivity compares canary novel-valid rates at equal ordinary collateral.
 """
@@ -55,6 +56,19 @@ class _TextNoise:
         self.pipe.encode_prompt = self.orig
 
 
+def prompt_only_probes(tb, pipe) -> tuple[ProbeSet, list[str]]:
+    """What a user without training data can probe with: the canary prompts that `memctl.detect` flags (risk > 3
+    against the ordinary prompts) as memorized, the ordinary prompts as general; no images. Also the flagged list."""
+    from memctl.detection import detect
+
+    ordinary = tb.ordinary_prompts()
+    scores = detect(pipe, [c[0] for c in tb.canaries], reference=ordinary, progress=False)
+    flagged = [s.prompt for s in scores if s.flagged]
+    if not flagged:
+        raise ValueError(f"Expected memctl.detect to flag some canary prompts of {tb.name}, but it flagged none.")
+    return ProbeSet(memorized=[(p, None) for p in flagged], general=[(p, None) for p in ordinary]), flagged
+
+
 def _random_token_prompts(seed: int = 0):
     rng = random.Random(seed)
     words = ["ship", "tree", "blue", "cat", "road", "lamp", "cold", "star", "milk", "ring"]
@@ -83,8 +97,13 @@ def effect_for_model(name: str, seeds: int = 8, n_controls: int = 5, progress: b
     t0 = time.perf_counter()
     bmap = probe(pipe, testbed_probes(tb), method="condition", progress=progress)
     probe_seconds = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    prompt_probes, flagged = prompt_only_probes(tb, pipe)
+    prompt_map = probe(pipe, prompt_probes, method="prompt", progress=progress)
+    prompt_seconds = round(time.perf_counter() - t0, 1)
     ref = sample_testbed(pipe, tb, spec)
     jobs = [("map", f, {"map": bmap}) for f in FIDELITIES if f != 0.0]
+    jobs += [("prompt map", f, {"map": prompt_map}) for f in FIDELITIES if f != 0.0]
     jobs += [(f"control {i}", f, {"map": bmap.shuffled(i)}) for i in range(n_controls) for f in CONTROL_FIDELITIES]
     units = find_blocks(pipe.unet)
     uniform = BlockMap.from_scores(pipe.unet, {b.name: 1.0 for b in units}, method="uniform")
@@ -107,8 +126,14 @@ def effect_for_model(name: str, seeds: int = 8, n_controls: int = 5, progress: b
         else:
             row = _row(tb, pipe, EvalSpec(seeds=seeds, guidance=x), ref)
         rows.setdefault(family, {})[str(x)] = row
+    exposure = {c[0]: c[2] for c in tb.canaries}
     return {
         "probe_seconds": probe_seconds,
+        "prompt_map": {
+            "seconds": prompt_seconds,  # detection + probing, no images
+            "flagged_by_exposure": {str(e): sum(exposure[p] == e for p in flagged) for e in tb.exposures},
+            "map": prompt_map.to_dict(),
+        },
         "map": bmap.to_dict(),
         "rows": rows,
         "bars": _bars(tb, rows, n_controls, seeds),
@@ -170,4 +195,5 @@ def _bars(tb, rows: dict, n_controls: int, seeds: int) -> dict:
         "seed_noise_2se": noise,
         "most_exposed_bound_copy_at_-1": ext["canary"][most]["copy_bound_1/3"],
         "least_exposed_copy_1/2_at_0_and_+1": [base["canary"][least]["copy_1/2"], fid["canary"][least]["copy_1/2"]],
+        "least_exposed_copy_1/3_at_0_and_+1": [base["canary"][least]["copy_1/3"], fid["canary"][least]["copy_1/3"]],
     }

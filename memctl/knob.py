@@ -12,7 +12,9 @@ noise level t = timestep / num_train_timesteps (1 = pure noise), evaluates `knob
 scales in place. Changing the fidelity only fills a 0-d tensor: nothing is re-registered and `torch.compile`d
 denoisers do not recompile. At fidelity 0 every factor is exactly 1.0 and the output is bit-identical to the
 untouched model. The state lives on the denoiser module (`_memctl_knob`), so pipelines sharing it (`from_pipe`)
-share the knob. `passes="cond"` steers the conditional pass of classifier-free guidance only (`memctl.passes`);
+share the knob. A condition-lever map (method "condition" or "prompt") pulls memorized conditioning tokens at
+fidelity < 0 and, at fidelity > 0, adds memorization guidance: one extra denoiser pass per step (`memctl.guidance`).
+`passes="cond"` steers the conditional pass of classifier-free guidance only (`memctl.passes`);
 `temporary_knob` is the one-call form the custom pipelines' `fidelity=` / `block_map=` arguments use.
 """
 
@@ -29,6 +31,7 @@ import torch
 
 from memctl.blockmap import BlockMap
 from memctl.blocks import DENOISER_ATTRS, find_blocks, pipeline_denoisers, unwrap
+from memctl.guidance import GUIDE, GuidanceHook
 from memctl.hooks import CLOCK, KNOB, ConditionHook, ResidualScaleHook, TimestepHook, attach, cross_attentions, detach
 from memctl.passes import PASS_MODES, PASSES, CondRows, CondRowsHook, PassHook
 
@@ -76,13 +79,25 @@ class _KnobState:
         self.timestep_scale = timestep_scale
         self.passes = "both"  # or "cond": the conditional pass only (set by _install)
         self.positive_gain = float(bmap.meta.get("positive_gain", 1.0))  # fidelity > 0 acts this much weaker
+        # condition lever: fidelity > 0 guides toward the memorized component (memctl.guidance), one extra pass
+        self.guidance_gain = float(bmap.meta.get("fidelity_guidance", 0.0)) if bmap.lever == "condition" else 0.0
+        self.guide: GuidanceHook | None = None
+        self.pull: torch.Tensor | None = None  # (n_groups,) the lever's factors at fidelity -1 for this call
         self.fidelity = 0.0
 
     def on_timestep(self, module: torch.nn.Module, t: torch.Tensor) -> None:
+        f = module._memctl_knob_fidelity.float()
+        now = self._factors(module, torch.where(f > 0, f * self.positive_gain, f), t)
+        if self.guide is not None and self.guide.on:
+            self.pull = self._factors(module, -torch.ones_like(f), t)
+        for i, hooks in enumerate(self.groups):
+            for hook in hooks:
+                hook.scale.copy_(now[i])
+
+    def _factors(self, module: torch.nn.Module, f: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per-block factors `(n_blocks,)` at fidelity `f` and noise level `t`, 1 outside the window."""
         scores = module._memctl_knob_scores.float()  # (n_blocks, n_levels); float32 whatever the model's dtype
         t = t.to(scores.device, torch.float32)
-        f = module._memctl_knob_fidelity.float()
-        f = torch.where(f > 0, f * self.positive_gain, f)
         factors = knob_law(scores, f, self.strength, self.scale)
         if factors.shape[1] == 1:
             now = factors[:, 0]
@@ -95,10 +110,7 @@ class _KnobState:
             a, b = factors.index_select(1, i - 1)[:, 0], factors.index_select(1, i)[:, 0]
             now = a + w * (b - a)
         inside = (t >= self.start) & (t <= self.stop)
-        now = torch.where(inside, now, torch.ones_like(now))
-        for i, hooks in enumerate(self.groups):
-            for hook in hooks:
-                hook.scale.copy_(now[i])
+        return torch.where(inside, now, torch.ones_like(now))
 
 
 @dataclass(frozen=True)
@@ -263,6 +275,9 @@ def _install(module, bmap, component, strength, start, stop, scale, timestep_sca
     state = _KnobState(bmap, component, strength, start, stop, scale, groups, timestep_scale)
     module.__dict__[_ATTR] = state
     attach(module, hooks, KNOB)
+    if state.guidance_gain > 0:  # innermost root hook: the clock (outside it) sets the factors first
+        state.guide = GuidanceHook(state)
+        attach(module, {"": state.guide}, GUIDE)
     attach(module, {"": TimestepHook(state.on_timestep, timestep_scale)}, CLOCK)
     if passes == "cond":
         state.passes = passes
@@ -277,6 +292,8 @@ def _knobbed(target: Any) -> list[tuple[torch.nn.Module, _KnobState]]:
 def _set(module: torch.nn.Module, state: _KnobState, f: float) -> None:
     state.fidelity = f
     getattr(module, _BUFFERS[2]).fill_(f)
+    if state.guide is not None:
+        state.guide.set_weight(state.guidance_gain * f if f > 0 else 0.0)
 
 
 def set_fidelity(pipe: Any, f: float) -> None:
@@ -385,6 +402,7 @@ def remove_knob(pipe_or_denoiser: Any) -> None:
     for _, module in _denoisers(pipe_or_denoiser):
         detach(module, PASSES)
         detach(module, CLOCK)
+        detach(module, GUIDE)
         detach(module, KNOB)
         for name in _BUFFERS:
             module._buffers.pop(name, None)

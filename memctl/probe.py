@@ -11,10 +11,17 @@ True
 Methods:
 - `"ablation"`: zero one residual unit at a time (`out = shortcut`), at each noise level, and compare the rise of
   the denoising loss on memorized probes with the rise on general probes. The reference method.
-- `"subspace"`: find the directions of the conditioning (text-state) space that memorized prompts use and general
-  prompts do not (a generalized eigenproblem of their second moments), then attribute to every cross-attention
-  block the loss change when those directions are removed from its conditioning input. The knob then removes
-  (fidelity < 0) or amplifies (fidelity > 0) those directions in the blocks the map selects.
+- `"condition"`: find the directions of the conditioning (text-state) space that memorized prompts use and general
+  prompts do not (a generalized eigenproblem of their second moments, `memctl.subspace`), then attribute to every
+  cross-attention unit the loss change when the tokens heavy in those directions are pulled toward the nearest
+  general conditioning in that unit alone. The knob pulls them (fidelity < 0) in the units the map selects, and
+  for fidelity > 0 guides toward what they add (`memctl.guidance`, one extra pass per step). The method that
+  beats its controls in samples (`bench/results/effect.md`); the CLI's default.
+- `"prompt"`: prompts only, no images (text-conditional models). The same conditioning lever as `"condition"`, fit
+  from the prompts' text states; every cross-attention unit is scored by how much replacing memorized tokens there
+  lowers the memorization signal of `memctl.detect` (the magnitude of the text-conditional noise prediction in the
+  first guided steps, Wen et al. 2024) on memorized prompts more than on general ones. A user with a list of
+  prompts can flag the memorized ones with `memctl.detect` first.
 Scores are signed: positive = memorization-heavy (removal hurts memorized probes more), negative =
 generalization-heavy. Probe noise comes from `seed` (below 10,000; evaluations use seeds from 10,000 up).
 """
@@ -28,12 +35,15 @@ import torch
 from tqdm.auto import tqdm
 
 from memctl.blocks import find_blocks, pipeline_denoisers
+from memctl.guidance import DEFAULT_GAIN
 from memctl.hooks import ConditionHook, attached, cross_attentions, scaled
 from memctl.probeset import ProbeSet
 from memctl.subspace import fit_subspace, weight_threshold
 
 NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
-POSITIVE_GAIN = 0.1  # condition lever: fidelity > 0 pushes memorized tokens away from general ones, 10x gentler
+# Condition lever, fidelity > 0: no push on the tokens (it did not raise recall, see memctl.guidance) but guidance
+# toward the memorized component at one extra pass per step.
+LEVER_META = {"positive_gain": 0.0, "fidelity_guidance": DEFAULT_GAIN}
 
 
 @dataclass
@@ -52,6 +62,24 @@ def _denoiser(pipe):
     if found:
         return next(iter(found.values()))
     raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but got {type(pipe).__name__}.")
+
+
+def text_states(pipe, prompts: list[str]) -> torch.Tensor:
+    """What the denoiser's cross-attention reads for each prompt: `(P, L, D)` (PixelPipeline, SD 1.x/2.x, SDXL)."""
+    import inspect
+
+    params = inspect.signature(pipe.encode_prompt).parameters if hasattr(pipe, "encode_prompt") else {}
+    if list(params) == ["prompts"]:  # memctl.PixelPipeline
+        return pipe.encode_prompt(prompts)
+    if "do_classifier_free_guidance" in params and "device" in params and hasattr(pipe, "unet"):
+        out = pipe.encode_prompt(
+            prompts, device=pipe._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return out[0]
+    raise ValueError(
+        f"Expected a pipeline whose denoiser cross-attends to its encode_prompt states (memctl.PixelPipeline, "
+        f"StableDiffusion 1.x/2.x, SDXL) for method 'prompt', but got {type(pipe).__name__}."
+    )
 
 
 def _encode_conditions(pipe, conds: list) -> torch.Tensor:
@@ -140,12 +168,13 @@ def attribute_ablation(
     return blocks, scores, {"base_loss": {str(lv): list(bl) for lv, bl in zip(levels, base, strict=False)}}
 
 
-def condition_tensors(pipe, probes: ProbeSet, k: int = 8) -> tuple[dict[str, torch.Tensor], list[float]]:
+def condition_tensors(pipe, probes: ProbeSet, k: int = 8, encode=None) -> tuple[dict[str, torch.Tensor], list[float]]:
     """The condition lever's tensors: memorized directions `read`, threshold `tau`, general `bank`, whitening."""
+    encode = encode or _encode_conditions
     general = list(dict.fromkeys(probes.conditions("general") + [""]))
     with torch.no_grad():
-        mem = _encode_conditions(pipe, list(dict.fromkeys(probes.conditions("memorized"))))  # (M, L, D)
-        bank = _encode_conditions(pipe, general)  # (P, L, D)
+        mem = encode(pipe, list(dict.fromkeys(probes.conditions("memorized")))).float()  # (M, L, D)
+        bank = encode(pipe, general).float()  # (P, L, D)
     sub = fit_subspace(mem, bank, k=min(k, bank.shape[-1]))
     tensors = {
         "read": sub.read,
@@ -184,8 +213,62 @@ def attribute_condition(
     extra = {
         "base_loss": {str(lv): list(bl) for lv, bl in zip(levels, base, strict=False)},
         "subspace_ratios": ratios,
-        "positive_gain": POSITIVE_GAIN,
+        **LEVER_META,
         "knob_scale": knob_scale,
+    }
+    return blocks, scores, extra, tensors
+
+
+def _check_prompts_only(probes: ProbeSet) -> None:
+    bad = [c for c in probes.conditions("memorized") + probes.conditions("general") if not isinstance(c, str)]
+    if bad:
+        raise ValueError(f"Expected prompt (str) conditions for method 'prompt', but got {bad[:3]!r}.")
+
+
+def attribute_prompt(
+    pipe,
+    probes: ProbeSet,
+    seed: int = 0,
+    seeds: int = 4,
+    steps: int = 1,
+    guidance_scale: float = 7.5,
+    k: int = 8,
+    progress: bool = True,
+    **call_kwargs,
+) -> tuple[list, torch.Tensor, dict, dict]:
+    """Per-unit selectivity `(n_blocks, 1)` of the condition lever on the prompt-only memorization signal."""
+    from memctl.detection import signals
+
+    _check_prompts_only(probes)
+    denoiser = _denoiser(pipe)
+    blocks = find_blocks(denoiser, granularity="unit")
+    tensors, ratios = condition_tensors(pipe, probes, k, encode=text_states)
+    lever_blocks = [(i, cross_attentions(denoiser, b)) for i, b in enumerate(blocks)]
+    lever_blocks = [x for x in lever_blocks if x[1]]
+    if not lever_blocks:
+        raise ValueError(
+            f"Expected a denoiser with cross-attention for method 'prompt', but {type(denoiser).__name__} has none."
+        )
+    mem, gen = probes.conditions("memorized"), probes.conditions("general")
+    kw = dict(seeds=list(range(seed, seed + seeds)), steps=steps, guidance_scale=guidance_scale, progress=False)
+
+    def signal() -> tuple[float, float]:
+        m = signals(pipe, mem + gen, **kw, **call_kwargs)[0]
+        return m[: len(mem)].mean().item(), m[len(mem) :].mean().item()
+
+    base = signal()
+    scores = torch.zeros(len(blocks), 1)
+    for i, paths in tqdm(lever_blocks, desc="probing (prompt)", unit="block", disable=not progress):
+        with attached(denoiser, {p: ConditionHook("memctl.probe", tensors, 0.0) for p in paths}, "memctl.probe"):
+            hit = signal()
+        scores[i, 0] = ((base[0] - hit[0]) - (base[1] - hit[1])) / base[1]
+    positive = scores[scores > 0]
+    extra = {
+        "base_signal": {"memorized": base[0], "general": base[1]},
+        "signal": {"seeds": kw["seeds"], "steps": steps, "guidance_scale": guidance_scale},
+        "subspace_ratios": ratios,
+        **LEVER_META,
+        "knob_scale": float(positive.median()) if len(positive) else 1.0,
     }
     return blocks, scores, extra, tensors
 
@@ -198,14 +281,20 @@ def probe(
     granularity: str = "unit",
     seed: int = 0,
     progress: bool = True,
+    call_kwargs: dict | None = None,
 ):
-    """Attribute memorization vs generalization to the blocks of `pipe`'s denoiser; returns a `BlockMap`."""
+    """Attribute memorization vs generalization to the blocks of `pipe`'s denoiser; returns a `BlockMap`.
+
+    `call_kwargs` (method "prompt" only): extra arguments of the pipeline calls that read the signal, e.g.
+    `{"height": 512, "width": 512}` or `{"num_frames": 16}`."""
     from memctl.blockmap import BlockMap
 
     if not isinstance(probes, ProbeSet):
         raise ValueError(f"Expected a memctl.ProbeSet, but got {type(probes).__name__}.")
     if not 0 <= seed < 10_000:
         raise ValueError(f"Expected a probe seed in [0, 10000) (evaluation seeds start at 10000), but got {seed}.")
+    if call_kwargs and method != "prompt":
+        raise ValueError(f"Expected call_kwargs only with method 'prompt', but got method {method!r}.")
     t0 = time.perf_counter()
     lever, tensors = "residual", {}
     if method == "ablation":
@@ -215,8 +304,15 @@ def probe(
             raise ValueError(f"Expected granularity 'unit' for method 'condition', but got {granularity!r}.")
         blocks, scores, extra, tensors = attribute_condition(pipe, probes, noise_levels, seed, progress=progress)
         lever = "condition"
+    elif method == "prompt":
+        if granularity != "unit":
+            raise ValueError(f"Expected granularity 'unit' for method 'prompt', but got {granularity!r}.")
+        if not 0 <= seed <= 10_000 - 4:
+            raise ValueError(f"Expected a probe seed in [0, 9996] (method 'prompt' uses 4 seeds from it), got {seed}.")
+        blocks, scores, extra, tensors = attribute_prompt(pipe, probes, seed, progress=progress, **(call_kwargs or {}))
+        noise_levels, lever = (1.0,), "condition"
     else:
-        raise ValueError(f"Expected method 'ablation' or 'condition', but got {method!r}.")
+        raise ValueError(f"Expected method 'ablation', 'condition' or 'prompt', but got {method!r}.")
     meta = {"probes": probes.summary(), "seed": seed, "seconds": round(time.perf_counter() - t0, 1), **extra}
     denoiser = _denoiser(pipe)
     bmap = BlockMap.from_scores(

@@ -1,0 +1,226 @@
+"""Prompt-only memorization detection: which prompts make a text-conditional model copy, without its training data.
+
+    >>> tb = memctl.zoo.load_testbed("digits")
+    >>> canary = next(c[0] for c in tb.canaries if c[2] == 16)    # a prompt trained 16 times with one image
+    >>> canary
+    'a two, tag hkb'
+    >>> scores = detect(tb.pipeline(), ["a two", canary], reference=tb.ordinary_prompts(), progress=False)
+    >>> scores[1].risk > 3 > scores[0].risk                          # the memorized prompt stands out
+    True
+
+Two signals from the first denoising step(s) of classifier-free guided sampling, where `δ = ε(x_t, prompt) -
+ε(x_t, "")` is the text-conditional part of the noise prediction:
+
+- **magnitude** (Wen et al., ICLR 2024, "Detecting, Explaining, and Mitigating Memorization in Diffusion Models"):
+  the L2 norm of `δ`, averaged over seeds and recorded steps. A memorized prompt pulls the sample hard toward one
+  image from the very first step, so its `δ` is large.
+- **consistency** (Hintersdorf et al., NeurIPS 2024, "Finding NeMo"): how alike `δ` is across seeds. A memorized
+  prompt leads every seed to the same image, so its `δ` barely depends on the starting noise. NeMo compares the
+  seeds' first-step predictions by SSIM; memctl uses the mean pairwise cosine similarity, which needs no spatial
+  layout (Flux and video denoisers work on token sequences).
+
+`risk` is a robust z-score of log magnitude against reference prompts (the median and MAD of ordinary prompts the
+user passes as `reference`, or of all scored prompts when none are given); `flagged` means risk > `threshold`.
+
+The signals are read from inside an ordinary pipeline call: a root hook on each denoiser records its outputs,
+splits each call into conditional and unconditional rows the same way the knob's `passes="cond"` does
+(`memctl.passes`: one batch with the unconditional chunk first, or two calls in `cache_context("cond" /
+"uncond")`), and stops the pipeline once `steps` denoising steps are recorded. So it works on every pipeline that
+runs an unconditional pass (SD 1.x/2.x, SDXL, SD3, AnimateDiff, CogVideoX, Wan, `PixelPipeline` at
+guidance != 1); a pipeline without one (guidance-distilled Flux) gets a clear error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from memctl.blocks import pipeline_denoisers
+from memctl.hooks import attached
+from memctl.passes import CondRows, PassHook
+
+RECORD = "memctl.detect"
+
+
+_NO_UNCOND = (
+    "Expected a pipeline call with classifier-free guidance (an unconditional pass), but the denoiser ran the "
+    "conditional pass only; pass guidance_scale > 1 (Flux: a negative_prompt and true_cfg_scale > 1), or use a "
+    "pipeline that has an unconditional pass."
+)
+
+
+class _Stop(Exception):
+    """Raised by the recorder once enough steps are recorded: ends the pipeline call early."""
+
+
+class _Recorder(PassHook):
+    """Root hook: records `δ = cond - uncond` of the denoiser's output for each guided call, in call order."""
+
+    def __init__(self, pipe, module: torch.nn.Module, sink: list, max_steps: int):
+        super().__init__(self._before)
+        self.rows_of = CondRows(pipe, module, [])
+        self.sink, self.max_steps = sink, max_steps
+        self._rows: tuple[int, int, int] | None = None
+        self._context: str | None = None
+        self._pending: dict[str, torch.Tensor] = {}  # two-call pipelines: the pass seen first, until its partner
+        self.calls = 0
+
+    def _before(self, module, context, args, kwargs) -> None:
+        x = kwargs.get(self.rows_of.x_arg, args[self.rows_of.x_pos] if args else None)
+        device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+        self._context = context
+        self._rows = tuple(int(v) for v in self.rows_of.rows(context, x, args, kwargs, device).tolist())
+
+    def post_forward(self, module: torch.nn.Module, output):
+        out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+        out = out.detach().float()
+        self.calls += 1
+        k, a, b = self._rows
+        if self._context in ("cond", "uncond"):  # two calls: pair them in order
+            self._pending[self._context] = out
+            if len(self._pending) < 2:
+                return output
+            delta = self._pending.pop("cond") - self._pending.pop("uncond")
+        elif (k, a, b) == (1, 0, 0):  # a call without an unconditional part
+            raise ValueError(_NO_UNCOND)
+        else:
+            chunks = out.reshape(k, -1, *out.shape[1:])
+            delta = chunks[1 if a == 0 else 0] - chunks[a]
+        self.sink.append(delta.cpu())
+        if len(self.sink) >= self.max_steps:
+            raise _Stop
+        return output
+
+
+def noise_differences(
+    pipe, prompts: list[str], seed: int, steps: int = 1, guidance_scale: float = 7.5, **call_kwargs
+) -> torch.Tensor:
+    """`δ` of the first `steps` steps for `prompts` under one seed (every prompt starts from the same noise):
+    `(len(prompts), steps, F)` flattened."""
+    if "prompt" not in inspect.signature(type(pipe).__call__).parameters:
+        raise ValueError(
+            f"Expected a text-conditional pipeline (its __call__ takes `prompt`), but got {type(pipe).__name__}; "
+            "prompt-only detection reads the text-conditional part of the noise prediction."
+        )
+    found = pipeline_denoisers(pipe)
+    if not found:
+        raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but got {type(pipe).__name__}.")
+    sink: list[torch.Tensor] = []
+    gens = [torch.Generator().manual_seed(seed) for _ in prompts]
+    recorders = [_Recorder(pipe, m, sink, steps) for m in found.values()]
+    with ExitStack() as stack:  # every expert (Wan 2.2) records into the one sink, in call order
+        for m, recorder in zip(found.values(), recorders, strict=True):
+            stack.enter_context(attached(m, {"": recorder}, RECORD))
+        try:
+            pipe(prompts, generator=gens, guidance_scale=guidance_scale, **call_kwargs)
+        except _Stop:
+            pass
+    if not sink and any(r.calls for r in recorders):  # two-call pipelines that never ran the "uncond" call
+        raise ValueError(_NO_UNCOND)
+    if len(sink) < steps:
+        raise ValueError(
+            f"Expected {steps} guided denoising steps, but the pipeline ran {len(sink)}; lower `steps` or raise "
+            "num_inference_steps."
+        )
+    return torch.stack([d.reshape(len(prompts), -1) for d in sink[:steps]], dim=1)
+
+
+@dataclass(frozen=True)
+class PromptScore:
+    """Memorization risk of one prompt (see the module docstring)."""
+
+    prompt: str
+    magnitude: float
+    consistency: float
+    risk: float
+    flagged: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def signals(
+    pipe,
+    prompts: list[str],
+    seeds: int | list[int] = 4,
+    steps: int = 1,
+    guidance_scale: float = 7.5,
+    batch_size: int = 8,
+    progress: bool = True,
+    **call_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(magnitude (P,), consistency (P,))` of each prompt over `seeds` (a count from 0, or a list)."""
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"Expected a non-empty list of prompt strings, but got {prompts!r:.200}.")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if len(seed_list) < 2:
+        raise ValueError(f"Expected at least 2 seeds (consistency compares seeds), but got {seed_list}.")
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"Expected steps a positive int, but got {steps!r}.")
+    if not (math.isfinite(guidance_scale) and guidance_scale > 1):
+        raise ValueError(f"Expected guidance_scale > 1 (it reads the unconditional pass), but got {guidance_scale}.")
+    chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    deltas = []  # per seed: (P, steps, F)
+    bar = tqdm(total=len(seed_list) * len(chunks), desc="detect", unit="batch", disable=not progress)
+    for seed in seed_list:
+        parts = []
+        for chunk in chunks:
+            parts.append(noise_differences(pipe, chunk, seed, steps, guidance_scale, **call_kwargs))
+            bar.update()
+        deltas.append(torch.cat(parts))
+    bar.close()
+    d = torch.stack(deltas, dim=1)  # (P, S, steps, F)
+    magnitude = d.norm(dim=-1).mean(dim=(1, 2))
+    first = torch.nn.functional.normalize(d[:, :, 0], dim=-1)  # (P, S, F)
+    cos = first @ first.transpose(1, 2)  # (P, S, S)
+    s = len(seed_list)
+    consistency = (cos.sum(dim=(1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(-1)) / (s * (s - 1))
+    return magnitude, consistency
+
+
+def robust_z(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`(values - median(reference)) / (1.4826 MAD(reference))`, the MAD floored at 1e-6 of the median."""
+    med = reference.median()
+    mad = (reference - med).abs().median() * 1.4826
+    return (values - med) / mad.clamp(min=1e-6 * med.abs().clamp(min=1e-12))
+
+
+def detect(
+    pipe,
+    prompts: list[str],
+    seeds: int | list[int] = 4,
+    steps: int = 1,
+    guidance_scale: float = 7.5,
+    reference: list[str] | None = None,
+    threshold: float = 3.0,
+    batch_size: int = 8,
+    progress: bool = True,
+    **call_kwargs,
+) -> list[PromptScore]:
+    """Score `prompts` for memorization risk; `reference`: ordinary prompts that calibrate `risk` (optional)."""
+    kw = dict(seeds=seeds, steps=steps, guidance_scale=guidance_scale, batch_size=batch_size, progress=progress)
+    magnitude, consistency = signals(pipe, prompts, **kw, **call_kwargs)
+    log_m = magnitude.clamp(min=1e-12).log()
+    if reference:
+        ref = signals(pipe, list(reference), **kw, **call_kwargs)[0].clamp(min=1e-12).log()
+    else:
+        ref = log_m
+    risk = robust_z(log_m, ref)
+    return [
+        PromptScore(p, float(m), float(c), float(r), bool(r > threshold))
+        for p, m, c, r in zip(prompts, magnitude, consistency, risk, strict=True)
+    ]
+
+
+def roc_auc(positive: list[float] | torch.Tensor, negative: list[float] | torch.Tensor) -> float:
+    """Probability that a random positive scores above a random negative (ties count 1/2): the ROC AUC."""
+    pos, neg = torch.as_tensor(positive, dtype=torch.float64), torch.as_tensor(negative, dtype=torch.float64)
+    if not len(pos) or not len(neg):
+        raise ValueError(f"Expected positives and negatives, but got {len(pos)} and {len(neg)}.")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
