@@ -45,6 +45,7 @@ from memctl.hooks import attached
 from memctl.passes import CondRows, PassHook
 
 RECORD = "memctl.detect"
+THRESHOLD = 3.0  # default risk above which a prompt is flagged
 
 
 _NO_UNCOND = (
@@ -197,7 +198,7 @@ def detect(
     steps: int = 1,
     guidance_scale: float = 7.5,
     reference: list[str] | None = None,
-    threshold: float = 3.0,
+    threshold: float = THRESHOLD,
     batch_size: int = 8,
     progress: bool = True,
     **call_kwargs,

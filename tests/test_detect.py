@@ -1,4 +1,4 @@
-"""Prompt-only detection (memctl.detect, memctl.detection), the prompt-only probe, and memorization guidance (fidelity > 0)."""
+"""Prompt-only detection (memctl.detection), the prompt-only probe, and memorization guidance (fidelity > 0)."""
 
 import doctest
 

@@ -1,5 +1,5 @@
 """The Gradio app through its API (`gradio_client` against a launched app): generate, sweep, A/B, block maps,
-presets, bad inputs, and two clients at once.
+presets, prompt detection, bad inputs, and two clients at once.
 
 Runs the shipped embedded model `load_testbed("digits")` with 3 sampling steps on one torch thread
 (`MEMCTL_UI_TEST_MODEL` names another testbed folder while developing).
@@ -368,6 +368,45 @@ def test_two_clients_at_once_get_what_each_gets_alone(app, map_label):
     assert list_hooks(app["engine"].model(MODEL).denoiser) == []  # no knob left behind between requests
 
 
+def score(c: Client, prompts: str, calibrate: bool = True, seeds=4, model: str = MODEL):
+    return c.predict(prompts, calibrate, seeds, model, api_name="/detect")
+
+
+def test_detect_ranks_the_canary_first_and_flags_it(app):
+    tb = app["engine"].model(MODEL).testbed
+    canary, _, _, c = max(tb.canaries, key=lambda k: k[2])  # the most exposed canary
+    ordinary = tb.prompt(c)
+    table, summary = score(client(app), f"# its class's ordinary prompt, then the canary\n{ordinary}\n\n {canary}\n")
+    assert table["headers"] == ["risk", "flagged", "magnitude", "consistency", "prompt"]
+    (risk_c, flagged_c, *_, first), (risk_o, flagged_o, *_, second) = table["data"]
+    assert (first, flagged_c, second, flagged_o) == (canary, True, ordinary, False) and risk_c > 3 > risk_o
+    assert "1 of 2" in summary and f"{len(tb.ordinary_prompts())} ordinary prompts" in summary
+
+
+def test_detect_without_ordinary_prompts_notes_it(app, tmp_path):
+    plain = tmp_path / "plain"  # not a testbed: no ordinary prompts to calibrate against
+    shutil.copytree(app["engine"].model(MODEL).testbed.path, plain, ignore=shutil.ignore_patterns("testbed.json"))
+    table, summary = score(client(app), "a two\na five\na seven", calibrate=True, seeds=2, model=str(plain))
+    assert len(table["data"]) == 3 and "Calibration was ignored" in summary and "scored prompts" in summary
+
+
+BAD_DETECT = [
+    (dict(prompts=""), "Expected at least one prompt"),
+    (dict(prompts="# only a comment\n\n"), "Expected at least one prompt"),
+    (dict(prompts="a two\n" * 201), "Expected at most 200 prompts per request, but got 201"),
+    (dict(seeds=1), "Expected `seeds`"),
+    (dict(seeds=2.5), "Expected `seeds`"),
+]
+
+
+@pytest.mark.parametrize("overrides, words", BAD_DETECT, ids=["empty", "comments", "too-many", "seeds-1", "seeds-2.5"])
+def test_detect_bad_input_clear_message(app, overrides, words):
+    c = client(app)
+    with pytest.raises(AppError, match=words):
+        score(c, **{"prompts": "a two", **overrides})
+    assert generate(c, batch=1)[2] == "11"  # still serving
+
+
 @pytest.fixture(scope="module")
 def video_model(app) -> str:
     """A tiny TextToVideoSD pipeline folder (random weights) sharing the digits model's tokenizer and encoder."""
@@ -410,10 +449,11 @@ def test_docstring_examples_run():
     import doctest
 
     import ui.cli
+    import ui.detect
     import ui.engine
     import ui.heatmap
 
-    for module in (ui.heatmap, ui.engine, ui.cli):
+    for module in (ui.heatmap, ui.engine, ui.cli, ui.detect):
         assert doctest.testmod(module).failed == 0
 
 

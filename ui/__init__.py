@@ -1,4 +1,4 @@
-"""memctl's Gradio app (`memctl ui`): models, block-map heat-map, the fidelity knob, sweeps and A/B views.
+"""memctl's Gradio app (`memctl ui`): models, block-map heat-map, the fidelity knob, sweeps, A/B views, detection.
 
 >>> from ui import create_demo, launch   # doctest: +SKIP
 >>> launch(create_demo(), port=7860)     # doctest: +SKIP

@@ -14,6 +14,7 @@ import gradio as gr
 from memctl.options import GenerationOptions
 from memctl.zoo.testbed import TESTBEDS
 from ui.cli import HOST, PORT
+from ui.detect import DATATYPES, EMPTY_TABLE, MAX_SEEDS
 from ui.engine import NO_MAP, SHIPPED_MAP, Engine
 from ui.handlers import Handlers
 
@@ -25,14 +26,19 @@ CSS = """
 
 
 def _slider(*args, **kwargs) -> gr.Slider:
-    """A `gr.Slider` that leaves range checks to `GenerationOptions`, whose errors name the field.
+    """A `gr.Slider` that leaves range checks to `GenerationOptions`, whose errors name the field."""
+    return _unchecked(gr.Slider(*args, **kwargs))
 
-    Gradio's own check answers an API call with only "Value 2 is greater than maximum value 1". (Overriding
-    `preprocess` on the instance, not in a subclass: Gradio writes a .pyi file next to any component subclass.)
+
+def _unchecked(component):
+    """`component` passing its value on as it came, for the handler to check (and name the field in its error).
+
+    Gradio's own check answers an API call with only "Value 2 is greater than maximum value 1", and `gr.Number`
+    rounds to its precision without a word. (Overriding `preprocess` on the instance, not in a subclass: Gradio
+    writes a .pyi file next to any component subclass.)
     """
-    slider = gr.Slider(*args, **kwargs)
-    slider.preprocess = lambda payload: payload
-    return slider
+    component.preprocess = lambda payload: payload
+    return component
 
 
 def create_demo(engine: Engine | None = None, out_dir: str | None = None) -> gr.Blocks:
@@ -60,9 +66,12 @@ def create_demo(engine: Engine | None = None, out_dir: str | None = None) -> gr.
 
         load_outputs = [model_info, examples, c["frames"], c["fps"], out["video"], map_choice, *map_outputs]
         load_event = dict(fn=h.load_model, inputs=[model, allow_hub], outputs=load_outputs)
-        load_btn.click(**load_event, api_name="load_model")
-        model.select(**load_event, api_name=False)  # picking a listed model loads it; a typed path waits for "Load"
-        demo.load(**load_event, api_name=False)
+        detect_defaults = dict(fn=h.detect_defaults, inputs=[model], outputs=[out["detect_prompts"],
+                               out["calibrate"]], api_name=False)
+        load_btn.click(**load_event, api_name="load_model").success(**detect_defaults)
+        # picking a listed model loads it; a typed path waits for "Load"
+        model.select(**load_event, api_name=False).success(**detect_defaults)
+        demo.load(**load_event, api_name=False).success(**detect_defaults)
         examples.click(h.select_example, [examples, model], [c["prompt"], bound, bound_kind], api_name=False)
 
         map_choice.change(h.map_view, [map_choice, model], map_outputs, api_name="select_map")
@@ -85,6 +94,9 @@ def create_demo(engine: Engine | None = None, out_dir: str | None = None) -> gr.
         c["random"].click(lambda: -1, None, c["seed"], api_name=False, queue=False)
         c["reuse"].click(lambda s: int(s) if str(s).strip() else -1, c["seed_used"], c["seed"], api_name=False,
                          queue=False)
+
+        out["score"].click(h.detect, [out["detect_prompts"], out["calibrate"], out["seeds"], model],
+                           [out["scores"], out["detect_summary"]], api_name="detect", concurrency_limit=1)
 
         c["preset_save"].click(h.save_preset, [*controls, model, c["seed_used"]], c["preset_file"],
                                api_name="save_preset")
@@ -194,7 +206,28 @@ def _outputs() -> dict:
                                     elem_id="heatmap")
             o["block_info"] = gr.Markdown(elem_id="block-info")
             o["table"] = gr.Dataframe(label="Scores", interactive=False, max_height=300, elem_id="block-table")
+        o.update(_detect_tab())
     return o
+
+
+def _detect_tab() -> dict:
+    d = {}
+    with gr.Tab("Detect"):
+        gr.Markdown("Which prompts make the model copy a training image? Scored from the first denoising step "
+                    "alone, no training data needed (`memctl.detect`).")
+        d["detect_prompts"] = gr.Textbox(label="Prompts (one per line)", lines=6, max_lines=16,
+                                         placeholder="a suspected prompt\nan ordinary prompt\n# comments and "
+                                         "blank lines are skipped", elem_id="detect-prompts")
+        with gr.Row():
+            d["calibrate"] = gr.Checkbox(True, label="Calibrate against the model's ordinary prompts", scale=3,
+                                         elem_id="calibrate")
+            d["seeds"] = _unchecked(gr.Number(4, label="Seeds", minimum=2, maximum=MAX_SEEDS, step=1, precision=0,
+                                              scale=1, min_width=100, elem_id="detect-seeds"))
+        d["score"] = gr.Button("Score prompts", variant="primary", elem_id="score")
+        d["detect_summary"] = gr.Markdown(elem_id="detect-summary")
+        d["scores"] = gr.Dataframe(EMPTY_TABLE, label="Memorization risk, highest first", interactive=False,
+                                   datatype=DATATYPES, max_height=400, elem_id="detect-table")
+    return d
 
 
 def launch(demo: gr.Blocks | None = None, host: str = HOST, port: int | None = PORT, share: bool = False,

@@ -25,10 +25,12 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
+from memctl.detection import THRESHOLD  # risk above which `memctl.detect` flags a prompt
 from memctl.grid import make_grid, tensor_to_pil
 from memctl.metadata import save_png
 from memctl.options import GenerationOptions
 from ui import badges as badge_lib
+from ui import detect as detect_view
 from ui.engine import DEFAULT_FRAMES, NO_MAP, SHIPPED_MAP, Cancelled, Engine, Loaded, Sample
 from ui.heatmap import draw_heatmap, from_block_map
 
@@ -256,6 +258,35 @@ class Handlers:
         if event is not None:
             event.set()
         return "Cancelling…"
+
+    # ------------------------------------------------------------------------------------------------------------
+    # prompt-only detection
+
+    @user_errors
+    def detect(self, prompts, calibrate, seeds, model, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        """Score the prompts (one per line) for memorization risk: a table, highest risk first, and a summary."""
+        prompts = detect_view.parse_prompts(prompts)
+        expected = f"an int in [2, {detect_view.MAX_SEEDS}] (consistency compares seeds)"
+        n_seeds = _integer(seeds, "seeds", expected)
+        if not 2 <= n_seeds <= detect_view.MAX_SEEDS:
+            _fail("seeds", expected, seeds)
+        progress(0, desc="scoring prompts")
+        scores, reference = self.engine.detect(prompts, model, n_seeds, calibrate=bool(calibrate),
+                                               threshold=THRESHOLD, progress=True)
+        note = "" if reference or not calibrate else (" *Calibration was ignored: only embedded models ship "
+                                                      "ordinary prompts.*")
+        return detect_view.score_table(scores), detect_view.summary(scores, reference, THRESHOLD, note)
+
+    @user_errors
+    def detect_defaults(self, model):
+        """After a model loads: an embedded model's example prompts with calibration on; any other model keeps the
+        typed prompts, with calibration off (it ships no ordinary prompts)."""
+        tb = self.engine.model(model).testbed
+        if tb is None:
+            return gr.update(), gr.Checkbox(value=False, interactive=False, info="Only embedded models ship "
+                                            "ordinary prompts: risk is measured against the scored prompts.")
+        return detect_view.default_prompts(tb), gr.Checkbox(value=True, interactive=True, info=(
+            f"Risk against this model's {len(tb.ordinary_prompts())} ordinary prompts (\"a seven\", …)."))
 
     # ------------------------------------------------------------------------------------------------------------
     # presets
