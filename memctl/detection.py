@@ -67,6 +67,7 @@ class _Recorder(PassHook):
         self.rows_of = CondRows(pipe, module, [])
         self.sink, self.max_steps = sink, max_steps
         self._rows: tuple[int, int, int] | None = None
+        self._channels: int | None = None  # of the noisy input: a twice as wide output carries learned variance
         self._context: str | None = None
         self._pending: dict[str, torch.Tensor] = {}  # two-call pipelines: the pass seen first, until its partner
         self.calls = 0
@@ -75,11 +76,14 @@ class _Recorder(PassHook):
         x = kwargs.get(self.rows_of.x_arg, args[self.rows_of.x_pos] if args else None)
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
         self._context = context
+        self._channels = x.shape[1] if isinstance(x, torch.Tensor) and x.ndim >= 2 else None
         self._rows = tuple(int(v) for v in self.rows_of.rows(context, x, args, kwargs, device).tolist())
 
     def post_forward(self, module: torch.nn.Module, output):
         out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
         out = out.detach().float()
+        if self._channels is not None and out.ndim >= 2 and out.shape[1] == 2 * self._channels:
+            out = out[:, : self._channels]  # DiT's learned sigma: keep the noise prediction
         self.calls += 1
         k, a, b = self._rows
         if self._context in ("cond", "uncond"):  # two calls: pair them in order
@@ -98,16 +102,30 @@ class _Recorder(PassHook):
         return output
 
 
+def condition_argument(pipe, conditions: list) -> str:
+    """The pipeline argument the conditions go to: `prompt` (text) or `class_labels` (class-conditional, e.g. DiT)."""
+    params = inspect.signature(type(pipe).__call__).parameters
+    texts = all(isinstance(c, str) for c in conditions)
+    labels = all(isinstance(c, int) and not isinstance(c, bool) for c in conditions)
+    if texts and "prompt" in params:
+        return "prompt"
+    if labels and "class_labels" in params:
+        return "class_labels"
+    expected = "prompts (str)" if "prompt" in params else "class labels (int)" if "class_labels" in params else None
+    if expected is None:
+        raise ValueError(
+            f"Expected a conditional pipeline (its __call__ takes `prompt` or `class_labels`), but got "
+            f"{type(pipe).__name__}; detection reads the conditional part of the noise prediction."
+        )
+    raise ValueError(f"Expected {expected} for {type(pipe).__name__}, but got {conditions[:3]!r}.")
+
+
 def noise_differences(
     pipe, prompts: list[str], seed: int, steps: int = 1, guidance_scale: float = 7.5, **call_kwargs
 ) -> torch.Tensor:
     """`δ` of the first `steps` steps for `prompts` under one seed (every prompt starts from the same noise):
     `(len(prompts), steps, F)` flattened."""
-    if "prompt" not in inspect.signature(type(pipe).__call__).parameters:
-        raise ValueError(
-            f"Expected a text-conditional pipeline (its __call__ takes `prompt`), but got {type(pipe).__name__}; "
-            "prompt-only detection reads the text-conditional part of the noise prediction."
-        )
+    arg = condition_argument(pipe, prompts)
     found = pipeline_denoisers(pipe)
     if not found:
         raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but got {type(pipe).__name__}.")
@@ -118,7 +136,7 @@ def noise_differences(
         for m, recorder in zip(found.values(), recorders, strict=True):
             stack.enter_context(attached(m, {"": recorder}, RECORD))
         try:
-            pipe(prompts, generator=gens, guidance_scale=guidance_scale, **call_kwargs)
+            pipe(**{arg: list(prompts)}, generator=gens, guidance_scale=guidance_scale, **call_kwargs)
         except _Stop:
             pass
     if not sink and any(r.calls for r in recorders):  # two-call pipelines that never ran the "uncond" call
@@ -135,7 +153,7 @@ def noise_differences(
 class PromptScore:
     """Memorization risk of one prompt (see the module docstring)."""
 
-    prompt: str
+    prompt: str | int  # a class label for class-conditional models
     magnitude: float
     consistency: float
     risk: float
@@ -156,8 +174,9 @@ def signals(
     **call_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(magnitude (P,), consistency (P,))` of each prompt over `seeds` (a count from 0, or a list)."""
-    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"Expected a non-empty list of prompt strings, but got {prompts!r:.200}.")
+    condition_argument(pipe, list(prompts))  # prompts for text models, class labels for class-conditional ones
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if len(seed_list) < 2:
         raise ValueError(f"Expected at least 2 seeds (consistency compares seeds), but got {seed_list}.")

@@ -21,7 +21,9 @@ Methods:
   from the prompts' text states; every cross-attention unit is scored by how much replacing memorized tokens there
   lowers the memorization signal of `memctl.detect` (the magnitude of the text-conditional noise prediction in the
   first guided steps, Wen et al. 2024) on memorized prompts more than on general ones. A user with a list of
-  prompts can flag the memorized ones with `memctl.detect` first.
+  prompts can flag the memorized ones with `memctl.detect` first. Where no UNet cross-attends to the prompt
+  encoding (SD3, Flux, CogVideoX, Wan, DiT with class labels as conditions) the signal scores the residual lever:
+  one unit of every denoiser zeroed at a time (a map per denoiser, combined).
 Scores are signed: positive = memorization-heavy (removal hurts memorized probes more), negative =
 generalization-heavy. Probe noise comes from `seed` (below 10,000; evaluations use seeds from 10,000 up).
 """
@@ -219,10 +221,16 @@ def attribute_condition(
     return blocks, scores, extra, tensors
 
 
-def _check_prompts_only(probes: ProbeSet) -> None:
-    bad = [c for c in probes.conditions("memorized") + probes.conditions("general") if not isinstance(c, str)]
-    if bad:
-        raise ValueError(f"Expected prompt (str) conditions for method 'prompt', but got {bad[:3]!r}.")
+def _reads_text_states(pipe, probes: ProbeSet) -> bool:
+    """Can the condition lever be fit from `pipe`'s prompt encoding (a UNet cross-attending to it)?"""
+    conds = probes.conditions("memorized") + probes.conditions("general")
+    if not all(isinstance(c, str) for c in conds):
+        return False
+    try:
+        text_states(pipe, conds[:1])
+    except ValueError:
+        return False
+    return any(cross_attentions(_denoiser(pipe), b) for b in find_blocks(_denoiser(pipe)))
 
 
 def attribute_prompt(
@@ -235,42 +243,54 @@ def attribute_prompt(
     k: int = 8,
     progress: bool = True,
     **call_kwargs,
-) -> tuple[list, torch.Tensor, dict, dict]:
-    """Per-unit selectivity `(n_blocks, 1)` of the condition lever on the prompt-only memorization signal."""
-    from memctl.detection import signals
+) -> tuple[list[tuple[str, torch.nn.Module, list, torch.Tensor]], dict, dict, str]:
+    """Per-unit selectivity `(n_blocks, 1)` on the prompt-only memorization signal, per denoiser.
 
-    _check_prompts_only(probes)
-    denoiser = _denoiser(pipe)
-    blocks = find_blocks(denoiser, granularity="unit")
-    tensors, ratios = condition_tensors(pipe, probes, k, encode=text_states)
-    lever_blocks = [(i, cross_attentions(denoiser, b)) for i, b in enumerate(blocks)]
-    lever_blocks = [x for x in lever_blocks if x[1]]
-    if not lever_blocks:
-        raise ValueError(
-            f"Expected a denoiser with cross-attention for method 'prompt', but {type(denoiser).__name__} has none."
-        )
+    Where a UNet cross-attends to the prompt encoding (PixelPipeline, SD, SDXL, AnimateDiff): the condition lever,
+    memorized tokens pulled in one unit at a time. Elsewhere (SD3, Flux, CogVideoX, Wan, DiT with class labels):
+    the residual lever, one unit of every denoiser zeroed at a time. Returns `(parts, extra, tensors, lever)`,
+    `parts` = `[(component, denoiser, blocks, scores)]`."""
+    from memctl.detection import condition_argument, signals
+
     mem, gen = probes.conditions("memorized"), probes.conditions("general")
+    condition_argument(pipe, mem + gen)  # prompts for text models, class labels for class-conditional ones
     kw = dict(seeds=list(range(seed, seed + seeds)), steps=steps, guidance_scale=guidance_scale, progress=False)
 
     def signal() -> tuple[float, float]:
         m = signals(pipe, mem + gen, **kw, **call_kwargs)[0]
         return m[: len(mem)].mean().item(), m[len(mem) :].mean().item()
 
+    def selectivity(hit: tuple[float, float]) -> float:
+        return ((base[0] - hit[0]) - (base[1] - hit[1])) / base[1]
+
     base = signal()
-    scores = torch.zeros(len(blocks), 1)
-    for i, paths in tqdm(lever_blocks, desc="probing (prompt)", unit="block", disable=not progress):
-        with attached(denoiser, {p: ConditionHook("memctl.probe", tensors, 0.0) for p in paths}, "memctl.probe"):
-            hit = signal()
-        scores[i, 0] = ((base[0] - hit[0]) - (base[1] - hit[1])) / base[1]
-    positive = scores[scores > 0]
-    extra = {
+    extra: dict = {
         "base_signal": {"memorized": base[0], "general": base[1]},
         "signal": {"seeds": kw["seeds"], "steps": steps, "guidance_scale": guidance_scale},
-        "subspace_ratios": ratios,
-        **LEVER_META,
-        "knob_scale": float(positive.median()) if len(positive) else 1.0,
     }
-    return blocks, scores, extra, tensors
+    if not _reads_text_states(pipe, probes):
+        parts = []
+        for component, module in pipeline_denoisers(pipe).items():
+            blocks = find_blocks(module, granularity="unit")
+            scores = torch.zeros(len(blocks), 1)
+            desc = f"probing (prompt, {component})"
+            for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", disable=not progress)):
+                with scaled(module, [block], 0.0):
+                    scores[i, 0] = selectivity(signal())
+            parts.append((component, module, blocks, scores))
+        return parts, extra, {}, "residual"
+    component, denoiser = next(iter(pipeline_denoisers(pipe).items()))
+    blocks = find_blocks(denoiser, granularity="unit")
+    tensors, ratios = condition_tensors(pipe, probes, k, encode=text_states)
+    lever_blocks = [(i, cross_attentions(denoiser, b)) for i, b in enumerate(blocks)]
+    scores = torch.zeros(len(blocks), 1)
+    for i, paths in tqdm([x for x in lever_blocks if x[1]], desc="probing (prompt)", unit="block",
+                         disable=not progress):  # fmt: skip
+        with attached(denoiser, {p: ConditionHook("memctl.probe", tensors, 0.0) for p in paths}, "memctl.probe"):
+            scores[i, 0] = selectivity(signal())
+    positive = scores[scores > 0]
+    extra.update(subspace_ratios=ratios, **LEVER_META, knob_scale=float(positive.median()) if len(positive) else 1.0)
+    return [(component, denoiser, blocks, scores)], extra, tensors, "condition"
 
 
 def probe(
@@ -309,19 +329,26 @@ def probe(
             raise ValueError(f"Expected granularity 'unit' for method 'prompt', but got {granularity!r}.")
         if not 0 <= seed <= 10_000 - 4:
             raise ValueError(f"Expected a probe seed in [0, 9996] (method 'prompt' uses 4 seeds from it), got {seed}.")
-        blocks, scores, extra, tensors = attribute_prompt(pipe, probes, seed, progress=progress, **(call_kwargs or {}))
-        noise_levels, lever = (1.0,), "condition"
+        parts, extra, tensors, lever = attribute_prompt(pipe, probes, seed, progress=progress, **(call_kwargs or {}))
+        noise_levels = (1.0,)
     else:
         raise ValueError(f"Expected method 'ablation', 'condition' or 'prompt', but got {method!r}.")
+    if method != "prompt":
+        component, denoiser = next(iter(pipeline_denoisers(pipe).items()))
+        parts = [(component, denoiser, blocks, scores)]
     meta = {"probes": probes.summary(), "seed": seed, "seconds": round(time.perf_counter() - t0, 1), **extra}
-    denoiser = _denoiser(pipe)
-    bmap = BlockMap.from_scores(
-        denoiser,
-        {b.name: scores[i].tolist() for i, b in enumerate(blocks)},
-        levels=list(noise_levels),
-        method=method,
-        meta=meta,
-    )
+    maps = [
+        BlockMap.from_scores(
+            module,
+            {b.name: scores[i].tolist() for i, b in enumerate(blocks)},
+            levels=list(noise_levels),
+            method=method,
+            meta=meta,
+            component=component,
+        )
+        for component, module, blocks, scores in parts
+    ]
+    bmap = maps[0] if len(maps) == 1 else BlockMap.combine(*maps)
     bmap.lever, bmap.lever_tensors = lever, tensors
     bmap.__post_init__()
     return bmap

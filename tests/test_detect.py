@@ -51,9 +51,18 @@ def test_detect_runs_on_every_text_conditional_family(name):
                "transformer_2")) if m is not None)  # fmt: skip
 
 
-def test_detect_on_a_class_conditional_pipeline_is_a_clear_error():
-    with pytest.raises(ValueError, match="text-conditional pipeline"):
-        noise_differences(tiny_pipeline("dit"), ["ab"], seed=0)
+def test_detect_on_a_class_conditional_pipeline_reads_class_labels():
+    pipe = tiny_pipeline("dit")
+    d = noise_differences(pipe, [1, 2], seed=0, num_inference_steps=2)
+    with denoiser_outputs(pipe) as outs:
+        gens = [torch.Generator().manual_seed(0) for _ in range(2)]
+        pipe(class_labels=[1, 2], generator=gens, num_inference_steps=2)
+    out = outs[0][1][:, : pipe.transformer.config.in_channels]  # rows [labels, null class]; learned sigma dropped
+    assert torch.allclose(d[:, 0], (out[:2] - out[2:]).reshape(2, -1), atol=1e-6)
+    with pytest.raises(ValueError, match=r"Expected class labels \(int\) for DiTPipeline"):
+        noise_differences(pipe, ["ab"], seed=0)
+    with pytest.raises(ValueError, match=r"Expected prompts \(str\)"):
+        noise_differences(tiny_pipeline("sd"), [1], seed=0)
 
 
 def test_detect_needs_an_unconditional_pass_and_leaves_no_hooks():
@@ -137,11 +146,29 @@ def test_prompt_only_probe_on_unet_families(name):
     memctl.remove_knob(pipe)
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux", "wan"])
-def test_prompt_only_probe_elsewhere_is_a_clear_error(name):
+@pytest.mark.parametrize("name", ["sd3", "flux", "dit", "cogvideox", "wan", "wan22"])
+def test_prompt_only_probe_falls_back_to_the_residual_lever(name):
+    """No prompt encoding to fit the condition lever from: each unit of every denoiser is ablated on the signal."""
+    pipe = tiny_pipeline(name)
+    call = {k: v for k, v in PIPELINE_FAMILIES[name].call.items()
+            if k not in ("prompt", "guidance_scale", "class_labels", "output_type")}  # fmt: skip
+    conds = ([1], [2, 3]) if name == "dit" else (["ab"], ["ba", "aa"])
+    probes = memctl.ProbeSet(memorized=[(c, None) for c in conds[0]], general=[(c, None) for c in conds[1]])
+    bmap = memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=call)
+    found = {c: m for c, m in ((c, getattr(pipe, c, None)) for c in ("unet", "transformer", "transformer_2")) if m}
+    assert bmap.lever == "residual" and sorted(bmap.fingerprints) == sorted(found)
+    assert len(bmap.names) == sum(len(memctl.find_blocks(m)) for m in found.values())
+    assert bool(torch.isfinite(bmap.scores).all()) and bmap.scores.abs().sum() > 0
+    ref = sample(pipe, name)
+    memctl.apply_knob(pipe, bmap)
+    assert torch.equal(sample(pipe, name), ref)
+    with memctl.fidelity(pipe, -1.0):
+        assert not torch.equal(sample(pipe, name), ref)
+    memctl.remove_knob(pipe)
+
+
+def test_call_kwargs_only_with_the_prompt_method():
     probes = memctl.ProbeSet(memorized=[("ab", None)], general=[("ba", None), ("aa", None)])
-    with pytest.raises(ValueError, match="cross-attends to its encode_prompt"):
-        memctl.probe(tiny_pipeline(name), probes, method="prompt", progress=False)
     with pytest.raises(ValueError, match="call_kwargs only with method 'prompt'"):
         memctl.probe(tiny_pipeline("sd"), probes, method="condition", call_kwargs={"height": 8})
 

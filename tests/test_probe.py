@@ -303,7 +303,7 @@ def test_probe_input_errors(pipe, probes):
     with pytest.raises(ValueError, match=r"Expected every memorized probe to have an image .*\(method='prompt'\)"):
         memctl.probe(pipe, prompt_only, method="ablation", noise_levels=(0.5,), progress=False)
     labels = ProbeSet(memorized=[(7, _im())], general=[(3, _im())])
-    with pytest.raises(ValueError, match=r"Expected prompt \(str\) conditions for method 'prompt'"):
+    with pytest.raises(ValueError, match=r"Expected prompts \(str\) for PixelPipeline, but got \[7, 3\]"):
         memctl.probe(pipe, labels, method="prompt", progress=False)
 
 
