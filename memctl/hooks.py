@@ -160,7 +160,8 @@ class ConditionHook(ModelHook):
 
     `e -> e + (1 - s) w(e) (g(e) - e)` (see `memctl.subspace.pull_to_general`) on `encoder_hidden_states` of an
     `Attention` module, before its keys and values: `s` is a 0-d buffer like `ResidualScaleHook.scale`: 1 leaves
-    the input untouched (exactly), 0 replaces memorized tokens, above 1 pushes them further from the general ones.
+    the input untouched (exactly), 0 replaces memorized tokens, below 0 pulls them past the general ones (the knob
+    at fidelity < 0 with `pull_max` > 1), above 1 pushes them further from the general ones.
     """
 
     _TENSORS = ("read", "tau", "bank")

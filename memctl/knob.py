@@ -51,22 +51,28 @@ _UNIT_TIMESTEP = {
 
 
 def knob_law(
-    scores: torch.Tensor, fidelity: float | torch.Tensor, strength: float = 1.0, scale: float | None = None
+    scores: torch.Tensor,
+    fidelity: float | torch.Tensor,
+    strength: float = 1.0,
+    scale: float | None = None,
+    floor: float = 0.0,
 ) -> torch.Tensor:
-    """Per-block factors: clamp(1 + strength * fidelity * score / scale, 0, 2), scale = max |score| by default.
+    """Per-block factors: clamp(1 + strength * fidelity * score / scale, floor, 2), scale = max |score| by default.
 
     >>> knob_law(torch.tensor([2.0, -1.0, 0.0]), -0.5)
     tensor([0.5000, 1.2500, 1.0000])
 
     Pure and shape-preserving (`scores` may be `(n_blocks,)` or `(n_blocks, n_levels)`); fidelity < 0 shrinks
     memorization-heavy blocks (score > 0) and boosts generalization-heavy ones; fidelity 0 gives exactly 1.0.
+    `floor` < 0 is for the condition lever, whose factor s pulls memorized tokens by 1 - s: past the general
+    conditioning for s < 0.
     """
     if scale is None:
         m = scores.abs().max()
         norm = scores / torch.where(m > 0, m, torch.ones_like(m))
     else:
         norm = scores / (scale if scale > 0 else 1.0)
-    return (1 + strength * fidelity * norm).clamp(0, 2)
+    return (1 + strength * fidelity * norm).clamp(floor, 2)
 
 
 class _KnobState:
@@ -82,23 +88,25 @@ class _KnobState:
         # condition lever: fidelity > 0 guides toward the memorized component (memctl.guidance), one extra pass
         self.guidance_gain = float(bmap.meta.get("fidelity_guidance", 0.0)) if bmap.lever == "condition" else 0.0
         self.guide: GuidanceHook | None = None
+        # condition lever, fidelity < 0: memorized tokens pulled up to `pull_max` times the way to the general ones
+        self.floor = 1.0 - float(bmap.meta.get("pull_max", 1.0)) if bmap.lever == "condition" else 0.0
         self.pull: torch.Tensor | None = None  # (n_groups,) the lever's factors at fidelity -1 for this call
         self.fidelity = 0.0
 
     def on_timestep(self, module: torch.nn.Module, t: torch.Tensor) -> None:
         f = module._memctl_knob_fidelity.float()
         now = self._factors(module, torch.where(f > 0, f * self.positive_gain, f), t)
-        if self.guide is not None and self.guide.on:
-            self.pull = self._factors(module, -torch.ones_like(f), t)
+        if self.guide is not None and self.guide.on:  # guidance contrasts with the prompt made general (no overshoot)
+            self.pull = self._factors(module, -torch.ones_like(f), t, floor=0.0)
         for i, hooks in enumerate(self.groups):
             for hook in hooks:
                 hook.scale.copy_(now[i])
 
-    def _factors(self, module: torch.nn.Module, f: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _factors(self, module: torch.nn.Module, f: torch.Tensor, t: torch.Tensor, floor: float | None = None):
         """Per-block factors `(n_blocks,)` at fidelity `f` and noise level `t`, 1 outside the window."""
         scores = module._memctl_knob_scores.float()  # (n_blocks, n_levels); float32 whatever the model's dtype
         t = t.to(scores.device, torch.float32)
-        factors = knob_law(scores, f, self.strength, self.scale)
+        factors = knob_law(scores, f, self.strength, self.scale, self.floor if floor is None else floor)
         if factors.shape[1] == 1:
             now = factors[:, 0]
         else:  # piecewise linear in t between recorded levels, constant beyond them

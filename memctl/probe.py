@@ -43,9 +43,11 @@ from memctl.probeset import ProbeSet
 from memctl.subspace import fit_subspace, weight_threshold
 
 NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
-# Condition lever, fidelity > 0: no push on the tokens (it did not raise recall, see memctl.guidance) but guidance
-# toward the memorized component at one extra pass per step.
-LEVER_META = {"positive_gain": 0.0, "fidelity_guidance": DEFAULT_GAIN}
+# Condition lever. Fidelity > 0: no push on the tokens (it did not raise recall, see memctl.guidance) but guidance
+# toward the memorized component at one extra pass per step. Fidelity < 0: memorized tokens pulled to the nearest
+# general conditioning and, in the most selective units, past it (up to twice the way): without the overshoot the
+# most-exposed canaries still copied their digit's duplicated training images as often as the plain prompt does.
+LEVER_META = {"positive_gain": 0.0, "fidelity_guidance": DEFAULT_GAIN, "pull_max": 2.0}
 
 
 @dataclass

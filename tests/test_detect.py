@@ -180,7 +180,7 @@ def test_call_kwargs_only_with_the_prompt_method():
 def condition_map(digits):
     tb, pipe = digits
     bmap = tb.block_map()
-    bmap.meta.update(positive_gain=0.0, fidelity_guidance=0.5)
+    bmap.meta.update(positive_gain=0.0, fidelity_guidance=0.5, pull_max=1.0)  # f = -1: exactly the guidance's pull
     return bmap
 
 
@@ -207,6 +207,29 @@ def test_guidance_is_out_plus_gain_times_out_minus_pulled(digits, condition_map)
     finally:
         memctl.remove_knob(pipe)
     assert memctl.list_hooks(pipe.unet) == [] and "_memctl_knob_guide" not in dict(pipe.unet.named_buffers())
+
+
+def test_pull_past_the_general_conditioning_at_negative_fidelity_only(digits, condition_map):
+    """pull_max 2: fidelity -1 moves memorized tokens up to twice the way to the general ones; the guidance at
+    fidelity > 0 still contrasts with the prompt made general (no overshoot), and ordinary prompts stay exact."""
+    tb, pipe = digits
+    canary = tb.canaries[0][0]
+    far = memctl.BlockMap.load(tb.path / "blockmap.safetensors")
+    far.meta.update(condition_map.meta, pull_max=2.0)
+    out = {}
+    for name, bmap in (("near", condition_map), ("far", far)):
+        memctl.apply_knob(pipe, bmap)
+        for f in (-1.0, -0.3, 0.6):
+            with memctl.fidelity(pipe, f):
+                out[name, f] = _eps(pipe, canary)
+                out[name, f, "ordinary"] = _eps(pipe, "a seven")
+        memctl.remove_knob(pipe)
+    assert not torch.equal(out["near", -1.0], out["far", -1.0])
+    assert torch.equal(out["near", 0.6], out["far", 0.6])
+    plain = _eps(pipe, "a seven")
+    assert all(torch.equal(out[name, f, "ordinary"], plain) for name in ("near", "far") for f in (-1.0, -0.3, 0.6))
+    factors = memctl.knob_law(torch.tensor([2.0, 1.0, 0.5]), -1.0, scale=1.0, floor=-1.0)
+    assert torch.equal(factors, torch.tensor([-1.0, 0.0, 0.5]))
 
 
 def test_the_extra_pass_runs_only_above_fidelity_zero(digits, condition_map):
