@@ -26,8 +26,9 @@ The signals are read from inside an ordinary pipeline call: a root hook on each 
 splits each call into conditional and unconditional rows the same way the knob's `passes="cond"` does
 (`memctl.passes`: one batch with the unconditional chunk first, or two calls in `cache_context("cond" /
 "uncond")`), and stops the pipeline once `steps` denoising steps are recorded. So it works on every pipeline that
-runs an unconditional pass (SD 1.x/2.x, SDXL, SD3, AnimateDiff, CogVideoX, Wan, `PixelPipeline` at
-guidance != 1); a pipeline without one (guidance-distilled Flux) gets a clear error.
+runs an unconditional pass (SD 1.x/2.x, SDXL, SD3, AnimateDiff, CogVideoX, Wan 2.1/2.2, Flux with true CFG,
+`PixelPipeline`; class-conditional DiT with class labels in place of prompts); a pipeline without one
+(guidance-distilled Flux) gets a clear error.
 """
 
 from __future__ import annotations

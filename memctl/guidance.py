@@ -3,14 +3,16 @@
     >>> bmap.meta["fidelity_guidance"]      # maps made by probe(method="condition" | "prompt")
     0.5
     >>> apply_knob(pipe, bmap); set_fidelity(pipe, 1.0)   # every denoiser call now runs twice
+    >>> remove_knob(pipe)
 
 For fidelity f > 0 the denoiser output becomes `out + γ f (out - pulled)`, where `pulled` is the same call with
 the memorized conditioning tokens pulled toward general ones (the condition lever at fidelity -1) and
 γ = `meta["fidelity_guidance"]`. It is classifier-free guidance whose "concept" is what the memorized tokens add:
 it strengthens recall of what the model stored for a prompt and leaves prompts without memorized tokens as they
-were (their `pulled` equals `out`). Measured before choosing it (`bench/results/effect.json`): pushing memorized
+were (their `pulled` equals `out`). Measured before choosing it (`bench/fidelity_levers.py`): pushing memorized
 tokens further from general ones (the lever at s > 1) and boosting their attention logits did not raise the copy
-rate of the least-exposed canaries; this does. Fidelity <= 0 never runs the extra pass.
+rate of the least-exposed canaries; this does. Fidelity <= 0 never runs the extra pass. `pulled` is the prompt
+made general (pull 1), also for maps whose fidelity < 0 side pulls further (`meta["pull_max"]`).
 
 The hook sits innermost on the denoiser (inside the knob's clock): before the extra pass it writes the pull factors
 the clock computed for this timestep into the condition hooks, calls the forward below it, and restores them. The

@@ -8,6 +8,7 @@ from tiny import PIPELINE_FAMILIES, denoiser_outputs, sample, tiny_pipeline
 
 import memctl
 import memctl.detection
+import memctl.guidance
 from memctl.detection import detect, noise_differences, robust_z, roc_auc, signals
 
 
@@ -294,5 +295,10 @@ def test_cli_detect(tmp_path, capsys):
     assert "guidance_scale > 1" in capsys.readouterr().err
 
 
-def test_module_docstring_example():
+def test_module_docstring_examples(digits):
     assert doctest.testmod(memctl.detection, extraglobs={"memctl": memctl}).failed == 0
+    tb, pipe = digits
+    globs = {"pipe": pipe, "bmap": tb.block_map(), "apply_knob": memctl.apply_knob,
+             "set_fidelity": memctl.set_fidelity, "remove_knob": memctl.remove_knob}  # fmt: skip
+    result = doctest.testmod(memctl.guidance, extraglobs=globs)
+    assert result.failed == 0 and result.attempted == 3 and memctl.list_hooks(pipe.unet) == []
