@@ -114,7 +114,12 @@ def _cmd_detect(args) -> int:
 
     prompts = _read_prompts(args.prompts)
     reference = _read_prompts(args.reference) if args.reference else None
-    pipe, _ = load_model_and_testbed(args.model)
+    pipe, tb = load_model_and_testbed(args.model)
+    basis = "the reference prompts"
+    if reference is None and tb is not None:  # a testbed knows its ordinary prompts
+        reference, basis = tb.ordinary_prompts(), f"the testbed's {len(tb.ordinary_prompts())} ordinary prompts"
+    elif reference is None:
+        basis = "all scored prompts (pass --reference ORDINARY.txt for a fixed baseline)"
     pipe.set_progress_bar_config(disable=True)
     kw = {"num_inference_steps": args.num_inference_steps} if args.num_inference_steps else {}
     scores = detect(pipe, prompts, seeds=args.seeds, steps=args.steps, guidance_scale=args.guidance,
@@ -127,7 +132,6 @@ def _cmd_detect(args) -> int:
     for s in sorted(scores, key=lambda s: -s.risk):
         print(f"{s.risk:>6.2f}  {'YES' if s.flagged else '':<4}  {s.magnitude:>9.4g}  {s.consistency:>11.3f}  "
               f"{s.prompt[:width]}")  # fmt: skip
-    basis = "the reference prompts" if reference else "all scored prompts (pass --reference for a fixed baseline)"
     print(f"\n{sum(s.flagged for s in scores)} of {len(scores)} flagged (risk > {args.threshold}); risk is a robust "
           f"z-score of log magnitude against {basis}.")  # fmt: skip
     return 0
@@ -181,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detect", help="score prompts for memorization risk, without training data")
     p.add_argument("prompts", help="text file, one prompt per line")
     p.add_argument("--model", default="digits", help="testbed name or diffusers pipeline folder (default: digits)")
-    p.add_argument("--reference", help="text file of ordinary prompts that calibrate the risk score")
+    p.add_argument("--reference", help="text file of ordinary prompts that calibrate the risk score "
+                   "(default for a testbed: its ordinary prompts; otherwise the scored prompts themselves)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (>= 2)")
     p.add_argument("--steps", type=int, default=1, help="first denoising steps to read")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance scale of the read steps (> 1)")
