@@ -66,7 +66,7 @@ def bench_digits(models: list[str], seeds: int) -> dict:
 def bench_detect(models: list[str], seeds: tuple[int, ...] = DETECT_SEEDS) -> dict:
     """Prompt-only detection on each testbed: ROC AUC of canary prompts (per exposure) against ordinary prompts and
     against decoys (the canary format with untrained tags), for the magnitude and the consistency signal."""
-    from memctl.detection import robust_z, roc_auc, signals
+    from memctl.detection import THRESHOLD, robust_z, roc_auc, signals
     from memctl.zoo import load_testbed
 
     results = {}
@@ -90,8 +90,8 @@ def bench_detect(models: list[str], seeds: tuple[int, ...] = DETECT_SEEDS) -> di
                 for sig, vals in (("magnitude", mag), ("consistency", cons))
                 for neg, part in parts.items()
             }
-            rows[str(e)]["flagged"] = round(float((risk[idx] > 3).float().mean()), 3)
-        rows["decoys"] = {"flagged": round(float((risk[parts["decoys"]] > 3).float().mean()), 3)}
+            rows[str(e)]["flagged"] = round(float((risk[idx] > THRESHOLD).float().mean()), 3)
+        rows["decoys"] = {"flagged": round(float((risk[parts["decoys"]] > THRESHOLD).float().mean()), 3)}
         most = rows[str(max(tb.exposures))]
         results[name] = {
             "prompts": {"canaries": k, "ordinary": n, "decoys": len(decoys)},
