@@ -47,8 +47,9 @@ def create_demo(engine: Engine | None = None, out_dir: str | None = None) -> gr.
     h = Handlers(engine, out_dir)
     with gr.Blocks(title="memctl", analytics_enabled=False, fill_width=True) as demo:  # local tool: no telemetry
         gr.Markdown("# memctl — where memory lives, and a knob for it\nRed blocks in the map are "
-                    "memorization-heavy, blue ones generalization-heavy. Fidelity > 0 favours faithful recall, "
-                    "< 0 favours new images; at 0 the model is untouched.")
+                    "memorization-heavy, blue ones generalization-heavy. Fidelity > 0 favours faithful recall "
+                    "(one extra denoiser pass per step with the shipped maps), < 0 favours new images; at 0 the "
+                    "model is untouched.")
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
                 model, allow_hub, load_btn, model_info = _model_controls(engine)
