@@ -199,28 +199,42 @@ def attribute_condition(
     tensors, ratios = condition_tensors(pipe, probes, k)
     batches = _make_batches(pipe, probes, levels, seed, repeats)
     base = [_losses(denoiser, b) for b in batches]
-    scores = torch.zeros(len(blocks), len(levels))
-    lever_blocks = [(i, b, cross_attentions(denoiser, b)) for i, b in enumerate(blocks)]
-    lever_blocks = [x for x in lever_blocks if x[2]]
-    if not lever_blocks:
-        raise ValueError(
-            f"Expected a denoiser with cross-attention for method 'condition', but "
-            f"{type(denoiser).__name__} has none; use method='ablation'."
-        )
-    for i, _, paths in tqdm(lever_blocks, desc="probing (condition)", unit="block", disable=not progress):
-        with attached(denoiser, {p: ConditionHook("memctl.probe", tensors, 0.0) for p in paths}, "memctl.probe"):
-            for j, b in enumerate(batches):
-                scores[i, j] = _selectivity(base[j], _losses(denoiser, b))
-    positive = scores[scores > 0]
-    # fidelity -1 at strength 1 fully replaces memorized tokens in every unit at least median-selective
-    knob_scale = float(positive.median()) if len(positive) else 1.0
+    scores = _condition_scores(
+        denoiser, blocks, tensors, "condition", progress,
+        lambda: [_selectivity(base[j], _losses(denoiser, b)) for j, b in enumerate(batches)],
+    )  # fmt: skip
     extra = {
         "base_loss": {str(lv): list(bl) for lv, bl in zip(levels, base, strict=False)},
         "subspace_ratios": ratios,
         **LEVER_META,
-        "knob_scale": knob_scale,
+        "knob_scale": _knob_scale(scores),
     }
     return blocks, scores, extra, tensors
+
+
+def _condition_scores(denoiser, blocks, tensors, method: str, progress: bool, measure) -> torch.Tensor:
+    """`(n_blocks, n_levels)`: `measure()` (one score per level) with the memorized tokens replaced in one unit's
+    cross-attention at a time. Units without cross-attention carry no such lever and score 0."""
+    units = [(i, paths) for i, b in enumerate(blocks) if (paths := cross_attentions(denoiser, b))]
+    if not units:
+        raise ValueError(
+            f"Expected a denoiser with cross-attention for method {method!r}, but "
+            f"{type(denoiser).__name__} has none; use method='ablation'."
+        )
+    rows = {}
+    for i, paths in tqdm(units, desc=f"probing ({method})", unit="block", disable=not progress):
+        with attached(denoiser, {p: ConditionHook("memctl.probe", tensors, 0.0) for p in paths}, "memctl.probe"):
+            rows[i] = measure()
+    scores = torch.zeros(len(blocks), len(next(iter(rows.values()))))
+    for i, row in rows.items():
+        scores[i] = torch.tensor(row)
+    return scores
+
+
+def _knob_scale(scores: torch.Tensor) -> float:
+    """Fidelity -1 at strength 1 fully replaces memorized tokens in every unit at least median-selective."""
+    positive = scores[scores > 0]
+    return float(positive.median()) if len(positive) else 1.0
 
 
 def _reads_text_states(pipe, probes: ProbeSet) -> bool:
@@ -232,7 +246,8 @@ def _reads_text_states(pipe, probes: ProbeSet) -> bool:
         text_states(pipe, conds[:1])
     except ValueError:
         return False
-    return any(cross_attentions(_denoiser(pipe), b) for b in find_blocks(_denoiser(pipe)))
+    denoiser = _denoiser(pipe)
+    return any(cross_attentions(denoiser, b) for b in find_blocks(denoiser))
 
 
 def attribute_prompt(
@@ -262,8 +277,8 @@ def attribute_prompt(
         m = signals(pipe, mem + gen, **kw, **call_kwargs)[0]
         return m[: len(mem)].mean().item(), m[len(mem) :].mean().item()
 
-    def selectivity(hit: tuple[float, float]) -> float:
-        return ((base[0] - hit[0]) - (base[1] - hit[1])) / base[1]
+    def selectivity() -> float:  # the signal *drops*: the loss-rise selectivity with its sign turned
+        return -_selectivity(base, signal())
 
     base = signal()
     extra: dict = {
@@ -278,20 +293,14 @@ def attribute_prompt(
             desc = f"probing (prompt, {component})"
             for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", disable=not progress)):
                 with scaled(module, [block], 0.0):
-                    scores[i, 0] = selectivity(signal())
+                    scores[i, 0] = selectivity()
             parts.append((component, module, blocks, scores))
         return parts, extra, {}, "residual"
     component, denoiser = next(iter(pipeline_denoisers(pipe).items()))
     blocks = find_blocks(denoiser, granularity="unit")
     tensors, ratios = condition_tensors(pipe, probes, k, encode=text_states)
-    lever_blocks = [(i, cross_attentions(denoiser, b)) for i, b in enumerate(blocks)]
-    scores = torch.zeros(len(blocks), 1)
-    for i, paths in tqdm([x for x in lever_blocks if x[1]], desc="probing (prompt)", unit="block",
-                         disable=not progress):  # fmt: skip
-        with attached(denoiser, {p: ConditionHook("memctl.probe", tensors, 0.0) for p in paths}, "memctl.probe"):
-            scores[i, 0] = selectivity(signal())
-    positive = scores[scores > 0]
-    extra.update(subspace_ratios=ratios, **LEVER_META, knob_scale=float(positive.median()) if len(positive) else 1.0)
+    scores = _condition_scores(denoiser, blocks, tensors, "prompt", progress, lambda: [selectivity()])
+    extra.update(subspace_ratios=ratios, **LEVER_META, knob_scale=_knob_scale(scores))
     return [(component, denoiser, blocks, scores)], extra, tensors, "condition"
 
 
