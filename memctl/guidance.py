@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from diffusers.hooks import ModelHook
 
+from memctl.hooks import module_device
+
 GUIDE = "memctl.knob.guide"
 DEFAULT_GAIN = 0.5  # γ: at fidelity 1, half a guidance step toward the memorized component (measured, see effect.md)
 
@@ -41,7 +43,7 @@ class GuidanceHook(ModelHook):
         self._inputs: tuple[tuple, dict] | None = None
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+        device = module_device(module)
         module.register_buffer("_memctl_knob_guide", torch.tensor(0.0, device=device), persistent=False)
         self._module = module
         return module

@@ -51,6 +51,11 @@ KNOB = "memctl.knob"  # per-block residual scaling of the fidelity knob
 CLOCK = "memctl.knob.clock"  # root hook reading the timestep of each denoiser call
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights (else buffers) live; CPU for a module with neither."""
+    return next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+
+
 def _arg_position(module: torch.nn.Module, arg: str) -> int | None:
     """Position of `arg` among the positional arguments of `module.forward` (None if it has no such parameter)."""
     params = list(inspect.signature(type(module).forward).parameters)[1:]  # drop self
@@ -124,7 +129,7 @@ class ResidualScaleHook(_InputsOfDelta):
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         super().initialize_hook(module)
-        device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+        device = module_device(module)
         module.register_buffer(self.buffer, torch.tensor(self.value, device=device), persistent=False)
         self._module = module
         return module
@@ -173,7 +178,7 @@ class ConditionHook(ModelHook):
         self._module: torch.nn.Module | None = None
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+        device = module_device(module)
         module.register_buffer(self.buffer, torch.tensor(self.value, device=device), persistent=False)
         for k, v in self.tensors.items():
             module.register_buffer(f"{self.buffer}_{k}", v.to(device), persistent=False)

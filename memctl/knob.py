@@ -32,7 +32,17 @@ import torch
 from memctl.blockmap import BlockMap
 from memctl.blocks import DENOISER_ATTRS, find_blocks, pipeline_denoisers, unwrap
 from memctl.guidance import GUIDE, GuidanceHook
-from memctl.hooks import CLOCK, KNOB, ConditionHook, ResidualScaleHook, TimestepHook, attach, cross_attentions, detach
+from memctl.hooks import (
+    CLOCK,
+    KNOB,
+    ConditionHook,
+    ResidualScaleHook,
+    TimestepHook,
+    attach,
+    cross_attentions,
+    detach,
+    module_device,
+)
 from memctl.passes import PASS_MODES, PASSES, CondRows, CondRowsHook, PassHook
 
 __all__ = [
@@ -275,7 +285,7 @@ def _install(module, bmap, component, strength, start, stop, scale, timestep_sca
             hooks[leaf.target] = (CondRowsHook if passes == "cond" else ResidualScaleHook)(leaf, KNOB, 1.0)
             group.append(hooks[leaf.target])
         groups.append(group)
-    device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+    device = module_device(module)
     module.register_buffer(_BUFFERS[0], part.scores.to(device), persistent=False)
     levels = part.levels if part.levels is not None else torch.zeros(1)
     module.register_buffer(_BUFFERS[1], levels.to(device), persistent=False)
