@@ -101,8 +101,9 @@ def _read_prompts(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"Expected a text file of prompts (one per line), but {path!r} is not a file.")
-    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
+    from memctl.detection import prompt_lines
+
+    prompts = prompt_lines(file.read_text(encoding="utf-8"))
     if not prompts:
         raise ValueError(f"Expected at least one prompt in {path}, but it has none (blank and '#' lines skipped).")
     return prompts

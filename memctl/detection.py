@@ -103,6 +103,11 @@ class _Recorder(PassHook):
         return output
 
 
+def prompt_lines(text: str) -> list[str]:
+    """Prompts from text, one per line: stripped; blank lines and lines starting with '#' are skipped."""
+    return [p for p in (line.strip() for line in text.splitlines()) if p and not p.startswith("#")]
+
+
 def condition_argument(pipe, conditions: list) -> str:
     """The pipeline argument the conditions go to: `prompt` (text) or `class_labels` (class-conditional, e.g. DiT)."""
     params = inspect.signature(type(pipe).__call__).parameters

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from memctl.detection import prompt_lines
+
 MAX_PROMPTS = 200  # one request holds the model's lock; more prompts belong in `memctl detect PROMPTS.txt`
 MAX_SEEDS = 64
 HEADERS = ["risk", "flagged", "magnitude", "consistency", "prompt"]
@@ -22,8 +24,7 @@ def parse_prompts(text) -> list[str]:
     """One prompt per line; blank lines and lines starting with '#' are skipped (as in `memctl detect`)."""
     if not isinstance(text, str):
         raise ValueError(f"Expected the prompts as text (one per line), but got {type(text).__name__}.")
-    prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
+    prompts = prompt_lines(text)
     if not prompts:
         raise ValueError("Expected at least one prompt (one per line; blank and '#' lines are skipped), but got "
                          "none. Type a few prompts, e.g. a suspected one and an ordinary one.")
