@@ -113,13 +113,16 @@ class BlockMap:
                 f"{len(self.components)} components."
             )
         if not torch.isfinite(self.scores).all():
-            raise ValueError(f"Expected finite scores, but got {self.scores[~torch.isfinite(self.scores)].tolist()}.")
+            bad = self.scores[~torch.isfinite(self.scores)][:8].tolist()
+            raise ValueError(f"Expected finite scores, but got {bad} in tensor `scores`.")
         if self.levels is not None:
             self.levels = torch.as_tensor(self.levels, dtype=torch.float32).detach().cpu()
             lv = self.levels
-            if lv.shape != (self.scores.shape[1],) or (lv < 0).any() or (lv > 1).any() or (lv.diff() <= 0).any():
+            if lv.shape != (self.scores.shape[1],) or not torch.isfinite(lv).all() or (lv < 0).any() \
+                    or (lv > 1).any() or (lv.diff() <= 0).any():
                 raise ValueError(
-                    f"Expected {self.scores.shape[1]} ascending noise levels in [0, 1], but got {lv.tolist()}."
+                    f"Expected {self.scores.shape[1]} ascending noise levels in [0, 1] in tensor `levels`, but got "
+                    f"{lv.tolist()[:16]}."
                 )
         elif self.scores.shape[1] != 1:
             raise ValueError(f"Expected levels for {self.scores.shape[1]} scores per block, but got None.")
@@ -128,6 +131,8 @@ class BlockMap:
         if self.lever == "condition" and not _CONDITION_TENSORS <= set(self.lever_tensors):
             raise ValueError(f"Expected tensors {sorted(_CONDITION_TENSORS)} for a condition map, but got "
                              f"{sorted(self.lever_tensors)}.")
+        _check_tensors(self.lever, self.lever_tensors, "lever.")
+        _check_tensors(None, self.samples, "sample.")
         if len(set(zip(self.components, self.names, strict=True))) != n:
             raise ValueError(f"Expected each block once, but got duplicates in {self.names}.")
         missing = sorted(set(self.components) - set(self.fingerprints))
@@ -369,6 +374,40 @@ class BlockMap:
             f"BlockMap({self.n_blocks} blocks, granularity={self.granularity!r}, method={self.method!r}, "
             f"levels={None if self.levels is None else len(self.levels)}, components={list(self.fingerprints)})"
         )
+
+
+def _check_tensors(lever: str | None, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Every tensor finite and floating; a condition lever's tensors of matching shapes (else NaN images later).
+
+    Shapes: `read` (D, k) with 1 <= k <= D, `tau` () > 0, `bank` (P, L, D), `g_inv_half` (D, D); samples (N,)."""
+    for key, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"Expected a floating-point tensor `{prefix}{key}`, but got {got}.")
+        if not torch.isfinite(t).all():
+            n = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"Expected finite values in tensor `{prefix}{key}`, but got {n} NaN or inf of "
+                             f"{t.numel()}. The map file is damaged: make it again (memctl probe).")
+    if prefix == "sample.":
+        for key, t in tensors.items():
+            if t.ndim != 1:
+                raise ValueError(f"Expected tensor `{prefix}{key}` of shape (N,), but got {tuple(t.shape)}.")
+        return
+    if lever != "condition":
+        return
+    read, tau, bank, g = (tensors[k] for k in ("read", "tau", "bank", "g_inv_half"))
+    d = read.shape[0] if read.ndim == 2 else None
+    checks = [
+        ("read", read.ndim == 2 and 1 <= read.shape[1] <= read.shape[0], "(D, k) with 1 <= k <= D"),
+        ("tau", tau.ndim == 0 and float(tau) > 0, "() holding a number > 0"),
+        ("bank", bank.ndim == 3 and bank.shape[-1] == d and bank.shape[0] >= 1, f"(P, L, D={d}) with P >= 1"),
+        ("g_inv_half", g.shape == (d, d), f"(D, D) = ({d}, {d})"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            t = tensors[key]
+            got = f"{tuple(t.shape)}" + (f" holding {float(t)}" if t.ndim == 0 else "")
+            raise ValueError(f"Expected tensor `{prefix}{key}` of shape {expected}, but got {got}.")
 
 
 def _same_levels(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -135,3 +135,45 @@ def test_combine_and_select_for_two_experts():
 
 def test_docstring_examples(tmp_path):
     assert doctest.testmod(memctl.blockmap, extraglobs=doc_globs(tmp_path)).failed == 0
+
+
+def _condition_map(unet, bmap) -> BlockMap:
+    """`bmap` with a well-formed condition lever (read (D, k), tau (), bank (P, L, D), g_inv_half (D, D))."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"read": torch.randn(8, 2, generator=g), "tau": torch.tensor(0.5),
+               "bank": torch.randn(3, 4, 8, generator=g), "g_inv_half": torch.eye(8)}
+    return BlockMap(bmap.names, bmap.scores, None, bmap.kinds, bmap.components, bmap.fingerprints,
+                    samples=dict(bmap.samples), lever="condition", lever_tensors=tensors)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("levels", torch.tensor([float("nan"), 0.5]), r"ascending noise levels in \[0, 1\] in tensor `levels`"),
+        ("lever.read", torch.full((8, 2), float("nan")), r"Expected finite values in tensor `lever.read`"),
+        ("lever.tau", torch.tensor(float("nan")), r"Expected finite values in tensor `lever.tau`"),
+        ("lever.bank", torch.tensor([[[float("inf")] * 8]]), r"Expected finite values in tensor `lever.bank`"),
+        ("lever.read", torch.ones(8), r"Expected tensor `lever.read` of shape \(D, k\)"),
+        ("lever.tau", torch.ones(2), r"Expected tensor `lever.tau` of shape \(\)"),
+        ("lever.tau", torch.tensor(0.0), r"`lever.tau` of shape \(\) holding a number > 0, but got \(\) holding 0.0"),
+        ("lever.bank", torch.ones(3, 4, 7), r"Expected tensor `lever.bank` of shape \(P, L, D=8\)"),
+        ("lever.g_inv_half", torch.eye(7), r"Expected tensor `lever.g_inv_half` of shape \(D, D\) = \(8, 8\)"),
+        ("lever.read", torch.ones(8, 2, dtype=torch.int64), r"floating-point tensor `lever.read`, but got dtype"),
+        ("sample.unet", torch.tensor([1.0, float("nan")]), r"Expected finite values in tensor `sample.unet`"),
+        ("sample.unet", torch.ones(2, 2), r"Expected tensor `sample.unet` of shape \(N,\)"),
+    ],
+)
+def test_damaged_tensors_in_a_map_file_are_named(tmp_path, unet, bmap, key, value, match):
+    """NaN or misshapen tensors (which would render black images) are refused at load, naming the tensor."""
+    good = _condition_map(unet, bmap)
+    path = tmp_path / "map.safetensors"
+    good.save(path)
+    assert BlockMap.load(path) == good
+    with safe_open(path, framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    if key == "levels":  # a per-level map: two score columns
+        tensors["scores"] = torch.cat([tensors["scores"]] * 2, dim=1)
+    tensors[key] = value
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(ValueError, match=match):
+        BlockMap.load(path)
