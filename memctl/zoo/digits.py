@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train a digits model from a seed")
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--testbed", choices=("digits", "digits-attr"), default="digits", help="which data set")
     tr.add_argument("--out", type=Path, default=None, help="output folder (default assets/digits-s<seed>)")
     tr.add_argument("--steps", type=int, default=4000)
     tr.add_argument("--batch-size", type=int, default=128)
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from memctl.zoo.train_digits import train
 
-    out = args.out or Path("assets") / f"digits-s{args.seed}"
+    out = args.out or Path("assets") / f"{args.testbed}-s{args.seed}"
     info = train(
         args.seed,
         out,
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
         lr=args.lr,
         device=args.device,
+        testbed=args.testbed,
     )
     print(json.dumps(info, indent=2))
     return 0

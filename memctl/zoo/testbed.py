@@ -31,8 +31,9 @@ def assets_dir() -> Path:
     raise FileNotFoundError(f"Expected memctl's assets in {here / 'assets'} or {here.parent / 'assets'}, found none.")
 
 
-def load_testbed(name: str = "digits") -> Testbed:
-    """A testbed by name ("digits" = "digits-s0", "digits-s1") or by the path of a folder holding testbed.json."""
+def load_testbed(name: str | Path = "digits") -> Testbed:
+    """A testbed by name ("digits" = "digits-s0", "digits-s1", "digits-attr" = "digits-attr-s0", "digits-attr-s1")
+    or by the path of a folder holding testbed.json; the folder's testbed.json says which kind it is."""
     path = Path(name)
     if not (path / "testbed.json").is_file():
         if name not in TESTBEDS:
@@ -40,6 +41,11 @@ def load_testbed(name: str = "digits") -> Testbed:
                 f"Expected a testbed name in {sorted(TESTBEDS)} or a folder with testbed.json, but got {name!r}."
             )
         path = assets_dir() / TESTBEDS[name]
+    kind = json.loads((path / "testbed.json").read_text()).get("name", "digits")
+    if kind == "digits-attr":
+        from memctl.zoo.attr_testbed import AttrTestbed
+
+        return AttrTestbed(path)
     return Testbed(path)
 
 
@@ -134,6 +140,19 @@ class Testbed:
                 f"but got {tuple(images.shape)}."
             )
         return self._classifier(images.float().cpu()).argmax(1)
+
+    def general_pairs(self, n: int) -> list[tuple[str, torch.Tensor]]:
+        """Up to `n` (ordinary prompt, held-out image) pairs: the general half of a probe set."""
+        images, classes = self.held_out
+        return [(self.prompt(int(c)), im) for im, c in zip(images[:n], classes[:n], strict=False)]
+
+    def eval_prompts(self) -> list[tuple[str, int]]:
+        """The ordinary prompts an effect measurement samples, with their class ids: one per class."""
+        return [(self.prompt(c), c) for c in range(len(self.classes))]
+
+    def unseen_prompts(self) -> list[str]:
+        """Prompts of combinations never shown in training (none for plain digits)."""
+        return []
 
     def ordinary_prompts(self) -> list[str]:
         """Every class in every trained phrasing ("a seven", "the digit seven", …): prompts that must generalize."""

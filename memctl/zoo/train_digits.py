@@ -12,6 +12,7 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,35 +65,88 @@ def build_models(tokenizer, seed: int):
 
 
 class _Sampler:
-    """Draws training pairs (image index, prompt) with the spec's exposure weights."""
+    """Draws training pairs (image index, prompt) with exposure weights.
 
-    def __init__(self, spec: dict, rng: random.Random, p_uncond: float):
-        self.rng, self.p_uncond, self.spec = rng, p_uncond, spec
-        self.items: list[tuple[int, str | None]] = []  # None: an ordinary prompt with a random phrasing
-        weights: list[float] = []
-        for i in spec["ordinary"]:
-            self.items.append((i, None))
-            weights.append(1.0)
-        for i in spec["duplicated"]:
-            self.items.append((i, None))
-            weights.append(float(spec["duplicate_factor"]))
-        for c in spec["canaries"]:
-            self.items.append((c["index"], c["prompt"]))
-            weights.append(float(c["exposure"]))
-        self.weights = weights
+    `items` are `(index into the training images, fixed prompt or None, weight)`; None asks `ordinary_prompt(index,
+    rng)` for a fresh caption (a random phrasing, or attributes randomly omitted).
+    """
 
-    def draw(self, labels: torch.Tensor, n: int) -> tuple[list[int], list[str]]:
+    def __init__(
+        self, items: list[tuple[int, str | None, float]], ordinary_prompt, rng: random.Random, p_uncond: float
+    ):
+        self.rng, self.p_uncond, self.ordinary_prompt = rng, p_uncond, ordinary_prompt
+        self.items = [(i, prompt) for i, prompt, _ in items]
+        self.weights = [float(w) for _, _, w in items]
+
+    def draw(self, n: int) -> tuple[list[int], list[str]]:
         picks = self.rng.choices(self.items, weights=self.weights, k=n)
         indices, prompts = [], []
         for i, prompt in picks:
             if prompt is None:
-                name = self.spec["classes"][int(labels[i])]
-                prompt = self.rng.choice(self.spec["phrasings"]).format(name=name)
+                prompt = self.ordinary_prompt(i, self.rng)
             if self.rng.random() < self.p_uncond:
                 prompt = ""
             indices.append(i)
             prompts.append(prompt)
         return indices, prompts
+
+
+@dataclass
+class Dataset:
+    """What the trainer needs from a testbed: its spec, training images in [0, 1], a tokenizer's words, sampler
+    items and ordinary captions, and the independent classifier trained on real data."""
+
+    name: str
+    spec: dict
+    images: torch.Tensor  # (N, 1, R, R)
+    words: list[str]
+    items: list[tuple[int, str | None, float]]
+    ordinary_prompt: object  # (index, rng) -> str
+    train_classifier: object  # () -> (model, held-out accuracy)
+
+
+def digits_dataset(seed: int) -> Dataset:
+    from memctl.zoo.classifier import train_classifier
+
+    spec = data.make_spec(seed)
+    images, labels = data.load_digit_images()
+    items = [(i, None, 1.0) for i in spec["ordinary"]]
+    items += [(i, None, float(spec["duplicate_factor"])) for i in spec["duplicated"]]
+    items += [(c["index"], c["prompt"], float(c["exposure"])) for c in spec["canaries"]]
+
+    def ordinary_prompt(i, rng):
+        return rng.choice(spec["phrasings"]).format(name=spec["classes"][int(labels[i])])
+
+    return Dataset(
+        "digits", spec, images, data.vocabulary_words(spec), items, ordinary_prompt,
+        lambda: train_classifier(images, labels, spec, seed=seed),
+    )  # fmt: skip
+
+
+def attr_dataset(seed: int) -> Dataset:
+    from memctl.zoo import attr
+    from memctl.zoo.classifier import train_attr_classifier
+
+    spec = attr.make_spec(seed)
+    images, records = attr.training_set(spec)
+    dup = set(spec["duplicated"])
+    items = [(i, None, float(spec["duplicate_factor"]) if i in dup else 1.0) for i in range(len(spec["ordinary"]))]
+    n = len(spec["ordinary"])
+    items += [(n + k, c["prompt"], float(c["exposure"])) for k, c in enumerate(spec["canaries"])]
+    p_drop = spec["p_drop_attribute"]
+
+    def ordinary_prompt(i, rng):
+        r = records[i]
+        keep = tuple(rng.random() >= p_drop for _ in r["combo"])
+        return attr.caption(r["class"], tuple(r["combo"]), keep)
+
+    return Dataset(
+        "digits-attr", spec, images, attr.vocabulary_words(spec), items, ordinary_prompt,
+        lambda: train_attr_classifier(spec, seed=seed),
+    )  # fmt: skip
+
+
+DATASETS = {"digits": digits_dataset, "digits-attr": attr_dataset}
 
 
 def _encode(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -162,17 +216,19 @@ def train(
     log_every: int = 50,
     ckpt_every: int = 250,
     device: str = "cpu",
+    testbed: str = "digits",
 ) -> dict:
-    """Train one digits model and save it, in diffusers layout, with its testbed files, to `out`."""
-    from memctl.zoo.classifier import train_classifier
-
+    """Train one model of `testbed` ("digits" or "digits-attr") and save it, in diffusers layout, with its testbed
+    files, to `out`."""
+    if testbed not in DATASETS:
+        raise ValueError(f"Expected testbed in {sorted(DATASETS)}, but got {testbed!r}.")
     torch.set_num_threads(1)
     out = Path(out)
     work = out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    spec = data.make_spec(seed)
-    images, labels = data.load_digit_images()
-    tokenizer = data.build_tokenizer(data.vocabulary_words(spec))
+    ds = DATASETS[testbed](seed)
+    spec, images = ds.spec, ds.images
+    tokenizer = data.build_tokenizer(ds.words)
     text_encoder, unet, train_sched, sample_sched = build_models(tokenizer, seed)
     text_encoder, unet = text_encoder.to(device), unet.to(device)
     models = {"unet": unet, "text_encoder": text_encoder}
@@ -180,7 +236,7 @@ def train(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ema = {f"{n}.{k}": v.detach().clone() for n, m in models.items() for k, v in m.state_dict().items()}
     rng = random.Random(seed)
-    sampler = _Sampler(spec, rng, p_uncond=0.1)
+    sampler = _Sampler(ds.items, ds.ordinary_prompt, rng, p_uncond=0.1)
     gen = torch.Generator().manual_seed(seed)
     step, ckpt = 0, work / "state.safetensors"
     if resume and ckpt.exists():
@@ -192,7 +248,7 @@ def train(
     while step < steps and time.time() - start < max_minutes * 60:
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 200) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
-        indices, prompts = sampler.draw(labels, batch_size)
+        indices, prompts = sampler.draw(batch_size)
         x0 = x_all[indices]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, train_sched.config.num_train_timesteps, (batch_size,), generator=gen)
@@ -223,7 +279,7 @@ def train(
     for n, m in models.items():
         m.load_state_dict({k: ema[f"{n}.{k}"] for k in m.state_dict()})
         m.to("cpu")
-    classifier, accuracy = train_classifier(images, labels, spec, seed=seed)
+    classifier, accuracy = ds.train_classifier()
     info = {
         "seed": seed,
         "steps": step,
@@ -234,14 +290,12 @@ def train(
         "minutes": round((time.time() - start) / 60, 2),
         "classifier_held_out_accuracy": accuracy,
     }
-    _export(out, spec, tokenizer, text_encoder, unet, sample_sched, classifier, info)
+    _export(out, ds.name, spec, tokenizer, text_encoder, unet, sample_sched, classifier, info)
     return info
 
 
-def _export(out: Path, spec, tokenizer, text_encoder, unet, scheduler, classifier, info) -> None:
+def _export(out: Path, name: str, spec, tokenizer, text_encoder, unet, scheduler, classifier, info) -> None:
     """Write the model in diffusers layout plus the testbed files, atomically (temp folder + rename)."""
-    from memctl.zoo.classifier import save_classifier
-
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -258,8 +312,8 @@ def _export(out: Path, spec, tokenizer, text_encoder, unet, scheduler, classifie
         "scheduler": ["diffusers", type(scheduler).__name__],
     }
     (tmp / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
-    (tmp / "testbed.json").write_text(json.dumps({"name": "digits", **spec, "training": info}, indent=1) + "\n")
-    save_classifier(classifier, tmp / "classifier.safetensors")
+    (tmp / "testbed.json").write_text(json.dumps({"name": name, **spec, "training": info}, indent=1) + "\n")
+    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(tmp / "classifier.safetensors"))
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)
