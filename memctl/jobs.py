@@ -14,13 +14,14 @@ import difflib
 import json
 import re
 import string
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from memctl.options import GenerationOptions
+from memctl.options import GenerationOptions, short_repr
 
 SHOT_FIELDS = ("prompt", "negative_prompt", "seeds", "fidelity", "strength", "window", "steps", "guidance", "size",
                "frames", "fps", "name")
@@ -29,6 +30,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 NAME_FIELDS = ("shot", "seed", "fidelity", "index", "strength", "steps", "guidance")
 DEFAULT_NAME = "{shot}/f{fidelity}_s{seed}"
 MAX_OUTPUTS = 1_000_000
+MAX_PROMPT_CHARS = 10_000  # far above any text encoder's reach; the renderer checks the model's own token limit
+MAX_NAME = 240  # characters of an output name
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _PART = re.compile(r"[A-Za-z0-9_+=,@-][A-Za-z0-9._+=,@-]*")
 
@@ -192,6 +195,10 @@ def _shot_values(merged: dict, where: str, errors: list[str]) -> dict:
     v: dict[str, Any] = {}
     v["prompt"] = _option(merged, "prompt", where, errors, None)
     v["negative_prompt"] = _option(merged, "negative_prompt", where, errors, "")
+    for name in ("prompt", "negative_prompt"):
+        if isinstance(v[name], str) and len(v[name]) > MAX_PROMPT_CHARS:
+            errors.append(f"{where}, field `{name}`: Expected at most {MAX_PROMPT_CHARS} characters, but got "
+                          f"{short_repr(v[name])}.")
     for name in ("strength", "steps", "guidance", "frames", "fps"):
         v[name] = _option(merged, name, where, errors, getattr(GenerationOptions, name))
     v["seeds"] = _seeds(merged.get("seeds", []), where, errors)
@@ -228,8 +235,8 @@ def _seeds(raw: Any, where: str, errors: list[str]) -> tuple[int, ...]:
         errors.append(f"{where}, field `seeds`: Expected {expected}, but got {_got(raw)}.")
         return ()
     if len(set(raw)) != len(raw):
-        dup = sorted({s for s in raw if raw.count(s) > 1})
-        errors.append(f"{where}, field `seeds`: Expected distinct seeds, but got {dup} more than once.")
+        dup = sorted(s for s, n in Counter(raw).items() if n > 1)
+        errors.append(f"{where}, field `seeds`: Expected distinct seeds, but got {short_repr(dup)} more than once.")
         return ()
     return tuple(raw)
 
@@ -283,14 +290,24 @@ def _pattern(raw: Any, where: str, errors: list[str]) -> str:
     if not isinstance(raw, str) or not raw:
         errors.append(f"{where}, field `name`: Expected {expected}, but got {_got(raw)}.")
         return DEFAULT_NAME
+    if len(raw) > MAX_NAME:
+        errors.append(f"{where}, field `name`: Expected {expected} of at most {MAX_NAME} characters, but got "
+                      f"{short_repr(raw)}.")
+        return DEFAULT_NAME
     try:
-        used = [f for _, f, _, _ in string.Formatter().parse(raw) if f is not None]
+        parsed = [(f, spec) for _, f, spec, _ in string.Formatter().parse(raw) if f is not None]
     except ValueError as err:
         errors.append(f"{where}, field `name`: Expected {expected}, but got {raw!r} ({err}).")
         return DEFAULT_NAME
-    bad = [f for f in used if f not in NAME_FIELDS]
+    bad = [f for f, _ in parsed if f not in NAME_FIELDS]
+    wide = [f"{{{f}:{spec}}}" for f, spec in parsed if any(int(n) > MAX_NAME for n in re.findall(r"\d+", spec or ""))]
+    nested = [f"{{{f}:{spec}}}" for f, spec in parsed if "{" in (spec or "")]
     if bad:
         errors.append(f"{where}, field `name`: Expected {expected}, but got unknown placeholder(s) {bad} in {raw!r}.")
+    elif wide or nested:
+        errors.append(f"{where}, field `name`: Expected format specs with widths and precisions of at most "
+                      f"{MAX_NAME} (a name has at most {MAX_NAME} characters) and no nested placeholders, but got "
+                      f"{(wide or nested)[0]!r}.")
     elif raw.lower().endswith((".png", ".mp4")):
         errors.append(f"{where}, field `name`: Expected a pattern without extension (.png or .mp4 is added), "
                       f"but got {raw!r}.")
@@ -327,25 +344,37 @@ def _fid_text(f: float) -> str:
 def _check_names(shots: list[Shot], errors: list[str]) -> None:
     """Names must be safe relative paths (no '..', no leading '.', no '/' at the start) and distinct."""
     owner: dict[str, str] = {}
-    total = 0
+    total = [0]
     for shot in shots:
-        for out in (o for b in _shot_batches(shot, 1) for o in b):
-            total += 1
-            if total > MAX_OUTPUTS:
-                errors.append(f"job: Expected at most {MAX_OUTPUTS} outputs, but the shots make more.")
+        try:
+            if not _check_shot_names(shot, owner, total, errors):
                 return
-            problem = name_problem(out.name)
-            if problem:
-                errors.append(f"{shot.where()}, field `name`: Expected a name inside the output folder, made of "
-                              f"letters, digits and ._+=,@- in '/'-separated parts not starting with '.', but "
-                              f"{shot.values['name']!r} gives {out.name!r} ({problem}).")
-                return
-            key = out.name.lower()  # case-insensitive file systems would merge these
-            if key in owner:
-                errors.append(f"{shot.where()}, field `name`: Expected a distinct name per output, but {out.name!r} "
-                              f"is also made by {owner[key]}. Add {{seed}} and {{fidelity}} to the pattern.")
-                return
-            owner[key] = shot.where()
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError) as err:
+            errors.append(f"{shot.where()}, field `name`: Expected a pattern whose format specs fit its fields "
+                          f"(seed, index, steps: int; strength, guidance: number; shot, fidelity: text), but "
+                          f"{shot.values['name']!r} failed: {type(err).__name__}: {str(err)[:200]}")
+
+
+def _check_shot_names(shot: Shot, owner: dict[str, str], total: list[int], errors: list[str]) -> bool:
+    """False (with an error) at the first bad name of `shot`; `owner` maps names so far to shots."""
+    for out in (o for b in _shot_batches(shot, 1) for o in b):
+        total[0] += 1
+        if total[0] > MAX_OUTPUTS:
+            errors.append(f"job: Expected at most {MAX_OUTPUTS} outputs, but the shots make more.")
+            return False
+        problem = name_problem(out.name)
+        if problem:
+            errors.append(f"{shot.where()}, field `name`: Expected a name inside the output folder, made of "
+                          f"letters, digits and ._+=,@- in '/'-separated parts not starting with '.', but "
+                          f"{shot.values['name']!r} gives {short_repr(out.name, 260)} ({problem}).")
+            return False
+        key = out.name.lower()  # case-insensitive file systems would merge these
+        if key in owner:
+            errors.append(f"{shot.where()}, field `name`: Expected a distinct name per output, but {out.name!r} "
+                          f"is also made by {owner[key]}. Add {{seed}} and {{fidelity}} to the pattern.")
+            return False
+        owner[key] = shot.where()
+    return True
 
 
 def name_problem(name: str) -> str | None:
@@ -371,10 +400,7 @@ def _unknown(where: str, d: dict, known: tuple[str, ...], errors: list[str]) -> 
 
 
 def _got(value: Any) -> str:
-    if value is None:
-        return "null"
-    text = repr(value)
-    return f"{type(value).__name__} {text[:80] + '…' if len(text) > 80 else text}"
+    return "null" if value is None else f"{type(value).__name__} {short_repr(value)}"
 
 
 def _is_int(x: Any) -> bool:
@@ -387,21 +413,61 @@ def _is_num(x: Any) -> bool:
 
 def _parse_json(text: str) -> Any:
     def no_duplicates(pairs):
-        keys = [k for k, _ in pairs]
-        dup = sorted({k for k in keys if keys.count(k) > 1})
+        dup = sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
         if dup:
-            raise ValueError(f"duplicate key(s) {dup}")
+            raise ValueError(f"duplicate key(s) {short_repr(dup)}")
         return dict(pairs)
 
     return json.loads(text, object_pairs_hook=no_duplicates)
 
 
+_MERGE = "tag:yaml.org,2002:merge"
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that rejects duplicate keys instead of keeping the last one."""
+    """`yaml.SafeLoader` that rejects duplicate keys (instead of keeping the last one) and aliases (`*name`) except
+    as merge keys (`<<: *defaults`): an alias of an alias of a list ("billion laughs") would expand exponentially."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_aliases(node)
+        return node
 
     def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
-        for i, key in enumerate(keys):
-            if key in keys[:i]:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", node.start_mark)
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == _MERGE:
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeConstructor says so
+                    break
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {short_repr(key)}",
+                                                            key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+def _check_aliases(root: yaml.Node) -> None:
+    """Walk the node graph in document order; a node met again is an alias, allowed only as a merge key's value."""
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, merge = stack.pop()
+        if id(node) in seen:
+            if not merge:
+                raise yaml.composer.ComposerError(
+                    None, None, "Expected no aliases (*name) except as a merge key (<<: *name), but the anchor "
+                    "defined here is used elsewhere", node.start_mark)
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, merge) for child in reversed(node.value))  # a merge list holds aliases
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in reversed(node.value):
+                stack.append((value, key.tag == _MERGE))
+                stack.append((key, False))

@@ -8,6 +8,7 @@ True
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import asdict, dataclass, fields
 
 
@@ -88,6 +89,22 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def short_repr(value, limit: int = 80) -> str:
+    """`repr(value)` cut to about `limit` characters without building the whole repr (a 1 MB prompt, a deep list).
+
+    >>> short_repr("x" * 10**6, 12)
+    "'xxxxxxxxxx…' (1000000 characters)"
+    """
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlevel = limit, limit, 3
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = 8
+    if isinstance(value, str) and len(value) > limit:
+        text = repr(value[: max(limit - 2, 1)])
+        return f"{text[:-1]}…{text[-1]} ({len(value)} characters)"
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _expect(ok: bool, field: str, expected: str, got) -> None:
     if not ok:
-        raise ValueError(f"Expected `{field}` to be {expected}, but got {got!r}.")
+        raise ValueError(f"Expected `{field}` to be {expected}, but got {short_repr(got)}.")

@@ -23,6 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from memctl.knob import temporary_knob
+from memctl.options import short_repr
 
 
 class PixelPipeline(DiffusionPipeline):
@@ -43,7 +44,8 @@ class PixelPipeline(DiffusionPipeline):
             n = len(self.tokenizer(p).input_ids)
             if n > limit:
                 raise ValueError(
-                    f"Expected `{name}` of at most {limit} tokens (with start and end), but got {n} for {p!r}. "
+                    f"Expected `{name}` of at most {limit} tokens (with start and end), but got {n} for "
+                    f"{short_repr(p)}. "
                     "Shorten the prompt: this model's text encoder cannot see past its last position."
                 )
         return list(prompts)
