@@ -25,15 +25,15 @@ user passes as `reference`, or of all scored prompts when none are given); `flag
 The signals are read from inside an ordinary pipeline call: a root hook on each denoiser records its outputs,
 splits each call into conditional and unconditional rows the same way the knob's `passes="cond"` does
 (`memctl.passes`: one batch with the unconditional chunk first, or two calls in `cache_context("cond" /
-"uncond")`), and stops the pipeline once `steps` denoising steps are recorded. So it works on every pipeline that
-runs an unconditional pass (SD 1.x/2.x, SDXL, SD3, AnimateDiff, CogVideoX, Wan 2.1/2.2, Flux with true CFG,
-`PixelPipeline`; class-conditional DiT with class labels in place of prompts); a pipeline without one
+"uncond")`), pairs two unmarked calls on the same latents conditional first (Flux img2img's true CFG, whose passes
+the knob cannot tell apart), and stops the pipeline once `steps` denoising steps are recorded. So it works on every
+pipeline that runs an unconditional pass (SD 1.x/2.x, SDXL, SD3, AnimateDiff, CogVideoX, Wan 2.1/2.2, Flux with
+true CFG, `PixelPipeline`; class-conditional DiT with class labels in place of prompts); a pipeline without one
 (guidance-distilled Flux) gets a clear error.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from memctl.blocks import pipeline_denoisers
 from memctl.hooks import attached
 from memctl.passes import CondRows, PassHook
+from memctl.pipelines import call_parameters
 
 RECORD = "memctl.detect"
 THRESHOLD = 3.0  # default risk above which a prompt is flagged
@@ -61,7 +62,13 @@ class _Stop(Exception):
 
 
 class _Recorder(PassHook):
-    """Root hook: records `δ = cond - uncond` of the denoiser's output for each guided call, in call order."""
+    """Root hook: records `δ = cond - uncond` of the denoiser's output for each guided step, in call order.
+
+    Calls marked by `cache_context("cond" / "uncond")` pair up by their marks. Unmarked calls are grouped by their
+    latents: one call is a guidance batch (its rows say which chunk is which), two calls on the same latents are
+    the conditional then the unconditional pass (Flux img2img's true CFG). A group is recorded when the next call
+    starts on other latents, or by `flush()` after the pipeline returns.
+    """
 
     def __init__(self, pipe, module: torch.nn.Module, sink: list, max_steps: int):
         super().__init__(self._before)
@@ -70,7 +77,9 @@ class _Recorder(PassHook):
         self._rows: tuple[int, int, int] | None = None
         self._channels: int | None = None  # of the noisy input: a twice as wide output carries learned variance
         self._context: str | None = None
-        self._pending: dict[str, torch.Tensor] = {}  # two-call pipelines: the pass seen first, until its partner
+        self._pending: dict[str, torch.Tensor] = {}  # marked calls: the pass seen first, until its partner
+        self._x: torch.Tensor | None = None  # the latents of the current unmarked call
+        self._group: list[tuple[torch.Tensor | None, torch.Tensor, tuple[int, int, int]]] = []  # (x, out, rows)
         self.calls = 0
 
     def _before(self, module, context, args, kwargs) -> None:
@@ -79,6 +88,10 @@ class _Recorder(PassHook):
         self._context = context
         self._channels = x.shape[1] if isinstance(x, torch.Tensor) and x.ndim >= 2 else None
         self._rows = tuple(int(v) for v in self.rows_of.rows(context, x, args, kwargs, device).tolist())
+        self._x = x.detach().clone() if context is None and isinstance(x, torch.Tensor) else None
+        same = self._group and self._x is not None and _same(self._group[0][0], self._x)
+        if not same:  # a new step: record the last one first (may stop the pipeline before this call runs)
+            self.flush()
 
     def post_forward(self, module: torch.nn.Module, output):
         out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
@@ -86,21 +99,36 @@ class _Recorder(PassHook):
         if self._channels is not None and out.ndim >= 2 and out.shape[1] == 2 * self._channels:
             out = out[:, : self._channels]  # DiT's learned sigma: keep the noise prediction
         self.calls += 1
-        k, a, b = self._rows
-        if self._context in ("cond", "uncond"):  # two calls: pair them in order
-            self._pending[self._context] = out
-            if len(self._pending) < 2:
-                return output
-            delta = self._pending.pop("cond") - self._pending.pop("uncond")
-        elif (k, a, b) == (1, 0, 0):  # a call without an unconditional part
-            raise ValueError(_NO_UNCOND)
-        else:
+        if self._context not in ("cond", "uncond"):
+            self._group.append((self._x, out, self._rows))
+            return output
+        self._pending[self._context] = out  # marked calls: pair them in order
+        if len(self._pending) == 2:
+            self._record(self._pending.pop("cond") - self._pending.pop("uncond"))
+        return output
+
+    def flush(self) -> None:
+        """Record the unmarked calls of the last step: one guidance batch, or two calls on the same latents."""
+        group, self._group = self._group, []
+        if len(group) > 2:
+            raise ValueError(f"Expected one or two denoiser calls per step, but got {len(group)} on the same latents.")
+        if len(group) == 2:  # the conditional pass first, as diffusers' true-CFG pipelines call them
+            self._record(group[0][1] - group[1][1])
+        elif group:
+            _, out, (k, a, b) = group[0]
+            if (k, a, b) == (1, 0, 0):  # a call without an unconditional part
+                raise ValueError(_NO_UNCOND)
             chunks = out.reshape(k, -1, *out.shape[1:])
-            delta = chunks[1 if a == 0 else 0] - chunks[a]
+            self._record(chunks[1 if a == 0 else 0] - chunks[a])
+
+    def _record(self, delta: torch.Tensor) -> None:
         self.sink.append(delta.cpu())
         if len(self.sink) >= self.max_steps:
             raise _Stop
-        return output
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    return a is not None and a.shape == b.shape and torch.equal(a, b)
 
 
 def prompt_lines(text: str) -> list[str]:
@@ -110,7 +138,7 @@ def prompt_lines(text: str) -> list[str]:
 
 def condition_argument(pipe, conditions: list) -> str:
     """The pipeline argument the conditions go to: `prompt` (text) or `class_labels` (class-conditional, e.g. DiT)."""
-    params = inspect.signature(type(pipe).__call__).parameters
+    params = call_parameters(pipe)  # through FidelityMixin's `(*args, fidelity=..., **kwargs)`
     texts = all(isinstance(c, str) for c in conditions)
     labels = all(isinstance(c, int) and not isinstance(c, bool) for c in conditions)
     if texts and "prompt" in params:
@@ -120,8 +148,9 @@ def condition_argument(pipe, conditions: list) -> str:
     expected = "prompts (str)" if "prompt" in params else "class labels (int)" if "class_labels" in params else None
     if expected is None:
         raise ValueError(
-            f"Expected a conditional pipeline (its __call__ takes `prompt` or `class_labels`), but got "
-            f"{type(pipe).__name__}; detection reads the conditional part of the noise prediction."
+            f"Expected a conditional pipeline (its __call__ takes `prompt` or `class_labels`), but the __call__ of "
+            f"{type(pipe).__name__} takes neither: ({', '.join(params)}); detection reads the conditional part of "
+            "the noise prediction."
         )
     raise ValueError(f"Expected {expected} for {type(pipe).__name__}, but got {conditions[:3]!r}.")
 
@@ -143,6 +172,8 @@ def noise_differences(
             stack.enter_context(attached(m, {"": recorder}, RECORD))
         try:
             pipe(**{arg: list(prompts)}, generator=gens, guidance_scale=guidance_scale, **call_kwargs)
+            for recorder in recorders:  # the last step's unmarked calls
+                recorder.flush()
         except _Stop:
             pass
     if not sink and any(r.calls for r in recorders):  # two-call pipelines that never ran the "uncond" call

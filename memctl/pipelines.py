@@ -27,7 +27,7 @@ from typing import Any
 
 from memctl.knob import temporary_knob
 
-__all__ = ["PIPELINES", "pipeline_file", "pipelines_dir", "FidelityMixin"]
+__all__ = ["PIPELINES", "pipeline_file", "pipelines_dir", "FidelityMixin", "call_parameters"]
 
 # name -> file in pipelines/; "_img2img" and "_v2v" take an image or a video to start from.
 PIPELINES = {
@@ -69,6 +69,25 @@ def pipeline_file(name: str) -> str:
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"Expected a pipeline name in {sorted(PIPELINES)}, but got {name!r}.{hint}")
     return str(pipelines_dir() / PIPELINES[name])
+
+
+def call_parameters(pipe) -> dict[str, inspect.Parameter]:
+    """The named parameters of `pipe(...)`, also those a `(*args, **kwargs)` override passes on to its base class.
+
+    `inspect.signature(type(pipe).__call__)` of a custom pipeline shows only `FidelityMixin.__call__`'s own keywords;
+    this walks the MRO past every `__call__` that takes `**kwargs` and collects the named ones (the first wins).
+    """
+    params: dict[str, inspect.Parameter] = {}
+    for cls in type(pipe).__mro__:
+        if "__call__" not in vars(cls):
+            continue
+        found = list(inspect.signature(vars(cls)["__call__"]).parameters.values())[1:]  # drop self
+        for p in found:
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                params.setdefault(p.name, p)
+        if not any(p.kind is p.VAR_KEYWORD for p in found):
+            break
+    return params
 
 
 class FidelityMixin:

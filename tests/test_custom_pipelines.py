@@ -14,9 +14,14 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.dynamic_modules_utils import find_pipeline_class
 from PIL import Image
 
+import memctl
 import memctl.pipelines
+from memctl.blocks import find_blocks
+from memctl.detection import condition_argument, detect
+from memctl.hooks import list_hooks
 from memctl.knob import apply_knob, get_knob, set_fidelity, temporary_knob
-from memctl.pipelines import PIPELINES, FidelityMixin, pipeline_file
+from memctl.pipeline import PixelPipeline
+from memctl.pipelines import PIPELINES, FidelityMixin, call_parameters, pipeline_file
 from memctl.zoo.testbed import assets_dir
 from tests.tiny import PIPELINE_FAMILIES, denoisers, full_map, sample, tiny_pipeline
 
@@ -139,6 +144,76 @@ def test_digits_custom_pipeline_loads():
     bmap = full_map(pipe)
     assert torch.equal(pipe("a seven", fidelity=0.0, block_map=bmap, generator=torch.Generator().manual_seed(0),
                             **kw).images, ref)  # fmt: skip
+
+
+def _custom_and_plain(name, saved, monkeypatch):
+    """`(custom pipeline of file `name`, the plain diffusers pipeline on the same components, call keywords)`."""
+    if name == "digits":
+        pipe = DiffusionPipeline.from_pretrained(assets_dir() / "digits-s0", custom_pipeline=pipeline_file(name),
+                                                 trust_remote_code=True)  # fmt: skip
+        plain, call = PixelPipeline(**pipe.components), {"num_inference_steps": 2}
+    elif name in VARIANTS:
+        family, base, kwargs = VARIANTS[name]
+        if name == "wan_v2v":  # as in test_img2img_and_video2video_variants
+            module = importlib.import_module(diffusers.WanVideoToVideoPipeline.__module__)
+            if not hasattr(module, "ftfy"):
+                monkeypatch.setattr(module, "ftfy", types.SimpleNamespace(fix_text=lambda s: s), raising=False)
+        pipe = DiffusionPipeline.from_pretrained(saved(family), custom_pipeline=pipeline_file(name),
+                                                 trust_remote_code=True, **PIPELINE_FAMILIES[family].load)  # fmt: skip
+        plain = getattr(diffusers, base).from_pipe(pipe)
+        call = {**kwargs, "strength": 0.7, "num_inference_steps": 3}
+        source = "image" if "image" in call else "video"  # img2img / v2v encode source[i] with generator[i]:
+        call[source] = [call[source]] * 3  # one per prompt (3 below)
+        if family == "flux":  # Flux runs an unconditional pass only with true CFG
+            call.update(negative_prompt="c", true_cfg_scale=2.0)
+    else:
+        pipe = _load(saved(name), name)
+        plain = _load(saved(name), name, custom=False)
+        call = dict(PIPELINE_FAMILIES[name].call)
+    for p in (pipe, plain):
+        p.set_progress_bar_config(disable=True)
+    call = {k: v for k, v in call.items() if k not in ("prompt", "class_labels", "guidance_scale", "output_type")}
+    return pipe, plain, call
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_detect_and_prompt_probe_on_every_custom_pipeline(name, saved, monkeypatch):
+    """`FidelityMixin.__call__(*args, fidelity=..., **kwargs)` must not hide `prompt` / `class_labels` from memctl."""
+    pipe, plain, call = _custom_and_plain(name, saved, monkeypatch)
+    assert type(pipe).__name__.startswith("Memctl") and not type(plain).__name__.startswith("Memctl")
+    condition = "class_labels" if name == "dit" else "prompt"
+    assert {condition, "fidelity", "block_map"} <= set(call_parameters(pipe))
+    conds = ([1], [2, 3]) if name == "dit" else (["ab"], ["ba", "aa"])
+    kw = dict(seeds=2, guidance_scale=2.0, progress=False, **call)
+    scores = detect(pipe, conds[0] + conds[1], **kw)
+    assert [s.prompt for s in scores] == conds[0] + conds[1] and all(s.magnitude > 0 for s in scores)
+    assert scores == detect(plain, conds[0] + conds[1], **kw)  # the same reading as the plain diffusers class
+    probes = memctl.ProbeSet(memorized=[(c, None) for c in conds[0]], general=[(c, None) for c in conds[1]])
+    bmap = memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=call)
+    found = denoisers(pipe)
+    assert sorted(bmap.fingerprints) == sorted(found) and bmap.method == "prompt"
+    assert len(bmap.names) == sum(len(find_blocks(m)) for m in found.values())
+    assert bool(torch.isfinite(bmap.scores).all()) and bmap.scores.abs().sum() > 0
+    assert all(list_hooks(m) == [] for m in found.values())
+
+
+def test_call_parameters_see_through_the_mixin():
+    class Base:
+        def __call__(self, prompt, height=8, **kwargs):
+            return prompt
+
+    class Custom(FidelityMixin, Base):
+        pass
+
+    class Closed:
+        def __call__(self, image):
+            return image
+
+    assert list(call_parameters(Custom())) == ["fidelity", "block_map", "fidelity_start", "fidelity_stop",
+                                               "prompt", "height"]  # fmt: skip
+    assert list(call_parameters(Closed())) == ["image"]
+    with pytest.raises(ValueError, match=r"takes neither: \(image\)"):
+        condition_argument(Closed(), ["ab"])
 
 
 def test_temporary_knob_restores_the_applied_knob():

@@ -66,6 +66,28 @@ def test_detect_on_a_class_conditional_pipeline_reads_class_labels():
         noise_differences(tiny_pipeline("sd"), [1], seed=0)
 
 
+def test_unmarked_two_call_guidance_pairs_calls_on_the_same_latents():
+    """diffusers' FluxImg2ImgPipeline runs true CFG as two calls without cache_context: conditional, then negative."""
+    from diffusers import FluxImg2ImgPipeline
+    from PIL import Image
+
+    pipe = FluxImg2ImgPipeline.from_pipe(tiny_pipeline("flux"))
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(image=[Image.new("RGB", (8, 8), (90, 30, 200))] * 2, strength=0.7, num_inference_steps=3, height=8,
+                width=8, max_sequence_length=8, negative_prompt="c", true_cfg_scale=2.0)  # fmt: skip
+    d = noise_differences(pipe, ["ab", "ba"], seed=3, steps=2, **call)
+    gens = [torch.Generator().manual_seed(3) for _ in range(2)]
+    with denoiser_outputs(pipe) as outs:
+        pipe(["ab", "ba"], generator=gens, **call)
+    assert len(outs) >= 4 and not torch.equal(outs[0][1], outs[1][1])  # two calls per step
+    for step in range(2):
+        expected = (outs[2 * step][1] - outs[2 * step + 1][1]).float().reshape(2, -1)
+        assert torch.allclose(d[:, step], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="unconditional pass"):  # without true CFG: one call per step, no partner
+        noise_differences(pipe, ["ab"], seed=0, **{**call, "image": call["image"][:1], "true_cfg_scale": 1.0})
+    assert memctl.list_hooks(pipe.transformer) == []
+
+
 def test_detect_needs_an_unconditional_pass_and_leaves_no_hooks():
     pipe = tiny_pipeline("flux")
     call = {k: v for k, v in PIPELINE_FAMILIES["flux"].call.items() if k not in ("prompt", "negative_prompt")}

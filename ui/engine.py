@@ -13,7 +13,6 @@ different settings never see each other's knob, whichever order the server runs 
 from __future__ import annotations
 
 import importlib
-import inspect
 import threading
 import time
 from collections import OrderedDict
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from memctl.options import GenerationOptions
+from memctl.pipelines import call_parameters
 
 NO_MAP = "none"
 SHIPPED_MAP = "shipped"
@@ -43,7 +43,7 @@ class Loaded:
 
     @property
     def call_parameters(self) -> set[str]:
-        return set(inspect.signature(self.pipe.__call__).parameters)
+        return set(call_parameters(self.pipe))  # custom pipelines too: FidelityMixin forwards **kwargs
 
     @property
     def denoiser(self):
