@@ -23,6 +23,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,10 +34,13 @@ import torch
 from memctl.blocks import pipeline_denoisers
 from memctl.jobs import Job, JobError, Output, load_job
 from memctl.metadata import provenance, save_png
+from memctl.options import short_repr
 
 MANIFEST = "manifest.jsonl"
 STATE_DIR = ".memctl"  # per-process manifest parts and status files while a render runs
-_TEMP = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.part")  # our temp files: "." + name + mkstemp's 8 characters
+LOCK = "lock"  # in STATE_DIR: held (fcntl.flock) by the main process for the whole run
+_TEMP_MARK = ".memctl-"  # our temp files: "." + name + ".memctl-" + mkstemp's 8 characters + ".part"
+_RECORD_KEYS = ("name", "sha256", "key")  # what makes a manifest line memctl's
 _FATAL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # stop this process: every further write would fail too
 
 
@@ -73,16 +77,26 @@ def render_job(job: str | Path | Job, out: str | Path | None = None, force: bool
     job = job if isinstance(job, Job) else load_job(job)
     out = Path(out) if out is not None else Path("out/render") / Path(job.source).stem
     state = _process_state()
+    with contextlib.ExitStack() as stack:
+        if state.is_main_process:
+            stack.enter_context(lock_out(out))  # before the model loads: a busy or unwritable --out fails fast
+        return _render_locked(job, out, force, pipeline, state)
+
+
+def _render_locked(job: Job, out: Path, force: bool, pipeline, state) -> Summary:
     renderer = Renderer(job, state.device, pipeline)
     batches = job.batches()
-    _check_inside(out, {o.name for b in batches for o in b})
+    names = {o.name for b in batches for o in b}
+    _check_inside(out, names)
     state_dir = out / STATE_DIR
     if state.is_main_process:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale(out)
+        _check_manifest(out / MANIFEST)
+        _remove_stale(out, names)
     state.wait_for_everyone()
     records = _read_records(out)
     verified = set() if force else {o.name for b in batches for o in b if _is_verified(out, records, o, renderer)}
+    if not force:
+        _check_not_foreign(out, names - verified, records)
     pending = [b for b in batches if not all(o.name in verified for o in b)]
     state.wait_for_everyone()  # every process has read the folder before any writes to it
     mine = Summary(total=sum(len(b) for b in batches))
@@ -91,15 +105,63 @@ def render_job(job: str | Path | Job, out: str | Path | None = None, force: bool
             _render_share(renderer, out, share, verified, mine, state)
     finally:
         renderer.close()
-    _write_json(state_dir / f"status-{state.process_index}.json",
-                {"done": mine.done, "failed": mine.failed})
+    if not state.is_main_process:
+        status = state_dir / f"status-{state.process_index}.json"
+        try:
+            _write_json(status, {"done": mine.done, "failed": mine.failed})
+        except OSError as err:  # the main process reports this process as unknown; its own summary goes here
+            print(f"{mine.text()}\nmemctl render: could not write {status}: {err}", file=sys.stderr, flush=True)
     state.wait_for_everyone()
     if not state.is_main_process:
         return mine
-    whole = _merge(out, mine.total)
+    whole = _merge(out, mine, state.num_processes)
     whole.skipped = sorted(o.name for b in batches for o in b if o.name in verified)
     print(whole.text(), flush=True)
     return whole
+
+
+@contextlib.contextmanager
+def lock_out(out: Path):
+    """Hold `out/.memctl/lock` (fcntl.flock) for the whole run: a second render into `out` stops with a clear error."""
+    import fcntl
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"Expected --out {out} to be a folder, but it is a file. Choose another --out.")
+    lock = out / STATE_DIR / LOCK
+    made = [p for p in [lock.parent, *lock.parent.parents] if not p.exists()][::-1]
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        _remove_empty(made)
+        raise ValueError(f"Expected a writable output folder at {out}, but creating {lock} failed: "
+                         f"{err.strerror or err}. Choose another --out or fix its permissions.") from None
+    locked = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"Expected --out {out} to be free, but another memctl render is writing into it (it "
+                             f"holds {lock}). Wait for it to finish, or choose another --out.") from None
+        if os.fstat(fd).st_ino != os.stat(lock).st_ino:  # a run that just finished removed the file we opened
+            raise ValueError(f"Expected --out {out} to be free, but another memctl render just used it; run again.")
+        locked = True
+        yield lock
+    except BaseException:
+        if locked:  # a job refused before any output: leave no folders behind
+            lock.unlink(missing_ok=True)
+            _remove_empty(made)
+        raise
+    else:
+        lock.unlink(missing_ok=True)  # while still holding it: whoever opened this file cannot lock it any more
+    finally:
+        os.close(fd)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _process_state():
@@ -251,8 +313,13 @@ class Renderer:
         params = inspect.signature(self.pipe.__call__).parameters
         self.video, self.sizable = "num_frames" in params, "height" in params and "width" in params
         native = _native_size(self.pipe)
+        too_long = _token_check(self.pipe)
         for shot in self.job.shots:
             v = shot.values
+            for name in ("prompt", "negative_prompt"):
+                problem = too_long(v[name])
+                if problem:
+                    errors.append(f"{shot.where()}, field `{name}`: {problem}")
             if self.video != (v["frames"] is not None):
                 want = "`frames` (this model makes videos)" if self.video else "no `frames` (this model makes images)"
                 errors.append(f"{shot.where()}, field `frames`: Expected {want}, but got {v['frames']!r}.")
@@ -333,6 +400,26 @@ def _denoisers(pipe) -> dict[str, torch.nn.Module]:
     return found
 
 
+def _token_check(pipe):
+    """`check(text) -> problem or None`: text longer than the pipeline's tokenizer reaches (the text encoder cannot
+    see past its last position, so such a prompt fails or is cut at render time)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not callable(tokenizer) or not isinstance(limit, int) or not 1 <= limit < 100_000:
+        return lambda text: None
+    seen: dict[str, str | None] = {}
+
+    def check(text: str) -> str | None:
+        if text not in seen:
+            n = len(tokenizer(text).input_ids) if text else 0
+            seen[text] = None if n <= limit else (
+                f"Expected at most {limit} tokens (with start and end: this model's text encoder sees no further), "
+                f"but got {n} for {short_repr(text)}. Shorten it.")
+        return seen[text]
+
+    return check
+
+
 def _native_size(pipe) -> tuple[int, int] | None:
     size = getattr(getattr(next(iter(_denoisers(pipe).values())), "config", None), "sample_size", None)
     scale = getattr(pipe, "vae_scale_factor", 1) if getattr(pipe, "vae", None) is not None else 1
@@ -400,8 +487,9 @@ def atomic_write(dest: Path, data: bytes, before_rename=None, stop_at: Path | No
     On any failure the temp file goes, and so do folders this call made (up to `stop_at`): no partial output."""
     made = [p for p in [dest.parent, *dest.parent.parents] if not p.exists() and p != stop_at][::-1]
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}{_TEMP_MARK}", suffix=".part")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get what the user's umask says
         with os.fdopen(fd, "wb") as f:
             (write or _write_bytes)(f, data)
             f.flush()
@@ -411,10 +499,14 @@ def atomic_write(dest: Path, data: bytes, before_rename=None, stop_at: Path | No
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        for folder in reversed(made):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        _remove_empty(made)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _append_line(path: Path, record: dict) -> None:
@@ -440,16 +532,65 @@ def _sha256(path: Path) -> str | None:
 
 
 def _read_records(out: Path) -> dict[str, dict]:
-    """Latest record per name from `manifest.jsonl` and any parts a killed run left (a torn last line is skipped)."""
+    """Latest record per name from `manifest.jsonl` and any parts a killed run left.
+
+    A line that does not decode is skipped with a warning naming the file and line (a part's torn last line, which
+    a killed run leaves, silently)."""
     records: dict[str, dict] = {}
     for path in [out / MANIFEST, *sorted((out / STATE_DIR).glob("manifest.part-*.jsonl"))]:
-        if not path.is_file():
-            continue
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(ValueError, TypeError, KeyError):
-                rec = json.loads(line)
+        lines = _lines(path)
+        for i, line in enumerate(lines, 1):
+            rec = _record(line)
+            if rec is not None:
                 records[rec["name"]] = rec
+            elif line.strip() and not (path.name != MANIFEST and i == len(lines)):
+                warnings.warn(f"{path}, line {i}: skipped (expected a JSON record of memctl render, but got "
+                              f"{short_repr(line[:200])}).", stacklevel=2)
     return records
+
+
+def _lines(path: Path) -> list[bytes]:
+    try:
+        return path.read_bytes().split(b"\n") if path.is_file() else []
+    except OSError as err:
+        raise ValueError(f"Expected a readable {path}, but reading it failed: {err.strerror or err}.") from None
+
+
+def _record(line: bytes) -> dict | None:
+    """The manifest record in `line`, or None when it does not decode or is not memctl's."""
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    ok = isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in _RECORD_KEYS)
+    return rec if ok else None
+
+
+def _check_manifest(path: Path) -> None:
+    """Refuse a `manifest.jsonl` that is not memctl's (rewriting it would lose its lines)."""
+    lines = [line for line in _lines(path) if line.strip()]
+    if lines and not any(_record(line) is not None for line in lines):
+        raise ValueError(f"Expected {path} to be memctl's manifest (JSON lines with {list(_RECORD_KEYS)}), but "
+                         f"it is not; memctl would rewrite it. Move it away, or choose another --out.")
+    for i, line in enumerate(lines, 1):
+        try:
+            json.loads(line.decode("utf-8"))
+        except ValueError:
+            continue  # undecodable: skipped with a warning when read
+        if _record(line) is None:
+            raise ValueError(f"Expected {path} to be memctl's manifest, but line {i} is JSON of another kind "
+                             f"({short_repr(line.decode('utf-8'))}); memctl would drop it. Move the file away, "
+                             "or choose another --out.")
+
+
+def _check_not_foreign(out: Path, names: set[str], records: dict) -> None:
+    """Refuse to overwrite files at output names that no manifest record owns (they may be the user's)."""
+    foreign = sorted(n for n in names if n not in records and os.path.lexists(out / n))
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise ValueError(f"Expected no files at output names that memctl did not write, but {out} has "
+                         f"{', '.join(foreign[:3])}{more}, which manifest.jsonl does not list. Move them away, or "
+                         "pass --force to overwrite them.")
 
 
 def _is_verified(out: Path, records: dict, o: Output, renderer: Renderer) -> bool:
@@ -457,31 +598,49 @@ def _is_verified(out: Path, records: dict, o: Output, renderer: Renderer) -> boo
     return rec is not None and rec.get("key") == renderer.key(o) and _sha256(out / o.name) == rec.get("sha256")
 
 
-def _merge(out: Path, total: int) -> Summary:
-    """Main process, after every process finished: one deduplicated manifest sorted by name, and the summary."""
+def _merge(out: Path, mine: Summary, processes: int) -> Summary:
+    """Main process, after every process finished: one deduplicated manifest sorted by name, and the summary.
+
+    When the manifest cannot be rewritten (a full disk) the parts stay for the next run and the summary says so."""
     state_dir = out / STATE_DIR
+    summary = Summary(total=mine.total, done=list(mine.done), failed=list(mine.failed), manifest=out / MANIFEST)
+    for rank in range(1, processes):
+        path = state_dir / f"status-{rank}.json"
+        try:
+            status = json.loads(path.read_text())
+            summary.done += status["done"]
+            summary.failed += [tuple(x) for x in status["failed"]]
+            path.unlink()
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            summary.failed.append((f"(process {rank})", f"its status is unknown ({type(err).__name__}: {err}); its "
+                                   "saved outputs are in the manifest, see its own output for the rest"))
     records = _read_records(out)
     kept = [records[n] for n in sorted(records) if _sha256(out / n) == records[n].get("sha256")]
-    atomic_write(out / MANIFEST, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode(),
-                 write=_write_plain)
-    summary = Summary(total=total, manifest=out / MANIFEST)
-    for path in sorted(state_dir.glob("status-*.json")):
-        status = json.loads(path.read_text())
-        summary.done += status["done"]
-        summary.failed += [tuple(x) for x in status["failed"]]
-        path.unlink()
-    for path in state_dir.glob("manifest.part-*.jsonl"):
-        path.unlink()
+    try:
+        atomic_write(out / MANIFEST, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode(),
+                     write=_write_plain)
+    except OSError as err:
+        summary.failed.append((MANIFEST, f"not rewritten ({type(err).__name__}: {err.strerror or err}); its records "
+                               f"wait in {state_dir} and the next run merges them"))
+    else:
+        for path in state_dir.glob("manifest.part-*.jsonl"):
+            path.unlink()
     summary.done.sort()
     summary.failed.sort()
     return summary
 
 
-def _remove_stale(out: Path) -> None:
-    """Temp files and status files of a killed run (our temp names start with '.', which output names cannot)."""
-    for path in out.rglob(".*.part"):
-        if _TEMP.fullmatch(path.name) and path.is_file():
-            path.unlink()
+def _remove_stale(out: Path, names: set[str]) -> None:
+    """Temp files a killed render of these output names left (`.NAME.memctl-XXXXXXXX.part`, made under the lock
+    of `out`, so no running render owns them), and status files; nothing else."""
+    for folder in {(out / n).parent for n in names}:
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(f".*{_TEMP_MARK}*.part"):
+            stem = path.name[1:path.name.rfind(_TEMP_MARK)]
+            if (path.relative_to(out).parent / stem).as_posix() in names and re.fullmatch(
+                    r"[A-Za-z0-9_]{8}\.part", path.name[path.name.rfind(_TEMP_MARK) + len(_TEMP_MARK):]):
+                path.unlink(missing_ok=True)
     for path in (out / STATE_DIR).glob("status-*.json"):
         path.unlink()
 

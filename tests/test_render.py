@@ -164,14 +164,38 @@ def test_two_processes_equal_one(reference, tmp_path: Path):
     assert {r["process"] for r in records} == {0, 1}
 
 
-def test_failing_shot_does_not_stop_the_others(tmp_path: Path, capsys):
-    shots = [{"id": "long", "prompt": " ".join(["seven"] * 100), "seeds": [0]}, JOB["shots"][0]]
+def test_failing_shot_does_not_stop_the_others(tmp_path: Path, capsys, monkeypatch):
+    encode = render.Renderer.encode
+
+    def fail_on_shot_broken(self, batch):
+        if batch[0].shot == "broken":
+            raise ValueError("Expected a working shot, but this one breaks.")
+        return encode(self, batch)
+
+    monkeypatch.setattr(render.Renderer, "encode", fail_on_shot_broken)
+    shots = [{"id": "broken", "prompt": "a seven", "seeds": [0]}, JOB["shots"][0]]
     job = write_job(tmp_path, {**JOB, "shots": shots})
     assert render.main([str(job), "--out", str(tmp_path / "out")]) == 1
     text = capsys.readouterr().out
     assert "8 done, 0 skipped (already done), 1 failed" in text
-    assert "failed long/f+0.00_s0.png: ValueError: Expected `prompt` of at most" in text
+    assert "failed broken/f+0.00_s0.png: ValueError: Expected a working shot" in text
     assert [r["shot"] for r in manifest(tmp_path / "out")] == ["seven"] * 8
+
+
+def test_prompt_past_the_tokenizer_is_refused_before_rendering(tmp_path: Path, pipe):
+    long = " ".join(["seven"] * 100)
+    shots = [{"id": "long", "prompt": long, "seeds": [0]},
+             {**JOB["shots"][0], "negative_prompt": " ".join(["seven"] * 1000)}]
+    with pytest.raises(JobError) as info:
+        render_job(write_job(tmp_path, {**JOB, "shots": shots}), tmp_path / "out", pipeline=pipe)
+    assert info.value.errors == [
+        "shots[0] (id 'long'), field `prompt`: Expected at most 32 tokens (with start and end: this model's text "
+        "encoder sees no further), but got 102 for 'seven seven seven seven seven seven seven seven seven seven "
+        "seven seven seven …' (599 characters). Shorten it.",
+        "shots[1] (id 'seven'), field `negative_prompt`: Expected at most 32 tokens (with start and end: this "
+        "model's text encoder sees no further), but got 1002 for 'seven seven seven seven seven seven seven seven "
+        "seven seven seven seven seven …' (5999 characters). Shorten it."]
+    assert not (tmp_path / "out" / "long").exists() and not (tmp_path / "out" / render.MANIFEST).exists()
 
 
 def test_disk_full_fails_cleanly(tmp_path: Path, monkeypatch, pipe):
@@ -335,3 +359,113 @@ def test_example_job_renders(tmp_path: Path, pipe):
     summary = render_job(write_job(tmp_path, data), tmp_path / "out", pipeline=pipe)
     assert summary.ok and len(summary.done) == 58  # 20 canary + 20 seven + 10 three + 8 zero
     assert "baseline/zero-baseline_0107.png" in summary.done and "seven/f-0.50_s3.png" in summary.done
+
+
+SMALL = {"model": MODEL, "cpu_threads": 1, "defaults": {"steps": 2},
+         "shots": [{"id": "seven", "prompt": "a seven", "seeds": [0, 1]}]}  # fmt: skip
+SMALL_NAMES = ["seven/f+0.00_s0.png", "seven/f+0.00_s1.png"]
+
+
+def test_out_that_is_a_file_or_unwritable_is_a_clear_error(tmp_path: Path, monkeypatch, capsys):
+    job = write_job(tmp_path, SMALL)
+    (tmp_path / "file").write_text("mine")
+    assert render.main([str(job), "--out", str(tmp_path / "file")]) == 2
+    assert f"memctl render: error: Expected --out {tmp_path / 'file'} to be a folder, but it is a file." in \
+        capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):  # as a read-only folder answers (root ignores chmod, so simulate it)
+        if str(path).endswith(render.LOCK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert render.main([str(job), "--out", str(tmp_path / "ro")]) == 2
+    assert "Expected a writable output folder at" in capsys.readouterr().err
+
+
+def test_second_render_into_one_out_is_refused(tmp_path: Path, pipe):
+    job, out = write_job(tmp_path, SMALL), tmp_path / "out"
+    with render.lock_out(out):
+        with pytest.raises(ValueError, match="another memctl render is writing into it"):
+            render_job(job, out, pipeline=pipe)
+        assert not (out / "seven").exists()
+    assert render_job(job, out, pipeline=pipe).done == SMALL_NAMES
+    assert not (out / render.STATE_DIR / render.LOCK).exists()  # released and removed
+
+
+@pytest.mark.parametrize("text", ['{"id": 1, "note": "another tool"}\n', "my notes\nnot json\n"])
+def test_foreign_manifest_is_refused_not_rewritten(tmp_path: Path, pipe, text: str):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / render.MANIFEST).write_text(text)
+    with pytest.raises(ValueError, match=r"manifest.jsonl to be memctl's manifest"):
+        render_job(write_job(tmp_path, SMALL), out, pipeline=pipe)
+    assert (out / render.MANIFEST).read_text() == text and not (out / "seven").exists()
+
+
+def test_foreign_line_among_memctl_records_is_refused(tmp_path: Path, pipe):
+    job, out = write_job(tmp_path, SMALL), tmp_path / "out"
+    render_job(job, out, pipeline=pipe)
+    path = out / render.MANIFEST
+    path.write_text(path.read_text() + '{"note": "mine"}\n')
+    with pytest.raises(ValueError, match=r"line 3 is JSON of another kind"):
+        render_job(job, out, pipeline=pipe)
+
+
+def test_undecodable_manifest_line_is_skipped_with_a_warning(tmp_path: Path, pipe):
+    job, out = write_job(tmp_path, SMALL), tmp_path / "out"
+    render_job(job, out, pipeline=pipe)
+    path = out / render.MANIFEST
+    first, second = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(first + b"\xff\xfe{not utf-8\n" + second)
+    with pytest.warns(UserWarning, match=rf"{path}, line 2: skipped \(expected a JSON record of memctl render"):
+        again = render_job(job, out, pipeline=pipe)
+    assert again.skipped == SMALL_NAMES and not again.done  # one bad byte no longer blocks the resume
+
+
+def test_files_memctl_did_not_write_are_kept(tmp_path: Path, pipe):
+    """A user's file at an output name stops the run (unless --force); only our own stale temp files are removed."""
+    job, out = write_job(tmp_path, SMALL), tmp_path / "out"
+    (out / "seven").mkdir(parents=True)
+    (out / "seven/f+0.00_s1.png").write_bytes(b"my picture")
+    theirs = [out / ".notes.abcdefgh.part", out / "seven/.f+0.00_s0.png.abcdefgh.part",
+              out / "seven/.other.png.memctl-abcdefgh.part"]  # fmt: skip
+    for path in theirs:
+        path.write_text("keep me")
+    ours = out / "seven/.f+0.00_s0.png.memctl-k2j4h5g6.part"  # what a killed render of this job leaves
+    ours.write_text("stale")
+    with pytest.raises(ValueError, match=r"but .* has seven/f\+0.00_s1.png, which manifest.jsonl does not list"):
+        render_job(job, out, pipeline=pipe)
+    assert (out / "seven/f+0.00_s1.png").read_bytes() == b"my picture"
+    forced = render_job(job, out, force=True, pipeline=pipe)
+    assert forced.done == SMALL_NAMES and (out / "seven/f+0.00_s1.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(p.read_text() == "keep me" for p in theirs) and not ours.exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o002, 0o664), (0o077, 0o600)])
+def test_outputs_respect_the_umask(tmp_path: Path, pipe, umask: int, mode: int):
+    old = os.umask(umask)
+    try:
+        render_job(write_job(tmp_path, SMALL), tmp_path / "out", pipeline=pipe)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out/seven/f+0.00_s0.png").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "out" / render.MANIFEST).stat().st_mode & 0o777 == mode
+
+
+def test_disk_full_at_the_manifest_keeps_the_summary_and_the_records(tmp_path: Path, monkeypatch, pipe, capsys):
+    def full(f, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    job, out = write_job(tmp_path, SMALL), tmp_path / "out"
+    monkeypatch.setattr(render, "_write_plain", full)
+    summary = render_job(job, out, pipeline=pipe)
+    text = capsys.readouterr().out
+    assert summary.done == SMALL_NAMES and [n for n, _ in summary.failed] == [render.MANIFEST]
+    assert "2 done, 0 skipped (already done), 1 failed" in text and "not rewritten (OSError: No space left" in text
+    assert (out / render.STATE_DIR / "manifest.part-0.jsonl").is_file()  # the records wait for the next run
+    monkeypatch.undo()
+    again = render_job(job, out, pipeline=pipe)
+    assert again.ok and again.skipped == SMALL_NAMES and [r["name"] for r in manifest(out)] == SMALL_NAMES
