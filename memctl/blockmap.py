@@ -320,6 +320,9 @@ class BlockMap:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=metadata)
+            from memctl.metadata import file_mode
+
+            os.chmod(tmp, file_mode())  # mkstemp makes 0600; the map gets what the user's umask says
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

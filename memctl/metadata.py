@@ -29,6 +29,13 @@ def provenance() -> dict:
     return {"memctl": memctl.__version__, "diffusers": diffusers.__version__, "torch": torch.__version__}
 
 
+def file_mode() -> int:
+    """The mode a new file gets under the user's umask (`mkstemp` makes 0600, which temp-then-rename keeps)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def png_info(settings: dict, parameters: str | None = None) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
@@ -46,6 +53,7 @@ def save_png(image: Image.Image, dest: str | Path | IO[bytes], settings: dict, p
     dest = Path(dest)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
             f.flush()

@@ -1,7 +1,7 @@
 """`memctl render JOB.yaml`: batch renders from a job file, resumable, with provenance, on one or many processes.
 
     memctl render assets/example-job.yaml --out out/render/example      # one process
-    accelerate launch --multi_gpu --num_processes 8 -m memctl.render JOB.yaml --out DIR  # 8 GPUs; torchrun too
+    accelerate launch --multi_gpu --num_processes 8 -m memctl render JOB.yaml --out DIR  # 8 GPUs; torchrun too
 
 Every output is written atomically (temp file, fsync, rename) and recorded in `manifest.jsonl` (settings, seed,
 model and map fingerprints, versions, time, sha256). A rerun skips outputs whose file still matches its record
@@ -11,7 +11,6 @@ batches are fixed by the job, so the same job on the same machine gives byte-ide
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import hashlib
@@ -33,7 +32,7 @@ import torch
 
 from memctl.blocks import pipeline_denoisers
 from memctl.jobs import Job, JobError, Output, load_job
-from memctl.metadata import provenance, save_png
+from memctl.metadata import file_mode, provenance, save_png
 from memctl.options import short_repr
 
 MANIFEST = "manifest.jsonl"
@@ -489,7 +488,7 @@ def atomic_write(dest: Path, data: bytes, before_rename=None, stop_at: Path | No
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}{_TEMP_MARK}", suffix=".part")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get what the user's umask says
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600; outputs get what the user's umask says
         with os.fdopen(fd, "wb") as f:
             (write or _write_bytes)(f, data)
             f.flush()
@@ -501,12 +500,6 @@ def atomic_write(dest: Path, data: bytes, before_rename=None, stop_at: Path | No
         Path(tmp).unlink(missing_ok=True)
         _remove_empty(made)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _append_line(path: Path, record: dict) -> None:
@@ -651,21 +644,6 @@ def _check_inside(out: Path, names: set[str]) -> None:
         if not folder.resolve().is_relative_to(root):
             raise ValueError(f"Expected every output inside {out}, but {folder} resolves to {folder.resolve()} "
                              "(a symbolic link in the output folder). Remove the link or choose another --out.")
-
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Register `render` on a `memctl` subparsers object."""
-    p = subparsers.add_parser("render", help="render a job file (YAML or JSON): resumable, with a manifest",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("job", metavar="JOB", help="job file (.yaml, .yml or .json); see assets/example-job.yaml")
-    p.add_argument("--out", default=None, help="output folder (default: out/render/<job file name>)")
-    p.add_argument("--force", action="store_true", help="redo outputs that are already done and verified")
-    p.set_defaults(func=_cmd_render)
-    return p
-
-
-def _cmd_render(args) -> int:
-    return 0 if render_job(args.job, args.out, force=args.force).ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

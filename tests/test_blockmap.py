@@ -177,3 +177,12 @@ def test_damaged_tensors_in_a_map_file_are_named(tmp_path, unet, bmap, key, valu
     save_file(tensors, path, metadata=metadata)
     with pytest.raises(ValueError, match=match):
         BlockMap.load(path)
+
+
+def test_saved_map_respects_the_umask(tmp_path, bmap):
+    old = os.umask(0o002)
+    try:
+        bmap.save(tmp_path / "map.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "map.safetensors").stat().st_mode & 0o777 == 0o664
