@@ -4,46 +4,69 @@
 >>> pipe = memctl.load_default()
 >>> len(memctl.find_blocks(pipe.unet)) > 10
 True
+
+Names load on first use (PEP 562), so `import memctl` alone, and with it `memctl --help`, does not import torch.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-from memctl import video, zoo
-from memctl.blockmap import BlockMap, fingerprint
-from memctl.blocks import Block, find_blocks
-from memctl.detection import PromptScore, detect
-from memctl.hooks import list_hooks
-from memctl.knob import KnobInfo, apply_knob, fidelity, get_knob, knob_law, remove_knob, set_fidelity, temporary_knob
-from memctl.loading import load_default, load_pipeline
-from memctl.options import GenerationOptions
-from memctl.pipeline import PixelPipeline
-from memctl.pipelines import pipeline_file
-from memctl.probe import probe
-from memctl.probeset import ProbeSet
+# public name -> the module that defines it (None: the name is a submodule)
+_EXPORTS = {
+    "Block": "memctl.blocks",
+    "BlockMap": "memctl.blockmap",
+    "GenerationOptions": "memctl.options",
+    "KnobInfo": "memctl.knob",
+    "PixelPipeline": "memctl.pipeline",
+    "ProbeSet": "memctl.probeset",
+    "PromptScore": "memctl.detection",
+    "apply_knob": "memctl.knob",
+    "detect": "memctl.detection",
+    "fidelity": "memctl.knob",
+    "find_blocks": "memctl.blocks",
+    "fingerprint": "memctl.blockmap",
+    "get_knob": "memctl.knob",
+    "knob_law": "memctl.knob",
+    "list_hooks": "memctl.hooks",
+    "load_default": "memctl.loading",
+    "load_pipeline": "memctl.loading",
+    "pipeline_file": "memctl.pipelines",
+    "probe": "memctl.probe",
+    "remove_knob": "memctl.knob",
+    "set_fidelity": "memctl.knob",
+    "temporary_knob": "memctl.knob",
+    "video": None,
+    "zoo": None,
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "Block",
-    "BlockMap",
-    "GenerationOptions",
-    "KnobInfo",
-    "PixelPipeline",
-    "ProbeSet",
-    "PromptScore",
-    "apply_knob",
-    "detect",
-    "fidelity",
-    "find_blocks",
-    "fingerprint",
-    "get_knob",
-    "knob_law",
-    "list_hooks",
-    "load_default",
-    "load_pipeline",
-    "pipeline_file",
-    "probe",
-    "remove_knob",
-    "set_fidelity",
-    "temporary_knob",
-    "video",
-    "zoo",
-]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'memctl' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name] or f"memctl.{name}")
+    value = module if _EXPORTS[name] is None else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """Keeps `memctl.probe` the function: importing the submodule `memctl.probe` sets the package's attribute of
+    that name to the module (the import system's `setattr(parent, child, module)`), which would hide the function."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,10 +1,13 @@
-"""The `memctl` command line: `memctl demo | bench | blocks | ...`; `--help` on each."""
+"""memctl: find where a diffusion model memorizes, and turn one knob between faithful recall and new invention.
+
+`memctl COMMAND --help` says what each command does and what its options default to."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 
@@ -13,6 +16,12 @@ def _cmd_demo(args) -> int:
 
     run_demo(args.model, Path(args.out), seeds=args.seeds, steps=args.steps, guidance=args.guidance)
     return 0
+
+
+def _cmd_render(args) -> int:
+    from memctl.render import render_job
+
+    return 0 if render_job(args.job, args.out, force=args.force).ok else 1
 
 
 def _cmd_bench(args) -> int:
@@ -138,63 +147,105 @@ def _cmd_detect(args) -> int:
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help (unless None: the help says what then); description paragraphs
+    wrapped, indented ones (command examples) kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        fill = super()._fill_text
+        paragraphs = text.strip("\n").split("\n\n")
+        return "\n\n".join(textwrap.indent(p, indent) if p[:1] == " " else fill(p, width, indent) for p in paragraphs)
+
+
+RENDER = """Batch renders from a job file (YAML or JSON): resumable, with provenance, on one or many processes.
+
+    memctl render assets/example-job.yaml --out out/render/example      # one process
+    accelerate launch --multi_gpu --num_processes 8 -m memctl render JOB.yaml --out DIR  # 8 GPUs; torchrun too
+
+Every output is written atomically and recorded in DIR/manifest.jsonl (settings, seed, fingerprints, sha256); a
+rerun skips outputs whose file still matches its record, and --force redoes them."""
+
+
+def _command(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memctl", description=__doc__)
+    """The `memctl` parser; it imports no torch, so `--help` on it and on every subcommand is instant."""
+    from memctl.defaults import THRESHOLD
+    from ui.cli import add_cli as add_ui_cli  # cheap: Gradio loads only when `memctl ui` runs
+
+    parser = argparse.ArgumentParser(prog="memctl", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="render the embedded default's samples and metrics to out/demo")
-    p.add_argument("--model", default="digits", help="testbed name or folder (default: digits)")
-    p.add_argument("--out", default="out/demo")
+    p = _command(sub, "demo", "render the embedded default's fidelity sweep, samples and metrics to out/demo",
+                 "Render the embedded model's fidelity sweep (-1 new ... +1 faithful) for canary and ordinary "
+                 "prompts, each canary beside its bound training image, with the metrics table and the block map's "
+                 "heat-map.")
+    p.add_argument("--model", default="digits", help="testbed name or folder")
+    p.add_argument("--out", default="out/demo", help="output folder")
     p.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=None, help="default: the testbed's recommended value")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the testbed's own)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("bench", help="measure a suite and write bench/results/<suite>.json")
-    p.add_argument("suite", choices=["digits", "effect", "detect"])
-    p.add_argument("--out", default="bench/results")
-    p.add_argument("--models", nargs="+", default=["digits-s0", "digits-s1"])
+    p = _command(sub, "bench", "measure a suite and write bench/results/<suite>.json",
+                 "Measure a suite and write SUITE.json and SUITE.md to --out: 'digits' (the embedded models at "
+                 "fidelity 0 and a guidance sweep), 'effect' (what the knob does to copies and novelty), 'detect' "
+                 "(prompt-only detection against the testbeds' ground truth).")
+    p.add_argument("suite", choices=["digits", "effect", "detect"], help="what to measure")
+    p.add_argument("--out", default="bench/results", help="output folder")
+    p.add_argument("--models", nargs="+", default=["digits-s0", "digits-s1"], help="testbeds to measure")
     p.add_argument("--quick", action="store_true", help="fewer seeds (a smoke run, not for the record)")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("blocks", help="list the residual blocks of a model's denoiser(s)")
+    p = _command(sub, "blocks", "list the residual blocks of a model's denoiser(s)",
+                 "List the residual blocks of a model's denoiser(s): the units a block map scores and the knob "
+                 "scales.")
     p.add_argument("model", help="testbed name, diffusers pipeline folder, or denoiser folder")
-    p.add_argument("--granularity", choices=["unit", "stage"], default="unit")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--granularity", choices=["unit", "stage"], default="unit", help="one row per unit or per stage")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_blocks)
-    from memctl.render import add_cli as add_render_cli
-    from ui.cli import add_cli as add_ui_cli  # cheap: Gradio loads only when `memctl ui` runs
 
-    add_render_cli(sub)
+    p = _command(sub, "render", "render a job file (YAML or JSON): resumable, with a manifest", RENDER)
+    p.add_argument("job", metavar="JOB", help="job file (.yaml, .yml or .json); see assets/example-job.yaml")
+    p.add_argument("--out", default=None, help="output folder (default: out/render/<job file name>)")
+    p.add_argument("--force", action="store_true", help="redo outputs that are already done and verified")
+    p.set_defaults(func=_cmd_render)
     add_ui_cli(sub)
 
-    p = sub.add_parser("probe", help="attribute memorization to blocks → a block map (.safetensors)")
+    p = _command(sub, "probe", "attribute memorization to blocks → a block map (.safetensors)",
+                 "Attribute memorization to the blocks of a model's denoiser and save a block map. Methods: "
+                 "'condition' (memorized prompt tokens swapped for general ones, one cross-attention unit at a "
+                 "time), 'ablation' (one unit zeroed at a time), 'prompt' (prompts only, no images).")
     p.add_argument("model", help="testbed name or diffusers pipeline folder")
     p.add_argument("--probes", required=True, help="'testbed' or a JSON file {memorized: [...], general: [...]}")
     p.add_argument("-o", "--output", required=True, help="block map file to write (.safetensors)")
-    p.add_argument(
-        "--method",
-        choices=["condition", "ablation", "prompt"],
-        default="condition",
-        help="'prompt' needs prompts only (probe images may be null)",
-    )
+    p.add_argument("--method", choices=["condition", "ablation", "prompt"], default="condition",
+                   help="how to attribute; 'prompt' needs prompts only (probe images may be null)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="probe noise seed, below 10000 (evaluations use 10000+)")
     p.add_argument("--heatmap", help="also write the heat-map picture (PNG) here")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the map as JSON instead of a table")
     p.set_defaults(func=_cmd_probe)
 
-    p = sub.add_parser("detect", help="score prompts for memorization risk, without training data")
-    p.add_argument("prompts", help="text file, one prompt per line")
-    p.add_argument("--model", default="digits", help="testbed name or diffusers pipeline folder (default: digits)")
+    p = _command(sub, "detect", "score prompts for memorization risk, without training data",
+                 "Score prompts for memorization risk from the first denoising step(s), without training data: "
+                 "how hard each prompt pulls the noise prediction (Wen et al. 2024) and how alike that pull is "
+                 "across seeds (Hintersdorf et al. 2024). Risk is a robust z-score against ordinary prompts.")
+    p.add_argument("prompts", help="text file, one prompt per line ('#' lines and blank lines skipped)")
+    p.add_argument("--model", default="digits", help="testbed name or diffusers pipeline folder")
     p.add_argument("--reference", help="text file of ordinary prompts that calibrate the risk score "
                    "(default for a testbed: its ordinary prompts; otherwise the scored prompts themselves)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (>= 2)")
     p.add_argument("--steps", type=int, default=1, help="first denoising steps to read")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance scale of the read steps (> 1)")
     p.add_argument("--num-inference-steps", type=int, default=None, help="schedule length (default: the pipeline's)")
-    p.add_argument("--threshold", type=float, default=3.0, help="flag prompts whose risk exceeds this")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--threshold", type=float, default=THRESHOLD, help="flag prompts whose risk exceeds this")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_detect)
     return parser
 

@@ -42,12 +42,12 @@ import torch
 from tqdm.auto import tqdm
 
 from memctl.blocks import pipeline_denoisers
+from memctl.defaults import THRESHOLD  # default risk above which a prompt is flagged (re-exported here)
 from memctl.hooks import attached
 from memctl.passes import CondRows, PassHook
 from memctl.pipelines import call_parameters
 
 RECORD = "memctl.detect"
-THRESHOLD = 3.0  # default risk above which a prompt is flagged
 
 
 _NO_UNCOND = (

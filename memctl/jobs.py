@@ -201,7 +201,7 @@ def _shot_values(merged: dict, where: str, errors: list[str]) -> dict:
                           f"{short_repr(v[name])}.")
     for name in ("strength", "steps", "guidance", "frames", "fps"):
         v[name] = _option(merged, name, where, errors, getattr(GenerationOptions, name))
-    v["seeds"] = _seeds(merged.get("seeds", []), where, errors)
+    v["seeds"] = _seeds(merged["seeds"], where, errors) if "seeds" in merged else ()  # missing: reported above
     v["fidelity"] = _fidelities(merged.get("fidelity", 0.0), where, errors)
     v["window"] = _window(merged.get("window", [0.0, 1.0]), where, errors)
     v["size"] = _size(merged.get("size"), where, errors)

@@ -47,6 +47,13 @@ def test_yaml_and_json_are_one_schema(tmp_path: Path):
     assert [len(b) for b in a.batches()] == [2, 1, 2, 1, 2, 1]  # one shot and fidelity per batch
 
 
+def test_misspelt_seeds_is_two_errors_not_three():
+    errs = errors_of(job(shots=[{"id": "seven", "prompt": "a seven", "seed": [0]}]))
+    assert len(errs) == 2, errs
+    assert "field `seed`: Expected one of" in errs[0] and "Did you mean `seeds`?" in errs[0]
+    assert "field `seeds`: Expected it (in the shot or in `defaults`), but got nothing." in errs[1]
+
+
 def test_name_pattern_fields_and_video_extension():
     data = job(shots=[{"id": "clip", "prompt": "a one", "seeds": [7], "frames": 4, "fps": 12,
                        "name": "{shot}/{index:03d}-{seed:05d}-{steps}"}])  # fmt: skip

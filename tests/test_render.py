@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import errno
 import hashlib
 import json
@@ -336,14 +335,6 @@ def test_video_job(tmp_path: Path):
     assert files(tmp_path / "a") == files(tmp_path / "b")
     with pytest.raises(JobError, match="field `frames`: Expected `frames` \\(this model makes videos\\)"):
         render_job(write_job(tmp_path / "img"), tmp_path / "img" / "out", pipeline=FakeVideoPipe())
-
-
-def test_add_cli_registers_render():
-    parser = argparse.ArgumentParser(prog="memctl")
-    render.add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["render", "job.yaml", "--out", "d", "--force"])
-    assert (args.job, args.out, args.force, args.func) == ("job.yaml", "d", True, render._cmd_render)
-    assert "accelerate launch" in parser._subparsers._group_actions[0].choices["render"].format_help()
 
 
 def test_example_job_renders(tmp_path: Path, pipe):

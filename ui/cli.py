@@ -12,28 +12,35 @@ from __future__ import annotations
 
 import argparse
 
+from memctl.cli import HelpFormatter  # light: memctl's CLI imports no torch
+
 HOST = "127.0.0.1"
 PORT = 7860
+DESCRIPTION = (
+    "The memctl Gradio app: pick a model and a block map, turn the fidelity knob, sweep it, compare A/B, and "
+    "score prompts for memorization risk. Serves on this machine only unless --host says otherwise."
+)
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register `memctl ui` on the CLI's subparsers (its handler is `args.func(args)`)."""
-    p = subparsers.add_parser("ui", help="the Gradio app (on 127.0.0.1 unless --host says otherwise)")
+    p = subparsers.add_parser("ui", help="the Gradio app (on 127.0.0.1 unless --host says otherwise)",
+                              description=DESCRIPTION, formatter_class=HelpFormatter)  # fmt: skip
     _add_arguments(p)
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The stand-alone parser of `python -m ui` (the same flags as `memctl ui`)."""
-    p = argparse.ArgumentParser(prog="memctl ui", description="The memctl Gradio app.")
+    p = argparse.ArgumentParser(prog="memctl ui", description=DESCRIPTION, formatter_class=HelpFormatter)
     _add_arguments(p)
     return p
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="digits", help="embedded model name or local diffusers folder (default: digits)")
-    p.add_argument("--host", default=HOST, help=f"address to bind (default {HOST}: this machine only)")
-    p.add_argument("--port", type=int, default=PORT)
+    p.add_argument("--model", default="digits", help="embedded model name or local diffusers folder")
+    p.add_argument("--host", default=HOST, help="address to bind; the default serves this machine only")
+    p.add_argument("--port", type=int, default=PORT, help="port to serve on")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (opt-in)")
     p.add_argument("--allow-hub", action="store_true", help="let the model box take hub ids (downloads)")
     p.add_argument("--out", default=None, help="folder for generated PNGs (default: a temporary folder)")
