@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -468,3 +469,186 @@ def test_cli_binds_localhost_by_default():
     add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["ui", "--port", "7999", "--share"])
     assert (args.func, args.host, args.port, args.share, args.model) == (run_cli, HOST, 7999, True, "digits")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hostile requests (issue 16): checked on the handlers and the engine directly, no server needed
+
+
+class _FakePipe:
+    """What `ui.engine._finish` needs of a pipeline: a denoiser and a call signature."""
+
+    def __init__(self):
+        self.unet = torch.nn.Linear(1, 1)
+
+    def __call__(self, prompt, num_images_per_prompt=1):
+        raise AssertionError("not sampled in these tests")
+
+
+def test_a_request_cannot_switch_on_hub_downloads(monkeypatch):
+    import gradio as gr
+
+    import memctl.loading
+    from ui.engine import Engine
+    from ui.handlers import Handlers
+
+    downloads = []
+    monkeypatch.setattr(memctl.loading, "load_pipeline", lambda source, **kw: downloads.append(source) or _FakePipe())
+    closed = Engine(MODEL, allow_hub=False)
+    with pytest.raises(ValueError, match="restart the app with --allow-hub"):
+        closed.model("someone/some-model", allow_hub=True)
+    with pytest.raises(gr.Error, match="this server does not allow hub downloads"):
+        Handlers(closed).load_model("someone/some-model", True)
+    assert downloads == []
+    opened = Engine(MODEL, allow_hub=True)
+    with pytest.raises(ValueError, match="tick 'allow hub download'"):
+        opened.model("someone/some-model", allow_hub=False)  # a request may narrow what the server allows
+    assert downloads == [] and opened.model("someone/some-model", allow_hub=True).source == "someone/some-model"
+    assert downloads == ["someone/some-model"]
+
+
+def test_loading_a_model_does_not_hold_the_registry_lock(monkeypatch):
+    import threading
+
+    import ui.engine
+    from ui.engine import Engine, Loaded
+
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def slow_load(source, allow_hub, server_allows=True):
+        calls.append(source)
+        started.set()
+        assert release.wait(10)
+        return Loaded(source, _FakePipe())
+
+    monkeypatch.setattr(ui.engine, "_load", slow_load)
+    engine = Engine(MODEL)
+    results = []
+    loaders = [threading.Thread(target=lambda: results.append(engine.model("slow/download"))) for _ in range(2)]
+    loaders[0].start()
+    assert started.wait(10)
+    loaders[1].start()  # the same source: waits for the first load instead of downloading again
+    other = threading.Thread(target=lambda: results.append((engine.map_labels(), engine.add_map("m", object()))))
+    other.start()
+    other.join(5)
+    assert not other.is_alive(), "the registry lock was held during the download"
+    release.set()
+    for t in loaders:
+        t.join(10)
+    assert calls == ["slow/download"] and results[1] is results[2] and engine._loading == {}
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("steps", 1000, "Expected `steps` in [1, 100] (the app's range"),
+    ("batch", 64, "Expected `batch_size` in [1, 16]"),
+    ("guidance", 50, "Expected `guidance` in [0, 20]"),
+    ("frames", 65, "Expected `frames` in [1, 64]"),
+    ("fps", 61, "Expected `fps` in [1, 60]"),
+    ("prompt", "a seven " * 125_000, "Expected `prompt` of at most 2000 characters, but got 'a seven a seven"),
+])
+def test_the_app_holds_requests_to_its_slider_ranges(tmp_path, field, value, words):
+    import gradio as gr
+
+    from ui.engine import Engine
+    from ui.handlers import Handlers
+
+    args = {**DEFAULTS, field: value}
+    h = Handlers(Engine(MODEL), tmp_path)
+    with pytest.raises(ValueError) as err:
+        h.options(*list(args.values())[:12], video=True)
+    assert words in str(err.value) and len(str(err.value)) < 300
+    if field not in ("frames", "fps"):  # (an image model ignores those)
+        with pytest.raises(gr.Error, match=re.escape(words)):  # the button's handler answers with the message
+            h.generate(*args.values())
+
+
+def test_uploads_have_a_size_limit(tmp_path, monkeypatch):
+    import gradio as gr
+
+    import ui.app
+    import ui.handlers
+    from ui.engine import Engine
+    from ui.handlers import Handlers
+
+    h = Handlers(Engine(MODEL), tmp_path)
+    monkeypatch.setattr(ui.handlers, "MAX_MAP_BYTES", 2**20)
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(b"\0" * (2**20 + 1))
+    with pytest.raises(gr.Error, match=r"Expected a block map file \(.safetensors\) of at most 1 MB, but"):
+        h.upload_map(str(big), MODEL)
+    preset = tmp_path / "big.json"
+    preset.write_text(json.dumps({"prompt": "x" * 2**20}))
+    with pytest.raises(gr.Error, match=r"Expected a preset file \(.json\) of at most 1 MB"):
+        h.load_preset(str(preset))
+
+    class FakeDemo:
+        def queue(self):
+            return self
+
+        def launch(self, **kwargs):
+            self.kwargs = kwargs
+
+    demo = FakeDemo()
+    ui.app.launch(demo, block=False)
+    assert demo.kwargs["max_file_size"] == ui.handlers.MAX_UPLOAD and "allowed_paths" not in demo.kwargs
+
+
+def test_the_app_serves_only_what_it_wrote_and_removes_its_temporary_folder(tmp_path):
+    import tempfile
+
+    from ui.engine import Engine
+    from ui.handlers import Handlers
+
+    out = tmp_path / "out"
+    h = Handlers(Engine(MODEL), out)
+    gallery, *_ = h.generate(*{**DEFAULTS, "batch": 1, "steps": 1}.values())
+    served = Path(gallery[0][0])
+    assert served.parent == h.served_dir and Path(tempfile.gettempdir()) in served.parents
+    (kept,) = out.glob("*.png")  # the user's copy under --out
+    assert kept.read_bytes() == served.read_bytes() and kept.name == served.name
+    h.close()
+    assert not h.served_dir.exists() and kept.is_file()
+
+
+def test_cancel_entries_live_only_while_computing(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from ui.engine import Cancelled, Engine
+    from ui.handlers import Handlers
+
+    h = Handlers(Engine(MODEL), tmp_path)
+    seen = []
+
+    def compute_map(model, cancel):
+        seen.append(dict(h._cancel))
+        raise Cancelled("Cancelled by the user.")
+
+    monkeypatch.setattr(h.engine, "compute_map", compute_map)
+    for i in range(100):
+        status = h.compute_map(MODEL, SimpleNamespace(session_hash=f"s{i}"), progress=lambda *a, **k: None)[1]
+        assert "cancelled" in status
+    assert h._cancel == {} and all(len(s) == 1 for s in seen)  # one entry while it ran, none after
+
+
+def test_exposed_host_warns_and_auth_is_passed_on(monkeypatch, capsys):
+    import ui.app
+    import ui.engine
+    from ui.cli import build_parser, exposure_warning
+
+    assert exposure_warning("127.0.0.1", False, None) is None
+    assert "every network interface (0.0.0.0)" in exposure_warning("0.0.0.0", False, None)
+    assert "public share link" in exposure_warning("127.0.0.1", True, None)
+    assert exposure_warning("0.0.0.0", True, ("ada", "pw")) is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--auth", "no-colon"])
+    launched = {}
+    monkeypatch.setattr(ui.app, "create_demo", lambda engine, out_dir=None: "demo")
+    monkeypatch.setattr(ui.app, "launch", lambda demo, **kw: launched.update(kw))
+    monkeypatch.setattr(ui.engine, "Engine", lambda *a, **k: None)
+    args = build_parser().parse_args(["--host", "0.0.0.0", "--out", "somewhere"])
+    assert args.func(args) == 0
+    assert "memctl ui: warning: the app is reachable through every network interface" in capsys.readouterr().err
+    assert launched["auth"] is None and "allowed_paths" not in launched  # nothing under --out is served wholesale
+    args = build_parser().parse_args(["--host", "0.0.0.0", "--auth", "ada:s3cret:x"])
+    args.func(args)
+    assert launched["auth"] == ("ada", "s3cret:x") and capsys.readouterr().err == ""

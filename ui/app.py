@@ -16,7 +16,7 @@ from memctl.zoo.testbed import TESTBEDS
 from ui.cli import HOST, PORT
 from ui.detect import DATATYPES, EMPTY_TABLE, MAX_SEEDS
 from ui.engine import NO_MAP, SHIPPED_MAP, Engine
-from ui.handlers import Handlers
+from ui.handlers import LIMITS, MAX_UPLOAD, Handlers
 
 DEFAULTS = GenerationOptions(prompt="a seven")
 CSS = """
@@ -111,7 +111,8 @@ def _model_controls(engine: Engine):
         choices = names if engine.default_model in names else [engine.default_model, *names]
         model = gr.Dropdown(choices, value=engine.default_model, allow_custom_value=True, label="Model",
                             info="An embedded model, or type the path of a local diffusers folder.")
-        allow_hub = gr.Checkbox(False, label="Allow hub download (for a hub id)")
+        allow_hub = gr.Checkbox(False, label="Allow hub download (for a hub id)", interactive=engine.allow_hub,
+                                info=None if engine.allow_hub else "Off: the app was started without --allow-hub.")
         load_btn = gr.Button("Load model", size="sm")
         model_info = gr.Markdown(elem_id="model-info")
     return model, allow_hub, load_btn, model_info
@@ -152,12 +153,12 @@ def _generation_controls() -> dict:
         c["reuse"] = gr.Button("reuse", size="sm", scale=0, min_width=70)
         c["seed_used"] = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used", scale=2)
     with gr.Row():
-        c["steps"] = _slider(1, 100, d.steps, step=1, label="Steps", elem_id="steps")
-        c["guidance"] = _slider(0, 20, d.guidance, step=0.5, label="Guidance")
-        c["batch"] = _slider(1, 16, d.batch_size, step=1, label="Batch size", elem_id="batch")
+        c["steps"] = _slider(*LIMITS["steps"], d.steps, step=1, label="Steps", elem_id="steps")
+        c["guidance"] = _slider(*LIMITS["guidance"], d.guidance, step=0.5, label="Guidance")
+        c["batch"] = _slider(*LIMITS["batch_size"], d.batch_size, step=1, label="Batch size", elem_id="batch")
     with gr.Row():
-        c["frames"] = _slider(1, 64, 16, step=1, label="Frames (video models)", visible=False)
-        c["fps"] = _slider(1, 60, 8, step=1, label="FPS (video models)", visible=False)
+        c["frames"] = _slider(*LIMITS["frames"], 16, step=1, label="Frames (video models)", visible=False)
+        c["fps"] = _slider(*LIMITS["fps"], 8, step=1, label="FPS (video models)", visible=False)
     with gr.Accordion("Presets (JSON)", open=False):
         with gr.Row():
             c["preset_save"] = gr.Button("Save preset", size="sm")
@@ -236,5 +237,6 @@ def launch(demo: gr.Blocks | None = None, host: str = HOST, port: int | None = P
     """Serve the app (on 127.0.0.1 unless `host` says otherwise); returns Gradio's `(app, local_url, share_url)`."""
     demo = demo or create_demo()
     kwargs.setdefault("show_error", True)  # unexpected errors reach the user as their message, not a generic one
+    kwargs.setdefault("max_file_size", MAX_UPLOAD)  # the handlers check each kind's own, smaller, limit too
     return demo.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
                                css=CSS, **kwargs)

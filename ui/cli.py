@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from memctl.cli import HelpFormatter  # light: memctl's CLI imports no torch
 
@@ -44,7 +45,32 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (opt-in)")
     p.add_argument("--allow-hub", action="store_true", help="let the model box take hub ids (downloads)")
     p.add_argument("--out", default=None, help="folder for generated PNGs (default: a temporary folder)")
+    p.add_argument("--auth", default=None, metavar="USER:PASS", type=_auth,
+                   help="ask for this user name and password (Gradio's login); advised with --host or --share")
     p.set_defaults(func=run_cli)
+
+
+def _auth(text: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not (sep and user and password):
+        raise argparse.ArgumentTypeError("expected USER:PASS (both non-empty), e.g. --auth ada:correct-horse")
+    return user, password
+
+
+def exposure_warning(host: str, share: bool, auth) -> str | None:
+    """A warning when the app is reachable from other machines without a login, else None.
+
+    >>> exposure_warning("127.0.0.1", False, None) is None
+    True
+    >>> exposure_warning("0.0.0.0", False, None).split(":")[0]
+    'memctl ui'
+    """
+    if auth or (host in ("127.0.0.1", "localhost", "::1") and not share):
+        return None
+    where = ("a public share link" if share else
+             f"every network interface ({host})" if host in ("0.0.0.0", "::") else host)
+    return (f"memctl ui: warning: the app is reachable through {where} without a login: anyone who reaches it can "
+            "run the models and read the images. Pass --auth USER:PASS, or bind --host 127.0.0.1.")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -52,8 +78,11 @@ def run_cli(args: argparse.Namespace) -> int:
     from ui.app import create_demo, launch
     from ui.engine import Engine
 
+    warning = exposure_warning(args.host, args.share, args.auth)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     demo = create_demo(Engine(args.model, allow_hub=args.allow_hub), out_dir=args.out)
-    launch(demo, host=args.host, port=args.port, share=args.share, allowed_paths=[args.out] if args.out else None)
+    launch(demo, host=args.host, port=args.port, share=args.share, auth=args.auth)
     return 0
 
 

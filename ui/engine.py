@@ -81,25 +81,42 @@ class Engine:
         self.default_model = str(default_model)
         self.allow_hub = allow_hub
         self.lock = threading.RLock()  # held while the knob is on a model: sampling and probing
-        self._registry_lock = threading.RLock()  # the caches of models and maps (never held while sampling)
+        self._registry_lock = threading.RLock()  # the caches of models and maps (never held while sampling/loading)
         self._models: OrderedDict[str, Loaded] = OrderedDict()
+        self._loading: dict[str, threading.Lock] = {}  # source -> held while that source loads (one download each)
         self._maps: dict[str, object] = {}  # label -> BlockMap (labels are unique per app)
 
     # ------------------------------------------------------------------------------------------------------------
     # models
 
     def model(self, source: str | None = None, allow_hub: bool | None = None) -> Loaded:
-        """The pipeline for `source`: an embedded testbed name, a local folder, or (if allowed) a hub id."""
+        """The pipeline for `source`: an embedded testbed name, a local folder, or a hub id.
+
+        Hub ids download only when the server allows it (`Engine(allow_hub=True)`, `memctl ui --allow-hub`) and the
+        request does not say no: a request can narrow what the server allows, never widen it. Loading happens
+        outside the registry lock, so other requests go on meanwhile (one load per source at a time)."""
         source = (source or self.default_model).strip()
+        allow = self.allow_hub and (allow_hub is None or bool(allow_hub))
         with self._registry_lock:
             if source in self._models:
                 self._models.move_to_end(source)
                 return self._models[source]
-            loaded = _load(source, self.allow_hub if allow_hub is None else allow_hub)
-            self._models[source] = loaded
-            while len(self._models) > MAX_MODELS:
-                self._models.popitem(last=False)
-            return loaded
+            loading = self._loading.setdefault(source, threading.Lock())
+        with loading:
+            try:
+                with self._registry_lock:
+                    if source in self._models:  # another request loaded it while this one waited
+                        return self._models[source]
+                loaded = _load(source, allow, server_allows=self.allow_hub)
+                with self._registry_lock:
+                    self._models[source] = loaded
+                    while len(self._models) > MAX_MODELS:
+                        self._models.popitem(last=False)
+                    return loaded
+            finally:
+                with self._registry_lock:
+                    if self._loading.get(source) is loading:
+                        del self._loading[source]
 
     # ------------------------------------------------------------------------------------------------------------
     # block maps
@@ -254,7 +271,7 @@ class Engine:
         return self.add_map(f"computed: {Path(loaded.source).name} {time.strftime('%H:%M:%S')}", bmap)
 
 
-def _load(source: str, allow_hub: bool) -> Loaded:
+def _load(source: str, allow_hub: bool, server_allows: bool = True) -> Loaded:
     from memctl.loading import load_pipeline
     from memctl.zoo.testbed import TESTBEDS, load_testbed
 
@@ -265,8 +282,11 @@ def _load(source: str, allow_hub: bool) -> Loaded:
     if path.is_dir():
         return _finish(Loaded(source, load_pipeline(path)))
     if not allow_hub:
+        how = ("tick 'allow hub download'" if server_allows else
+               "restart the app with --allow-hub (this server does not allow hub downloads) and tick 'allow hub "
+               "download'")
         raise ValueError(f"Expected an embedded model ({', '.join(sorted(TESTBEDS))}) or a local diffusers folder, "
-                         f"but got {source!r}, which is neither. To download a hub id, tick 'allow hub download'.")
+                         f"but got {source!r}, which is neither. To download a hub id, {how}.")
     return _finish(Loaded(source, load_pipeline(source)))
 
 

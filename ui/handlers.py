@@ -17,7 +17,9 @@ import html
 import itertools
 import json
 import math
+import os
 import random
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -28,7 +30,7 @@ from PIL import Image
 from memctl.detection import THRESHOLD  # risk above which `memctl.detect` flags a prompt
 from memctl.grid import make_grid, tensor_to_pil
 from memctl.metadata import save_png
-from memctl.options import GenerationOptions
+from memctl.options import GenerationOptions, short_repr
 from ui import badges as badge_lib
 from ui import detect as detect_view
 from ui.engine import DEFAULT_FRAMES, NO_MAP, SHIPPED_MAP, Cancelled, Engine, Loaded, Sample
@@ -38,6 +40,13 @@ SWEEP = (-1.0, -0.5, 0.0, 0.5, 1.0)
 DEFAULT_FPS = 8
 RANDOM_SEED = -1
 VIEW = 256  # display size of tiny images in the A/B slider and the example thumbnails
+# The app's ranges (its sliders stop here; the server holds requests to them too: one request holds the engine's
+# lock, so `GenerationOptions`' wider ranges, meant for batch renders, would let one client stall everyone).
+LIMITS = {"steps": (1, 100), "batch_size": (1, 16), "guidance": (0, 20), "frames": (1, 64), "fps": (1, 60)}
+MAX_PROMPT = 2000  # characters: far past any text encoder's reach, and no megabyte messages back
+MAX_MAP_BYTES = 512 * 2**20  # an uploaded block map (a condition map of a large model is tens of MB)
+MAX_PRESET_BYTES = 2**20
+MAX_UPLOAD = "512mb"  # Gradio's own cap on any upload (`launch(max_file_size=...)`)
 
 
 def user_errors(fn):
@@ -60,18 +69,42 @@ class Handlers:
 
     def __init__(self, engine: Engine, out_dir: str | Path | None = None):
         self.engine = engine
-        self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="memctl-ui-"))
+        self._served = tempfile.TemporaryDirectory(prefix="memctl-ui-")  # removed on close() or at exit
+        self.served_dir = Path(self._served.name)  # what Gradio may hand out: only files this app wrote
+        self.out_dir = Path(out_dir) if out_dir else self.served_dir
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._counter = itertools.count()
-        self._cancel: dict[str, threading.Event] = {}
+        self._cancel: dict[str, threading.Event] = {}  # session -> its running "compute a map here"; then removed
+
+    def close(self) -> None:
+        """Remove the app's temporary folder (the files under `out_dir`, if one was given, stay)."""
+        self._served.cleanup()
+
+    def _serve(self, path: Path) -> str:
+        """`path` (written under `out_dir`) as a file Gradio may serve: a link to it in the app's temporary folder.
+
+        Gradio then serves its cached copy, so `launch()` needs no `allowed_paths` and nothing else under `--out`
+        can be downloaded."""
+        path = Path(path)
+        if path.parent == self.served_dir:
+            return str(path)
+        served = self.served_dir / path.name
+        try:
+            os.link(path, served)
+        except OSError:  # another file system
+            shutil.copyfile(path, served)
+        return str(served)
 
     # ------------------------------------------------------------------------------------------------------------
     # options
 
     def options(self, prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames=None,
                 fps=None, video: bool = False) -> GenerationOptions:
-        """Validated options; seed -1 (or empty) draws a random seed."""
-        return GenerationOptions(
+        """Validated options within the app's `LIMITS`; seed -1 (or empty) draws a random seed."""
+        for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+            if isinstance(text, str) and len(text) > MAX_PROMPT:
+                raise ValueError(f"Expected `{name}` of at most {MAX_PROMPT} characters, but got {short_repr(text)}.")
+        opts = GenerationOptions(
             prompt=prompt if isinstance(prompt, str) else _fail("prompt", "a str", prompt),
             negative_prompt=negative or "", seed=_seed(seed), steps=_integer(steps, "steps"),
             guidance=_number(guidance), fidelity=_number(fidelity), strength=_number(strength), start=_number(start),
@@ -79,6 +112,12 @@ class Handlers:
             frames=_integer(frames, "frames") if video and frames is not None else None,
             fps=_integer(fps, "fps") if video and fps is not None else None,
         )
+        for name, (low, high) in LIMITS.items():
+            value = getattr(opts, name)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"Expected `{name}` in [{low}, {high}] (the app's range; `memctl render` takes "
+                                 f"more), but got {value!r}.")
+        return opts
 
     # ------------------------------------------------------------------------------------------------------------
     # sampling
@@ -134,7 +173,7 @@ class Handlers:
     def _save(self, sample: Sample) -> str:
         path = self.out_dir / f"{next(self._counter):05d}-seed{sample.seed}-fid{sample.fidelity:+.2f}.png"
         save_png(sample.image, path, sample.settings, sample.parameters)
-        return str(path)
+        return self._serve(path)
 
     def _video(self, samples: list[Sample], opts: GenerationOptions) -> str | None:
         if not samples or samples[0].frames is None:
@@ -143,7 +182,7 @@ class Handlers:
 
         path = self.out_dir / f"{next(self._counter):05d}-seed{samples[0].seed}.gif"
         frames = [_enlarge(f) for f in samples[0].frames]  # display copy; the PNG keeps the native first frame
-        return export_to_gif(frames, str(path), fps=opts.fps or DEFAULT_FPS)
+        return self._serve(export_to_gif(frames, str(path), fps=opts.fps or DEFAULT_FPS))
 
     def _is_video(self, model) -> bool:
         try:
@@ -173,7 +212,7 @@ class Handlers:
         rows = [[tb.prompt(c), "ordinary", None] for c in range(len(tb.classes))]
         for k in sorted(range(len(tb.canaries)), key=lambda k: -tb.canaries[k][2]):
             prompt, image, exposure, _ = tb.canaries[k]
-            path = self.out_dir / f"bound-{Path(str(tb.path)).name}-{k}.png"
+            path = self.served_dir / f"bound-{Path(str(tb.path)).name}-{k}.png"
             if not path.exists():
                 tensor_to_pil(image, 96).save(path)
             rows.append([prompt, f"canary (seen {exposure}x)", str(path)])
@@ -229,7 +268,7 @@ class Handlers:
         """Load a block map file, check it fits the model, select it."""
         if not file:
             raise ValueError("Expected a block map file (.safetensors), but got none.")
-        label = self.engine.load_map_file(_path_of(file))
+        label = self.engine.load_map_file(_small_upload(file, MAX_MAP_BYTES, "a block map file (.safetensors)"))
         try:
             picture, table, info = self.map_view(label, model)
         except gr.Error:
@@ -239,7 +278,8 @@ class Handlers:
 
     def compute_map(self, model, request: gr.Request, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         """Probe the model here (progress shown; Cancel stops it at the next denoiser call)."""
-        cancel = self._cancel.setdefault(_session(request), threading.Event())
+        session = _session(request)
+        cancel = self._cancel.setdefault(session, threading.Event())
         cancel.clear()
         progress(0, desc="probing the model")
         try:
@@ -250,6 +290,9 @@ class Handlers:
             return gr.update(), "Computing the map was cancelled; nothing changed.", gr.update(), gr.update()
         except (ValueError, TypeError) as err:
             raise gr.Error(str(err), print_exception=False) from err
+        finally:
+            if self._cancel.get(session) is cancel:
+                del self._cancel[session]  # only running computations have an entry
         picture, table, info = self.map_view(label, model)
         return gr.Dropdown(choices=self.engine.map_labels(), value=label), f"Computed **{label}**.", picture, table
 
@@ -304,14 +347,14 @@ class Handlers:
                             fps, self._is_video(model))
         path = self.out_dir / f"preset-{next(self._counter):05d}.json"
         path.write_text(json.dumps(opts.to_dict(), indent=1))
-        return str(path)
+        return self._serve(path)
 
     @user_errors
     def load_preset(self, file):
         """Control values from a preset JSON file (as `save_preset` writes)."""
         if not file:
             raise ValueError("Expected a preset file (.json), but got none.")
-        path = Path(_path_of(file))
+        path = Path(_small_upload(file, MAX_PRESET_BYTES, "a preset file (.json)"))
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -400,6 +443,18 @@ def _has_shipped_map(loaded: Loaded) -> bool:
 
 def _path_of(file) -> str:
     return file if isinstance(file, str) else getattr(file, "name", None) or file["path"]
+
+
+def _small_upload(file, limit: int, what: str) -> str:
+    """The uploaded file's path, if it is a file of at most `limit` bytes."""
+    path = Path(_path_of(file))
+    if not path.is_file():
+        raise ValueError(f"Expected {what}, but {path.name!r} is not a file.")
+    size = path.stat().st_size
+    if size > limit:
+        raise ValueError(f"Expected {what} of at most {limit // 2**20} MB, but {path.name!r} has "
+                         f"{size / 2**20:.1f} MB.")
+    return str(path)
 
 
 def _session(request: gr.Request | None) -> str:
