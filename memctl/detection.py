@@ -46,6 +46,7 @@ from memctl.defaults import THRESHOLD  # default risk above which a prompt is fl
 from memctl.hooks import attached
 from memctl.passes import CondRows, PassHook
 from memctl.pipelines import call_parameters
+from memctl.quiet import quiet
 
 RECORD = "memctl.detect"
 
@@ -224,12 +225,13 @@ def signals(
     chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     deltas = []  # per seed: (P, steps, F)
     bar = tqdm(total=len(seed_list) * len(chunks), desc="detect", unit="batch", disable=not progress)
-    for seed in seed_list:
-        parts = []
-        for chunk in chunks:
-            parts.append(noise_differences(pipe, chunk, seed, steps, guidance_scale, **call_kwargs))
-            bar.update()
-        deltas.append(torch.cat(parts))
+    with quiet(pipe):  # one bar for the whole loop, not a half-finished one per call; no repeated warnings
+        for seed in seed_list:
+            parts = []
+            for chunk in chunks:
+                parts.append(noise_differences(pipe, chunk, seed, steps, guidance_scale, **call_kwargs))
+                bar.update()
+            deltas.append(torch.cat(parts))
     bar.close()
     d = torch.stack(deltas, dim=1)  # (P, S, steps, F)
     magnitude = d.norm(dim=-1).mean(dim=(1, 2))

@@ -40,6 +40,7 @@ from memctl.blocks import find_blocks, pipeline_denoisers
 from memctl.guidance import DEFAULT_GAIN
 from memctl.hooks import ConditionHook, attached, cross_attentions, scaled
 from memctl.probeset import ProbeSet
+from memctl.quiet import quiet
 from memctl.subspace import fit_subspace, weight_threshold
 
 NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -328,22 +329,27 @@ def probe(
         raise ValueError(f"Expected call_kwargs only with method 'prompt', but got method {method!r}.")
     t0 = time.perf_counter()
     lever, tensors = "residual", {}
-    if method == "ablation":
-        blocks, scores, extra = attribute_ablation(pipe, probes, noise_levels, granularity, seed, progress=progress)
-    elif method == "condition":
-        if granularity != "unit":
-            raise ValueError(f"Expected granularity 'unit' for method 'condition', but got {granularity!r}.")
-        blocks, scores, extra, tensors = attribute_condition(pipe, probes, noise_levels, seed, progress=progress)
-        lever = "condition"
-    elif method == "prompt":
-        if granularity != "unit":
-            raise ValueError(f"Expected granularity 'unit' for method 'prompt', but got {granularity!r}.")
-        if not 0 <= seed <= 10_000 - 4:
-            raise ValueError(f"Expected a probe seed in [0, 9996] (method 'prompt' uses 4 seeds from it), got {seed}.")
-        parts, extra, tensors, lever = attribute_prompt(pipe, probes, seed, progress=progress, **(call_kwargs or {}))
-        noise_levels = (1.0,)
-    else:
-        raise ValueError(f"Expected method 'ablation', 'condition' or 'prompt', but got {method!r}.")
+    with quiet(pipe):  # memctl's own loops: no progress bar per pipeline call, no repeated warnings
+        if method == "ablation":
+            args = (pipe, probes, noise_levels, granularity, seed)
+            blocks, scores, extra = attribute_ablation(*args, progress=progress)
+        elif method == "condition":
+            if granularity != "unit":
+                raise ValueError(f"Expected granularity 'unit' for method 'condition', but got {granularity!r}.")
+            blocks, scores, extra, tensors = attribute_condition(pipe, probes, noise_levels, seed, progress=progress)
+            lever = "condition"
+        elif method == "prompt":
+            if granularity != "unit":
+                raise ValueError(f"Expected granularity 'unit' for method 'prompt', but got {granularity!r}.")
+            if not 0 <= seed <= 10_000 - 4:
+                raise ValueError(
+                    f"Expected a probe seed in [0, 9996] (method 'prompt' uses 4 seeds from it), got {seed}."
+                )
+            kw = call_kwargs or {}
+            parts, extra, tensors, lever = attribute_prompt(pipe, probes, seed, progress=progress, **kw)
+            noise_levels = (1.0,)
+        else:
+            raise ValueError(f"Expected method 'ablation', 'condition' or 'prompt', but got {method!r}.")
     if method != "prompt":
         component, denoiser = next(iter(pipeline_denoisers(pipe).items()))
         parts = [(component, denoiser, blocks, scores)]
