@@ -122,29 +122,41 @@ def _detect_md(results: dict) -> list[str]:
     return md
 
 
+_EFFECT_COLUMNS = ("most-exposed copy", "least-exposed copy", "canary novel-valid", "compositional",
+                   "ordinary valid", "collateral", "denoiser evals / image", "s / image")  # fmt: skip
+
+
 def _effect_md(results: dict) -> list[str]:
     md = []
     for model, r in results.items():
         bars = r["bars"]
-        md.append(f"\n## {model}: bar {'PASS' if bars['pass'] else 'FAIL'} (probe {r['probe_seconds']} s)\n\n")
+        attr = r.get("testbed") == "digits-attr"
+        md.append(f"\n## {model}: bars {'PASS' if bars['pass'] else 'FAIL'} (condition probe {r['probe_seconds']} s, "
+                  f"prompt-only detect + probe {r['prompt_map']['seconds']} s)\n\n")  # fmt: skip
         md += [f"- {'PASS' if ok else 'FAIL'}: {name}\n" for name, ok in bars["checks"].items()]
-        least = bars["least_exposed_copy_1/3_at_0_and_+1"]
-        if least[0] == 0:
-            md.append(f"- note: the least-exposed canaries' copy rate is 0 at fidelity 0, so its 1.5× check holds "
-                      f"trivially ({least[1]:.0%} at +1)\n")  # fmt: skip
-        pm = r.get("prompt_map")
-        if pm:
-            md.append(f"\nprompt-only map (rows 'prompt map'): {pm['seconds']} s for detection and probing without "
-                      f"images; canary prompts flagged by `memctl.detect`, by exposure: "
-                      + ", ".join(f"{e}×: {n}" for e, n in pm["flagged_by_exposure"].items()) + "\n")  # fmt: skip
-        md.append(
-            f"\nmedian control novel-valid at equal collateral ({bars['equal_collateral']:.3f}): "
-            f"{bars['median_control_novel_valid']:.0%}; baselines: "
-            + ", ".join(f"{k} {v['at_equal_collateral']:.0%}" for k, v in bars["baselines"].items())
-            + "\n\n"
-        )
-        table = {f"{fam} {x}": row for fam, by_x in r["rows"].items() for x, row in by_x.items()}
-        md.append(format_table(table) + "\n")
+        if bars.get("trivial_fidelity_check"):
+            md.append("- note: the least-exposed canaries are copied 0 % by the plain model, so the 1.5× check holds "
+                      "whatever +1 does\n")  # fmt: skip
+        ctl = bars["controls_at_map_copy"]
+        md.append(f"\nAt the map's most-exposed copy rate at −1 ({bars['map_at_-1']['most_copy']:.0%}): "
+                  + "; ".join(f"{fam} " + ", ".join(f"{k} {v:.0%}" for k, v in c.items()) for fam, c in ctl.items())
+                  + "; map " + ", ".join(f"{k} {bars['map_at_-1'][k]:.0%}" for k in bars["margin_over_best_control"])
+                  + ".\n")  # fmt: skip
+        novel = "attribute-correct novel" if attr else "novel-valid"
+        valid = "digit and attributes" if attr else "digit"
+        md.append(f"\nCanary {novel}; ordinary valid = {valid} read as captioned; compositional = never-shown "
+                  f"combinations read as captioned{'' if attr else ' (n/a on this testbed)'}.\n\n")  # fmt: skip
+        head = ["row", "setting", *_EFFECT_COLUMNS]
+        md += [" | ".join(head) + "\n", " | ".join("---" for _ in head) + "\n"]
+        for fam, by in r["rows"].items():
+            for setting, row in by.items():
+                h = bars["headline"][fam][setting]
+                comp = f"{h['compositional']:.0%}" if "compositional" in h else "–"
+                cost = row["cost"]
+                cells = [fam, setting, f"{h['most_copy']:.0%}", f"{h['least_copy']:.0%}", f"{h['novel_valid']:.0%}",
+                         comp, f"{h['ordinary_valid']:.0%}", f"{h['collateral']:.3f}",
+                         f"{cost['denoiser_evals_per_image']:g}", f"{cost['seconds_per_image']:.4f}"]  # fmt: skip
+                md.append(" | ".join(cells) + "\n")
     return md
 
 
@@ -157,7 +169,15 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False) -> 
     if suite == "effect":
         from memctl.effect import effect_for_model
 
-        results = {name: effect_for_model(name, seeds=seeds, n_controls=2 if quick else 5) for name in models}
+        results = {}
+        for name in models:  # one file per model as it finishes, so a long run keeps what it measured
+            results[name] = effect_for_model(name, seeds=seeds)
+            per_model = out / ("effect-quick" if quick else "effect")
+            per_model.mkdir(parents=True, exist_ok=True)
+            command = f"memctl bench effect --models {name}" + (" --quick" if quick else "")
+            record = {"seeds_per_prompt": seeds, "versions": provenance(), "command": command, **results[name]}
+            _write_json(per_model / f"{name}.json", record)
+        results = {p.stem: json.loads(p.read_text()) for p in sorted(per_model.glob("*.json"))}  # earlier runs too
     elif suite == "detect":
         results = bench_detect(models, DETECT_SEEDS[:seeds])
     else:
@@ -174,7 +194,7 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False) -> 
     }
     out.mkdir(parents=True, exist_ok=True)
     name = suite + ("-quick" if quick else "")
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    _write_json(out / f"{name}.json", report)
     md = [f"# memctl bench {suite}\n", f"`{report['command']}`, {seeds} seeds per prompt, one CPU thread.\n"]
     if suite == "effect":
         md += _effect_md(results)
@@ -188,3 +208,9 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False) -> 
     (out / f"{name}.md").write_text("".join(md))
     print("".join(md))
     return report
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)

@@ -1,59 +1,46 @@
-"""`memctl bench effect`: what the knob does in samples, against controls and mitigation baselines.
+"""`memctl bench effect`: what the knob does in samples, against controls that isolate localization and against the
+published inference-time mitigations, with each row's cost.
 
-For each embedded model: probe a block map (method "condition") from its canaries and held-out digits, and a
-prompt-only map (method "prompt") from the canary prompts `memctl.detect` flags and the ordinary prompts, then sample
-every canary and ordinary prompt at evaluation seeds for both maps at fidelity -1 … +1, for shuffled control maps,
-uniform residual scaling, noise on the prompt's text embedding and a random token added to the prompt (Somepalli
-et al. 2023), and lower guidance. Selectivity compares canary novel-valid rates at equal ordinary collateral.
+For each embedded model: probe a condition map from its canaries and held-out images, and a prompt-only map from the
+canary prompts `memctl.detect` flags, then sample every canary, ordinary and (on attribute testbeds) never-shown
+combination prompt at evaluation seeds (10,000 on; probes use seeds below) for:
+
+- memctl's knob (both maps) at fidelity −1 … +1;
+- the controls of `memctl.controls`: uniform, text edit, placement shuffled, random subspace;
+- the baselines of `memctl.baselines` (Wen, Ren, Jain, NeMo), each calibrated from the probe set only.
+
+Every row records the denoiser evaluations and seconds per image it cost (one CPU thread; seconds are comparable
+within one run only).
 """
 
 from __future__ import annotations
 
-import random
 import time
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from memctl.blockmap import BlockMap
-from memctl.blocks import find_blocks
+from memctl.baselines import BASELINES
+from memctl.controls import TextEdit, control_maps
 from memctl.evaluate import EvalSpec, sample_testbed, score_samples
 from memctl.knob import apply_knob, fidelity, remove_knob
 from memctl.probe import probe
 from memctl.probeset import ProbeSet
 
-FIDELITIES = (-1.0, -0.5, 0.0, 0.5, 1.0)
+KNOB_FIDELITIES = (-1.0, -0.5, 0.5, 1.0)
 CONTROL_FIDELITIES = (-1.0, -0.5)
+BASELINE_SETTINGS = {
+    "wen": ({"quantile": 0.5}, {"quantile": 0.9}),
+    "ren": ({"c": 1.25},),
+    "jain": ({"transition": 0.6}, {"transition": 0.8}),
+    "nemo": ({"quantile": 0.999}, {"quantile": 0.99}),
+}
 
 
 def testbed_probes(tb, n_general: int = 60) -> ProbeSet:
-    """Canaries with their bound images (memorized) and held-out digits with their ordinary prompts (general)."""
-    images, classes = tb.held_out
-    general = [(tb.prompt(int(c)), im) for im, c in zip(images[:n_general], classes[:n_general], strict=False)]
-    return ProbeSet(memorized=[(p, im) for p, im, _, _ in tb.canaries], general=general)
-
-
-class _TextNoise:
-    """Baseline: Gaussian noise (σ × the embedding's std) added to the prompt's text states, per call."""
-
-    def __init__(self, pipe, sigma: float, seed: int = 0):
-        self.pipe, self.sigma, self.gen, self.orig = pipe, sigma, torch.Generator().manual_seed(seed), None
-
-    def __enter__(self):
-        self.orig = self.pipe.encode_prompt
-
-        def noisy(prompts):
-            states = self.orig(prompts)
-            keep = torch.tensor([p == "" for p in prompts])[:, None, None]
-            noise = torch.randn(states.shape, generator=self.gen) * states.std() * self.sigma
-            return torch.where(keep, states, states + noise)
-
-        self.pipe.encode_prompt = noisy
-        return self
-
-    def __exit__(self, *exc):
-        self.pipe.encode_prompt = self.orig
+    """Canaries with their bound images (memorized) and held-out images with their ordinary prompts (general)."""
+    return ProbeSet(memorized=[(p, im) for p, im, _, _ in tb.canaries], general=tb.general_pairs(n_general))
 
 
 def prompt_only_probes(tb, pipe) -> tuple[ProbeSet, list[str]]:
@@ -69,131 +56,179 @@ def prompt_only_probes(tb, pipe) -> tuple[ProbeSet, list[str]]:
     return ProbeSet(memorized=[(p, None) for p in flagged], general=[(p, None) for p in ordinary]), flagged
 
 
-def _random_token_prompts(seed: int = 0):
-    rng = random.Random(seed)
-    words = ["ship", "tree", "blue", "cat", "road", "lamp", "cold", "star", "milk", "ring"]
-    return lambda p: f"{p} {rng.choice(words)}"
+@contextmanager
+def _cost(pipe):
+    """Counts denoiser rows evaluated (a guided knob's extra pass included) while the block runs."""
+    from memctl.baselines.base import denoiser_of
+
+    model, count = denoiser_of(pipe), {"rows": 0}
+
+    def pre(module, args, kwargs):
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        state = module.__dict__.get("_memctl_knob")
+        guided = state is not None and state.guide is not None and state.guide.on
+        count["rows"] += int(x.shape[0]) * (2 if guided else 1)
+
+    handle = model.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield count
+    finally:
+        handle.remove()
 
 
-def _row(tb, pipe, spec, ref, **kw) -> dict:
-    return score_samples(tb, sample_testbed(pipe, tb, spec, **kw), ref)
+def _n_images(samples) -> int:
+    return sum(int(np.prod(t.shape[:2])) for t in (samples.canary, samples.ordinary, samples.unseen) if t is not None)
 
 
-def _novel_valid_at(base: dict, family_rows, x: float) -> float:
-    """A family's canary novel-valid rate interpolated at collateral `x`, along its settings and fidelity 0."""
-    pts = sorted(
-        [(0.0, base["canary"]["all"]["novel_valid"])]
-        + [(r["ordinary"]["collateral"], r["canary"]["all"]["novel_valid"]) for r in family_rows]
-    )
-    return float(np.interp(x, [p[0] for p in pts], [p[1] for p in pts]))
+def _measure(tb, pipe, spec, ref, setup) -> tuple[dict, object]:
+    """Sample the testbed inside `setup` (a context manager factory), score it, and add the row's cost."""
+    with ExitStack() as stack:
+        extra = stack.enter_context(setup())
+        count = stack.enter_context(_cost(pipe))
+        t0 = time.perf_counter()
+        samples = sample_testbed(pipe, tb, spec)
+        seconds = time.perf_counter() - t0
+    n = _n_images(samples)
+    row = score_samples(tb, samples, ref or samples)
+    extra_rows = getattr(extra, "extra_rows", 0)
+    row["cost"] = {"denoiser_evals_per_image": round((count["rows"] + extra_rows) / n, 2),
+                   "seconds_per_image": round(seconds / n, 4)}  # fmt: skip
+    return row, samples
 
 
-def effect_for_model(name: str, seeds: int = 8, n_controls: int = 5, progress: bool = True) -> dict:
+def _plan(pipe, bmap, prompt_map, probes) -> list[tuple[str, str, object]]:
+    """(family, setting, setup) for every row after the plain model."""
+
+    def knob(m, f):
+        @contextmanager
+        def setup():
+            apply_knob(pipe, m)
+            try:
+                with fidelity(pipe, f):
+                    yield None
+            finally:
+                remove_knob(pipe)
+
+        return setup
+
+    def text_edit(f):
+        return lambda: TextEdit(pipe, bmap, f).applied()
+
+    def baseline(name, kw):
+        @contextmanager
+        def setup():
+            b = BASELINES[name](pipe, **kw).fit(probes)
+            with b.applied():
+                yield b
+
+        return setup
+
+    plan = [("memctl map", f"{f:+.1f}", knob(bmap, f)) for f in KNOB_FIDELITIES]
+    if prompt_map is not None:
+        plan += [("memctl prompt map", f"{f:+.1f}", knob(prompt_map, f)) for f in (-1.0, 1.0)]
+    controls = control_maps(pipe.unet, bmap, seeds=3)
+    plan += [("uniform", f"{f:+.1f}", knob(controls["uniform"], f)) for f in CONTROL_FIDELITIES]
+    plan += [("text edit", f"{f:+.1f}", text_edit(f)) for f in CONTROL_FIDELITIES]
+    for kind in ("placement shuffled", "random subspace"):
+        plan += [(kind, f"seed {s}, -1.0", knob(controls[f"{kind} {s}"], -1.0)) for s in range(3)]
+    for name, settings in BASELINE_SETTINGS.items():
+        plan += [(name, ", ".join(f"{k} {v}" for k, v in kw.items()), baseline(name, kw)) for kw in settings]
+    return plan
+
+
+def effect_for_model(name: str, seeds: int = 8, progress: bool = True, steps: int = 25) -> dict:
     from memctl.zoo import load_testbed
 
     tb = load_testbed(name)
     pipe = tb.pipeline()
-    spec = EvalSpec(seeds=seeds, guidance=tb.guidance)
+    pipe.set_progress_bar_config(disable=True)
+    spec = EvalSpec(seeds=seeds, guidance=tb.guidance, steps=steps)
+    probes = testbed_probes(tb)
     t0 = time.perf_counter()
-    bmap = probe(pipe, testbed_probes(tb), method="condition", progress=progress)
+    bmap = probe(pipe, probes, method="condition", progress=progress)
     probe_seconds = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
-    prompt_probes, flagged = prompt_only_probes(tb, pipe)
-    prompt_map = probe(pipe, prompt_probes, method="prompt", progress=progress)
+    try:
+        prompt_probes, flagged = prompt_only_probes(tb, pipe)
+        prompt_map = probe(pipe, prompt_probes, method="prompt", progress=progress)
+    except ValueError as e:  # detect flagged no canary: no prompt-only map, and the table says so
+        prompt_map, flagged, prompt_error = None, [], str(e)
+    else:
+        prompt_error = None
     prompt_seconds = round(time.perf_counter() - t0, 1)
-    ref = sample_testbed(pipe, tb, spec)
-    jobs = [("map", f, {"map": bmap}) for f in FIDELITIES if f != 0.0]
-    jobs += [("prompt map", f, {"map": prompt_map}) for f in FIDELITIES if f != 0.0]
-    jobs += [(f"control {i}", f, {"map": bmap.shuffled(i)}) for i in range(n_controls) for f in CONTROL_FIDELITIES]
-    units = find_blocks(pipe.unet)
-    uniform = BlockMap.from_scores(pipe.unet, {b.name: 1.0 for b in units}, method="uniform")
-    jobs += [("uniform", f, {"map": uniform}) for f in (-0.1, -0.25, -0.5)]
-    jobs += [("text-noise", s, {"noise": s}) for s in (0.5, 1.0, 2.0)]
-    jobs += [("random-token", 1.0, {"token": True})]
-    jobs += [("guidance", g, {"guidance": g}) for g in (0.5, 0.0)]
-    rows: dict[str, dict] = {"map": {"0.0": score_samples(tb, ref, ref)}}
-    for family, x, job in tqdm(jobs, desc=f"{name}: effect", unit="setting", disable=not progress):
-        if "map" in job:
-            apply_knob(pipe, job["map"])
-            with fidelity(pipe, x):
-                row = _row(tb, pipe, spec, ref)
-            remove_knob(pipe)
-        elif "noise" in job:
-            with _TextNoise(pipe, x):
-                row = _row(tb, pipe, spec, ref)
-        elif "token" in job:
-            row = _row(tb, _PromptEdit(pipe, _random_token_prompts()), spec, ref)
-        else:
-            row = _row(tb, pipe, EvalSpec(seeds=seeds, guidance=x), ref)
-        rows.setdefault(family, {})[str(x)] = row
+    plain, ref = _measure(tb, pipe, spec, None, lambda: _null())
+    rows = {"plain": {"0": plain}}
+    plan = _plan(pipe, bmap, prompt_map, probes)
+    for family, setting, setup in tqdm(plan, desc=f"{name}: effect", unit="row", disable=not progress):
+        rows.setdefault(family, {})[setting], _ = _measure(tb, pipe, spec, ref, setup)
     exposure = {c[0]: c[2] for c in tb.canaries}
     return {
+        "testbed": tb.spec.get("name", "digits"),
         "probe_seconds": probe_seconds,
         "prompt_map": {
             "seconds": prompt_seconds,  # detection + probing, no images
             "flagged_by_exposure": {str(e): sum(exposure[p] == e for p in flagged) for e in tb.exposures},
-            "map": prompt_map.to_dict(),
+            "map": prompt_map.to_dict() if prompt_map is not None else None,
+            "error": prompt_error,
         },
         "map": bmap.to_dict(),
+        "eval": spec.to_dict(),
         "rows": rows,
-        "bars": _bars(tb, rows, n_controls, seeds),
+        "bars": bars(tb, rows, seeds),
     }
 
 
-class _PromptEdit:
-    """A pipeline view whose prompts (not the empty negative) pass through `edit` first."""
-
-    def __init__(self, pipe, edit):
-        self.pipe, self.edit = pipe, edit
-
-    def __call__(self, prompt, **kw):
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        return self.pipe([self.edit(p) for p in prompts], **kw)
+@contextmanager
+def _null():
+    yield None
 
 
-def _bars(tb, rows: dict, n_controls: int, seeds: int) -> dict:
+def _headline(tb, row: dict) -> dict:
+    """The measures a table shows for one row."""
     most, least = str(max(tb.exposures)), str(min(tb.exposures))
-    base, ext, fid = rows["map"]["0.0"], rows["map"]["-1.0"], rows["map"]["1.0"]
-    x = ext["ordinary"]["collateral"]
-    controls = [_novel_valid_at(base, rows[f"control {i}"].values(), x) for i in range(n_controls)]
-    median_control = float(np.median(controls))
-    others = {}
-    for fam in ("uniform", "text-noise", "random-token", "guidance"):
-        others[fam] = {
-            "at_equal_collateral": _novel_valid_at(base, rows[fam].values(), x),
-            "best_novel_valid": max(r["canary"]["all"]["novel_valid"] for r in rows[fam].values()),
-        }
-    copy = [rows["map"][str(f)]["canary"]["all"]["copy_1/3"] for f in sorted(FIDELITIES, reverse=True)]
-    n = len(tb.canaries) * seeds
-    noise = 2 * float(np.sqrt(0.25 / n))  # two binomial standard errors at p = 1/2
-    nv = ext["canary"]["all"]["novel_valid"]
+    out = {
+        "most_copy": row["canary"][most]["copy_1/3"],
+        "least_copy": row["canary"][least]["copy_1/3"],
+        "novel_valid": row["canary"]["all"]["novel_valid"],
+        "ordinary_valid": row["ordinary"].get("attr_valid", row["ordinary"]["valid"]),
+        "collateral": row["ordinary"].get("collateral", 0.0),
+    }
+    if "unseen" in row:
+        out["compositional"] = row["unseen"]["compositional"]
+    return out
+
+
+def _at_copy(plain: dict, family: dict, x: float, key: str) -> float:
+    """A family's `key` interpolated at most-exposed copy rate `x`, along its settings and the plain model."""
+    pts = sorted({(plain["most_copy"], plain[key])} | {(r["most_copy"], r[key]) for r in family})
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    return float(np.interp(x, xs, ys))
+
+
+def bars(tb, rows: dict, seeds: int) -> dict:
+    """The localization and fidelity bars (issue: localization that earns its place) on this model's rows."""
+    head = {fam: {s: _headline(tb, r) for s, r in by.items()} for fam, by in rows.items()}
+    plain, ext, fid = head["plain"]["0"], head["memctl map"]["-1.0"], head["memctl map"]["+1.0"]
+    x = ext["most_copy"]
+    keys = ["novel_valid"] + (["compositional"] if "compositional" in ext else [])
+    controls = {fam: {k: _at_copy(plain, head[fam].values(), x, k) for k in keys} for fam in ("uniform", "text edit")}
+    margin = {k: ext[k] - max(c[k] for c in controls.values()) for k in keys}
     checks = {
-        "extrapolation: most-exposed copy_1/3 <= 0.05": ext["canary"][most]["copy_1/3"] <= 0.05,
-        "extrapolation: canary novel_valid >= 0.60": nv >= 0.60,
-        "extrapolation: ordinary valid >= 0.95 x fidelity-0": ext["ordinary"]["valid"]
-        >= 0.95 * base["ordinary"]["valid"],
-        "extrapolation: ordinary collateral <= 0.25": x <= 0.25,
-        "selectivity: novel_valid >= 2 x median control at equal collateral": nv >= 2 * median_control,
-        "selectivity: beats uniform and both baselines at equal collateral": all(
-            nv > o["at_equal_collateral"] for o in others.values()
-        ),
-        "fidelity: least-exposed copy_1/3 >= 1.5 x fidelity-0": fid["canary"][least]["copy_1/3"]
-        >= 1.5 * base["canary"][least]["copy_1/3"],
-        "fidelity: ordinary valid >= 0.95 x fidelity-0": fid["ordinary"]["valid"] >= 0.95 * base["ordinary"]["valid"],
-        "monotone: canary copy does not rise from +1 to -1 (beyond 2 SE)": all(
-            b <= a + noise for a, b in zip(copy, copy[1:], strict=False)
-        ),
+        "extrapolation: most-exposed copy_1/3 <= 0.05": ext["most_copy"] <= 0.05,
+        "extrapolation: ordinary valid >= 0.95 x plain": ext["ordinary_valid"] >= 0.95 * plain["ordinary_valid"],
+        "localization: novel-valid (and compositional) >= 10 points above the better of uniform and text edit "
+        "at the map's copy rate": all(m >= 0.10 for m in margin.values()),
+        "fidelity: least-exposed copy_1/3 at +1 >= 1.5 x plain": fid["least_copy"] >= 1.5 * plain["least_copy"],
+        "fidelity: most-exposed copy_1/3 at +1 >= plain": fid["most_copy"] >= plain["most_copy"],
+        "fidelity: ordinary valid at +1 >= 0.95 x plain": fid["ordinary_valid"] >= 0.95 * plain["ordinary_valid"],
     }
     return {
         "checks": checks,
         "pass": all(checks.values()),
-        "equal_collateral": x,
-        "median_control_novel_valid": median_control,
-        "controls_novel_valid": controls,
-        "baselines": others,
-        "copy_by_fidelity_+1_to_-1": copy,
-        "seed_noise_2se": noise,
-        "most_exposed_bound_copy_at_-1": ext["canary"][most]["copy_bound_1/3"],
-        "least_exposed_copy_1/2_at_0_and_+1": [base["canary"][least]["copy_1/2"], fid["canary"][least]["copy_1/2"]],
-        "least_exposed_copy_1/3_at_0_and_+1": [base["canary"][least]["copy_1/3"], fid["canary"][least]["copy_1/3"]],
+        "map_at_-1": ext,
+        "controls_at_map_copy": controls,
+        "margin_over_best_control": margin,
+        "headline": head,
+        "trivial_fidelity_check": plain["least_copy"] == 0,  # 1.5 x 0 holds whatever +1 does
+        "seed_noise_2se": 2 * float(np.sqrt(0.25 / (len(tb.canaries) * seeds))),
     }

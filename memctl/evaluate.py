@@ -36,8 +36,9 @@ class EvalSpec:
 @dataclass
 class Samples:
     canary: torch.Tensor  # (K, S, C, H, W): K canaries × S seeds
-    ordinary: torch.Tensor  # (n_classes, S, C, H, W)
+    ordinary: torch.Tensor  # (P, S, C, H, W): P = len(tb.eval_prompts())
     spec: EvalSpec
+    unseen: torch.Tensor | None = None  # (U, S, C, H, W): never-shown combinations (testbeds with attributes)
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], spec: EvalSpec, **call_kwargs) -> torch.Tensor:
@@ -59,27 +60,31 @@ def generate(pipe, prompts: list[str], seeds: list[int], spec: EvalSpec, **call_
 
 
 def sample_testbed(pipe, tb, spec: EvalSpec = EvalSpec(), **call_kwargs) -> Samples:
-    """Every canary prompt and every class's ordinary prompt, each at `spec.seeds` evaluation seeds."""
+    """Every canary prompt, the testbed's ordinary evaluation prompts and its never-shown combinations' prompts,
+    each at `spec.seeds` evaluation seeds."""
     seeds = [spec.seed_base + s for s in range(spec.seeds)]
-    canary_prompts = [c[0] for c in tb.canaries]
-    ordinary_prompts = [tb.prompt(c) for c in range(len(tb.classes))]
-    prompts = [p for p in canary_prompts + ordinary_prompts for _ in seeds]
-    images = generate(pipe, prompts, seeds * (len(canary_prompts) + len(ordinary_prompts)), spec, **call_kwargs)
+    groups = [[c[0] for c in tb.canaries], [p for p, _ in tb.eval_prompts()], tb.unseen_prompts()]
+    prompts = [p for group in groups for p in group for _ in seeds]
+    images = generate(pipe, prompts, seeds * (len(prompts) // len(seeds)), spec, **call_kwargs)
     images = images.reshape(-1, spec.seeds, *images.shape[1:])  # (P, S, C, H, W)
-    return Samples(images[: len(canary_prompts)], images[len(canary_prompts) :], spec)
+    a, b = len(groups[0]), len(groups[0]) + len(groups[1])
+    return Samples(images[:a], images[a:b], spec, images[b:] if groups[2] else None)
 
 
 def score_samples(tb, samples: Samples, reference: Samples | None = None) -> dict:
     """Metrics of one set of samples; `reference` (the same seeds at fidelity 0) adds collateral change."""
     refs, train = tb.class_distances, tb.train_images
+    attributes = hasattr(tb, "classify_attributes")  # novel-valid then asks for the right digit *and* attributes
     by_exposure: dict[int, dict[str, list[float]]] = {}
-    for k, (_, bound, exposure, c) in enumerate(tb.canaries):
+    for k, (prompt, bound, exposure, c) in enumerate(tb.canaries):
         x = samples.canary[k]  # (S, C, H, W)
         pred = tb.classify(x)
         row = by_exposure.setdefault(
             exposure,
             {"copy_1/3": [], "copy_1/2": [], "copy_bound_1/3": [], "novel_valid": [], "valid": [], "diversity": []},
         )
+        if attributes:
+            pred = torch.where(tb.attribute_correct(x, *tb.combo_of(prompt)), pred, torch.full_like(pred, -1))
         idx = metrics.copy_index(x, train, 1 / 3)
         bound_idx = int((train - bound).flatten(1).norm(dim=1).argmin())
         row["copy_1/3"].append(metrics.copy_rate(x, train, 1 / 3))
@@ -90,14 +95,36 @@ def score_samples(tb, samples: Samples, reference: Samples | None = None) -> dic
         row["diversity"].append(metrics.vendi_score(x, kernel="rbf"))
     canary = {str(e): {k: _mean(v) for k, v in row.items()} for e, row in sorted(by_exposure.items())}
     canary["all"] = {k: _mean([v for row in by_exposure.values() for v in row[k]]) for k in row}
-    flat = samples.ordinary.flatten(0, 1)  # (n_classes * S, C, H, W)
-    targets = torch.arange(len(tb.classes)).repeat_interleave(samples.spec.seeds)
+    flat = samples.ordinary.flatten(0, 1)  # (P * S, C, H, W)
+    eval_prompts = tb.eval_prompts()
+    targets = torch.tensor([c for _, c in eval_prompts]).repeat_interleave(samples.spec.seeds)
     ordinary = {
         "valid": metrics.validity(tb.classify(flat), targets),
         "copy_1/3": metrics.copy_rate(flat, train, 1 / 3),
         "copy_1/2": metrics.copy_rate(flat, train, 1 / 2),
         "diversity": _mean([metrics.vendi_score(x, kernel="rbf") for x in samples.ordinary]),
     }
+    unseen = None
+    if attributes:  # digit and attributes as captioned: ordinary prompts, and never-shown combinations
+        ordinary["attr_valid"] = _mean(
+            [
+                tb.attribute_correct(x, *tb.combo_of(p)).float().mean().item()
+                for (p, _), x in zip(eval_prompts, samples.ordinary, strict=True)
+            ]
+        )
+    if attributes and samples.unseen is not None:
+        unseen = {
+            "compositional": _mean(
+                [
+                    tb.attribute_correct(x, c, combo).float().mean().item()
+                    for (c, combo), x in zip(tb.unseen, samples.unseen, strict=True)
+                ]
+            ),
+            "digit_valid": _mean(
+                [metrics.validity(tb.classify(x), c) for (c, _), x in zip(tb.unseen, samples.unseen, strict=True)]
+            ),
+            "copy_1/3": metrics.copy_rate(samples.unseen.flatten(0, 1), train, 1 / 3),
+        }
     if reference is not None:
         ordinary["collateral"] = metrics.collateral(flat, reference.ordinary.flatten(0, 1), refs["mean"][targets])
         canary["all"]["collateral"] = metrics.collateral(
@@ -105,7 +132,15 @@ def score_samples(tb, samples: Samples, reference: Samples | None = None) -> dic
             reference.canary.flatten(0, 1),
             refs["mean"][torch.tensor([c[3] for c in tb.canaries]).repeat_interleave(samples.spec.seeds)],
         )
-    return {"canary": canary, "ordinary": ordinary, "settings": samples.spec.to_dict()}
+    out = {"canary": canary, "ordinary": ordinary, "settings": samples.spec.to_dict()}
+    if unseen is not None:
+        if reference is not None and reference.unseen is not None:
+            classes = torch.tensor([c for c, _ in tb.unseen]).repeat_interleave(samples.spec.seeds)
+            unseen["collateral"] = metrics.collateral(
+                samples.unseen.flatten(0, 1), reference.unseen.flatten(0, 1), refs["mean"][classes]
+            )
+        out["unseen"] = unseen
+    return out
 
 
 def _mean(values: list[float]) -> float:

@@ -1,0 +1,90 @@
+"""What the baselines share: the denoiser, its inputs inside a hook, the empty prompt's states, hooks in a context."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from diffusers.hooks import ModelHook
+
+from memctl.blocks import pipeline_denoisers, unwrap
+from memctl.hooks import _arg_position, _get_arg, attached
+
+HOOK = "memctl.baseline"
+
+
+def denoiser_of(pipe) -> torch.nn.Module:
+    found = pipeline_denoisers(pipe)
+    if not found:
+        raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but got {type(pipe).__name__}.")
+    return unwrap(next(iter(found.values())))
+
+
+def prompt_states(pipe, prompts: list[str]) -> torch.Tensor:
+    """`(P, L, D)` text states the denoiser cross-attends to (memctl.PixelPipeline, SD 1.x/2.x, SDXL)."""
+    from memctl.probe import text_states
+
+    with torch.no_grad():
+        return text_states(pipe, list(prompts))
+
+
+def cfg_rows(x: torch.Tensor) -> int:
+    """Rows at the start of a batch that are the unconditional pass: half the batch when it splits into two
+    identical halves (classifier-free guidance in one batch, unconditional first), else 0."""
+    n = x.shape[0]
+    return n // 2 if n % 2 == 0 and n > 0 and torch.equal(x[: n // 2], x[n // 2 :]) else 0
+
+
+class InputsHook(ModelHook):
+    """A root hook that hands (sample, timestep, encoder_hidden_states) to `edit`, which returns new states."""
+
+    def __init__(self, edit):
+        super().__init__()
+        self.edit = edit
+
+    def initialize_hook(self, module):
+        self._pos = {a: _arg_position(module, a) for a in ("sample", "timestep", "encoder_hidden_states")}
+        return module
+
+    def pre_forward(self, module, *args, **kwargs):
+        x, t, e = (_get_arg(args, kwargs, a, p) for a, p in self._pos.items())
+        if e is None:
+            return args, kwargs
+        new = self.edit(self, x, t, e)
+        pos = self._pos["encoder_hidden_states"]
+        if "encoder_hidden_states" in kwargs or pos is None or len(args) <= pos:
+            kwargs["encoder_hidden_states"] = new
+        else:
+            args = (*args[:pos], new, *args[pos + 1 :])
+        return args, kwargs
+
+
+class Baseline:
+    """A mitigation: `fit(probes)` calibrates it from a probe set, `applied()` runs the pipeline with it."""
+
+    name = "baseline"
+
+    def __init__(self, pipe):
+        self.pipe, self.denoiser = pipe, denoiser_of(pipe)
+
+    def fit(self, probes) -> Baseline:
+        return self
+
+    def hooks(self) -> dict[str, ModelHook]:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        return {}
+
+    @contextmanager
+    def applied(self) -> Iterator:
+        with attached(self.denoiser, self.hooks(), HOOK):
+            yield self.pipe
+
+
+def general_prompts(probes) -> list[str]:
+    prompts = [c for c, _ in probes.general if isinstance(c, str)]
+    if not prompts:
+        raise ValueError("Expected a probe set with general prompts (str conditions), but it has none.")
+    return sorted(set(prompts))
