@@ -62,36 +62,69 @@ def _load_probes(spec: str, tb):
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"Expected a probes JSON file or 'testbed', but {spec!r} is neither.")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"Expected a probes JSON file, but {path} is not JSON ({err}).") from None
+    if not isinstance(raw, dict):
+        from memctl.options import short_repr
+
+        raise ValueError(f"Expected a JSON object {{\"memorized\": [...], \"general\": [...]}} in {path}, but got "
+                         f"{short_repr(raw)}.")
     unknown = sorted(set(raw) - {"memorized", "general"})
     if unknown:
         raise ValueError(f"Expected only the keys 'memorized' and 'general' in {path}, but got {unknown}.")
+    return ProbeSet(memorized=_probe_pairs(raw, "memorized", path), general=_probe_pairs(raw, "general", path))
 
-    def pairs(role):
-        out = []
-        for i, item in enumerate(raw.get(role, [])):
-            if not isinstance(item, dict) or "prompt" not in item:
-                raise ValueError(f"Expected {role}[{i}] to be {{'prompt': str, 'image': path or null}}, got {item!r}.")
-            image = item.get("image")
-            if image is not None:
-                from PIL import Image
 
-                image = Image.open(path.parent / image)
-            out.append((item["prompt"], image))
-        return out
+def _probe_pairs(raw: dict, role: str, path: Path) -> list[tuple]:
+    """`[(prompt, PIL image or None)]` of one role of a probes file; a bad entry or image is named."""
+    from memctl.options import short_repr
 
-    return ProbeSet(memorized=pairs("memorized"), general=pairs("general"))
+    items = raw.get(role, [])
+    if not isinstance(items, list):
+        raise ValueError(f"Expected `{role}` in {path} to be a list of {{'prompt': str, 'image': path or null}}, "
+                         f"but got {short_repr(items)}.")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or \
+                not isinstance(item.get("image"), (str, type(None))):
+            raise ValueError(f"Expected {role}[{i}] to be {{'prompt': str, 'image': path or null}}, but got "
+                             f"{short_repr(item)} (in {path}).")
+        image = item.get("image")
+        if image is not None:
+            image = _probe_image(path.parent / image, f"{role}[{i}] in {path}")
+        out.append((item["prompt"], image))
+    return out
+
+
+def _probe_image(file: Path, where: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not file.is_file():
+        raise FileNotFoundError(f"Expected {where} to name an image file, but {file} is "
+                                f"{'a folder' if file.is_dir() else 'missing'}.")
+    try:
+        with Image.open(file) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        raise ValueError(f"Expected {where} to name an image (PNG, JPEG, ...), but {file} is not one: {err}") \
+            from None
 
 
 def _cmd_probe(args) -> int:
     from memctl.loading import load_model_and_testbed
     from memctl.probe import probe
 
-    pipe, tb = load_model_and_testbed(args.model)
-    probes = _load_probes(args.probes, tb)
-    bmap = probe(pipe, probes, method=args.method, seed=args.seed, progress=True)
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_writable_file(out, "-o")  # before probing, which takes minutes
+    if args.heatmap:
+        _check_writable_file(Path(args.heatmap), "--heatmap")
+    probes = None if args.probes == "testbed" else _load_probes(args.probes, None)  # a bad file fails fast
+    pipe, tb = load_model_and_testbed(args.model)
+    probes = _load_probes(args.probes, tb) if probes is None else probes
+    bmap = probe(pipe, probes, method=args.method, seed=args.seed, progress=True)
     bmap.save(out)
     if args.json:
         print(json.dumps(bmap.to_dict(), indent=1))
@@ -103,6 +136,29 @@ def _cmd_probe(args) -> int:
 
         heatmap(bmap).save(args.heatmap)
     return 0
+
+
+def _check_writable_file(file: Path, flag: str) -> None:
+    """`file` can be written: not a folder, its folder made (so a long run does not fail at its last step)."""
+    if file.is_dir():
+        raise ValueError(f"Expected {flag} to be a file to write, but {file} is a folder. Name a file in it, e.g. "
+                         f"{file / 'map.safetensors'}.")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"Expected {flag} in a folder that can be made, but {file.parent}: "
+                         f"{err.strerror or err}.") from None
+
+
+def _positive(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, but got {text!r}")
+    return value
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -123,6 +179,12 @@ def _cmd_detect(args) -> int:
     from memctl.loading import load_model_and_testbed
 
     prompts = _read_prompts(args.prompts)
+    if args.limit is not None and len(prompts) > args.limit:
+        print(f"memctl detect: scoring the first {args.limit} of {len(prompts)} prompts in {args.prompts} "
+              f"(--limit {args.limit}).", file=sys.stderr, flush=True)
+        prompts = prompts[: args.limit]
+    else:
+        print(f"memctl detect: scoring {len(prompts)} prompts from {args.prompts}.", file=sys.stderr, flush=True)
     reference = _read_prompts(args.reference) if args.reference else None
     pipe, tb = load_model_and_testbed(args.model)
     basis = "the reference prompts"
@@ -240,11 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="text file of ordinary prompts that calibrate the risk score "
                    "(default for a testbed: its ordinary prompts; otherwise the scored prompts themselves)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (>= 2)")
-    p.add_argument("--steps", type=int, default=1, help="first denoising steps to read")
+    p.add_argument("--steps", type=_positive, default=1, help="first denoising steps to read")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance scale of the read steps (> 1)")
     p.add_argument("--num-inference-steps", type=int, default=None, help="schedule length (default: the pipeline's)")
     p.add_argument("--threshold", type=float, default=THRESHOLD, help="flag prompts whose risk exceeds this")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
+    p.add_argument("--batch-size", type=_positive, default=8, help="prompts per pipeline call")
+    p.add_argument("--limit", type=_positive, default=None, metavar="N",
+                   help="score only the first N prompts of the file (the rest are counted, not scored)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_detect)
     return parser
@@ -254,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, TypeError, OSError) as err:  # OSError: FileNotFoundError, a full disk, a read-only folder
         print(f"memctl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

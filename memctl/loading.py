@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -31,16 +32,42 @@ def load_pipeline(path_or_hub_id: str | Path, torch_dtype: torch.dtype | None = 
     index_file = path / "model_index.json"
     if path.exists() and not index_file.is_file():
         raise FileNotFoundError(f"Expected a diffusers pipeline folder with model_index.json, but {path} has none.")
-    if index_file.is_file() and _class_name(index_file) == "PixelPipeline":
+    if not path.exists():
+        return _from_hub(str(path_or_hub_id), torch_dtype, **kwargs)
+    if _class_name(index_file) == "PixelPipeline":
         return _load_pixel(path, torch_dtype)
-    if kwargs.pop("local_files_only", None) is None and path.exists():
+    if kwargs.pop("local_files_only", None) is None:
         kwargs["local_files_only"] = True
     return DiffusionPipeline.from_pretrained(str(path_or_hub_id), torch_dtype=torch_dtype, **kwargs)
 
 
+def _from_hub(spec: str, torch_dtype, **kwargs):
+    """A hub id (`org/name`); a spec that cannot be one is a missing folder, said as such."""
+    from diffusers import DiffusionPipeline
+
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", spec) or spec.startswith("."):
+        raise FileNotFoundError(f"Expected a pipeline folder or a hub id (org/name), but {spec!r} is neither: no "
+                                "such folder, and not of the form org/name.")
+    try:
+        return DiffusionPipeline.from_pretrained(spec, torch_dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as err:  # no network, no such repository, gated, not a pipeline
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"Expected a pipeline folder or a downloadable hub id, but there is no folder "
+                                f"{spec!r} and the hub did not give it: {first}") from None
+
+
 def _class_name(index_file: Path) -> str:
-    name = json.loads(index_file.read_text())["_class_name"]
-    return name[-1] if isinstance(name, list) else name
+    """The pipeline class a model_index.json names (`_class_name`); a clear error if it names none."""
+    try:
+        name = json.loads(index_file.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, UnicodeDecodeError, AttributeError, json.JSONDecodeError) as err:
+        raise ValueError(f"Expected {index_file} to be a JSON object naming the pipeline class, but reading it "
+                         f"failed: {err}") from None
+    name = name[-1] if isinstance(name, list) and name else name
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Expected {index_file} to have a `_class_name` (the pipeline class, e.g. "
+                         f"\"StableDiffusionPipeline\"), but got {name!r}. Is this a diffusers pipeline folder?")
+    return name
 
 
 def _load_pixel(path: Path, torch_dtype):
