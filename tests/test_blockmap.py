@@ -186,3 +186,69 @@ def test_saved_map_respects_the_umask(tmp_path, bmap):
     finally:
         os.umask(old)
     assert (tmp_path / "map.safetensors").stat().st_mode & 0o777 == 0o664
+
+
+def _mutate_map_file(rng, path, tensors: dict, metadata: dict) -> None:
+    """Rewrite `path` as one random mutation of a saved map: a tensor's values, shape or dtype, a metadata field,
+    a dropped key, or flipped bytes."""
+    import copy
+
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    info = json.loads(metadata["blockmap"])
+    metadata = dict(metadata)
+    kind = rng.randrange(6)
+    key = rng.choice(sorted(tensors))
+    if kind == 0:  # NaN / inf / huge / negative values
+        t = tensors[key].reshape(-1)
+        if t.numel():
+            t[rng.randrange(t.numel())] = rng.choice([float("nan"), float("inf"), -float("inf"), 1e30, -1.0, 0.0])
+    elif kind == 1:  # another shape
+        t = tensors[key]
+        tensors[key] = rng.choice([t.reshape(-1), t.reshape(-1)[:1], t.unsqueeze(0), torch.zeros(()), torch.zeros(0)])
+    elif kind == 2:  # another dtype
+        tensors[key] = tensors[key].to(rng.choice([torch.int64, torch.float16, torch.bool, torch.float64]))
+    elif kind == 3:  # a key dropped
+        del tensors[key]
+    elif kind == 4:  # a metadata field changed
+        field = rng.choice(sorted(info))
+        info = copy.deepcopy(info)
+        doubled = info[field] * 2 if isinstance(info[field], (str, list)) else info[field]
+        info[field] = rng.choice([None, 3, "x", [], {}, ["x"] * 50, "condition", doubled])
+        metadata["blockmap"] = json.dumps(info)
+    else:
+        metadata[rng.choice(["format", "version", "blockmap"])] = rng.choice(["", "9", "{", "memctl.blockmap"])
+    save_file(tensors, path, metadata=metadata)
+    if kind == 5 and rng.random() < 0.5:  # and some flipped bytes
+        data = bytearray(path.read_bytes())
+        for _ in range(rng.randrange(1, 8)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        path.write_bytes(bytes(data))
+
+
+def test_fuzzed_map_files_give_clean_errors_or_sound_maps(tmp_path, unet, bmap):
+    """200 random mutations (fixed seed) of a saved condition map: a ValueError naming what was expected, or a map
+    whose every tensor is finite with the shapes the lever reads; never another exception."""
+    import random
+
+    good = _condition_map(unet, bmap)
+    path = tmp_path / "map.safetensors"
+    good.save(path)
+    with safe_open(path, framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    rng, outcomes = random.Random(16), {"error": 0, "loaded": 0}
+    for k in range(200):
+        _mutate_map_file(rng, path, tensors, metadata)
+        try:
+            m = BlockMap.load(path)
+        except ValueError as err:
+            outcomes["error"] += 1
+            assert str(err).startswith("Expected a memctl block map") and len(str(err)) < 5000, (k, str(err)[:300])
+            continue
+        outcomes["loaded"] += 1
+        assert torch.isfinite(m.scores).all() and m.scores.shape[0] == m.n_blocks, k
+        for t in [*m.lever_tensors.values(), *m.samples.values()]:
+            assert t.is_floating_point() and torch.isfinite(t).all(), k
+        if m.lever == "condition":
+            d = m.lever_tensors["read"].shape[0]
+            assert m.lever_tensors["bank"].shape[-1] == d and m.lever_tensors["g_inv_half"].shape == (d, d), k
+    assert outcomes["error"] > 100 and outcomes["loaded"] > 5, outcomes

@@ -235,3 +235,65 @@ def test_messages_do_not_build_huge_reprs():
         deep = [deep] * 50  # 50**50 leaves if printed in full
     errs = errors_of({"model": "digits", "shots": [{**SHOT, "seeds": deep, "window": deep}]})
     assert len(errs) == 2 and max(len(e) for e in errs) < 400
+
+
+HOSTILE = [None, True, -1, 0, 2**63, 1e999, float("nan"), "", "x" * 300, "../up", "{seed:0100000000d}", "{shot:d}",
+           [], [1, 1], {}, {"start": 0, "count": 10**7}, {"from": 2, "to": -2, "count": 3}, [[[]]], "*", "<<"]
+TEXT_EDITS = ["*a", "&a ", "<<: *a\n", "{", "]", "\t", "\xff", "- ", ": ", "!!python/object:os.system ", "\n  "]
+
+
+def _mutate(rng, example: str, data: dict) -> str | dict:
+    """One random mutation of the example job: an edit of its text, or a hostile value at a random place."""
+    import copy
+    import random
+
+    assert isinstance(rng, random.Random)
+    if rng.random() < 0.4:
+        pos = rng.randrange(len(example))
+        cut = rng.choice([0, 0, 1, 5, 40])
+        return example[:pos] + rng.choice(TEXT_EDITS) + example[pos + cut:]
+    data = copy.deepcopy(data)
+    node = data
+    for _ in range(rng.randrange(1, 4)):  # walk down a few levels
+        if isinstance(node, dict) and node:
+            key = rng.choice(sorted(node, key=str))
+            if rng.random() < 0.5 or not isinstance(node[key], (dict, list)) or not node[key]:
+                node[key if rng.random() < 0.9 else rng.choice(["colour", "id", "seed"])] = rng.choice(HOSTILE)
+                break
+            node = node[key]
+        elif isinstance(node, list) and node:
+            i = rng.randrange(len(node))
+            if rng.random() < 0.5 or not isinstance(node[i], (dict, list)):
+                node[i] = rng.choice(HOSTILE)
+                break
+            node = node[i]
+    return data
+
+
+def test_fuzzed_example_jobs_give_clean_errors_or_valid_jobs(tmp_path: Path):
+    """200 random mutations (fixed seed) of assets/example-job.yaml: a `JobError` of "Expected ..." lines, or a
+    job whose outputs are all distinct safe names; never another exception, never a huge message."""
+    import random
+
+    rng = random.Random(16)
+    example = (Path(__file__).resolve().parents[1] / "assets" / "example-job.yaml").read_text()
+    data = yaml.safe_load(example)
+    outcomes = {"error": 0, "valid": 0}
+    for k in range(200):
+        mutated = _mutate(rng, example, data)
+        path = tmp_path / f"job{k}.{'yaml' if isinstance(mutated, str) else 'json'}"
+        if isinstance(mutated, str):
+            path.write_text(mutated, encoding="utf-8", errors="surrogateescape")
+        else:
+            path.write_text(json.dumps(mutated))  # NaN and Infinity included, as Python's json writes them
+        try:
+            job_ = load_job(path)
+        except JobError as err:
+            outcomes["error"] += 1
+            assert err.errors and all("Expected" in e or "parsing failed" in e for e in err.errors), err.errors
+            assert len(str(err)) < 20_000, f"mutation {k}: a {len(str(err))}-character message"
+            continue
+        outcomes["valid"] += 1
+        names = [o.name for o in job_.outputs()]
+        assert len(set(names)) == len(names) and all(name_problem(n) is None for n in names), k
+    assert outcomes["error"] > 50 and outcomes["valid"] > 10, outcomes  # both kinds were exercised
