@@ -460,3 +460,35 @@ def test_disk_full_at_the_manifest_keeps_the_summary_and_the_records(tmp_path: P
     monkeypatch.undo()
     again = render_job(job, out, pipeline=pipe)
     assert again.ok and again.skipped == SMALL_NAMES and [r["name"] for r in manifest(out)] == SMALL_NAMES
+
+
+def test_fuzzed_jobs_never_touch_what_memctl_did_not_write(tmp_path: Path, pipe):
+    """30 seeded mutations of a small job rendered into an --out holding the user's files: a clean error or a
+    render; the user's files in --out and everything outside it stay as they were."""
+    import random
+
+    from tests.test_jobs import _mutate
+
+    out = tmp_path / "out"
+    theirs = {out / "notes.txt": b"mine", out / "seven/mine.png": b"my picture",
+              out / ".draft.abcdefgh.part": b"half", tmp_path / "outside.txt": b"next door"}  # fmt: skip
+    for path, data in theirs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    text = yaml.safe_dump(SMALL, sort_keys=False)
+    rng, outcomes = random.Random(16), {"error": 0, "rendered": 0}
+    for k in range(30):
+        mutated = _mutate(rng, text, SMALL)
+        job = tmp_path / "jobs" / f"job{k}.yaml"
+        job.parent.mkdir(exist_ok=True)
+        job.write_text(mutated if isinstance(mutated, str) else yaml.safe_dump(mutated), errors="surrogateescape")
+        try:
+            summary = render_job(job, out, pipeline=pipe)
+            outcomes["rendered"] += 1
+            assert all((out / n).is_file() for n in summary.done), k
+        except ValueError as err:  # JobError is a ValueError
+            outcomes["error"] += 1
+            assert "Expected" in str(err), (k, str(err)[:300])
+        assert {p: p.read_bytes() for p in theirs} == theirs, k
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs", "out", "outside.txt"], k
+    assert outcomes["error"] >= 5 and outcomes["rendered"] >= 5, outcomes
