@@ -88,8 +88,8 @@ def _render_locked(job: Job, out: Path, force: bool, pipeline, state) -> Summary
     names = {o.name for b in batches for o in b}
     _check_inside(out, names)
     state_dir = out / STATE_DIR
+    _check_manifest(out / MANIFEST)  # on every process (it only reads): all stop together on a foreign manifest
     if state.is_main_process:
-        _check_manifest(out / MANIFEST)
         _remove_stale(out, names)
     state.wait_for_everyone()
     records = _read_records(out)
