@@ -228,7 +228,8 @@ RENDER = """Batch renders from a job file (YAML or JSON): resumable, with proven
     accelerate launch --multi_gpu --num_processes 8 -m memctl render JOB.yaml --out DIR  # 8 GPUs; torchrun too
 
 Every output is written atomically and recorded in DIR/manifest.jsonl (settings, seed, fingerprints, sha256); a
-rerun skips outputs whose file still matches its record, and --force redoes them."""
+rerun skips outputs whose file still matches its record, and --force redoes them. Each shot of images also gets
+a contact sheet, DIR/SHOT.contact.png: its seeds (rows) by fidelities (columns, -1 first), enlarged and labelled."""
 
 
 def _command(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 CELL = 64
 PAD = 4
@@ -30,34 +30,49 @@ def tensor_to_pil(x: torch.Tensor, size: int = CELL) -> Image.Image:
     return image.convert("RGB").resize((size, size), Image.NEAREST)
 
 
-def make_grid(rows: list[tuple], title: str = "", header: list[str] | None = None) -> Image.Image:
-    """Rows of `(label, images)` or `(label, images, marks)`.
+def _tile(x: torch.Tensor | Image.Image, size: int) -> Image.Image:
+    """A `size`-pixel square tile: tensors as `tensor_to_pil`; PIL images fitted whole, on white (nearest-neighbour
+    when enlarged, so pixels stay visible)."""
+    if not isinstance(x, Image.Image):
+        return tensor_to_pil(x, size)
+    method = Image.NEAREST if size >= max(x.size) else Image.LANCZOS
+    return ImageOps.pad(x.convert("RGB"), (size, size), method=method, color="white")
 
-    `images`: `(N, C, H, W)` or a list with None for an empty cell; `marks`: a colour name (or None) per tile, drawn
-    as a frame around it, e.g. red for a copy. `header` labels the columns."""
+
+def make_grid(
+    rows: list[tuple],
+    title: str = "",
+    header: list[str] | None = None,
+    cell: int = CELL,
+    label_width: int = LABEL_WIDTH,
+) -> Image.Image:
+    """Rows of `(label, images)` or `(label, images, marks)`; `cell` pixels per tile.
+
+    `images`: `(N, C, H, W)`, or a list of `(C, H, W)` tensors or PIL images with None for an empty cell; `marks`: a
+    colour name (or None) per tile, drawn as a frame around it, e.g. red for a copy. `header` labels the columns."""
     n_cols = max(len(r[1]) for r in rows)
     top = (28 if title else 0) + (22 if header else 0)
-    width = LABEL_WIDTH + n_cols * (CELL + PAD) + PAD
+    width = label_width + n_cols * (cell + PAD) + PAD
     if title:  # never cut the title off
         width = max(width, int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=_font(18))) + 2 * PAD)
-    height = top + len(rows) * (CELL + PAD) + PAD
+    height = top + len(rows) * (cell + PAD) + PAD
     sheet = Image.new("RGB", (width, height), "white")
     draw, font = ImageDraw.Draw(sheet), _font()
     if title:
         draw.text((PAD, 6), title, fill="black", font=_font(18))
     if header:
         for j, text in enumerate(header):
-            draw.text((LABEL_WIDTH + j * (CELL + PAD) + PAD, top - 20), text, fill="dimgray", font=_font(11))
+            draw.text((label_width + j * (cell + PAD) + PAD, top - 20), text, fill="dimgray", font=_font(11))
     for i, row in enumerate(rows):
         label, images = row[0], row[1]
         marks = row[2] if len(row) > 2 else [None] * len(images)
-        y = top + i * (CELL + PAD) + PAD
-        draw.multiline_text((PAD, y + CELL // 2 - 8), label, fill="black", font=font)
+        y = top + i * (cell + PAD) + PAD
+        draw.multiline_text((PAD, y + cell // 2 - 8), label, fill="black", font=font)
         for j, x in enumerate(images):
             if x is None:
                 continue
-            left = LABEL_WIDTH + j * (CELL + PAD) + PAD
-            sheet.paste(tensor_to_pil(x), (left, y))
+            left = label_width + j * (cell + PAD) + PAD
+            sheet.paste(_tile(x, cell), (left, y))
             if marks[j]:
-                draw.rectangle((left - 2, y - 2, left + CELL + 1, y + CELL + 1), outline=marks[j], width=2)
+                draw.rectangle((left - 2, y - 2, left + cell + 1, y + cell + 1), outline=marks[j], width=2)
     return sheet

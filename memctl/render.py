@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import inspect
 import io
 import json
 import os
@@ -34,6 +33,7 @@ from memctl.blocks import pipeline_denoisers
 from memctl.jobs import Job, JobError, Output, load_job
 from memctl.metadata import file_mode, provenance, save_png
 from memctl.options import short_repr
+from memctl.pipelines import call_parameters
 
 MANIFEST = "manifest.jsonl"
 STATE_DIR = ".memctl"  # per-process manifest parts and status files while a render runs
@@ -52,6 +52,7 @@ class Summary:
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     manifest: Path | None = None
+    sheets: list[Path] = field(default_factory=list)  # contact sheets, one per shot of images
 
     @property
     def ok(self) -> bool:
@@ -65,6 +66,9 @@ class Summary:
             lines.append(f"  ... and {len(self.failed) - 20} more (see the lines above)")
         if self.manifest is not None:
             lines.append(f"manifest: {self.manifest}")
+        if self.sheets:
+            lines.append(f"contact sheets (seeds x fidelities): {', '.join(str(p) for p in self.sheets[:3])}"
+                         + (f" and {len(self.sheets) - 3} more" if len(self.sheets) > 3 else ""))
         return "\n".join(lines)
 
 
@@ -115,6 +119,7 @@ def _render_locked(job: Job, out: Path, force: bool, pipeline, state) -> Summary
         return mine
     whole = _merge(out, mine, state.num_processes)
     whole.skipped = sorted(o.name for b in batches for o in b if o.name in verified)
+    whole.sheets = write_contact_sheets(out, job)
     print(whole.text(), flush=True)
     return whole
 
@@ -309,7 +314,7 @@ class Renderer:
         return bmap
 
     def _check_shots(self, errors: list[str]) -> None:
-        params = inspect.signature(self.pipe.__call__).parameters
+        params = call_parameters(self.pipe)  # custom pipelines too: FidelityMixin forwards **kwargs
         self.video, self.sizable = "num_frames" in params, "height" in params and "width" in params
         native = _native_size(self.pipe)
         too_long = _token_check(self.pipe)
@@ -389,6 +394,60 @@ class Renderer:
                 "block_map": self.map_info, "versions": self.versions, "job": self.job.source,
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": round(seconds, 4),
                 "process": rank}
+
+
+SHEET_CELL = 128  # contact sheet tiles: smaller images enlarged to a whole multiple of their size at least this big
+SHEET_MAX = (32, 16)  # at most this many seeds (rows) and fidelities (columns) per sheet
+
+
+def write_contact_sheets(out: Path, job: Job) -> list[Path]:
+    """`out/SHOT.contact.png` for each shot of images: its seeds (rows) by fidelities (columns, -1 first), enlarged
+    and labelled; outputs not on disk stay empty. A sheet is rewritten only when its bytes change."""
+    names, by_shot = set(), {}
+    for o in job.outputs():
+        names.add(o.name)
+        if o.kind == "png":
+            by_shot.setdefault(o.shot, {})[(o.options.seed, o.options.fidelity)] = out / o.name
+    written = []
+    for shot in job.shots:
+        cells = {k: p for k, p in by_shot.get(shot.id, {}).items() if p.is_file()}
+        path = out / f"{shot.id}.contact.png"
+        if not cells or path.name in names:  # nothing to show, or an output has this name
+            continue
+        buf = io.BytesIO()
+        contact_sheet(shot, cells).save(buf, format="PNG")
+        if not (path.is_file() and path.read_bytes() == buf.getvalue()):
+            try:
+                atomic_write(path, buf.getvalue(), write=_write_plain)
+            except OSError as err:  # a sheet is a view of the outputs: its failure does not fail the render
+                print(f"memctl render: contact sheet {path} not written: {err.strerror or err}", file=sys.stderr)
+                continue
+        written.append(path)
+    return written
+
+
+def contact_sheet(shot, cells: dict[tuple[int, float], Path]):
+    """One shot's sheet (a PIL image) from `{(seed, fidelity): png path}`; at most `SHEET_MAX` seeds x fidelities."""
+    from memctl.grid import make_grid
+
+    seeds, fids = list(shot.values["seeds"]), sorted(set(shot.values["fidelity"]))
+    rows, cols = seeds[: SHEET_MAX[0]], fids[: SHEET_MAX[1]]
+    images = {k: _open_rgb(p) for k, p in cells.items() if k[0] in rows and k[1] in cols}
+    side = max((max(im.size) for im in images.values()), default=SHEET_CELL)
+    cell = side * -(-SHEET_CELL // side) if side < SHEET_CELL else min(side, 2 * SHEET_CELL)  # whole multiples
+    title = f"{shot.id}: {short_repr(shot.values['prompt'], 80)} - fidelity -1 new ... +1 faithful"
+    if (len(rows), len(cols)) != (len(seeds), len(fids)):
+        title += f" (first {len(rows)} of {len(seeds)} seeds, {len(cols)} of {len(fids)} fidelities)"
+    grid = [(f"seed {s}", [images.get((s, f)) for f in cols]) for s in rows]
+    header = [f"fidelity {f + 0.0:+g}" for f in cols]  # + 0.0: no "-0"
+    return make_grid(grid, title=title, header=header, cell=cell, label_width=110)
+
+
+def _open_rgb(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def _denoisers(pipe) -> dict[str, torch.nn.Module]:

@@ -21,8 +21,9 @@ import torch
 import yaml
 from PIL import Image
 
+import memctl.grid as grid
 import memctl.render as render
-from memctl.jobs import JobError
+from memctl.jobs import JobError, load_job
 from memctl.metadata import read_png_settings
 from memctl.render import encode_mp4, read_mp4_comment, render_job
 
@@ -80,6 +81,10 @@ def test_outputs_manifest_and_embedded_settings(reference, pipe):
     _, out, summary = reference
     assert summary.ok and len(summary.done) == N and not summary.skipped
     made = files(out)
+    sheets = sorted(n for n in made if n.endswith(".contact.png"))
+    assert sheets == ["one.contact.png", "seven.contact.png", "three.contact.png"] and summary.sheets == [
+        out / n for n in ("seven.contact.png", "three.contact.png", "one.contact.png")]  # fmt: skip
+    made = {n: b for n, b in made.items() if n not in sheets}
     assert len(made) == N and all(n.endswith(".png") for n in made), sorted(made)
     assert "ones/040.png" in made and "three/f+0.00_s11.png" in made
     records = manifest(out)
@@ -159,7 +164,8 @@ def test_two_processes_equal_one(reference, tmp_path: Path):
     assert done.stdout.count("memctl render:") == 1  # one summary, from the main process
     assert files(out) == files(ref)
     records = manifest(out)
-    assert [r["name"] for r in records] == sorted(files(ref)) and len(records) == N  # complete, no duplicates
+    outputs = sorted(n for n in files(ref) if not n.endswith(".contact.png"))  # the sheets are in no manifest
+    assert [r["name"] for r in records] == outputs and len(records) == N  # complete, no duplicates
     assert {r["process"] for r in records} == {0, 1}
 
 
@@ -291,6 +297,22 @@ def test_block_map_sweep(tmp_path: Path, pipe):
     assert np.array_equal(pixels("seven/f+0.00_s0.png"), np.asarray(Image.open(plain_out / "seven/f+0.00_s0.png")))
     assert not np.array_equal(pixels("seven/f+1.00_s0.png"), pixels("seven/f+0.00_s0.png"))
     assert not np.array_equal(pixels("seven/f-1.00_s0.png"), pixels("seven/f+0.00_s0.png"))
+    # The contact sheet: seeds (rows) x fidelities (columns, -1 first), each 16 px image enlarged 8x (nearest).
+    assert summary.sheets == [out / "seven.contact.png"] and "contact sheets" in summary.text()
+    sheet = np.asarray(Image.open(out / "seven.contact.png").convert("RGB"))
+    cell, pad, top, left = render.SHEET_CELL, grid.PAD, 28 + 22, 110  # memctl.grid's layout: title, header, labels
+    assert sheet.shape[0] == top + 2 * (cell + pad) + pad
+    for i, seed in enumerate([0, 1]):
+        for j, fid in enumerate(["-1.00", "+0.00", "+1.00"]):
+            image = Image.open(out / f"seven/f{fid}_s{seed}.png").convert("RGB").resize((cell, cell), Image.NEAREST)
+            y, x = top + i * (cell + pad) + pad, left + j * (cell + pad) + pad
+            assert np.array_equal(sheet[y : y + cell, x : x + cell], np.asarray(image)), (seed, fid)
+    before = (out / "seven.contact.png").stat().st_ino
+    (out / "seven/f+1.00_s1.png").unlink()  # a missing output: an empty cell, and the sheet is rewritten
+    assert render.write_contact_sheets(out, load_job(tmp_path / "job.yaml")) == [out / "seven.contact.png"]
+    changed = np.asarray(Image.open(out / "seven.contact.png").convert("RGB"))
+    y, x = top + cell + 2 * pad, left + 2 * (cell + pad) + pad
+    assert (changed[y : y + cell, x : x + cell] == 255).all() and (out / "seven.contact.png").stat().st_ino != before
 
 
 class FakeVideoPipe:
