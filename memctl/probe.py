@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memctl.blocks import find_blocks, pipeline_denoisers
+from memctl.calibrate import fidelity_gain
 from memctl.guidance import DEFAULT_GAIN
 from memctl.hooks import ConditionHook, attached, cross_attentions, scaled
 from memctl.probeset import ProbeSet
@@ -204,11 +205,15 @@ def attribute_condition(
         denoiser, blocks, tensors, "condition", progress,
         lambda: [_selectivity(base[j], _losses(denoiser, b)) for j, b in enumerate(batches)],
     )  # fmt: skip
+    knob_scale = _knob_scale(scores)
+    gain, calibration = fidelity_gain(denoiser, blocks, tensors, scores, batches, knob_scale)
     extra = {
         "base_loss": {str(lv): list(bl) for lv, bl in zip(levels, base, strict=False)},
         "subspace_ratios": ratios,
         **LEVER_META,
-        "knob_scale": _knob_scale(scores),
+        "fidelity_guidance": gain,  # calibrated on the probe batches (memctl.calibrate)
+        "fidelity_calibration": calibration,
+        "knob_scale": knob_scale,
     }
     return blocks, scores, extra, tensors
 
