@@ -250,22 +250,22 @@ class Renderer:
         self.versions = provenance()
 
     def _named_testbed(self):
-        from memctl.zoo.testbed import TESTBEDS, Testbed, load_testbed
+        from memctl.zoo.testbed import TESTBEDS, load_testbed
 
         path = Path(self.job.model) if Path(self.job.model).is_absolute() else self.job.base / self.job.model
         if self.job.model in TESTBEDS:
             return load_testbed(self.job.model)
-        return Testbed(path) if (path / "testbed.json").is_file() else None
+        return load_testbed(path) if (path / "testbed.json").is_file() else None
 
     def _load_model(self, errors: list[str]):
         from memctl.loading import load_pipeline
-        from memctl.zoo.testbed import TESTBEDS, Testbed, load_testbed
+        from memctl.zoo.testbed import TESTBEDS, load_testbed
 
         spec, dtype = self.job.model, getattr(torch, self.job.dtype)
         path = Path(spec) if Path(spec).is_absolute() else self.job.base / spec
         try:
             if spec in TESTBEDS or (path / "testbed.json").is_file():
-                self.testbed = load_testbed(spec) if spec in TESTBEDS else Testbed(path)
+                self.testbed = load_testbed(spec if spec in TESTBEDS else path)
                 return self.testbed.pipeline(torch_dtype=dtype)
             if path.exists():
                 return load_pipeline(path, torch_dtype=dtype)
