@@ -166,7 +166,7 @@ def _shots(raw: Any, defaults: dict, top: dict, errors: list[str]) -> list[Shot]
             errors.append(f"shots[{i}]: Expected a mapping with `id`, `prompt` and `seeds`, but got {_got(item)}.")
             continue
         sid = item.get("id")
-        where = f"shots[{i}]" + (f" (id {sid!r})" if isinstance(sid, str) else "")
+        where = f"shots[{i}]" + (f" (id {short_repr(sid, 70)})" if isinstance(sid, str) else "")
         if not (isinstance(sid, str) and _ID.fullmatch(sid)):
             errors.append(f"{where}, field `id`: Expected a name of letters, digits, '_' or '-' (at most 64, "
                           f"starting with a letter or digit), but got {_got(sid) if 'id' in item else 'nothing'}.")
@@ -394,9 +394,10 @@ def name_problem(name: str) -> str | None:
 def _unknown(where: str, d: dict, known: tuple[str, ...], errors: list[str]) -> None:
     for key in d:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
+            name = str(key)[:80] + ("…" if len(str(key)) > 80 else "")
+            close = difflib.get_close_matches(name, known, n=1)
             hint = f" Did you mean `{close[0]}`?" if close else ""
-            errors.append(f"{where}, field `{key}`: Expected one of {list(known)}, but got this unknown field.{hint}")
+            errors.append(f"{where}, field `{name}`: Expected one of {list(known)}, but got this unknown field.{hint}")
 
 
 def _got(value: Any) -> str:

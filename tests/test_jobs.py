@@ -235,6 +235,8 @@ def test_messages_do_not_build_huge_reprs():
         deep = [deep] * 50  # 50**50 leaves if printed in full
     errs = errors_of({"model": "digits", "shots": [{**SHOT, "seeds": deep, "window": deep}]})
     assert len(errs) == 2 and max(len(e) for e in errs) < 400
+    errs = errors_of({"model": "digits", "shots": [{**SHOT, "id": "i" * 10**6, "k" * 10**6: 1}]})
+    assert len(errs) == 2 and max(len(e) for e in errs) < 500 and "(1000000 characters)" in errs[0]
 
 
 HOSTILE = [None, True, -1, 0, 2**63, 1e999, float("nan"), "", "x" * 300, "../up", "{seed:0100000000d}", "{shot:d}",
