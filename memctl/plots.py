@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
-from memctl.grid import _font
+from memctl.grid import _font, wrap
 
 CELL_W, CELL_H, LABEL_W, TOP = 64, 20, 250, 56
 
@@ -24,20 +24,45 @@ def _colour(v: float) -> tuple[int, int, int]:
     return (255, fade, fade) if v >= 0 else (fade, fade, 255)
 
 
+_SCORES = {  # what a score measures, by probe method
+    "prompt": "score = how much pulling the block's lever lowers the memorization signal of memorized prompts more "
+    "than of general ones.",
+    "ablation": "score = loss rise on memorized minus general probes when the block is zeroed.",
+    "condition": "score = loss rise on memorized minus general probes when the block's memorized prompt tokens are "
+    "swapped for general ones.",
+}
+
+
+def notes(bmap) -> list[str]:
+    """What the heat-map's colours, zero rows and scores mean for this map (the lines under the picture)."""
+    scores = bmap.scores
+    lines = ["red = memorization-heavy: the knob acts most here. blue = generalization-heavy"
+             + ("." if bool((scores < 0).any()) else ": none in this map, no block scored below 0.")]  # fmt: skip
+    zero = int((scores == 0).all(dim=1).sum())
+    if zero and bmap.lever == "condition":
+        lines.append(f"{zero} of {bmap.n_blocks} rows are 0: this map's lever swaps prompt tokens inside "
+                     "cross-attention, so only the attention blocks, which read the prompt, can score.")  # fmt: skip
+    elif zero:
+        lines.append(f"{zero} of {bmap.n_blocks} rows are 0: the probe measured no difference there.")
+    levels = "t = noise level (1 = pure noise). " if bmap.levels is not None and len(bmap.levels) > 1 else ""
+    lines.append(levels + _SCORES.get(bmap.method.split("+")[0], "score: the map's own (method " + bmap.method + ")"))
+    return lines
+
+
 def heatmap(bmap, title: str | None = None) -> Image.Image:
-    """Rows: blocks in depth order; columns: noise levels; cells coloured by score / max |score|, value printed."""
+    """Rows: blocks in depth order; columns: noise levels; cells coloured by score / max |score|, value printed;
+    under it, what the colours, zero rows and scores mean (`notes`)."""
     scores = bmap.scores
     scale = float(scores.abs().max()) or 1.0
     levels = bmap.levels.tolist() if bmap.levels is not None else [None]
-    width, height = LABEL_W + CELL_W * len(levels) + 10, TOP + CELL_H * bmap.n_blocks + 30
+    title = title or f"Block map ({bmap.method} probe): which blocks carry memorization"
+    title_width = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=_font(14))
+    width = max(LABEL_W + CELL_W * len(levels) + 10, int(title_width) + 12)
+    lines = [line for note in notes(bmap) for line in wrap(note, width - 12, _font(12))]
+    height = TOP + CELL_H * bmap.n_blocks + 12 + 16 * len(lines)
     image = Image.new("RGB", (width, height), "white")
     draw, font = ImageDraw.Draw(image), _font(12)
-    draw.text(
-        (6, 6),
-        title or f"block map ({bmap.method}, lever {bmap.lever}): red = memorization-heavy",
-        fill="black",
-        font=_font(14),
-    )
+    draw.text((6, 6), title, fill="black", font=_font(14))
     for j, lv in enumerate(levels):
         draw.text(
             (LABEL_W + j * CELL_W + 8, TOP - 18), "score" if lv is None else f"t={lv:.2f}", fill="dimgray", font=font
@@ -50,10 +75,6 @@ def heatmap(bmap, title: str | None = None) -> Image.Image:
             x = LABEL_W + j * CELL_W
             draw.rectangle((x, y, x + CELL_W - 2, y + CELL_H - 2), fill=_colour(v / scale))
             draw.text((x + 6, y + 3), f"{v:+.3f}", fill="black", font=font)
-    draw.text(
-        (6, height - 22),
-        "t = noise level (1 = pure noise); scores: loss rise on memorized minus general probes",
-        fill="dimgray",
-        font=font,
-    )
+    for k, line in enumerate(lines):
+        draw.text((6, TOP + CELL_H * bmap.n_blocks + 8 + 16 * k), line, fill="dimgray", font=font)
     return image
