@@ -35,6 +35,7 @@ __all__ = [
     "CLOCK",
     "ResidualScaleHook",
     "ConditionHook",
+    "PullCache",
     "cross_attentions",
     "RecordHook",
     "TimestepHook",
@@ -160,21 +161,64 @@ class ResidualScaleHook(_InputsOfDelta):
         return type(output)(items)
 
 
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """Where a tensor's values live and which write of them it holds: equal keys, equal values, while the tensor
+    with that key is kept alive (its memory cannot then be reused by another tensor)."""
+    return (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
+
+
+class PullCache:
+    """The α-independent parts of the pull (`memctl.subspace.pull_parts`) of the last few conditionings seen.
+
+    The text states of a pipeline call stay the same tensor for every step and every cross-attention unit, so the
+    token weights and the nearest general conditioning are computed once per call, not once per attention. Keyed on
+    the input's and the lever tensors' memory, shape, strides and version counter (an in-place edit is a new key);
+    the inputs of the cached entries are kept alive so that their memory is not reused under the same key. Not used
+    while `torch.compile` traces (the compiled graph computes the parts itself, with no guards on this cache) nor
+    for inputs that require grad.
+    """
+
+    def __init__(self, size: int = 4):
+        self.size, self.entries = int(size), {}  # key -> (input kept alive, w, g)
+
+    def parts(self, e, read, tau, bank) -> tuple[torch.Tensor, torch.Tensor]:
+        from memctl.subspace import pull_parts
+
+        tensors = (e, read, tau, bank)
+        if torch.compiler.is_compiling() or e.requires_grad or any(t.is_inference() for t in tensors):
+            return pull_parts(e, read, tau, bank)  # inference tensors have no version counter to key on
+        key = tuple(_tensor_key(t) for t in tensors)
+        hit = self.entries.pop(key, None)
+        if hit is None:
+            hit = (e, *pull_parts(e, read, tau, bank))
+            while len(self.entries) >= self.size:
+                self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = hit  # most recent last
+        return hit[1], hit[2]
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
 class ConditionHook(ModelHook):
     """Pull the memorized tokens of a cross-attention's conditioning toward the nearest general conditioning.
 
     `e -> e + (1 - s) w(e) (g(e) - e)` (see `memctl.subspace.pull_to_general`) on `encoder_hidden_states` of an
     `Attention` module, before its keys and values: `s` is a 0-d buffer like `ResidualScaleHook.scale`: 1 leaves
     the input untouched (exactly), 0 replaces memorized tokens, below 0 pulls them past the general ones (the knob
-    at fidelity < 0 with `pull_max` > 1), above 1 pushes them further from the general ones.
+    at fidelity < 0 with `pull_max` > 1), above 1 pushes them further from the general ones. `w` and `g` come from
+    `cache` (a `PullCache`; hooks sharing one compute them once per conditioning for all their units).
     """
 
     _TENSORS = ("read", "tau", "bank")
 
-    def __init__(self, name: str, tensors: Mapping[str, torch.Tensor], value: float = 1.0):
+    def __init__(
+        self, name: str, tensors: Mapping[str, torch.Tensor], value: float = 1.0, cache: PullCache | None = None
+    ):
         super().__init__()
         self.buffer = "_" + name.replace(".", "_") + "_scale"
         self.tensors, self.value = {k: tensors[k] for k in self._TENSORS}, float(value)
+        self.cache = cache if cache is not None else PullCache()
         self._module: torch.nn.Module | None = None
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -188,6 +232,7 @@ class ConditionHook(ModelHook):
     def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # (sic: diffusers' spelling)
         for suffix in ("", *(f"_{k}" for k in self._TENSORS)):
             module._buffers.pop(self.buffer + suffix, None)
+        self.cache.clear()
         self._module = None
         return module
 
@@ -196,13 +241,14 @@ class ConditionHook(ModelHook):
         return getattr(self._module, self.buffer)
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        from memctl.subspace import pull_to_general
+        from memctl.subspace import pull_with
 
         e = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         if e is None:
             return args, kwargs
         read, tau, bank = (getattr(module, f"{self.buffer}_{k}") for k in self._TENSORS)
-        new = pull_to_general(e, read, tau, bank, 1 - getattr(module, self.buffer))
+        w, g = self.cache.parts(e, read, tau, bank)
+        new = pull_with(e, w, g, 1 - getattr(module, self.buffer))
         if "encoder_hidden_states" in kwargs or len(args) < 2:
             kwargs["encoder_hidden_states"] = new
         else:

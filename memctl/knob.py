@@ -36,6 +36,7 @@ from memctl.hooks import (
     CLOCK,
     KNOB,
     ConditionHook,
+    PullCache,
     ResidualScaleHook,
     TimestepHook,
     attach,
@@ -273,11 +274,16 @@ def _install(module, bmap, component, strength, start, stop, scale, timestep_sca
     part.check_model(module, component)
     blocks = find_blocks(module, names=part.names)
     groups, hooks = [], {}
+    device = module_device(module)
+    # one cache per denoiser: token weights and nearest general conditioning once per call, shared by the units
+    # (their lever tensors are the same tensors on the device; after a move each unit holds its own copy, hence
+    # room for one conditioning per unit, or two, cond and uncond, for pipelines calling the denoiser twice a step)
+    cache, tensors = PullCache(), {k: v.to(device) for k, v in part.lever_tensors.items()}
     for block in blocks:
         group = []
         paths = cross_attentions(module, block) if part.lever == "condition" else []
         for path in paths:  # condition lever: pull memorized conditioning tokens in this block's cross-attention
-            hooks[path] = ConditionHook(KNOB, part.lever_tensors, 1.0)
+            hooks[path] = ConditionHook(KNOB, tensors, 1.0, cache)
             group.append(hooks[path])
         for leaf in () if paths else block.leaves():
             if leaf.target in hooks:
@@ -285,7 +291,7 @@ def _install(module, bmap, component, strength, start, stop, scale, timestep_sca
             hooks[leaf.target] = (CondRowsHook if passes == "cond" else ResidualScaleHook)(leaf, KNOB, 1.0)
             group.append(hooks[leaf.target])
         groups.append(group)
-    device = module_device(module)
+    cache.size = max(cache.size, 2 * sum(isinstance(h, ConditionHook) for h in hooks.values()))
     module.register_buffer(_BUFFERS[0], part.scores.to(device), persistent=False)
     levels = part.levels if part.levels is not None else torch.zeros(1)
     module.register_buffer(_BUFFERS[1], levels.to(device), persistent=False)

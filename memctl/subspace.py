@@ -77,8 +77,18 @@ def nearest_general(states: torch.Tensor, bank: torch.Tensor, weight: torch.Tens
     return bank[d.argmin(1)]  # (B, L, D)
 
 
+def pull_parts(states, read, tau, bank) -> tuple[torch.Tensor, torch.Tensor]:
+    """The α-independent parts of the pull: token weights `w` `(B, L)` and nearest general conditioning `g`."""
+    w = memorization_weight(states, read, tau)
+    return w, nearest_general(states, bank, w)
+
+
+def pull_with(states: torch.Tensor, w: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """`e + α w (g - e)` from parts made by `pull_parts` (the same operations as `pull_to_general`, bit for bit)."""
+    return states + (alpha.to(states.dtype) * w)[..., None] * (g - states)
+
+
 def pull_to_general(states, read, tau, bank, alpha: torch.Tensor) -> torch.Tensor:
     """`e + α w (g - e)` for `states` `(B, L, D)`: α = 1 replaces memorized tokens, 0 is exact, < 0 pushes away."""
-    w = memorization_weight(states, read, tau)
-    g = nearest_general(states, bank, w)
-    return states + (alpha.to(states.dtype) * w)[..., None] * (g - states)
+    w, g = pull_parts(states, read, tau, bank)
+    return pull_with(states, w, g, alpha)

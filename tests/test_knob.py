@@ -223,3 +223,95 @@ def test_knob_survives_from_pipe():
 
 def test_docstring_examples(tmp_path):
     assert doctest.testmod(memctl.knob, extraglobs=doc_globs(tmp_path)).failed == 0
+
+
+def _condition_map(model, inputs, seed=0):
+    """A condition-lever map of the tiny SD UNet: memorized directions fit from its own random text states."""
+    from memctl.subspace import fit_subspace, weight_threshold
+
+    gen = torch.Generator().manual_seed(seed)
+    bank = torch.randn(6, *inputs["encoder_hidden_states"].shape[1:], generator=gen)  # (P, L, D)
+    mem = bank[:3].clone()
+    mem[..., 0] += 4.0
+    sub = fit_subspace(mem, bank, k=2)
+    blocks = find_blocks(model)
+    bmap = BlockMap.from_scores(model, {b.name: 1.0 for b in blocks if b.kind == "attention"})
+    bmap.lever = "condition"
+    bmap.lever_tensors = {"read": sub.read, "tau": weight_threshold(bank, sub.read), "bank": bank,
+                          "g_inv_half": sub.g_inv_half}  # fmt: skip
+    bmap.__post_init__()
+    return bmap
+
+
+def test_condition_knob_computes_the_pull_once_per_conditioning(monkeypatch):
+    """Token weights and nearest general conditioning: once per distinct text-state tensor, not once per unit and
+    step; outputs bit-identical to computing them in every cross-attention call; an in-place edit is seen."""
+    import memctl.hooks
+    import memctl.subspace
+
+    model, inputs = build("sd")
+    bmap = _condition_map(model, inputs)
+    calls = []
+    real = memctl.subspace.pull_parts
+    monkeypatch.setattr(memctl.subspace, "pull_parts", lambda *a: calls.append(1) or real(*a))
+    apply_knob(model, bmap)
+    set_fidelity(model, -1.0)
+    cached = [run(model, inputs) for _ in range(3)]
+    n_units = sum(1 for _, n in list_hooks(model) if n == "memctl.knob")
+    assert n_units >= 2 and len(calls) == 1  # three calls × every unit, one computation
+    before = inputs["encoder_hidden_states"].clone()
+    inputs["encoder_hidden_states"].mul_(1.5)  # same tensor, new values: recomputed
+    edited = run(model, inputs)
+    assert len(calls) == 2
+    monkeypatch.setattr(memctl.hooks.PullCache, "parts", lambda self, e, r, t, b: real(e, r, t, b))
+    assert torch.equal(run(model, inputs), edited)
+    inputs["encoder_hidden_states"].copy_(before)
+    assert all(torch.equal(run(model, inputs), c) for c in cached)
+    remove_knob(model)
+    assert _pristine(model)
+
+
+@pytest.mark.parametrize("f", [-1.0, 1.0])
+def test_cached_pull_is_bit_identical_on_the_digits_testbed(f, monkeypatch):
+    import memctl.hooks
+    from memctl.subspace import pull_parts
+    from memctl.zoo import load_testbed
+
+    tb = load_testbed("digits")
+    pipe = tb.pipeline()
+    apply_knob(pipe, tb.block_map())
+    prompts = [tb.canaries[0][0], tb.prompt(3)]
+
+    def sample(at=f):
+        return pipe(prompts, num_inference_steps=3, guidance_scale=2.0, output_type="pt", fidelity=at,
+                    generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+    cached = sample()
+    monkeypatch.setattr(memctl.hooks.PullCache, "parts", lambda self, e, r, t, b: pull_parts(e, r, t, b))
+    assert torch.equal(sample(), cached)
+    assert not torch.equal(sample(0.0), cached)  # the knob did act
+    remove_knob(pipe)
+
+
+def test_condition_knob_does_not_recompile():
+    model, inputs = build("sd")
+    apply_knob(model, _condition_map(model, inputs))
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    eager, outs = {}, {}
+    for f in (0.0, -0.5, -1.0):
+        set_fidelity(model, f)
+        eager[f] = run(model, inputs)
+    for f in (0.0, -0.5, -1.0, -0.5):
+        set_fidelity(compiled, f)
+        outs[f] = run(compiled, inputs)
+    assert len(compiles) == 1
+    assert all(torch.allclose(outs[f], eager[f], atol=1e-6) for f in outs) and not torch.equal(outs[-1.0], outs[0.0])
+    remove_knob(compiled)
+    torch._dynamo.reset()
