@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from memctl.cli import HelpFormatter  # light: memctl's CLI imports no torch
 
@@ -82,7 +84,12 @@ def run_cli(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     demo = create_demo(Engine(args.model, allow_hub=args.allow_hub), out_dir=args.out)
-    launch(demo, host=args.host, port=args.port, share=args.share, auth=args.auth)
+    if threading.current_thread() is threading.main_thread():  # `kill` stops the app as Ctrl-C does, so its
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # temporary folder is removed on the way out
+    try:
+        launch(demo, host=args.host, port=args.port, share=args.share, auth=args.auth)
+    except KeyboardInterrupt:  # stopped while still starting: a normal end too (Gradio handles it once serving)
+        print("memctl ui: stopped", file=sys.stderr)
     return 0
 
 

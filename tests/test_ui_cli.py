@@ -1,0 +1,48 @@
+"""`memctl ui` as a process: stopped by Ctrl-C or `kill`, it exits cleanly and removes its temporary folder."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["kill", "ctrl-c"])
+def test_stopped_app_removes_its_temporary_folder(tmp_path: Path, stop):
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "GRADIO_ANALYTICS_ENABLED": "False"}  # fmt: skip
+    # SIGINT's default action restored first: a process started from a non-interactive shell may inherit it ignored.
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            f"from memctl.cli import main; sys.exit(main(['ui', '--port', '{_free_port()}']))")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        lines, deadline = [], time.monotonic() + 180
+        while time.monotonic() < deadline and not any("Running on" in line for line in lines):
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+        assert any("Running on" in line for line in lines), "".join(lines)[-2000:]
+        folders = list(tmp_path.glob("memctl-ui-*"))
+        assert len(folders) == 1 and folders[0].is_dir()
+        proc.send_signal(stop)
+        assert proc.wait(timeout=60) == 0
+        assert not folders[0].exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
