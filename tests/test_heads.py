@@ -40,4 +40,4 @@ def test_head_knob_factors_follow_the_knob_law():
     knob = HeadKnob(pipe, bmap.lever_tensors, scores, [0.2, 0.8], -1.0, pull_max=2.0)
     assert knob.alpha.shape == (24, 2)
     assert knob.alpha[0, 0] < 0  # generalization-leaning head: pushed the other way, as units are
-    assert knob.alpha[-1, 0] == 2.0  # the most selective head: pulled past the general conditioning
+    assert knob.alpha[-1, 0] == knob.alpha.max() > 1  # the most selective head: pulled past the general one
