@@ -26,6 +26,7 @@ _EXPORTS = {
     "ProbeSet": "memctl.probeset",
     "PromptScore": "memctl.detection",
     "apply_knob": "memctl.knob",
+    "bake": "memctl.bake",
     "detect": "memctl.detection",
     "fidelity": "memctl.knob",
     "find_blocks": "memctl.blocks",

@@ -209,6 +209,37 @@ def _cmd_detect(args) -> int:
     return 0
 
 
+def _cmd_bake(args) -> int:
+    from memctl.bake import bake
+    from memctl.blockmap import BlockMap
+    from memctl.loading import load_model_and_testbed
+
+    out = Path(args.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before loading the model
+        raise ValueError(f"Expected -o to be a new or empty folder, but {out} "
+                         f"{'is a file' if not out.is_dir() else 'has files'}. Remove it or choose another folder.")
+    prompts = _read_prompts(args.prompts) if args.prompts else None
+    bmap = None if args.map == "testbed" else BlockMap.load(args.map)
+    pipe, tb = load_model_and_testbed(args.model)
+    if bmap is None:
+        if tb is None:
+            raise ValueError(f"Expected --map FILE for a model that is not a testbed, but got 'testbed' for "
+                             f"{args.model}.")
+        bmap = tb.block_map()
+    if prompts is None and tb is not None and bmap.lever == "condition":
+        prompts = [c[0] for c in tb.canaries]  # what the testbed's maps are probed with
+    baked = bake(pipe, bmap, args.fidelity, out, strength=args.strength, prompts=prompts)
+    info = baked._memctl_bake
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"baked fidelity {info['fidelity']:g} ({info['lever']} lever, {len(info['edits'])} units edited; "
+          f"memorized states: {info['memorized_states'] or 'n/a'}) into {out}")
+    print(f"source {info['source_fingerprint']} -> baked {info['baked_fingerprint']}; single file "
+          f"{out / 'denoiser.safetensors'}")
+    return 0
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each option's default after its help (unless None: the help says what then); description paragraphs
     wrapped, indented ones (command examples) kept as written."""
@@ -312,6 +343,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score only the first N prompts of the file (the rest are counted, not scored)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_detect)
+
+    p = _command(sub, "bake", "write the knob at a fidelity <= 0 into the weights → a hook-free pipeline folder",
+                 "Write the knob at one fidelity (-1 ... 0) into a copy of the model's weights and save a standard "
+                 "diffusers folder (loads without memctl where the pipeline is stock; PixelPipeline folders with "
+                 "memctl.load_pipeline), with denoiser.safetensors and the provenance in bake.json. Condition maps: "
+                 "a closed-form least-squares edit of the selected cross-attentions' key/value projections (UCE); "
+                 "residual maps: each factor folded into its unit's last layer. Factors are averaged over the map's "
+                 "noise levels. Fidelity > 0 (guidance, an extra pass per step) is not bakeable.")
+    p.add_argument("model", help="testbed name or diffusers pipeline folder")
+    p.add_argument("--map", required=True, help="block map file (.safetensors), or 'testbed' for a testbed's own")
+    p.add_argument("--fidelity", type=float, required=True, help="fidelity to bake, in [-1, 0]")
+    p.add_argument("-o", "--output", required=True, help="folder to write (new or empty)")
+    p.add_argument("--prompts", help="text file of memorized prompts the condition edit is fit on (default for a "
+                   "testbed: its canary prompts; otherwise stand-ins made from the map)")
+    p.add_argument("--strength", type=float, default=1.0, help="knob strength, as in memctl.apply_knob")
+    p.add_argument("--json", action="store_true", help="print the provenance as JSON")
+    p.set_defaults(func=_cmd_bake)
     return parser
 
 

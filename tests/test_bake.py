@@ -252,3 +252,21 @@ def test_docstring_examples(digits, tmp_path):
     globs = {**doc_globs(tmp_path), "memctl": memctl, "out_dir": tmp_path / "baked", "condition_map": digits[2]}
     result = doctest.testmod(memctl.bake, extraglobs=globs)
     assert result.attempted >= 4 and result.failed == 0
+
+
+def test_cli_bakes_a_testbed(tmp_path, capsys):
+    from memctl import cli
+
+    out = tmp_path / "out"
+    assert cli.main(["bake", "digits", "--map", "testbed", "--fidelity", "-1", "-o", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["fidelity"] == -1.0 and info["memorized_states"].endswith("prompts") and info["edits"]
+    assert json.loads((out / "bake.json").read_text()) == info
+    assert cli.main(["bake", "digits", "--map", "testbed", "--fidelity", "-1", "-o", str(out)]) == 2
+    assert "Expected -o to be a new or empty folder" in capsys.readouterr().err
+    assert cli.main(["bake", "digits", "--map", "testbed", "--fidelity", "0.5", "-o", str(tmp_path / "x")]) == 2
+    assert "fidelity > 0 is memorization guidance" in capsys.readouterr().err
+    assert cli.main(["bake", "digits", "--map", str(tmp_path / "no.safetensors"), "--fidelity", "-1",
+                     "-o", str(tmp_path / "x")]) == 2  # fmt: skip
+    assert "Expected a block map file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -9,7 +9,7 @@ import memctl
 import memctl.detection
 from memctl import cli, defaults
 
-SUBCOMMANDS = ("demo", "bench", "blocks", "render", "ui", "probe", "detect")
+SUBCOMMANDS = ("demo", "bench", "blocks", "render", "ui", "probe", "detect", "bake")
 
 
 def _help(*argv: str) -> str:
@@ -50,6 +50,7 @@ def test_every_subcommand_has_a_description_and_its_defaults():
         "probe": ["(default: condition)", "evaluations use 10000+) (default: 0)", "(default: False)"],
         "detect": [f"exceeds this (default: {defaults.THRESHOLD})", "(default: 4)", "(default: 7.5)",
                    "prompts per pipeline call (default: 8)", "(default: False)"],
+        "bake": ["--fidelity FIDELITY fidelity to bake, in [-1, 0]", "(default: 1.0)", "not bakeable"],
     }  # fmt: skip
     for name, words in expected.items():
         text = _help(name)
