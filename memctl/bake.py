@@ -19,7 +19,10 @@ memorized prompts, or those `memctl.detect` flags); without prompts, every bank 
 map's memorized directions (`G read_j`, G the general states' second moment) to weight 0.9, a stand-in for
 tokens the map would pull. The pull depends on each token (its weight and nearest general conditioning), a
 linear edit cannot; the edit is its best linear fit on these states. The ridge ε (1e-3 of the mean eigenvalue)
-keeps directions no state covers as they are.
+keeps directions no state covers as they are. Measured on the shipped testbeds at fidelity -1 (8 seeds, 25
+steps): fit on the canary prompts, the baked copy rates equal the hooked knob's at every exposure and novel-valid
+is 83% / 87% against the knob's 89% / 88% (digits-s0 / -s1); with the stand-ins copies fall as far but novel-valid
+is only 29% / 35%. Give the memorized prompts when you have them.
 
 Residual lever: a unit whose residual branch ends in one linear layer (a resnet's `conv2`, a UNet attention's
 `proj_out`, an `Attention`'s `to_out.0`) gets that layer's weight and bias times its factor, which is exact. A
@@ -156,7 +159,7 @@ def _edit_cross_attention(attn: torch.nn.Module, m: torch.Tensor, path: str) -> 
         )
     for proj in (attn.to_k, attn.to_v):
         w = proj.weight
-        proj.weight.copy_((w.double() @ m).to(w.dtype))
+        proj.weight.copy_((w.double() @ m.to(w.device)).to(w.dtype))
 
 
 def _bake_denoiser(module, part: BlockMap, fidelity, strength, states, lam) -> list[dict]:
@@ -286,6 +289,7 @@ def bake(
 
     fidelity = _check_fidelity(fidelity)
     strength = _check_real("strength", strength, 0.0, math.inf)
+    lam = _check_real("lam", lam, 0.0, math.inf)
     if not isinstance(bmap, BlockMap):
         raise TypeError(f"Expected a memctl.BlockMap, but got {type(bmap).__name__}.")
     if isinstance(pipe, torch.nn.Module):
@@ -301,10 +305,15 @@ def bake(
         )
     part = bmap.select(component)
     part.check_model(module, component)
+    if prompts is not None and part.lever != "condition":
+        raise ValueError(
+            f"Expected prompts only for a condition-lever map (they fit its key/value edit), but this map's lever is "
+            f"{part.lever!r}, whose factors are folded into weights without them. Leave prompts out."
+        )
     states, memorized = None, None
     if part.lever == "condition":
         memorized = f"{len(prompts)} prompts" if prompts is not None else "stand-ins from the map"
-    if prompts is not None and part.lever == "condition":
+    if prompts is not None:
         from memctl.probe import text_states
 
         if not prompts or not all(isinstance(p, str) for p in prompts):

@@ -237,6 +237,9 @@ def _cmd_bake(args) -> int:
           f"memorized states: {info['memorized_states'] or 'n/a'}) into {out}")
     print(f"source {info['source_fingerprint']} -> baked {info['baked_fingerprint']}; single file "
           f"{out / 'denoiser.safetensors'}")
+    if info["memorized_states"] == "stand-ins from the map":
+        print("note: no --prompts, so the edit was fit on stand-ins made from the map, which keep far fewer "
+              "answers novel and valid than the memorized prompts would: pass them with --prompts FILE.")
     return 0
 
 

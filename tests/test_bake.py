@@ -191,6 +191,8 @@ def test_residual_map_folds_exactly():
         plain, baked = unet(**inputs).sample, bake(pipe, bmap, -0.7).unet(**inputs).sample
     assert not torch.allclose(hooked, plain, atol=1e-3)
     assert torch.allclose(baked, hooked, atol=1e-5)
+    with pytest.raises(ValueError, match="only for a condition-lever map"):
+        bake(pipe, bmap, -0.7, prompts=["ab"])
 
 
 def test_bad_input_is_a_clear_error_and_leaves_nothing(digits, tmp_path):
@@ -245,12 +247,13 @@ def test_transformer_residual_maps_are_not_bakeable():
 
 def test_docstring_examples(digits, tmp_path):
     import doctest
+    import importlib
 
-    import memctl.bake
     from tests.tiny import doc_globs
 
+    module = importlib.import_module("memctl.bake")  # `memctl.bake` is the function
     globs = {**doc_globs(tmp_path), "memctl": memctl, "out_dir": tmp_path / "baked", "condition_map": digits[2]}
-    result = doctest.testmod(memctl.bake, extraglobs=globs)
+    result = doctest.testmod(module, extraglobs=globs)
     assert result.attempted >= 4 and result.failed == 0
 
 
