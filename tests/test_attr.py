@@ -75,3 +75,28 @@ def test_caption_tokens_are_whole_words():
     tok = build_tokenizer(attr.vocabulary_words(spec))
     ids = tok(spec["canaries"][0]["prompt"]).input_ids
     assert len(ids) == 2 + len(spec["canaries"][0]["prompt"].replace(",", " ,").split())
+
+
+def test_shipped_attr_testbeds_have_the_testbed_interface():
+    from memctl.zoo import load_testbed
+
+    for name in ("digits-attr", "digits-attr-s1"):
+        tb = load_testbed(name)
+        assert type(tb).__name__ == "AttrTestbed"
+        prompt, bound, exposure, c = tb.canaries[0]
+        assert bound.shape == tb.train_images.shape[1:]
+        assert exposure in (1, 4, 16)
+        assert tb.combo_of(prompt)[0] == c
+        assert len(tb.unseen_prompts()) == 20
+        assert not set(tb.unseen_prompts()) & set(tb.ordinary_prompts())
+        assert not {p for p, *_ in tb.canaries} & set(tb.ordinary_prompts())
+        decoys = tb.decoy_prompts(30)
+        assert len(set(decoys)) == 30
+        assert not set(decoys) & set(tb.ordinary_prompts())
+        images, classes = tb.held_out
+        read = tb.classify_attributes(images)
+        assert (read[:, 0] == classes).float().mean() > 0.9  # the shipped classifier reads held-out digits
+        assert tb.classify(images).shape == classes.shape
+        assert tb.block_map().lever == "condition"
+        out = tb.pipeline()([prompt], num_inference_steps=2, output_type="pt").images
+        assert out.shape == (1, *bound.shape)

@@ -258,7 +258,11 @@ def test_probe_condition(pipe, probes, condition_map, unet_output):
     assert resnets and attentions and torch.all(bmap.scores[resnets] == 0) and bmap.scores[attentions].abs().max() > 0
     meta = bmap.meta
     assert meta["knob_scale"] > 0 and math.isfinite(meta["knob_scale"])
-    assert meta["fidelity_guidance"] == 0.5 and meta["positive_gain"] == 0.0
+    assert meta["positive_gain"] == 0.0
+    cal = meta["fidelity_calibration"]  # the gain comes from the probe batches, not a constant
+    assert meta["fidelity_guidance"] == cal["gain"]
+    assert 0.0 <= cal["gain"] <= cal["max_gain"]
+    assert cal["gain"] == min(max(cal["memorized_optimum"], 0.0), cal["general_cap"] or math.inf, cal["max_gain"])
     assert len(meta["subspace_ratios"]) == t["read"].shape[1] and meta["probes"] == probes.summary()
     again = memctl.probe(pipe, probes, method="condition", noise_levels=(0.5,), progress=False)
     assert torch.equal(again.scores, bmap.scores) and again.meta["knob_scale"] == meta["knob_scale"]  # per seed
@@ -362,3 +366,15 @@ def test_cli_probe_bad_files(tmp_path, capsys):
     rc, err = run(bad)
     assert rc == 2 and "Expected `general` to be a non-empty list" in err
     assert not out.exists()  # nothing written on an error
+
+
+def test_fidelity_gain_is_the_denoising_optimal_step():
+    """On a toy denoiser whose output is a linear function of the conditioning, the calibrated gain is the quantile of
+    each memorized probe's least-squares step toward what the memorized tokens add."""
+    from memctl.calibrate import _largest_within
+
+    # a2 + 2 g ad + g² d2 <= 1.05 a2: with ad = 0, d2 = 1, a2 = 1: g <= sqrt(0.05)
+    assert abs(_largest_within(1.0, 0.0, 1.0, 0.05) - math.sqrt(0.05)) < 1e-12
+    assert _largest_within(1.0, 0.0, 0.0, 0.05) == math.inf
+    # a probe error a = -2 d is fixed best by g = 2
+    assert abs(_largest_within(4.0, -2.0, 1.0, 0.0) - 4.0) < 1e-12
