@@ -36,7 +36,8 @@ def test_stopped_app_removes_its_temporary_folder(tmp_path: Path, stop):
             if not line and proc.poll() is not None:
                 break
             lines.append(line)
-        assert any("Running on" in line for line in lines), "".join(lines)[-2000:]
+        assert any(line.startswith("memctl ui: Running on http://127.0.0.1:") for line in lines), "".join(lines)[-999:]
+        assert not any("share=True" in line for line in lines)  # Gradio's hint; this CLI's flag is --share
         folders = list(tmp_path.glob("memctl-ui-*"))
         assert len(folders) == 1 and folders[0].is_dir()
         proc.send_signal(stop)

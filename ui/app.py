@@ -233,10 +233,31 @@ def _detect_tab() -> dict:
 
 
 def launch(demo: gr.Blocks | None = None, host: str = HOST, port: int | None = PORT, share: bool = False,
-           block: bool = True, **kwargs):
-    """Serve the app (on 127.0.0.1 unless `host` says otherwise); returns Gradio's `(app, local_url, share_url)`."""
+           block: bool = True, quiet: bool = False, **kwargs):
+    """Serve the app (on 127.0.0.1 unless `host` says otherwise); returns Gradio's `(app, local_url, share_url)`.
+
+    Prints the app's own "Running on" line (unless `quiet`) instead of Gradio's, which suggests `share=True` in
+    `launch()` where this app's CLI has `--share`."""
     demo = demo or create_demo()
     kwargs.setdefault("show_error", True)  # unexpected errors reach the user as their message, not a generic one
     kwargs.setdefault("max_file_size", MAX_UPLOAD)  # the handlers check each kind's own, smaller, limit too
-    return demo.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                               css=CSS, **kwargs)
+    result = demo.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+                                 quiet=True, css=CSS, **kwargs)
+    if not quiet and getattr(demo, "local_url", None):
+        print(running_line(demo.local_url, share, getattr(demo, "share_url", None)), flush=True)
+    if block:
+        demo.block_thread()  # what Gradio's own launch() does after it printed its lines
+    return result
+
+
+def running_line(local_url: str, share: bool, share_url: str | None) -> str:
+    """The app's address as the CLI prints it.
+
+    >>> running_line("http://127.0.0.1:7860/", False, None)
+    'memctl ui: Running on http://127.0.0.1:7860/ (stop with Ctrl-C; memctl ui --share adds a public link)'
+    """
+    if share_url:
+        return f"memctl ui: Running on {local_url} and on the public link {share_url} (stop with Ctrl-C)"
+    if share:
+        return f"memctl ui: Running on {local_url}; the public link could not be made (see Gradio's message above)"
+    return f"memctl ui: Running on {local_url} (stop with Ctrl-C; memctl ui --share adds a public link)"
