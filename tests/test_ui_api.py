@@ -449,13 +449,16 @@ def test_video_model_frames_and_fps(app, video_model):
 def test_docstring_examples_run():
     import doctest
 
+    import ui.app
+    import ui.canaries
     import ui.cli
     import ui.detect
     import ui.engine
     import ui.heatmap
 
-    for module in (ui.heatmap, ui.engine, ui.cli, ui.detect):
-        assert doctest.testmod(module).failed == 0
+    for module in (ui.heatmap, ui.engine, ui.cli, ui.detect, ui.canaries, ui.app):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
 
 
 def test_cli_binds_localhost_by_default():

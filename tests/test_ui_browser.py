@@ -1,7 +1,9 @@
-"""The Gradio app in a real headless browser (Debian's chromium driven by Playwright): move the fidelity slider,
-click Generate, wait for the image, check the gallery and the settings embedded in the PNG it serves.
+"""The Gradio app in a real headless browser (Debian's chromium driven by Playwright): the first screen (a canary's
+sweep beside its training image), then move the fidelity slider, click Generate, wait for the image, check the
+gallery and the settings embedded in the PNG it serves.
 
-Saves a screenshot to `out/ui-screenshot.png`. Skipped only when /usr/bin/chromium is absent.
+Saves screenshots under `out/` (`app-first-screen.png`, `ui-screenshot*.png`); with `MEMCTL_UPDATE_DOCS=1` the
+first screen also goes to `docs/app-first-screen.png`. Skipped only when /usr/bin/chromium is absent.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from uiapp import running_app  # noqa: E402
 
 from memctl.blockmap import BlockMap  # noqa: E402
 from memctl.blocks import find_blocks  # noqa: E402
+from memctl.grid import tensor_to_pil  # noqa: E402
 from memctl.metadata import read_png_settings  # noqa: E402
 
 MODEL = os.environ.get("MEMCTL_UI_TEST_MODEL", "digits")
@@ -35,6 +38,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # gradio's 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 SCREENSHOT = ROOT / "out" / "ui-screenshot.png"
+FIRST_SCREEN = ROOT / "out" / "app-first-screen.png"
+DOCS_FIRST_SCREEN = ROOT / "docs" / "app-first-screen.png"
+VIEWPORT = {"width": 1500, "height": 1000}  # a laptop screen: what "the first screen" means here
 TIMEOUT_MS = 120_000
 STEPS = 10  # few, but enough for the screenshot to show digits
 
@@ -51,12 +57,56 @@ def app(tmp_path_factory):
 def page(app):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1500, "height": 1200})
+        page = browser.new_page(viewport=VIEWPORT)
         page.set_default_timeout(TIMEOUT_MS)
         page.goto(app["url"])
         page.wait_for_selector("#model-info :text('embedded testbed')")
         yield page
         browser.close()
+
+
+def _wait_for_images(page, selector: str) -> None:
+    images = f"[...document.querySelectorAll({selector!r})]"
+    page.wait_for_function(f"{images}.every(im => im.complete && im.naturalWidth > 0)")
+
+
+def test_first_screen_shows_a_canary_sweep(page, app):
+    """Before any click: a most exposed canary's sweep beside its bound training image, a new image at fidelity −1
+    and a copy of that very training image at +1 for every seed, read from the app's own badges."""
+    tb = app["engine"].model(MODEL).testbed
+    page.wait_for_function("document.querySelectorAll('#sweep-gallery img').length === 10")  # 2 seeds x 5 fidelities
+    _wait_for_images(page, "#sweep-sheet img, #sweep-gallery img, #bound img")
+
+    prompt = page.locator("#prompt textarea").input_value()
+    canaries = {p: (image, exposure, c) for p, image, exposure, c in tb.canaries}
+    assert prompt in canaries, prompt
+    bound, exposure, c = canaries[prompt]
+    assert exposure == max(tb.exposures)
+    assert page.get_by_role("tab", name="Sweep").get_attribute("aria-selected") == "true"
+    assert page.locator("#examples tbody tr").first.inner_text().startswith(prompt)  # canaries are listed first
+    assert "reproduce a training image" in page.locator("#header").inner_text()
+
+    assert page.locator("#bound img").is_visible() and prompt in page.locator("#bound-kind").inner_text()
+    served = Image.open(io.BytesIO(page.request.get(page.locator("#bound img").get_attribute("src")).body()))
+    assert np.array_equal(np.asarray(served.convert("RGB")), np.asarray(tensor_to_pil(bound, 96)))
+
+    lines = page.locator("#sweep-badges").inner_text().splitlines()
+    seeds = sorted({int(line.split(" · ")[1].removeprefix("seed ")) for line in lines})
+    assert len(lines) == 10 and len(seeds) == 2
+    copied = [k for k in range(len(tb.train_images)) if torch.equal(tb.train_images[k], bound)]
+    for seed in seeds:
+        (left,) = [line for line in lines if line.startswith(f"fidelity -1.0 · seed {seed} · ")]
+        (right,) = [line for line in lines if line.startswith(f"fidelity +1.0 · seed {seed} · ")]
+        assert left.endswith(f"novel: a new {tb.classes[c]}"), left
+        assert right.split(" · ")[-1] in {f"COPY of training image #{k}" for k in copied}, right
+    captions = page.locator("#sweep-gallery .caption-label").all_inner_texts()
+    assert captions[:5] == ["\u22121.0", "\u22120.5", "0", "+0.5", "+1.0"]  # short, whole captions
+    assert not page.get_by_role("button", name="Cancel").is_visible()  # only while a map is computed
+
+    FIRST_SCREEN.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(FIRST_SCREEN))
+    if os.environ.get("MEMCTL_UPDATE_DOCS") == "1":  # the picture in docs/ui.md: a small palette PNG
+        Image.open(FIRST_SCREEN).convert("RGB").quantize(64).save(DOCS_FIRST_SCREEN, optimize=True)
 
 
 def _ensure_block_map(page, app) -> None:
@@ -93,6 +143,10 @@ def test_slider_generate_gallery_png_settings(page, app):
     _ensure_block_map(page, app)
     map_label = page.locator("#block-map input").input_value()
 
+    page.locator("#prompt textarea").fill("a seven")
+    page.locator("#batch input[type=number]").fill("1")
+    page.locator("#batch input[type=number]").press("Enter")
+    page.get_by_role("tab", name="Images").click()
     slider = page.locator("#fidelity input[type=range]")
     slider.focus()
     for _ in range(10):  # ten steps of 0.05 to the left: fidelity −0.5
@@ -140,7 +194,7 @@ def test_heatmap_row_selection_names_the_block(page, app):
 
 def test_canary_example_shows_its_bound_image(page, app):
     tb = app["engine"].model(MODEL).testbed
-    prompt = max(tb.canaries, key=lambda c: c[2])[0]  # the most exposed canary: listed right after the ordinary ones
+    prompt = max(reversed(tb.canaries), key=lambda c: c[2])[0]  # a most exposed canary, not the opening one
     examples = page.locator("#examples")
     for n in range(1, 8):
         if examples.get_by_text(prompt, exact=True).count():
@@ -148,9 +202,11 @@ def test_canary_example_shows_its_bound_image(page, app):
         examples.locator(".paginate button", has_text=str(n + 1)).click()
     examples.get_by_text(prompt, exact=True).click()
     page.wait_for_function(f"document.querySelector('#prompt textarea').value === {prompt!r}")
+    page.wait_for_function(f"document.querySelector('#bound-kind')?.innerText.includes({prompt!r})")
     page.locator("#bound img").wait_for(state="visible")
-    assert "canary" in page.locator("#bound-kind").inner_text()
+    assert "Canary" in page.locator("#bound-kind").inner_text()
     page.locator("#prompt textarea").fill("a seven")
+    page.locator("#bound").wait_for(state="hidden")  # an ordinary prompt has no bound image
 
 
 def test_sweep_and_ab_views(page, app):
@@ -160,10 +216,10 @@ def test_sweep_and_ab_views(page, app):
     page.locator("#batch input[type=number]").press("Enter")
     page.locator("#sweep").click()
     page.get_by_role("tab", name="Sweep").click()
+    page.wait_for_function("document.querySelector('#sweep-badges').innerText.includes('seed 8')")
     page.wait_for_function("document.querySelectorAll('#sweep-gallery img').length === 10")
     page.locator("#sweep-sheet img").wait_for(state="visible")
-    page.wait_for_function("[...document.querySelectorAll('#sweep-sheet img, #sweep-gallery img')]"
-                           ".every(im => im.complete && im.naturalWidth > 0)")
+    _wait_for_images(page, "#sweep-sheet img, #sweep-gallery img")
     text = page.locator("#sweep-badges").inner_text()
     assert all(f"fidelity {f} · seed {s}" in text for f in ("-1.0", "-0.5", "+0.0", "+0.5", "+1.0") for s in (7, 8))
     page.screenshot(path=str(SCREENSHOT.with_name("ui-screenshot-sweep.png")), full_page=True)
@@ -173,3 +229,13 @@ def test_sweep_and_ab_views(page, app):
     page.wait_for_function("document.querySelectorAll('#ab-slider img').length >= 2")
     assert "A: fidelity 0" in page.locator("#ab-badges").inner_text()
     page.screenshot(path=str(SCREENSHOT.with_name("ui-screenshot-ab.png")), full_page=True)
+
+
+def test_cancel_shows_only_while_a_map_is_computed(page, app):
+    cancel = page.get_by_role("button", name="Cancel")
+    assert not cancel.is_visible()
+    page.get_by_role("button", name="Compute a map here").click()
+    cancel.wait_for(state="visible")
+    cancel.click()
+    page.wait_for_function("(document.querySelector('#map-status')?.innerText ?? '').includes('was cancelled')")
+    cancel.wait_for(state="hidden")

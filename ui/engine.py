@@ -118,6 +118,11 @@ class Engine:
                     if self._loading.get(source) is loading:
                         del self._loading[source]
 
+    def cached(self, source: str | None = None) -> Loaded | None:
+        """The pipeline for `source` if it is loaded already, else None (never loads)."""
+        with self._registry_lock:
+            return self._models.get((source or self.default_model).strip())
+
     # ------------------------------------------------------------------------------------------------------------
     # block maps
 
@@ -271,12 +276,19 @@ class Engine:
         return self.add_map(f"computed: {Path(loaded.source).name} {time.strftime('%H:%M:%S')}", bmap)
 
 
+def is_embedded(source: str) -> bool:
+    """Whether `source` names an embedded testbed (by name, or a folder with a `testbed.json`)."""
+    from memctl.zoo.testbed import TESTBEDS
+
+    return source in TESTBEDS or (Path(source).expanduser() / "testbed.json").is_file()
+
+
 def _load(source: str, allow_hub: bool, server_allows: bool = True) -> Loaded:
     from memctl.loading import load_pipeline
     from memctl.zoo.testbed import TESTBEDS, load_testbed
 
     path = Path(source).expanduser()
-    if source in TESTBEDS or (path / "testbed.json").is_file():
+    if is_embedded(source):
         testbed = load_testbed(source if source in TESTBEDS else str(path))
         return _finish(Loaded(source, testbed.pipeline(), testbed))
     if path.is_dir():

@@ -28,17 +28,19 @@ import gradio as gr
 from PIL import Image
 
 from memctl.detection import THRESHOLD  # risk above which `memctl.detect` flags a prompt
-from memctl.grid import make_grid, tensor_to_pil
+from memctl.grid import make_grid
 from memctl.metadata import save_png
 from memctl.options import GenerationOptions, short_repr
 from ui import badges as badge_lib
+from ui import canaries
 from ui import detect as detect_view
-from ui.engine import DEFAULT_FRAMES, NO_MAP, SHIPPED_MAP, Cancelled, Engine, Loaded, Sample
+from ui.engine import DEFAULT_FRAMES, NO_MAP, SHIPPED_MAP, Cancelled, Engine, Loaded, Sample, is_embedded
 from ui.heatmap import draw_heatmap, from_block_map
 
 SWEEP = (-1.0, -0.5, 0.0, 0.5, 1.0)
 DEFAULT_FPS = 8
 RANDOM_SEED = -1
+SHEET_LABEL_WIDTH = 90  # pixels for "seed" over "4294967295" left of a sweep row
 VIEW = 256  # display size of tiny images in the A/B slider and the example thumbnails
 # The app's ranges (its sliders stop here; the server holds requests to them too: one request holds the engine's
 # lock, so `GenerationOptions`' wider ranges, meant for batch renders, would let one client stall everyone).
@@ -146,7 +148,7 @@ class Handlers:
         cells = [s for row in rows for s in row]
         captions = self._captions(loaded, opts.prompt, cells,
                                   [f"fidelity {s.fidelity:+.1f} · seed {s.seed}" for s in cells])
-        gallery = [(self._save(s), text) for s, (text, _) in zip(cells, captions, strict=True)]
+        gallery = [(self._save(s), fidelity_label(s.fidelity)) for s in cells]  # short: a gallery cell is narrow
         return _sweep_sheet(rows, captions), gallery, _badges_html(captions), str(opts.seed)
 
     @user_errors
@@ -203,30 +205,32 @@ class Handlers:
         return (_model_info(loaded), gr.Dataset(samples=self.examples(loaded)), video, video, video,
                 gr.Dropdown(choices=self.engine.map_labels(), value=label), picture, table, info)
 
+    def opening(self) -> canaries.Opening | None:
+        """The canary the first screen sweeps, when the default model is an embedded one (loaded here); else None
+        (a model that fails to load says why when the page opens)."""
+        if not is_embedded(self.engine.default_model):
+            return None
+        try:
+            return canaries.opening(self.engine.model().testbed)
+        except (ValueError, OSError):
+            return None
+
     def examples(self, loaded: Loaded) -> list[list]:
-        """`[prompt, kind, bound image path or None]` rows: ordinary prompts, then canaries (marked, with their
-        bound training image), most exposed first."""
-        tb = loaded.testbed
-        if tb is None:
-            return [["", "type a prompt", None]]
-        rows = [[tb.prompt(c), "ordinary", None] for c in range(len(tb.classes))]
-        for k in sorted(range(len(tb.canaries)), key=lambda k: -tb.canaries[k][2]):
-            prompt, image, exposure, _ = tb.canaries[k]
-            path = self.served_dir / f"bound-{Path(str(tb.path)).name}-{k}.png"
-            if not path.exists():
-                tensor_to_pil(image, 96).save(path)
-            rows.append([prompt, f"canary (seen {exposure}x)", str(path)])
-        return rows
+        """`[prompt, kind, bound image path or None]` rows: canaries first (most exposed first), then ordinary."""
+        return canaries.examples(loaded.testbed, self.served_dir)
 
     @user_errors
     def select_example(self, index, model):
-        """Fill the prompt; for a canary, show its bound training image for comparison."""
-        rows = self.examples(self.engine.model(model))
-        prompt, kind, path = rows[int(index)]
-        if not path:
-            return prompt, None, f"**{prompt}** — {kind} prompt: the model should generalize (no bound image)."
-        return prompt, Image.open(path), (f"**{prompt}** — {kind}: its bound training image is shown; a copy "
-                                          "looks like it, a novel answer is another digit of the same class.")
+        """The clicked example's prompt (its bound image follows from `bound_view`)."""
+        return self.examples(self.engine.model(model))[int(index)][0]
+
+    def bound_view(self, prompt, model):
+        """Beside the results: a canary prompt's bound training image (hidden for other prompts).
+
+        Reads only a model already loaded: typing in the prompt box never loads one (or fails on a typed path)."""
+        loaded = self.engine.cached(model)
+        path, text = canaries.bound_of(loaded.testbed if loaded else None, str(prompt or ""), self.served_dir)
+        return gr.update(visible=path is not None), None if path is None else str(path), text
 
     # ------------------------------------------------------------------------------------------------------------
     # block maps
@@ -422,9 +426,16 @@ def _sweep_sheet(rows: list[list[Sample]], captions: list[tuple]) -> Image.Image
     """One picture of the sweep: a row per seed, a column per fidelity; red frame = copy, green = novel."""
     frames = [badge.frame if badge is not None else None for _, badge in captions]
     n = len(SWEEP)
-    sheet_rows = [(f"seed {row[0].seed}", [badge_lib.image_tensor(s.image) for s in row], frames[i * n:(i + 1) * n])
+    sheet_rows = [(f"seed\n{row[0].seed}", [badge_lib.image_tensor(s.image) for s in row], frames[i * n:(i + 1) * n])
                   for i, row in enumerate(rows)]
-    return make_grid(sheet_rows, header=[f"fidelity {f:+.1f}" for f in SWEEP])
+    header = [fidelity_label(f).replace("\u2212", "-") for f in SWEEP]  # the sheet's font has no minus sign
+    return make_grid(sheet_rows, header=header, label_width=SHEET_LABEL_WIDTH,
+                     axis=(0, "new", "faithful"))
+
+
+def fidelity_label(fidelity: float) -> str:
+    """A fidelity as a column caption: "−1.0", "−0.5", "0", "+0.5", "+1.0" (a true minus sign)."""
+    return "0" if fidelity == 0 else f"{fidelity:+.1f}".replace("-", "\u2212")
 
 
 def _model_info(loaded: Loaded) -> str:
