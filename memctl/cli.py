@@ -273,7 +273,7 @@ def _command(sub, name: str, help: str, description: str) -> argparse.ArgumentPa
 def build_parser() -> argparse.ArgumentParser:
     """The `memctl` parser; it imports no torch, so `--help` on it and on every subcommand is instant."""
     from memctl.defaults import THRESHOLD
-    from ui.cli import add_cli as add_ui_cli  # cheap: Gradio loads only when `memctl ui` runs
+    from memctl.ui.cli import add_cli as add_ui_cli  # cheap: Gradio loads only when `memctl ui` runs
 
     parser = argparse.ArgumentParser(prog="memctl", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

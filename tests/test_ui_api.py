@@ -12,25 +12,21 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+from uiapp import running_app
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ui/` lives at the repository root
-
-from gradio_client import Client, handle_file  # noqa: E402
-from gradio_client.exceptions import AppError  # noqa: E402
-from PIL import Image  # noqa: E402
-from uiapp import running_app  # noqa: E402
-
-from memctl.blockmap import BlockMap  # noqa: E402
-from memctl.blocks import find_blocks  # noqa: E402
-from memctl.metadata import read_png_settings  # noqa: E402
-from memctl.options import GenerationOptions  # noqa: E402
+from memctl.blockmap import BlockMap
+from memctl.blocks import find_blocks
+from memctl.metadata import read_png_settings
+from memctl.options import GenerationOptions
 
 MODEL = os.environ.get("MEMCTL_UI_TEST_MODEL", "digits")
 pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # gradio's own pandas deprecations
@@ -449,22 +445,24 @@ def test_video_model_frames_and_fps(app, video_model):
 def test_docstring_examples_run():
     import doctest
 
-    import ui.app
-    import ui.canaries
-    import ui.cli
-    import ui.detect
-    import ui.engine
-    import ui.heatmap
+    import memctl.ui.app
+    import memctl.ui.canaries
+    import memctl.ui.cli
+    import memctl.ui.detect
+    import memctl.ui.engine
+    import memctl.ui.heatmap
 
+    ui = memctl.ui
     for module in (ui.heatmap, ui.engine, ui.cli, ui.detect, ui.canaries, ui.app):
         result = doctest.testmod(module)
-        assert result.failed == 0 and result.attempted > 0, module.__name__
+        assert result.failed == 0, module.__name__
+        assert result.attempted > 0, module.__name__
 
 
 def test_cli_binds_localhost_by_default():
     import argparse
 
-    from ui.cli import HOST, add_cli, build_parser, run_cli
+    from memctl.ui.cli import HOST, add_cli, build_parser, run_cli
 
     args = build_parser().parse_args([])
     assert HOST == "127.0.0.1" and (args.host, args.share, args.allow_hub) == ("127.0.0.1", False, False)
@@ -479,7 +477,7 @@ def test_cli_binds_localhost_by_default():
 
 
 class _FakePipe:
-    """What `ui.engine._finish` needs of a pipeline: a denoiser and a call signature."""
+    """What `memctl.ui.engine._finish` needs of a pipeline: a denoiser and a call signature."""
 
     def __init__(self):
         self.unet = torch.nn.Linear(1, 1)
@@ -492,8 +490,8 @@ def test_a_request_cannot_switch_on_hub_downloads(monkeypatch):
     import gradio as gr
 
     import memctl.loading
-    from ui.engine import Engine
-    from ui.handlers import Handlers
+    from memctl.ui.engine import Engine
+    from memctl.ui.handlers import Handlers
 
     downloads = []
     monkeypatch.setattr(memctl.loading, "load_pipeline", lambda source, **kw: downloads.append(source) or _FakePipe())
@@ -513,8 +511,8 @@ def test_a_request_cannot_switch_on_hub_downloads(monkeypatch):
 def test_loading_a_model_does_not_hold_the_registry_lock(monkeypatch):
     import threading
 
-    import ui.engine
-    from ui.engine import Engine, Loaded
+    import memctl.ui.engine
+    from memctl.ui.engine import Engine, Loaded
 
     started, release, calls = threading.Event(), threading.Event(), []
 
@@ -524,7 +522,7 @@ def test_loading_a_model_does_not_hold_the_registry_lock(monkeypatch):
         assert release.wait(10)
         return Loaded(source, _FakePipe())
 
-    monkeypatch.setattr(ui.engine, "_load", slow_load)
+    monkeypatch.setattr(memctl.ui.engine, "_load", slow_load)
     engine = Engine(MODEL)
     results = []
     loaders = [threading.Thread(target=lambda: results.append(engine.model("slow/download"))) for _ in range(2)]
@@ -552,8 +550,8 @@ def test_loading_a_model_does_not_hold_the_registry_lock(monkeypatch):
 def test_the_app_holds_requests_to_its_slider_ranges(tmp_path, field, value, words):
     import gradio as gr
 
-    from ui.engine import Engine
-    from ui.handlers import Handlers
+    from memctl.ui.engine import Engine
+    from memctl.ui.handlers import Handlers
 
     args = {**DEFAULTS, field: value}
     h = Handlers(Engine(MODEL), tmp_path)
@@ -568,13 +566,13 @@ def test_the_app_holds_requests_to_its_slider_ranges(tmp_path, field, value, wor
 def test_uploads_have_a_size_limit(tmp_path, monkeypatch):
     import gradio as gr
 
-    import ui.app
-    import ui.handlers
-    from ui.engine import Engine
-    from ui.handlers import Handlers
+    import memctl.ui.app
+    import memctl.ui.handlers
+    from memctl.ui.engine import Engine
+    from memctl.ui.handlers import Handlers
 
     h = Handlers(Engine(MODEL), tmp_path)
-    monkeypatch.setattr(ui.handlers, "MAX_MAP_BYTES", 2**20)
+    monkeypatch.setattr(memctl.ui.handlers, "MAX_MAP_BYTES", 2**20)
     big = tmp_path / "big.safetensors"
     big.write_bytes(b"\0" * (2**20 + 1))
     with pytest.raises(gr.Error, match=r"Expected a block map file \(.safetensors\) of at most 1 MB, but"):
@@ -592,15 +590,15 @@ def test_uploads_have_a_size_limit(tmp_path, monkeypatch):
             self.kwargs = kwargs
 
     demo = FakeDemo()
-    ui.app.launch(demo, block=False)
-    assert demo.kwargs["max_file_size"] == ui.handlers.MAX_UPLOAD and "allowed_paths" not in demo.kwargs
+    memctl.ui.app.launch(demo, block=False)
+    assert demo.kwargs["max_file_size"] == memctl.ui.handlers.MAX_UPLOAD and "allowed_paths" not in demo.kwargs
 
 
 def test_the_app_serves_only_what_it_wrote_and_removes_its_temporary_folder(tmp_path):
     import tempfile
 
-    from ui.engine import Engine
-    from ui.handlers import Handlers
+    from memctl.ui.engine import Engine
+    from memctl.ui.handlers import Handlers
 
     out = tmp_path / "out"
     h = Handlers(Engine(MODEL), out)
@@ -616,8 +614,8 @@ def test_the_app_serves_only_what_it_wrote_and_removes_its_temporary_folder(tmp_
 def test_cancel_entries_live_only_while_computing(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from ui.engine import Cancelled, Engine
-    from ui.handlers import Handlers
+    from memctl.ui.engine import Cancelled, Engine
+    from memctl.ui.handlers import Handlers
 
     h = Handlers(Engine(MODEL), tmp_path)
     seen = []
@@ -634,9 +632,9 @@ def test_cancel_entries_live_only_while_computing(tmp_path, monkeypatch):
 
 
 def test_exposed_host_warns_and_auth_is_passed_on(monkeypatch, capsys):
-    import ui.app
-    import ui.engine
-    from ui.cli import build_parser, exposure_warning
+    import memctl.ui.app
+    import memctl.ui.engine
+    from memctl.ui.cli import build_parser, exposure_warning
 
     assert exposure_warning("127.0.0.1", False, None) is None
     assert "every network interface (0.0.0.0)" in exposure_warning("0.0.0.0", False, None)
@@ -645,9 +643,9 @@ def test_exposed_host_warns_and_auth_is_passed_on(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--auth", "no-colon"])
     launched = {}
-    monkeypatch.setattr(ui.app, "create_demo", lambda engine, out_dir=None: "demo")
-    monkeypatch.setattr(ui.app, "launch", lambda demo, **kw: launched.update(kw))
-    monkeypatch.setattr(ui.engine, "Engine", lambda *a, **k: None)
+    monkeypatch.setattr(memctl.ui.app, "create_demo", lambda engine, out_dir=None: "demo")
+    monkeypatch.setattr(memctl.ui.app, "launch", lambda demo, **kw: launched.update(kw))
+    monkeypatch.setattr(memctl.ui.engine, "Engine", lambda *a, **k: None)
     args = build_parser().parse_args(["--host", "0.0.0.0", "--out", "somewhere"])
     assert args.func(args) == 0
     assert "memctl ui: warning: the app is reachable through every network interface" in capsys.readouterr().err

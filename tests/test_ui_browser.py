@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is absent (install Debian's chromium: apt-get install -y chromium)",
                 allow_module_level=True)
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `ui/` lives at the repository root
 
 from PIL import Image  # noqa: E402
 from playwright import sync_api  # noqa: E402

@@ -19,11 +19,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_the_app_is_memctl_ui_and_loads_gradio_only_when_asked(tmp_path: Path):
+    # Run outside the repository so that its root is not on sys.path: this is the installed layout.
+    code = (
+        "import importlib.util, sys\n"
+        "import memctl, memctl.cli, memctl.ui, memctl.ui.cli\n"
+        "memctl.cli.build_parser()\n"
+        "assert 'gradio' not in sys.modules, 'memctl imported gradio'\n"
+        "assert importlib.util.find_spec('ui') is None, 'a top-level ui package is installed'\n"
+        "import memctl.ui.app\n"
+        "assert 'gradio' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["kill", "ctrl-c"])
 def test_stopped_app_removes_its_temporary_folder(tmp_path: Path, stop):
-    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-           "GRADIO_ANALYTICS_ENABLED": "False"}  # fmt: skip
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     # SIGINT's default action restored first: a process started from a non-interactive shell may inherit it ignored.
     code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             f"from memctl.cli import main; sys.exit(main(['ui', '--port', '{_free_port()}']))")  # fmt: skip

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import socket
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ui/` lives at the repository root
-
-from ui.app import create_demo, launch  # noqa: E402
-from ui.engine import Engine  # noqa: E402
+from memctl.ui.app import create_demo, launch
+from memctl.ui.engine import Engine
 
 
 def free_port() -> int:

@@ -1,5 +1,5 @@
-"""`python -m ui [--model M] [--host H] [--port P] [--share] [--allow-hub] [--out DIR]`: serve the app."""
+"""`python -m memctl.ui [--model M] [--host H] [--port P] [--share] [--allow-hub] [--out DIR]`: serve the app."""
 
-from ui.cli import main
+from memctl.ui.cli import main
 
 raise SystemExit(main())

@@ -4,7 +4,7 @@
 >>> launch(demo, port=7860)                # doctest: +SKIP
 
 From the shell: `memctl ui [--model digits] [--host 127.0.0.1] [--port 7860] [--share] [--allow-hub]`, or
-`python -m ui` with the same flags (`ui/cli.py`). Binding another host or sharing are explicit opt-ins.
+`python -m memctl.ui` with the same flags (`memctl/ui/cli.py`). Binding another host or sharing are explicit opt-ins.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from dataclasses import replace
 
 import gradio as gr
 
+from memctl.defaults import HOST, PORT
 from memctl.options import GenerationOptions
+from memctl.ui.canaries import Opening
+from memctl.ui.detect import DATATYPES, EMPTY_TABLE, MAX_SEEDS
+from memctl.ui.engine import NO_MAP, SHIPPED_MAP, Engine
+from memctl.ui.handlers import LIMITS, MAX_UPLOAD, Handlers
 from memctl.zoo.testbed import TESTBEDS
-from ui.canaries import Opening
-from ui.cli import HOST, PORT
-from ui.detect import DATATYPES, EMPTY_TABLE, MAX_SEEDS
-from ui.engine import NO_MAP, SHIPPED_MAP, Engine
-from ui.handlers import LIMITS, MAX_UPLOAD, Handlers
 
 DEFAULTS = GenerationOptions(prompt="a seven")
 HEADER = ("# memctl: copy or invent\nSome prompts make a model reproduce a training image. Slide left for a new "

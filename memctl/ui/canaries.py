@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memctl.grid import tensor_to_pil
-from ui.badges import target_of
+from memctl.ui.badges import target_of
 
 BOUND_SIZE = 96  # pixels of a bound image file (nearest-neighbour, so the digit stays sharp)
 

@@ -16,9 +16,8 @@ import sys
 import threading
 
 from memctl.cli import HelpFormatter  # light: memctl's CLI imports no torch
+from memctl.defaults import HOST, PORT
 
-HOST = "127.0.0.1"
-PORT = 7860
 DESCRIPTION = (
     "The memctl Gradio app: pick a model and a block map, turn the fidelity knob, sweep it, compare A/B, and "
     "score prompts for memorization risk. Serves on this machine only unless --host says otherwise."
@@ -34,7 +33,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The stand-alone parser of `python -m ui` (the same flags as `memctl ui`)."""
+    """The stand-alone parser of `python -m memctl.ui` (the same flags as `memctl ui`)."""
     p = argparse.ArgumentParser(prog="memctl ui", description=DESCRIPTION, formatter_class=HelpFormatter)
     _add_arguments(p)
     return p
@@ -77,8 +76,8 @@ def exposure_warning(host: str, share: bool, auth) -> str | None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Build the app from parsed flags and serve it until interrupted."""
-    from ui.app import create_demo, launch
-    from ui.engine import Engine
+    from memctl.ui.app import create_demo, launch
+    from memctl.ui.engine import Engine
 
     warning = exposure_warning(args.host, args.share, args.auth)
     if warning:
@@ -94,7 +93,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m ui [--model M] [--host H] [--port P] [--share] [--allow-hub] [--out DIR]`."""
+    """`python -m memctl.ui [--model M] [--host H] [--port P] [--share] [--allow-hub] [--out DIR]`."""
     args = build_parser().parse_args(argv)
     return args.func(args)
 

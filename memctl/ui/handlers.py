@@ -31,11 +31,11 @@ from memctl.detection import THRESHOLD  # risk above which `memctl.detect` flags
 from memctl.grid import make_grid
 from memctl.metadata import save_png
 from memctl.options import GenerationOptions, short_repr
-from ui import badges as badge_lib
-from ui import canaries
-from ui import detect as detect_view
-from ui.engine import DEFAULT_FRAMES, NO_MAP, SHIPPED_MAP, Cancelled, Engine, Loaded, Sample, is_embedded
-from ui.heatmap import draw_heatmap, from_block_map
+from memctl.ui import badges as badge_lib
+from memctl.ui import canaries
+from memctl.ui import detect as detect_view
+from memctl.ui.engine import DEFAULT_FRAMES, NO_MAP, SHIPPED_MAP, Cancelled, Engine, Loaded, Sample, is_embedded
+from memctl.ui.heatmap import draw_heatmap, from_block_map
 
 SWEEP = (-1.0, -0.5, 0.0, 0.5, 1.0)
 DEFAULT_FPS = 8
