@@ -293,7 +293,7 @@ def bake(
     if not isinstance(bmap, BlockMap):
         raise TypeError(f"Expected a memctl.BlockMap, but got {type(bmap).__name__}.")
     if isinstance(pipe, torch.nn.Module):
-        raise TypeError(f"Expected a diffusers pipeline, but got the module {type(pipe).__name__}: pass the pipeline.")
+        raise ValueError(f"Expected a pipeline, but got the module {type(pipe).__name__}: pass the pipeline.")
     pairs = _pairs(pipe, bmap)
     if len(pairs) != 1:
         raise ValueError(f"Expected a map of one denoiser to bake, but this one covers {[c for c, _ in pairs]}.")

@@ -30,7 +30,8 @@ from diffusers.hooks import ModelHook
 from memctl.hooks import module_device
 
 GUIDE = "memctl.knob.guide"
-DEFAULT_GAIN = 0.5  # γ: at fidelity 1, half a guidance step toward the memorized component (measured, see effect.md)
+# γ: at fidelity 1, half a guidance step toward the memorized component (measured: bench/results/effect.md)
+DEFAULT_GAIN = 0.5
 
 
 class GuidanceHook(ModelHook):

@@ -14,7 +14,8 @@ Residual scaling is exact at scale 1: branch mode computes `out * s`, delta mode
 both equal to `out` bit for bit (up to the sign of a zero) when `s == 1`. The scale `s` is a 0-d non-persistent
 buffer on the hooked module, so it follows `.to(device/dtype)`, is changed in place (`.fill_`) without
 re-registering anything, and never makes `torch.compile` recompile. Hooks are written with `pre_forward` and
-`post_forward` only: a hook using `new_forward` breaks diffusers' removal of earlier hooks (see NOTES).
+`post_forward` only: a hook using `new_forward` breaks diffusers' removal of earlier hooks
+(see shared/NOTES-diffusers.md).
 """
 
 from __future__ import annotations

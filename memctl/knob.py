@@ -174,9 +174,9 @@ def _denoisers(target: Any) -> list[tuple[str | None, torch.nn.Module]]:
         return [(None, unwrap(target))]
     found = [(c, unwrap(m)) for c, m in pipeline_denoisers(target).items()]
     if not found:
-        raise TypeError(
-            f"Expected a diffusers pipeline with a denoiser ({', '.join(DENOISER_ATTRS)}) or a denoiser module, "
-            f"but got {type(target).__name__} with none of them."
+        raise ValueError(
+            f"Expected a pipeline with a denoiser ({', '.join(f'`{a}`' for a in DENOISER_ATTRS)}) or a denoiser "
+            f"module, but got {type(target).__name__}."
         )
     return found
 

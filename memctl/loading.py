@@ -102,5 +102,5 @@ def load_denoisers(name_or_path: str) -> dict:
     pipe, _ = load_model_and_testbed(name_or_path)
     found = pipeline_denoisers(pipe)
     if not found:
-        raise ValueError(f"Expected a pipeline with a unet or transformer, but {type(pipe).__name__} has neither.")
+        raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but got {type(pipe).__name__}.")
     return found

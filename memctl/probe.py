@@ -322,8 +322,9 @@ def probe(
 ):
     """Attribute memorization vs generalization to the blocks of `pipe`'s denoiser; returns a `BlockMap`.
 
-    `call_kwargs` (method "prompt" only): extra arguments of the pipeline calls that read the signal, e.g.
-    `{"height": 512, "width": 512}` or `{"num_frames": 16}`."""
+    `noise_levels` (methods "ablation" and "condition"): the noise levels the probes are scored at; method
+    "prompt" samples from pure noise and takes none. `call_kwargs` (method "prompt" only): extra arguments of the
+    pipeline calls that read the signal, e.g. `{"height": 512, "width": 512}` or `{"num_frames": 16}`."""
     from memctl.blockmap import BlockMap
 
     if not isinstance(probes, ProbeSet):
@@ -332,6 +333,11 @@ def probe(
         raise ValueError(f"Expected a probe seed in [0, 10000) (evaluation seeds start at 10000), but got {seed}.")
     if call_kwargs and method != "prompt":
         raise ValueError(f"Expected call_kwargs only with method 'prompt', but got method {method!r}.")
+    if method == "prompt" and tuple(noise_levels) != NOISE_LEVELS:
+        raise ValueError(
+            f"Expected no noise_levels with method 'prompt' (it samples from pure noise), but got {noise_levels!r}; "
+            "drop the argument, or use method 'ablation' or 'condition'."
+        )
     t0 = time.perf_counter()
     lever, tensors = "residual", {}
     with quiet(pipe):  # memctl's own loops: no progress bar per pipeline call, no repeated warnings

@@ -706,7 +706,9 @@ def _check_inside(out: Path, names: set[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m memctl.render JOB ...` (what `accelerate launch -m` runs): `memctl render JOB ...`."""
+    """`memctl render JOB ...` as a function that returns the exit code (`python -m memctl.render` runs it too).
+
+    Under accelerate the documented command is `accelerate launch ... -m memctl render JOB ...`."""
     from memctl.cli import main as cli_main
 
     return cli_main(["render", *(sys.argv[1:] if argv is None else argv)])

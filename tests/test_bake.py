@@ -66,8 +66,10 @@ def test_baked_digits_recovers_the_knob(digits):
     baked = bake(pipe, bmap, -1.0, prompts=canaries)
     assert (_outputs(baked, ordinary) - _outputs(pipe, ordinary)).abs().mean() < 0.1 * change
     assert torch.equal(_outputs(bake(pipe, bmap, 0.0), canaries), plain)  # fidelity 0: the same weights
-    assert memctl.list_hooks(baked.unet) == [] and memctl.list_hooks(pipe.unet) == []
-    assert baked.text_encoder is pipe.text_encoder and baked.unet is not pipe.unet
+    assert memctl.list_hooks(baked.unet) == []
+    assert memctl.list_hooks(pipe.unet) == []
+    assert baked.text_encoder is pipe.text_encoder
+    assert baked.unet is not pipe.unet
 
 
 def test_condition_edit_is_the_identity_without_a_pull(digits):
@@ -89,8 +91,10 @@ def test_baked_digits_folder_loads(digits, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
     info = json.loads((out / "bake.json").read_text())
     assert json.loads((out / "unet" / "config.json").read_text())[BAKE_KEY] == info
-    assert info["fidelity"] == -0.5 and info["source_fingerprint"] == memctl.fingerprint(pipe.unet)
-    assert info["map_fingerprint"] == bmap.fingerprint and info["baked_fingerprint"] != info["source_fingerprint"]
+    assert info["fidelity"] == -0.5
+    assert info["source_fingerprint"] == memctl.fingerprint(pipe.unet)
+    assert info["map_fingerprint"] == bmap.fingerprint
+    assert info["baked_fingerprint"] != info["source_fingerprint"]
     prompts = [tb.canaries[0][0], "a seven"]
     again = memctl.load_pipeline(out)
     assert memctl.fingerprint(again.unet) == info["baked_fingerprint"]
@@ -121,7 +125,8 @@ assert not [m for m in sys.modules if m.split(".")[0] == "memctl"], "memctl was 
 print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
 def _condition_map(pipe):
@@ -216,7 +221,7 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing(digits, tmp_path):
             bake(pipe, bmap, -1.0, out)
     finally:
         remove_knob(pipe)
-    with pytest.raises(TypeError, match="pass the pipeline"):
+    with pytest.raises(ValueError, match="Expected a pipeline, but got the module .*: pass the pipeline"):
         bake(pipe.unet, bmap, -1.0, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
     assert (tmp_path / "full" / "x").read_text() == "keep"
@@ -254,7 +259,8 @@ def test_docstring_examples(digits, tmp_path):
     module = importlib.import_module("memctl.bake")  # `memctl.bake` is the function
     globs = {**doc_globs(tmp_path), "memctl": memctl, "out_dir": tmp_path / "baked", "condition_map": digits[2]}
     result = doctest.testmod(module, extraglobs=globs)
-    assert result.attempted >= 4 and result.failed == 0
+    assert result.failed == 0
+    assert result.attempted >= 4
 
 
 def test_cli_bakes_a_testbed(tmp_path, capsys):
@@ -263,7 +269,9 @@ def test_cli_bakes_a_testbed(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["bake", "digits", "--map", "testbed", "--fidelity", "-1", "-o", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["fidelity"] == -1.0 and info["memorized_states"].endswith("prompts") and info["edits"]
+    assert info["fidelity"] == -1.0
+    assert info["memorized_states"].endswith("prompts")
+    assert info["edits"]
     assert json.loads((out / "bake.json").read_text()) == info
     assert cli.main(["bake", "digits", "--map", "testbed", "--fidelity", "-1", "-o", str(out)]) == 2
     assert "Expected -o to be a new or empty folder" in capsys.readouterr().err

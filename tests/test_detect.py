@@ -47,7 +47,9 @@ def test_detect_runs_on_every_text_conditional_family(name):
     pipe = tiny_pipeline(name)
     call = {k: v for k, v in PIPELINE_FAMILIES[name].call.items() if k not in ("prompt", "guidance_scale")}
     magnitude, consistency = signals(pipe, ["ab", "ba"], seeds=2, guidance_scale=5.0, progress=False, **call)
-    assert magnitude.shape == (2,) and bool((magnitude > 0).all()) and bool(consistency.abs().le(1 + 1e-6).all())
+    assert magnitude.shape == (2,)
+    assert bool((magnitude > 0).all())
+    assert bool(consistency.abs().le(1 + 1e-6).all())
     assert all(memctl.list_hooks(m) == [] for m in (getattr(pipe, c, None) for c in ("unet", "transformer",
                "transformer_2")) if m is not None)  # fmt: skip
 
@@ -79,7 +81,8 @@ def test_unmarked_two_call_guidance_pairs_calls_on_the_same_latents():
     gens = [torch.Generator().manual_seed(3) for _ in range(2)]
     with denoiser_outputs(pipe) as outs:
         pipe(["ab", "ba"], generator=gens, **call)
-    assert len(outs) >= 4 and not torch.equal(outs[0][1], outs[1][1])  # two calls per step
+    assert len(outs) >= 4
+    assert not torch.equal(outs[0][1], outs[1][1])  # two calls per step
     for step in range(2):
         expected = (outs[2 * step][1] - outs[2 * step + 1][1]).float().reshape(2, -1)
         assert torch.allclose(d[:, step], expected, atol=1e-6)
@@ -144,12 +147,15 @@ def test_prompt_only_probe_maps_every_block(digits):
                              general=[(p, None) for p in tb.ordinary_prompts()[:10]])  # fmt: skip
     bmap = memctl.probe(pipe, probes, method="prompt", progress=False)
     names = [b.name for b in memctl.find_blocks(pipe.unet)]
-    assert bmap.names == names and bmap.method == "prompt" and bmap.lever == "condition"
+    assert bmap.names == names
+    assert bmap.method == "prompt"
+    assert bmap.lever == "condition"
     attention = [i for i, n in enumerate(names) if "attentions" in n]
     assert bmap.scores[attention].abs().sum() > 0  # units with cross-attention carry the lever
     others = [i for i in range(len(names)) if i not in attention]
     assert bmap.scores[others].abs().sum() == 0
-    assert bmap.meta["fidelity_guidance"] > 0 and bmap.meta["knob_scale"] > 0
+    assert bmap.meta["fidelity_guidance"] > 0
+    assert bmap.meta["knob_scale"] > 0
 
 
 @pytest.mark.parametrize("name", ["sd", "sdxl", "animatediff"])
@@ -158,7 +164,8 @@ def test_prompt_only_probe_on_unet_families(name):
     call = {k: v for k, v in PIPELINE_FAMILIES[name].call.items() if k not in ("prompt", "guidance_scale")}
     probes = memctl.ProbeSet(memorized=[("ab", None)], general=[("ba", None), ("aa", None)])
     bmap = memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=call)
-    assert bmap.names == [b.name for b in memctl.find_blocks(pipe.unet)] and bmap.scores.abs().sum() > 0
+    assert bmap.names == [b.name for b in memctl.find_blocks(pipe.unet)]
+    assert bmap.scores.abs().sum() > 0
     ref = sample(pipe, name)
     memctl.apply_knob(pipe, bmap)
     assert torch.equal(sample(pipe, name), ref)
@@ -179,9 +186,11 @@ def test_prompt_only_probe_falls_back_to_the_residual_lever(name):
     probes = memctl.ProbeSet(memorized=[(c, None) for c in conds[0]], general=[(c, None) for c in conds[1]])
     bmap = memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=call)
     found = {c: m for c, m in ((c, getattr(pipe, c, None)) for c in ("unet", "transformer", "transformer_2")) if m}
-    assert bmap.lever == "residual" and sorted(bmap.fingerprints) == sorted(found)
+    assert bmap.lever == "residual"
+    assert sorted(bmap.fingerprints) == sorted(found)
     assert len(bmap.names) == sum(len(memctl.find_blocks(m)) for m in found.values())
-    assert bool(torch.isfinite(bmap.scores).all()) and bmap.scores.abs().sum() > 0
+    assert bool(torch.isfinite(bmap.scores).all())
+    assert bmap.scores.abs().sum() > 0
     ref = sample(pipe, name)
     memctl.apply_knob(pipe, bmap)
     assert torch.equal(sample(pipe, name), ref)
@@ -194,6 +203,12 @@ def test_call_kwargs_only_with_the_prompt_method():
     probes = memctl.ProbeSet(memorized=[("ab", None)], general=[("ba", None), ("aa", None)])
     with pytest.raises(ValueError, match="call_kwargs only with method 'prompt'"):
         memctl.probe(tiny_pipeline("sd"), probes, method="condition", call_kwargs={"height": 8})
+
+
+def test_noise_levels_are_not_silently_ignored_by_the_prompt_method():
+    probes = memctl.ProbeSet(memorized=[("ab", None)], general=[("ba", None), ("aa", None)])
+    with pytest.raises(ValueError, match=r"Expected no noise_levels with method 'prompt'.*\(0\.5,\)"):
+        memctl.probe(tiny_pipeline("sd"), probes, method="prompt", noise_levels=(0.5,), progress=False)
 
 
 # --- memorization guidance: the fidelity > 0 side of the condition lever ------------------------------------------
@@ -229,7 +244,8 @@ def test_guidance_is_out_plus_gain_times_out_minus_pulled(digits, condition_map)
         assert torch.equal(ordinary, _eps(pipe, "a seven"))  # no memorized tokens: left as it was, bit for bit
     finally:
         memctl.remove_knob(pipe)
-    assert memctl.list_hooks(pipe.unet) == [] and "_memctl_knob_guide" not in dict(pipe.unet.named_buffers())
+    assert memctl.list_hooks(pipe.unet) == []
+    assert "_memctl_knob_guide" not in dict(pipe.unet.named_buffers())
 
 
 def test_pull_past_the_general_conditioning_at_negative_fidelity_only(digits, condition_map):
@@ -279,8 +295,9 @@ def test_compiled_denoiser_makes_at_most_two_graphs_across_fidelity(digits, cond
     tb, pipe = digits
     memctl.apply_knob(pipe, condition_map)
     canary = tb.canaries[0][0]
+    fidelities = (0.0, -0.5, 0.5, 1.0, -1.0)  # the last one is new after both sides have compiled
     eager = {}
-    for f in (0.0, -0.5, 0.5, 1.0):
+    for f in fidelities:
         with memctl.fidelity(pipe, f):
             eager[f] = _eps(pipe, canary)
     torch._dynamo.reset()
@@ -288,11 +305,10 @@ def test_compiled_denoiser_makes_at_most_two_graphs_across_fidelity(digits, cond
     unet = pipe.unet
     pipe.unet = torch.compile(unet, backend="eager", fullgraph=True)
     try:
-        for f in (0.0, -0.5, 0.5, 1.0, -1.0 + 0.5):
+        for f in fidelities:
             with memctl.fidelity(pipe, f):
                 out = _eps(pipe, canary)
-            if f in eager:
-                assert torch.allclose(out, eager[f], atol=1e-6)
+            assert torch.allclose(out, eager[f], atol=1e-6), f
         assert counters["stats"]["unique_graphs"] <= 2
     finally:
         pipe.unet = unet
@@ -318,9 +334,13 @@ def test_cli_detect(tmp_path, capsys):
 
 
 def test_module_docstring_examples(digits):
-    assert doctest.testmod(memctl.detection, extraglobs={"memctl": memctl}).failed == 0
+    result = doctest.testmod(memctl.detection, extraglobs={"memctl": memctl})
+    assert result.failed == 0
+    assert result.attempted > 0
     tb, pipe = digits
     globs = {"pipe": pipe, "bmap": tb.block_map(), "apply_knob": memctl.apply_knob,
              "set_fidelity": memctl.set_fidelity, "remove_knob": memctl.remove_knob}  # fmt: skip
     result = doctest.testmod(memctl.guidance, extraglobs=globs)
-    assert result.failed == 0 and result.attempted == 3 and memctl.list_hooks(pipe.unet) == []
+    assert result.failed == 0
+    assert result.attempted == 3
+    assert memctl.list_hooks(pipe.unet) == []

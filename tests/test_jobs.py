@@ -26,7 +26,9 @@ def errors_of(data) -> list[str]:
 
 
 def test_doctest():
-    assert doctest.testmod(memctl.jobs).failed == 0
+    result = doctest.testmod(memctl.jobs)
+    assert result.failed == 0
+    assert result.attempted > 0
 
 
 def test_yaml_and_json_are_one_schema(tmp_path: Path):
@@ -40,7 +42,8 @@ def test_yaml_and_json_are_one_schema(tmp_path: Path):
     assert a.base == tmp_path.resolve()
     names = [o.name for o in a.outputs()]
     assert names[:3] == ["a/f-1.00_s3.png", "a/f-1.00_s4.png", "a/f-1.00_s5.png"]
-    assert len(names) == 9 and len(set(names)) == 9
+    assert len(names) == 9
+    assert len(set(names)) == 9
     o = a.outputs()[4]
     assert (o.options.fidelity, o.options.seed, o.options.steps, o.options.guidance) == (0.0, 4, 4, 3.0)
     assert (o.options.start, o.options.stop, o.options.batch_size) == (0.2, 0.8, 2)
@@ -50,7 +53,8 @@ def test_yaml_and_json_are_one_schema(tmp_path: Path):
 def test_misspelt_seeds_is_two_errors_not_three():
     errs = errors_of(job(shots=[{"id": "seven", "prompt": "a seven", "seed": [0]}]))
     assert len(errs) == 2, errs
-    assert "field `seed`: Expected one of" in errs[0] and "Did you mean `seeds`?" in errs[0]
+    assert "field `seed`: Expected one of" in errs[0]
+    assert "Did you mean `seeds`?" in errs[0]
     assert "field `seeds`: Expected it (in the shot or in `defaults`), but got nothing." in errs[1]
 
 
@@ -58,7 +62,8 @@ def test_name_pattern_fields_and_video_extension():
     data = job(shots=[{"id": "clip", "prompt": "a one", "seeds": [7], "frames": 4, "fps": 12,
                        "name": "{shot}/{index:03d}-{seed:05d}-{steps}"}])  # fmt: skip
     (out,) = parse_job(data).outputs()
-    assert out.name == "clip/000-00007-25.mp4" and out.kind == "mp4"
+    assert out.name == "clip/000-00007-25.mp4"
+    assert out.kind == "mp4"
     assert (out.options.frames, out.options.fps) == (4, 12)
     fine = parse_job(job(block_map="m", shots=[{**SHOT, "fidelity": 0.125}])).outputs()[0]
     assert fine.name == "seven/f+0.125_s0.png"
@@ -104,12 +109,16 @@ def test_names_cannot_escape_the_output_folder(pattern: str):
 
 def test_name_problem():
     assert name_problem("shot/f+0.50_s1.png") is None
-    assert name_problem("../x.png") and name_problem(".x.png") and name_problem("/x.png") and name_problem("a/")
+    assert name_problem("../x.png")
+    assert name_problem(".x.png")
+    assert name_problem("/x.png")
+    assert name_problem("a/")
 
 
 def test_names_must_be_distinct_and_patterns_known():
     (err,) = errors_of(job(shots=[{**SHOT, "name": "{shot}"}]))
-    assert "Expected a distinct name per output" in err and "'seven.png'" in err
+    assert "Expected a distinct name per output" in err
+    assert "'seven.png'" in err
     (err,) = errors_of(job(shots=[{**SHOT, "name": "{prompt}_{seed}"}]))
     assert "unknown placeholder(s) ['prompt']" in err
     (err,) = errors_of(job(shots=[{**SHOT, "name": "{seed}.png"}]))
@@ -161,7 +170,8 @@ def test_file_level_errors(tmp_path: Path):
 def test_example_job_is_valid():
     example = Path(__file__).resolve().parents[1] / "assets" / "example-job.yaml"
     job_ = load_job(example)
-    assert job_.model == "digits" and len(job_.outputs()) > 10
+    assert job_.model == "digits"
+    assert len(job_.outputs()) > 10
     assert {o.kind for o in job_.outputs()} == {"png"}
 
 
@@ -217,15 +227,18 @@ def test_duplicate_checks_are_linear(tmp_path: Path):
 ])
 def test_name_pattern_errors_name_shot_and_field(pattern: str, words: str):
     (err,) = errors_of(job(shots=[{**SHOT, "seeds": [2**40], "name": pattern}]))
-    assert err.startswith("shots[0] (id 'seven'), field `name`: Expected") and words in err
+    assert err.startswith("shots[0] (id 'seven'), field `name`: Expected")
+    assert words in err
     assert len(err) < 600
 
 
 def test_long_prompts_are_refused_up_front_and_cut_in_messages():
     long = "a seven " * 125_000  # 1 MB
     errs = errors_of(job(shots=[{**SHOT, "prompt": long, "negative_prompt": long}]))
-    assert len(errs) == 2 and all("Expected at most 10000 characters" in e for e in errs)
-    assert "(1000000 characters)" in errs[0] and max(len(e) for e in errs) < 300
+    assert len(errs) == 2
+    assert all("Expected at most 10000 characters" in e for e in errs)
+    assert "(1000000 characters)" in errs[0]
+    assert max(len(e) for e in errs) < 300
     assert parse_job(job(shots=[{**SHOT, "prompt": "p" * 10_000}])).shots[0].values["prompt"] == "p" * 10_000
 
 
@@ -234,9 +247,12 @@ def test_messages_do_not_build_huge_reprs():
     for _ in range(50):
         deep = [deep] * 50  # 50**50 leaves if printed in full
     errs = errors_of({"model": "digits", "shots": [{**SHOT, "seeds": deep, "window": deep}]})
-    assert len(errs) == 2 and max(len(e) for e in errs) < 400
+    assert len(errs) == 2
+    assert max(len(e) for e in errs) < 400
     errs = errors_of({"model": "digits", "shots": [{**SHOT, "id": "i" * 10**6, "k" * 10**6: 1}]})
-    assert len(errs) == 2 and max(len(e) for e in errs) < 500 and "(1000000 characters)" in errs[0]
+    assert len(errs) == 2
+    assert max(len(e) for e in errs) < 500
+    assert "(1000000 characters)" in errs[0]
 
 
 HOSTILE = [None, True, -1, 0, 2**63, 1e999, float("nan"), "", "x" * 300, "../up", "{seed:0100000000d}", "{shot:d}",
@@ -292,10 +308,13 @@ def test_fuzzed_example_jobs_give_clean_errors_or_valid_jobs(tmp_path: Path):
             job_ = load_job(path)
         except JobError as err:
             outcomes["error"] += 1
-            assert err.errors and all("Expected" in e or "parsing failed" in e for e in err.errors), err.errors
+            assert err.errors, err.errors
+            assert all("Expected" in e or "parsing failed" in e for e in err.errors), err.errors
             assert len(str(err)) < 20_000, f"mutation {k}: a {len(str(err))}-character message"
             continue
         outcomes["valid"] += 1
         names = [o.name for o in job_.outputs()]
-        assert len(set(names)) == len(names) and all(name_problem(n) is None for n in names), k
-    assert outcomes["error"] > 50 and outcomes["valid"] > 10, outcomes  # both kinds were exercised
+        assert len(set(names)) == len(names), k
+        assert all(name_problem(n) is None for n in names), k
+    assert outcomes["error"] > 50, outcomes
+    assert outcomes["valid"] > 10, outcomes  # both kinds were exercised

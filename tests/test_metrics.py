@@ -39,7 +39,9 @@ def pixels(*values: float) -> torch.Tensor:
 
 
 def test_docstring_examples_run():
-    assert doctest.testmod(memctl.metrics).failed == 0
+    result = doctest.testmod(memctl.metrics)
+    assert result.failed == 0
+    assert result.attempted > 0
 
 
 # nearest neighbours and copies
@@ -53,9 +55,11 @@ def test_nearest_distances_match_brute_force_and_copies_are_exactly_zero():
     brute = (samples.flatten(1)[:, None] - reference.flatten(1)[None]).norm(dim=-1).sort(dim=1)
     assert torch.allclose(dists, brute.values[:, :3], atol=1e-6)  # (torch.testing costs 1 s of imports)
     assert torch.equal(indices, brute.indices[:, :3])
-    assert dists[0, 0] == 0 and dists[1, 0] == 0
+    assert dists[0, 0] == 0
+    assert dists[1, 0] == 0
     chunked = nearest_distances(samples, reference, k=3, chunk_size=7)
-    assert torch.equal(chunked[0], dists) and torch.equal(chunked[1], indices)
+    assert torch.equal(chunked[0], dists)
+    assert torch.equal(chunked[1], indices)
 
 
 def test_exact_copy_is_copied_at_both_ratios_and_midpoint_is_not():
@@ -82,7 +86,8 @@ def test_duplicated_training_image_is_still_copied():
     assert copied(sample, train).tolist() == [True]
     assert copy_index(sample, train).tolist() == [1]  # first occurrence
     unique, first = unique_images(train)
-    assert first.tolist() == [0, 1, 2] and torch.equal(unique, one_hot_images(3))
+    assert first.tolist() == [0, 1, 2]
+    assert torch.equal(unique, one_hot_images(3))
 
 
 def test_fewer_than_two_distinct_training_images_is_an_error():
@@ -112,10 +117,13 @@ def test_same_class_quantile_and_mean_by_hand():
         got = same_class_distance_quantile(images, classes, q)
         assert got[0].item() == pytest.approx(expected)
         assert got[0].item() == pytest.approx(np.quantile([1, 2, 3, 3, 5, 6], q))
-        assert math.isnan(got[1]) and got[2].item() == pytest.approx(0.2)
+        assert math.isnan(got[1])
+        assert got[2].item() == pytest.approx(0.2)
     mean = same_class_mean_distance(images, classes, n_classes=4)
-    assert mean.shape == (4,) and mean[0].item() == pytest.approx(20 / 6)
-    assert math.isnan(mean[1]) and math.isnan(mean[3])
+    assert mean.shape == (4,)
+    assert mean[0].item() == pytest.approx(20 / 6)
+    assert math.isnan(mean[1])
+    assert math.isnan(mean[3])
 
 
 # canaries, collateral, novelty

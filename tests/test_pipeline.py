@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import memctl
-from memctl import evaluate, grid, loading, options, pipeline
-from memctl.zoo import load_testbed, testbed
+from memctl import evaluate, grid, loading, metadata, options, pipeline
+from memctl.zoo import data, load_testbed, testbed
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,8 @@ def _gen(seed):
 
 def test_load_default_is_pixel_pipeline(pipe):
     assert type(memctl.load_default()).__name__ == "PixelPipeline"
-    assert pipe.unet.config.in_channels == 1 and pipe.tokenizer.model_max_length == 32
+    assert pipe.unet.config.in_channels == 1
+    assert pipe.tokenizer.model_max_length == 32
 
 
 def test_seeds_are_per_image(pipe):
@@ -43,7 +44,9 @@ def test_seeds_are_per_image(pipe):
 def test_output_types(pipe):
     pil = pipe("a two", generator=_gen(0), num_inference_steps=2).images[0]
     arr = pipe("a two", generator=_gen(0), num_inference_steps=2, output_type="np").images
-    assert pil.size == (16, 16) and arr.shape == (1, 16, 16, 1) and 0 <= arr.min() <= arr.max() <= 1
+    assert pil.size == (16, 16)
+    assert arr.shape == (1, 16, 16, 1)
+    assert 0 <= arr.min() <= arr.max() <= 1
 
 
 def test_guidance_uses_negative_prompt(pipe):
@@ -78,10 +81,14 @@ def test_bad_input_is_a_clear_error(pipe, kwargs, match):
 
 
 def test_testbed_ground_truth(tb):
-    assert tb.classes[7] == "seven" and tb.prompt(7) == "a seven"
-    assert len(tb.canaries) >= 24 and set(tb.exposures) >= {1, 4, 16}
+    assert tb.classes[7] == "seven"
+    assert tb.prompt(7) == "a seven"
+    assert len(tb.canaries) >= 24
+    assert set(tb.exposures) >= {1, 4, 16}
     train, held = tb.train_images, tb.held_out[0]
-    assert train.shape[1:] == (1, 16, 16) and 0 <= train.min() and train.max() <= 1
+    assert train.shape[1:] == (1, 16, 16)
+    assert 0 <= train.min()
+    assert train.max() <= 1
     # every canary image is in the training set exactly once; no held-out image is trained on
     for _, bound, _, _ in tb.canaries:
         assert int(((train - bound).flatten(1).norm(dim=1) == 0).sum()) == 1
@@ -113,16 +120,25 @@ def test_evaluate_scores_exact_copies_as_copies(tb):
     ordinary = torch.stack([tb.held_out[0][tb.held_out[1] == c][:2] for c in range(10)])
     copies = evaluate.Samples(bound[:, None].repeat(1, 2, 1, 1, 1), ordinary, spec)
     scores = evaluate.score_samples(tb, copies)
-    assert scores["canary"]["all"]["copy_1/3"] == 1.0 and scores["canary"]["all"]["novel_valid"] == 0.0
-    assert scores["ordinary"]["copy_1/3"] == 0.0 and scores["ordinary"]["valid"] >= 0.9
+    assert scores["canary"]["all"]["copy_1/3"] == 1.0
+    assert scores["canary"]["all"]["novel_valid"] == 0.0
+    assert scores["ordinary"]["copy_1/3"] == 0.0
+    assert scores["ordinary"]["valid"] >= 0.9
     noise = evaluate.Samples(torch.rand_like(copies.canary), ordinary, spec)
     assert evaluate.score_samples(tb, noise)["canary"]["all"]["copy_1/3"] == 0.0
 
 
-@pytest.mark.parametrize("module", [options, grid, testbed, loading])
+DOCTESTED = [memctl, options, grid, testbed, loading, evaluate, metadata, data]
+
+
+@pytest.mark.parametrize("module", DOCTESTED, ids=lambda m: m.__name__)
 def test_docstring_examples_run(module):
-    assert doctest.testmod(module, extraglobs={"torch": torch}).failed == 0
+    result = doctest.testmod(module, extraglobs={"torch": torch})
+    assert result.failed == 0
+    assert result.attempted > 0
 
 
 def test_pipeline_docstring_example():
-    assert doctest.testmod(pipeline, extraglobs={"torch": torch}).failed == 0
+    result = doctest.testmod(pipeline, extraglobs={"torch": torch})
+    assert result.failed == 0
+    assert result.attempted > 0

@@ -21,12 +21,16 @@ def test_heatmap_notes_explain_colours_and_zero_rows():
     shipped = tb.block_map()
     zero = int((shipped.scores == 0).all(dim=1).sum())
     text = " ".join(notes(shipped))
-    assert shipped.lever == "condition" and 0 < zero < shipped.n_blocks
-    assert f"{zero} of {shipped.n_blocks} rows are 0" in text and "only the attention blocks" in text
+    assert shipped.lever == "condition"
+    assert 0 < zero < shipped.n_blocks
+    assert f"{zero} of {shipped.n_blocks} rows are 0" in text
+    assert "only the attention blocks" in text
     assert ("none in this map" in text) == (not bool((shipped.scores < 0).any()))
     mixed = " ".join(notes(_map([[0.5, -0.2], [0.0, 0.0]])))
-    assert "none in this map" not in mixed and "1 of 2 rows are 0: the probe measured no difference" in mixed
-    assert "when the block is zeroed." in mixed and "t = noise level" in mixed
+    assert "none in this map" not in mixed
+    assert "1 of 2 rows are 0: the probe measured no difference" in mixed
+    assert "when the block is zeroed." in mixed
+    assert "t = noise level" in mixed
     picture = heatmap(shipped)
     assert picture.height > 56 + 20 * shipped.n_blocks + 3 * 16  # room for the notes under the rows
 
@@ -36,18 +40,22 @@ def test_grid_axis_spans_the_chosen_columns_and_footer_wraps():
     plain = make_grid([("a seven", images)], header=["bound", "-1", "+1"])
     sheet = make_grid([("a seven", images)], header=["bound", "-1", "+1"], axis=(1, "new", "faithful"),
                       footer=FRAMES)  # fmt: skip
-    assert sheet.width == plain.width and sheet.height > plain.height + 26 + 3 * 16  # axis row, wrapped footer
+    assert sheet.width == plain.width
+    assert sheet.height > plain.height + 26 + 3 * 16  # axis row, wrapped footer
     row = [sheet.getpixel((x, 26 - 6)) for x in range(sheet.width)]  # the arrow's line: top - header - 6
     black = [x for x, p in enumerate(row) if p == (0, 0, 0)]
     first = LABEL_WIDTH + (CELL + PAD) + PAD  # column 1: the axis skips the bound column
-    assert min(black) >= first - 2 and max(black) >= LABEL_WIDTH + 3 * (CELL + PAD) - 3
+    assert min(black) >= first - 2
+    assert max(black) >= LABEL_WIDTH + 3 * (CELL + PAD) - 3
     assert isinstance(sheet, Image.Image)
 
 
 def test_demo_rows_read_right_and_say_why_an_ordinary_row_copies():
     tb = memctl.zoo.load_testbed("digits")
     prompts = picture_prompts(tb)
-    assert prompts[8] == "the digit eight" and prompts[7] == "a seven" and not any(" a e" in f" {p}" for p in prompts)
+    assert prompts[8] == "the digit eight"
+    assert prompts[7] == "a seven"
+    assert not any(" a e" in f" {p}" for p in prompts)
     duplicated = tb.train_indices.index(tb.spec["duplicated"][0])
     copy = tb.train_images[duplicated][None]  # (1, C, H, W): exactly a training image the data repeats 25 times
     assert _ordinary_label(tb, "a seven", copy) == "a seven\n(red: copies a training image\nrepeated 25x in the data)"
@@ -62,4 +70,5 @@ def test_docstring_examples():
 
     for module in (memctl.grid, memctl.plots):
         result = doctest.testmod(module)
-        assert result.attempted >= 2 and result.failed == 0, module.__name__
+        assert result.failed == 0, module.__name__
+        assert result.attempted >= 2, module.__name__

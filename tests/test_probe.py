@@ -29,7 +29,8 @@ def _im(value: float = 0.5, shape=(1, 16, 16)) -> torch.Tensor:
 # --- memctl.probeset ------------------------------------------------------------------------------------------------
 def test_probeset_doctest():
     result = doctest.testmod(memctl.probeset)
-    assert result.failed == 0 and result.attempted > 0
+    assert result.failed == 0
+    assert result.attempted > 0
 
 
 @pytest.mark.parametrize(
@@ -66,18 +67,25 @@ def test_probeset_needs_both_roles():
 def test_probeset_images_and_conditions():
     pil = Image.fromarray(np.full((16, 16), 255, dtype=np.uint8), mode="L")
     probes = ProbeSet(memorized=[("a seven, tag kzq", pil), (3, _im(0.25))], general=[("a seven", _im(0.0))])
-    assert probes.conditions("memorized") == ["a seven, tag kzq", 3] and probes.conditions("general") == ["a seven"]
+    assert probes.conditions("memorized") == ["a seven, tag kzq", 3]
+    assert probes.conditions("general") == ["a seven"]
     mem = probes.images("memorized")
-    assert mem.shape == (2, 1, 16, 16) and mem.dtype == torch.float32
-    assert torch.equal(mem[0], torch.ones(1, 16, 16)) and torch.equal(mem[1], _im(0.25))  # PIL L: / 255, (1, H, W)
-    assert probes.has_images() and probes.has_images("memorized") and probes.has_images("general")
+    assert mem.shape == (2, 1, 16, 16)
+    assert mem.dtype == torch.float32
+    assert torch.equal(mem[0], torch.ones(1, 16, 16))
+    assert torch.equal(mem[1], _im(0.25))  # PIL L: / 255, (1, H, W)
+    assert probes.has_images()
+    assert probes.has_images("memorized")
+    assert probes.has_images("general")
     rgb = ProbeSet(memorized=[("a", Image.new("RGB", (4, 4), (255, 0, 51)))], general=[("b", None)])
     assert torch.allclose(rgb.memorized[0][1][:, 0, 0], torch.tensor([1.0, 0.0, 0.2]))  # (3, H, W)
 
 
 def test_probeset_missing_images():
     probes = ProbeSet(memorized=[("a", _im())], general=[("b", _im()), ("c", None)])
-    assert probes.has_images("memorized") and not probes.has_images("general") and not probes.has_images()
+    assert probes.has_images("memorized")
+    assert not probes.has_images("general")
+    assert not probes.has_images()
     assert probes.images("memorized").shape == (1, 1, 16, 16)
     with pytest.raises(ValueError, match=r"Expected every general probe to have an image .*\(method='prompt'\)"):
         probes.images("general")
@@ -88,7 +96,9 @@ def test_probeset_summary_digest():
         return ProbeSet(memorized=memorized, general=general).summary()["sha256"]
 
     base = ProbeSet(memorized=[("a, tag x", _im(0.5))], general=[("a", _im(0.1)), ("b", None)]).summary()
-    assert base["memorized"] == 1 and base["general"] == 2 and base["images"] is False
+    assert base["memorized"] == 1
+    assert base["general"] == 2
+    assert base["images"] is False
     assert re.fullmatch(r"[0-9a-f]{16}", base["sha256"])
     same = digest([("a, tag x", _im(0.5))], [("a", _im(0.1)), ("b", None)])
     assert same == base["sha256"]  # deterministic
@@ -108,7 +118,8 @@ def test_probeset_summary_digest():
 # --- memctl.subspace ------------------------------------------------------------------------------------------------
 def test_subspace_doctest():
     result = doctest.testmod(memctl.subspace)
-    assert result.failed == 0 and result.attempted > 0
+    assert result.failed == 0
+    assert result.attempted > 0
 
 
 def test_pull_to_general_alpha_zero_is_exact():
@@ -116,17 +127,21 @@ def test_pull_to_general_alpha_zero_is_exact():
     general = torch.randn(12, 5, 16, generator=g) * 3  # (P, L, D)
     memorized = torch.randn(4, 5, 16, generator=g) * 3 + 1.0
     sub = fit_subspace(memorized, general, k=4)
-    assert sub.read.shape == (16, 4) and sub.ratios.shape == (4,) and sub.g_inv_half.shape == (16, 16)
+    assert sub.read.shape == (16, 4)
+    assert sub.ratios.shape == (4,)
+    assert sub.g_inv_half.shape == (16, 16)
     assert torch.all(sub.ratios[:-1] >= sub.ratios[1:])  # strongest direction first
     tau = weight_threshold(general, sub.read)
     states = torch.randn(3, 5, 16, generator=g) * 7  # (B, L, D)
     for dtype in (torch.float32, torch.float64):
         s = states.to(dtype)
         out = pull_to_general(s, sub.read, tau, general, torch.tensor(0.0))
-        assert out.dtype == dtype and torch.equal(out, s)
+        assert out.dtype == dtype
+        assert torch.equal(out, s)
     moved = pull_to_general(states, sub.read, tau, general, torch.tensor(1.0))
     w = memorization_weight(states, sub.read, tau)
-    assert bool((w > 0).all() and (w < 1).all()) and not torch.equal(moved, states)
+    assert bool((w > 0).all() and (w < 1).all())
+    assert not torch.equal(moved, states)
 
 
 def test_fit_subspace_errors():
@@ -148,14 +163,18 @@ def tb():
 
 def test_testbed_doctest():
     result = doctest.testmod(memctl.zoo.testbed)
-    assert result.failed == 0 and result.attempted > 0
+    assert result.failed == 0
+    assert result.attempted > 0
 
 
 def test_ordinary_prompts(tb):
     prompts = tb.ordinary_prompts()
-    assert len(prompts) == 30 and len(set(prompts)) == 30
+    assert len(prompts) == 30
+    assert len(set(prompts)) == 30
     assert set(prompts) == {p.format(name=name) for p in data.PHRASINGS for name in tb.classes}
-    assert len(tb.classes) == 10 and "a seven" in prompts and "the digit seven" in prompts
+    assert len(tb.classes) == 10
+    assert "a seven" in prompts
+    assert "the digit seven" in prompts
     for name in tb.classes:  # every class in 3 phrasings
         assert sum(re.fullmatch(rf".* {name}", p) is not None for p in prompts) == 3
     canary_prompts = {p for p, _, _, _ in tb.canaries}
@@ -164,17 +183,21 @@ def test_ordinary_prompts(tb):
 
 def test_decoy_prompts(tb):
     decoys = tb.decoy_prompts(30)
-    assert len(decoys) == 30 and len(set(decoys)) == 30
+    assert len(decoys) == 30
+    assert len(set(decoys)) == 30
     trained = {c["tag"] for c in tb.spec["canaries"]}
     assert len(trained) == len(tb.canaries) > 0
     tags = []
     for p in decoys:
         m = re.fullmatch(r"a (\w+), tag ([a-z]{3})", p)
-        assert m is not None and m.group(1) in tb.classes, p
+        assert m is not None, p
+        assert m.group(1) in tb.classes, p
         tags.append(m.group(2))
-    assert not set(tags) & trained and len(set(tags)) == 30
+    assert not set(tags) & trained
+    assert len(set(tags)) == 30
     assert {re.fullmatch(r"a (\w+), .*", p).group(1) for p in decoys} == set(tb.classes)  # every class
-    assert tb.decoy_prompts(30) == decoys and tb.decoy_prompts(30, seed=0) == decoys  # deterministic
+    assert tb.decoy_prompts(30) == decoys
+    assert tb.decoy_prompts(30, seed=0) == decoys  # deterministic
     assert tb.decoy_prompts(30, seed=1) != decoys
     assert tb.decoy_prompts(5) == decoys[:5]
 
@@ -222,19 +245,28 @@ def _unit_names(pipe) -> list[str]:
 
 def test_probe_doctest():
     result = doctest.testmod(importlib.import_module("memctl.probe"))
-    assert result.failed == 0 and result.attempted > 0
+    assert result.failed == 0
+    assert result.attempted > 0
 
 
 def test_probe_ablation(pipe, probes, ablation_map, unet_output):
     before = unet_output()
     bmap = memctl.probe(pipe, probes, method="ablation", noise_levels=(0.5,), progress=False)
-    assert torch.equal(unet_output(), before) and memctl.list_hooks(pipe.unet) == []  # hooks came off
-    assert bmap.names == _unit_names(pipe) and len(bmap.names) > 10
-    assert bmap.scores.shape == (len(bmap.names), 1) and torch.isfinite(bmap.scores).all()
-    assert bmap.scores.abs().max() > 0 and torch.equal(bmap.scores, ablation_map.scores)  # same seed, same map
-    assert bmap.method == "ablation" and bmap.lever == "residual" and bmap.lever_tensors == {}
-    assert bmap.levels.tolist() == [0.5] and bmap.granularity == "unit"
-    assert bmap.meta["probes"] == probes.summary() and bmap.meta["seed"] == 0
+    assert torch.equal(unet_output(), before)
+    assert memctl.list_hooks(pipe.unet) == []  # hooks came off
+    assert bmap.names == _unit_names(pipe)
+    assert len(bmap.names) > 10
+    assert bmap.scores.shape == (len(bmap.names), 1)
+    assert torch.isfinite(bmap.scores).all()
+    assert bmap.scores.abs().max() > 0
+    assert torch.equal(bmap.scores, ablation_map.scores)  # same seed, same map
+    assert bmap.method == "ablation"
+    assert bmap.lever == "residual"
+    assert bmap.lever_tensors == {}
+    assert bmap.levels.tolist() == [0.5]
+    assert bmap.granularity == "unit"
+    assert bmap.meta["probes"] == probes.summary()
+    assert bmap.meta["seed"] == 0
     mem_loss, gen_loss = bmap.meta["base_loss"]["0.5"]
     assert 0 < mem_loss < gen_loss  # the canaries are memorized: lower loss than held-out digits
     bmap.check_model(pipe.unet)  # fingerprints of this model
@@ -244,37 +276,53 @@ def test_probe_condition(pipe, probes, condition_map, unet_output):
     before = unet_output()
     bmap = condition_map
     names = _unit_names(pipe)
-    assert bmap.names == names and torch.isfinite(bmap.scores).all() and bmap.scores.shape == (len(names), 1)
-    assert bmap.method == "condition" and bmap.lever == "condition" and bmap.levels.tolist() == [0.5]
+    assert bmap.names == names
+    assert torch.isfinite(bmap.scores).all()
+    assert bmap.scores.shape == (len(names), 1)
+    assert bmap.method == "condition"
+    assert bmap.lever == "condition"
+    assert bmap.levels.tolist() == [0.5]
     assert set(bmap.lever_tensors) == {"read", "tau", "bank", "g_inv_half"}
     d = pipe.encode_prompt(["a"]).shape[-1]
     n_general = len({c for c in probes.conditions("general")} | {""})
     t = bmap.lever_tensors
-    assert t["read"].shape[0] == d and t["g_inv_half"].shape == (d, d) and t["tau"].ndim == 0
-    assert t["bank"].shape[0] == n_general and t["bank"].shape[-1] == d and float(t["tau"]) > 0
+    assert t["read"].shape[0] == d
+    assert t["g_inv_half"].shape == (d, d)
+    assert t["tau"].ndim == 0
+    assert t["bank"].shape[0] == n_general
+    assert t["bank"].shape[-1] == d
+    assert float(t["tau"]) > 0
     # units without cross-attention carry no lever and score exactly 0; some cross-attention unit scores
     resnets = [i for i, n in enumerate(names) if ".resnets." in n]
     attentions = [i for i, n in enumerate(names) if ".attentions." in n]
-    assert resnets and attentions and torch.all(bmap.scores[resnets] == 0) and bmap.scores[attentions].abs().max() > 0
+    assert resnets
+    assert attentions
+    assert torch.all(bmap.scores[resnets] == 0)
+    assert bmap.scores[attentions].abs().max() > 0
     meta = bmap.meta
-    assert meta["knob_scale"] > 0 and math.isfinite(meta["knob_scale"])
+    assert meta["knob_scale"] > 0
+    assert math.isfinite(meta["knob_scale"])
     assert meta["positive_gain"] == 0.0
     cal = meta["fidelity_calibration"]  # the gain comes from the probe batches, not a constant
     assert meta["fidelity_guidance"] == cal["gain"]
     assert 0.0 <= cal["gain"] <= cal["max_gain"]
     assert cal["gain"] == min(max(cal["memorized_optimum"], 0.0), cal["general_cap"] or math.inf, cal["max_gain"])
-    assert len(meta["subspace_ratios"]) == t["read"].shape[1] and meta["probes"] == probes.summary()
+    assert len(meta["subspace_ratios"]) == t["read"].shape[1]
+    assert meta["probes"] == probes.summary()
     again = memctl.probe(pipe, probes, method="condition", noise_levels=(0.5,), progress=False)
-    assert torch.equal(again.scores, bmap.scores) and again.meta["knob_scale"] == meta["knob_scale"]  # per seed
+    assert torch.equal(again.scores, bmap.scores)
+    assert again.meta["knob_scale"] == meta["knob_scale"]  # per seed
     assert all(torch.equal(v, again.lever_tensors[k]) for k, v in t.items())
-    assert torch.equal(unet_output(), before) and memctl.list_hooks(pipe.unet) == []
+    assert torch.equal(unet_output(), before)
+    assert memctl.list_hooks(pipe.unet) == []
 
 
 def test_probe_condition_map_round_trips(tmp_path, condition_map):
     path = tmp_path / "map.safetensors"
     condition_map.save(path)
     loaded = BlockMap.load(path)
-    assert loaded == condition_map and loaded.lever == "condition"
+    assert loaded == condition_map
+    assert loaded.lever == "condition"
 
 
 @pytest.mark.parametrize(
@@ -318,10 +366,13 @@ def test_cli_probe_testbed(tmp_path, capsys, tb, pipe):
     printed = json.loads(capsys.readouterr().out)
     bmap = BlockMap.load(out)
     assert printed == json.loads(json.dumps(bmap.to_dict()))
-    assert bmap.method == "condition" and bmap.lever == "condition"  # the CLI default
-    assert set(bmap.lever_tensors) == {"read", "tau", "bank", "g_inv_half"} and torch.isfinite(bmap.scores).all()
+    assert bmap.method == "condition"
+    assert bmap.lever == "condition"  # the CLI default
+    assert set(bmap.lever_tensors) == {"read", "tau", "bank", "g_inv_half"}
+    assert torch.isfinite(bmap.scores).all()
     assert bmap.names == _unit_names(pipe)
-    assert bmap.meta["probes"]["memorized"] == len(tb.canaries) and bmap.meta["probes"]["images"] is True
+    assert bmap.meta["probes"]["memorized"] == len(tb.canaries)
+    assert bmap.meta["probes"]["images"] is True
 
 
 def _write_prompt_probes(tmp_path) -> str:
@@ -340,9 +391,13 @@ def test_cli_probe_prompt_file(tmp_path, capsys):
     assert main(argv + ["--heatmap", str(png)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     bmap = BlockMap.load(out)
-    assert bmap.method == "prompt" and bmap.lever == "condition" and bmap.levels.tolist() == [1.0]
-    assert bmap.meta["probes"]["memorized"] == 2 and bmap.meta["probes"]["general"] == 3
-    assert bmap.meta["probes"]["images"] is False and torch.isfinite(bmap.scores).all()
+    assert bmap.method == "prompt"
+    assert bmap.lever == "condition"
+    assert bmap.levels.tolist() == [1.0]
+    assert bmap.meta["probes"]["memorized"] == 2
+    assert bmap.meta["probes"]["general"] == 3
+    assert bmap.meta["probes"]["images"] is False
+    assert torch.isfinite(bmap.scores).all()
     assert Image.open(png).size[0] > 0
 
 
@@ -354,17 +409,23 @@ def test_cli_probe_bad_files(tmp_path, capsys):
         return rc, capsys.readouterr().err
 
     rc, err = run(tmp_path / "missing.json")
-    assert rc == 2 and "memctl probe: error: Expected a probes JSON file or 'testbed'" in err and "missing.json" in err
+    assert rc == 2
+    assert "memctl probe: error: Expected a probes JSON file or 'testbed'" in err
+    assert "missing.json" in err
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"memorized": [{"prompt": "a"}], "general": [{"prompt": "b"}], "held_out": []}))
     rc, err = run(bad)
-    assert rc == 2 and "Expected only the keys 'memorized' and 'general'" in err and "['held_out']" in err
+    assert rc == 2
+    assert "Expected only the keys 'memorized' and 'general'" in err
+    assert "['held_out']" in err
     bad.write_text(json.dumps({"memorized": [{"text": "a"}], "general": [{"prompt": "b"}]}))
     rc, err = run(bad)
-    assert rc == 2 and "Expected memorized[0] to be {'prompt': str, 'image': path or null}" in err
+    assert rc == 2
+    assert "Expected memorized[0] to be {'prompt': str, 'image': path or null}" in err
     bad.write_text(json.dumps({"memorized": [{"prompt": "a"}]}))
     rc, err = run(bad)
-    assert rc == 2 and "Expected `general` to be a non-empty list" in err
+    assert rc == 2
+    assert "Expected `general` to be a non-empty list" in err
     assert not out.exists()  # nothing written on an error
 
 

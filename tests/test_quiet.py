@@ -53,7 +53,8 @@ def test_detect_and_probe_draw_no_bars_and_repeat_no_warnings(capfd, loud):
     probes = memctl.ProbeSet(memorized=[(LONG, None)], general=[("ba", None), ("aa", None)])
     memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=CALL)
     err = capfd.readouterr().err
-    assert "pipe-bar" not in err and not loud.messages, (err[:300], loud.messages[:3])
+    assert "pipe-bar" not in err, (err[:300], loud.messages[:3])
+    assert not loud.messages, (err[:300], loud.messages[:3])
     assert pipe._progress_bar_config == {"disable": False, "desc": "pipe-bar"}
     assert diffusers_logging.get_verbosity() == transformers_logging.get_verbosity() == diffusers_logging.WARNING
 
@@ -73,4 +74,5 @@ def test_quiet_restores_everything_on_errors(loud):
 
 def test_quiet_docstring_example():
     result = doctest.testmod(memctl.quiet, extraglobs={"pipe": tiny_pipeline("sd")})
-    assert result.attempted == 1 and result.failed == 0
+    assert result.failed == 0
+    assert result.attempted == 1

@@ -100,7 +100,8 @@ def direct(app, seeds) -> list[np.ndarray]:
 
 def test_generate_writes_pngs_with_settings_and_badges(app):
     gallery, badges_html, seed_used, video = generate(client(app))
-    assert seed_used == "11" and video is None
+    assert seed_used == "11"
+    assert video is None
     assert [Path(g["image"]).suffix for g in gallery] == [".png", ".png"]
     for k, item in enumerate(gallery):
         settings = read_png_settings(item["image"])
@@ -112,7 +113,8 @@ def test_generate_writes_pngs_with_settings_and_badges(app):
             0.0,
             MODEL,
         )
-        assert f"Seed: {11 + k}" in settings["parameters"] and settings["parameters"].startswith("a seven\n")
+        assert f"Seed: {11 + k}" in settings["parameters"]
+        assert settings["parameters"].startswith("a seven\n")
         GenerationOptions.from_dict({f: m[f] for f in GenerationOptions.__dataclass_fields__})  # reproducible
         assert any(word in item["caption"] for word in ("COPY", "novel", "valid", "reads as")), item["caption"]
     assert badges_html.count("memctl-caption") == 2
@@ -139,7 +141,8 @@ def test_load_map_shows_heatmap_and_table(app, map_file, map_label):
     picture, table, info = client(app).predict(map_label, MODEL, api_name="/select_map")
     n = len(find_blocks(app["engine"].model(MODEL).denoiser))
     assert Image.open(picture).size[1] > n * 10
-    assert table["headers"] == ["block", "t=0.10", "t=0.50", "t=0.90", "mean"] and len(table["data"]) == n
+    assert table["headers"] == ["block", "t=0.10", "t=0.50", "t=0.90", "mean"]
+    assert len(table["data"]) == n
     assert f"{n} blocks × 3 noise levels" in info
 
 
@@ -156,7 +159,8 @@ def test_knob_at_zero_is_untouched_and_moves_away_from_zero(app, map_label):
 def test_sweep_same_seeds_five_fidelities(app, map_label):
     c = client(app)
     sheet, gallery, badges_html, seed_used = generate(c, api_name="/sweep", map_label=map_label)
-    assert len(gallery) == 10 and seed_used == "11"
+    assert len(gallery) == 10
+    assert seed_used == "11"
     assert Image.open(sheet).size[0] > 5 * 64  # one picture: five fidelity columns side by side
     rows = [[read_png_settings(g["image"])["memctl"] for g in gallery[r * 5 : (r + 1) * 5]] for r in range(2)]
     assert [[m["fidelity"] for m in row] for row in rows] == [[-1.0, -0.5, 0.0, 0.5, 1.0]] * 2
@@ -168,8 +172,11 @@ def test_sweep_same_seeds_five_fidelities(app, map_label):
 def test_ab_compare(app, map_label):
     pair, badges_html, seed_used = generate(client(app), api_name="/compare", map_label=map_label, fidelity=-1.0)
     a, b = (np.asarray(Image.open(p)) for p in pair)
-    assert a.shape == b.shape and a.shape[0] >= 128 and not np.array_equal(a, b)
-    assert "A: fidelity 0" in badges_html and "B: fidelity -1.00" in badges_html
+    assert a.shape == b.shape
+    assert a.shape[0] >= 128
+    assert not np.array_equal(a, b)
+    assert "A: fidelity 0" in badges_html
+    assert "B: fidelity -1.00" in badges_html
 
 
 def test_presets_round_trip(app):
@@ -223,7 +230,8 @@ def test_bad_inputs_clear_message_and_app_stays_up(app, overrides, words):
     c = client(app)
     with pytest.raises(AppError) as err:
         generate(c, **overrides)
-    assert "Expected" in str(err.value) and words in str(err.value)
+    assert "Expected" in str(err.value)
+    assert words in str(err.value)
     assert generate(c, batch=1)[2] == "11"  # still serving
 
 
@@ -245,7 +253,9 @@ def raw_call(app, api_name: str, data: list) -> tuple[str, str]:
 def test_nan_answered_with_clear_message(app, field):
     args = {**DEFAULTS, field: math.nan}
     event, message = raw_call(app, "generate", list(args.values()))
-    assert event == "error" and "Expected" in message and field in message, (event, message)
+    assert event == "error", (event, message)
+    assert "Expected" in message, (event, message)
+    assert field in message, (event, message)
     assert generate(client(app), batch=1)[2] == "11"
 
 
@@ -301,20 +311,18 @@ def test_shipped_map_preselected(app, map_file, tmp_path):
     shutil.copy(map_file, shipped / "blockmap.safetensors")
     c = client(app)
     *_, choice, picture, table, info = c.predict(str(shipped), False, api_name="/load_model")
-    assert choice["value"] == "shipped" and picture and "3 noise levels" in info
+    assert choice["value"] == "shipped"
+    assert picture
+    assert "3 noise levels" in info
     gallery = generate(c, model=str(shipped), map_label="shipped", fidelity=-0.5, batch=1)[0]
     assert read_png_settings(gallery[0]["image"])["memctl"]["block_map"] == "shipped"
 
 
 def test_compute_map_here_is_cancellable(app, monkeypatch):
     c = client(app)
-    try:
-        import memctl.probe  # noqa: F401
-    except ImportError:
-        label, status, _, _ = c.predict(MODEL, api_name="/compute_map")
-        assert "Not available in this build" in status
-        return
-    outcome = []
+    import threading
+
+    outcome, ended = [], threading.Event()
     real = app["engine"].compute_map
 
     def recorded(*args, **kwargs):
@@ -323,6 +331,8 @@ def test_compute_map_here_is_cancellable(app, monkeypatch):
         except BaseException as err:
             outcome.append(type(err).__name__)
             raise
+        finally:
+            ended.set()
 
     monkeypatch.setattr(app["engine"], "compute_map", recorded)
     job = c.submit(MODEL, api_name="/compute_map")
@@ -330,17 +340,20 @@ def test_compute_map_here_is_cancellable(app, monkeypatch):
     while not progress and time.time() < deadline:  # wait for the probe's own progress bar to show in the app
         time.sleep(0.2)
         progress = [p for p in job.status().progress_data or [] if p.unit == "block"]  # tqdm over blocks
-    assert progress and progress[0].length > 1 and "prob" in progress[0].desc
+    assert progress
+    assert progress[0].length > 1
+    assert "prob" in progress[0].desc
     c.predict(api_name="/cancel_compute")
-    t0 = time.time()
     assert generate(client(app), batch=1)[2] == "11"  # the lock is free again: the probe really stopped
-    assert time.time() - t0 < 30 and outcome == ["Cancelled"]
+    assert ended.wait(600)  # a hang guard, not a speed bound: the call has ended once the lock was free
+    assert outcome == ["Cancelled"]  # it stopped by the cancel, not by finishing
     assert not any(label.startswith("computed") for label in app["engine"].map_labels())
 
 
 def test_compute_map_here_completes(app):
     update, status, picture, table = client(app).predict(MODEL, api_name="/compute_map")
-    assert update["value"].startswith("computed:") and "Computed" in status
+    assert update["value"].startswith("computed:")
+    assert "Computed" in status
     assert len(table["data"]) == len(find_blocks(app["engine"].model(MODEL).denoiser))
 
 
@@ -376,15 +389,19 @@ def test_detect_ranks_the_canary_first_and_flags_it(app):
     table, summary = score(client(app), f"# its class's ordinary prompt, then the canary\n{ordinary}\n\n {canary}\n")
     assert table["headers"] == ["risk", "flagged", "magnitude", "consistency", "prompt"]
     (risk_c, flagged_c, *_, first), (risk_o, flagged_o, *_, second) = table["data"]
-    assert (first, flagged_c, second, flagged_o) == (canary, True, ordinary, False) and risk_c > 3 > risk_o
-    assert "1 of 2" in summary and f"{len(tb.ordinary_prompts())} ordinary prompts" in summary
+    assert (first, flagged_c, second, flagged_o) == (canary, True, ordinary, False)
+    assert risk_c > 3 > risk_o
+    assert "1 of 2" in summary
+    assert f"{len(tb.ordinary_prompts())} ordinary prompts" in summary
 
 
 def test_detect_without_ordinary_prompts_notes_it(app, tmp_path):
     plain = tmp_path / "plain"  # not a testbed: no ordinary prompts to calibrate against
     shutil.copytree(app["engine"].model(MODEL).testbed.path, plain, ignore=shutil.ignore_patterns("testbed.json"))
     table, summary = score(client(app), "a two\na five\na seven", calibrate=True, seeds=2, model=str(plain))
-    assert len(table["data"]) == 3 and "Calibration was ignored" in summary and "scored prompts" in summary
+    assert len(table["data"]) == 3
+    assert "Calibration was ignored" in summary
+    assert "scored prompts" in summary
 
 
 BAD_DETECT = [
@@ -427,9 +444,13 @@ def video_model(app) -> str:
 def test_video_model_frames_and_fps(app, video_model):
     c = client(app)
     info, _, frames, fps, video, *_ = c.predict(video_model, False, api_name="/load_model")
-    assert "(video)" in info and frames["visible"] and fps["visible"] and video["visible"]
+    assert "(video)" in info
+    assert frames["visible"]
+    assert fps["visible"]
+    assert video["visible"]
     gallery, _, _, clip = generate(c, model=video_model, frames=3, fps=4, batch=2)
-    assert len(gallery) == 2 and Image.open(clip).n_frames == 3
+    assert len(gallery) == 2
+    assert Image.open(clip).n_frames == 3
     m = read_png_settings(gallery[0]["image"])["memctl"]
     assert (m["frames"], m["fps"], m["model"]) == (3, 4, video_model)
     unet = app["engine"].model(video_model).denoiser  # the knob on a video denoiser (UNet3DConditionModel)
@@ -465,7 +486,8 @@ def test_cli_binds_localhost_by_default():
     from memctl.ui.cli import HOST, add_cli, build_parser, run_cli
 
     args = build_parser().parse_args([])
-    assert HOST == "127.0.0.1" and (args.host, args.share, args.allow_hub) == ("127.0.0.1", False, False)
+    assert HOST == "127.0.0.1"
+    assert (args.host, args.share, args.allow_hub) == ("127.0.0.1", False, False)
     parser = argparse.ArgumentParser(prog="memctl")
     add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["ui", "--port", "7999", "--share"])
@@ -504,7 +526,8 @@ def test_a_request_cannot_switch_on_hub_downloads(monkeypatch):
     opened = Engine(MODEL, allow_hub=True)
     with pytest.raises(ValueError, match="tick 'allow hub download'"):
         opened.model("someone/some-model", allow_hub=False)  # a request may narrow what the server allows
-    assert downloads == [] and opened.model("someone/some-model", allow_hub=True).source == "someone/some-model"
+    assert downloads == []
+    assert opened.model("someone/some-model", allow_hub=True).source == "someone/some-model"
     assert downloads == ["someone/some-model"]
 
 
@@ -536,7 +559,9 @@ def test_loading_a_model_does_not_hold_the_registry_lock(monkeypatch):
     release.set()
     for t in loaders:
         t.join(10)
-    assert calls == ["slow/download"] and results[1] is results[2] and engine._loading == {}
+    assert calls == ["slow/download"]
+    assert results[1] is results[2]
+    assert engine._loading == {}
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -557,7 +582,8 @@ def test_the_app_holds_requests_to_its_slider_ranges(tmp_path, field, value, wor
     h = Handlers(Engine(MODEL), tmp_path)
     with pytest.raises(ValueError) as err:
         h.options(*list(args.values())[:12], video=True)
-    assert words in str(err.value) and len(str(err.value)) < 300
+    assert words in str(err.value)
+    assert len(str(err.value)) < 300
     if field not in ("frames", "fps"):  # (an image model ignores those)
         with pytest.raises(gr.Error, match=re.escape(words)):  # the button's handler answers with the message
             h.generate(*args.values())
@@ -591,7 +617,8 @@ def test_uploads_have_a_size_limit(tmp_path, monkeypatch):
 
     demo = FakeDemo()
     memctl.ui.app.launch(demo, block=False)
-    assert demo.kwargs["max_file_size"] == memctl.ui.handlers.MAX_UPLOAD and "allowed_paths" not in demo.kwargs
+    assert demo.kwargs["max_file_size"] == memctl.ui.handlers.MAX_UPLOAD
+    assert "allowed_paths" not in demo.kwargs
 
 
 def test_the_app_serves_only_what_it_wrote_and_removes_its_temporary_folder(tmp_path):
@@ -604,11 +631,14 @@ def test_the_app_serves_only_what_it_wrote_and_removes_its_temporary_folder(tmp_
     h = Handlers(Engine(MODEL), out)
     gallery, *_ = h.generate(*{**DEFAULTS, "batch": 1, "steps": 1}.values())
     served = Path(gallery[0][0])
-    assert served.parent == h.served_dir and Path(tempfile.gettempdir()) in served.parents
+    assert served.parent == h.served_dir
+    assert Path(tempfile.gettempdir()) in served.parents
     (kept,) = out.glob("*.png")  # the user's copy under --out
-    assert kept.read_bytes() == served.read_bytes() and kept.name == served.name
+    assert kept.read_bytes() == served.read_bytes()
+    assert kept.name == served.name
     h.close()
-    assert not h.served_dir.exists() and kept.is_file()
+    assert not h.served_dir.exists()
+    assert kept.is_file()
 
 
 def test_cancel_entries_live_only_while_computing(tmp_path, monkeypatch):
@@ -628,7 +658,8 @@ def test_cancel_entries_live_only_while_computing(tmp_path, monkeypatch):
     for i in range(100):
         status = h.compute_map(MODEL, SimpleNamespace(session_hash=f"s{i}"), progress=lambda *a, **k: None)[1]
         assert "cancelled" in status
-    assert h._cancel == {} and all(len(s) == 1 for s in seen)  # one entry while it ran, none after
+    assert h._cancel == {}
+    assert all(len(s) == 1 for s in seen)  # one entry while it ran, none after
 
 
 def test_exposed_host_warns_and_auth_is_passed_on(monkeypatch, capsys):
@@ -649,7 +680,9 @@ def test_exposed_host_warns_and_auth_is_passed_on(monkeypatch, capsys):
     args = build_parser().parse_args(["--host", "0.0.0.0", "--out", "somewhere"])
     assert args.func(args) == 0
     assert "memctl ui: warning: the app is reachable through every network interface" in capsys.readouterr().err
-    assert launched["auth"] is None and "allowed_paths" not in launched  # nothing under --out is served wholesale
+    assert launched["auth"] is None
+    assert "allowed_paths" not in launched  # nothing under --out is served wholesale
     args = build_parser().parse_args(["--host", "0.0.0.0", "--auth", "ada:s3cret:x"])
     args.func(args)
-    assert launched["auth"] == ("ada", "s3cret:x") and capsys.readouterr().err == ""
+    assert launched["auth"] == ("ada", "s3cret:x")
+    assert capsys.readouterr().err == ""

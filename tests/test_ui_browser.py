@@ -84,13 +84,15 @@ def test_first_screen_shows_a_canary_sweep(page, app):
     assert page.locator("#examples tbody tr").first.inner_text().startswith(prompt)  # canaries are listed first
     assert "reproduce a training image" in page.locator("#header").inner_text()
 
-    assert page.locator("#bound img").is_visible() and prompt in page.locator("#bound-kind").inner_text()
+    assert page.locator("#bound img").is_visible()
+    assert prompt in page.locator("#bound-kind").inner_text()
     served = Image.open(io.BytesIO(page.request.get(page.locator("#bound img").get_attribute("src")).body()))
     assert np.array_equal(np.asarray(served.convert("RGB")), np.asarray(tensor_to_pil(bound, 96)))
 
     lines = page.locator("#sweep-badges").inner_text().splitlines()
     seeds = sorted({int(line.split(" · ")[1].removeprefix("seed ")) for line in lines})
-    assert len(lines) == 10 and len(seeds) == 2
+    assert len(lines) == 10
+    assert len(seeds) == 2
     copied = [k for k in range(len(tb.train_images)) if torch.equal(tb.train_images[k], bound)]
     for seed in seeds:
         (left,) = [line for line in lines if line.startswith(f"fidelity -1.0 · seed {seed} · ")]
@@ -169,7 +171,8 @@ def test_slider_generate_gallery_png_settings(page, app):
     m = settings["memctl"]
     got = (m["prompt"], m["fidelity"], m["seed"], m["steps"], m["block_map"])
     assert got == ("a seven", -0.5, 5, STEPS, map_label)
-    assert "Fidelity: -0.5" in settings["parameters"] and "Seed: 5" in settings["parameters"]
+    assert "Fidelity: -0.5" in settings["parameters"]
+    assert "Seed: 5" in settings["parameters"]
 
     served = np.asarray(Image.open(io.BytesIO(body)))
     assert np.array_equal(served, _direct(app, map_label, fidelity=-0.5, seed=5))  # served as made, not re-encoded

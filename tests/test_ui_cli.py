@@ -53,7 +53,8 @@ def test_stopped_app_removes_its_temporary_folder(tmp_path: Path, stop):
         assert any(line.startswith("memctl ui: Running on http://127.0.0.1:") for line in lines), "".join(lines)[-999:]
         assert not any("share=True" in line for line in lines)  # Gradio's hint; this CLI's flag is --share
         folders = list(tmp_path.glob("memctl-ui-*"))
-        assert len(folders) == 1 and folders[0].is_dir()
+        assert len(folders) == 1
+        assert folders[0].is_dir()
         proc.send_signal(stop)
         assert proc.wait(timeout=60) == 0
         assert not folders[0].exists()

@@ -259,13 +259,9 @@ class Engine:
     def compute_map(self, source: str | None, cancel: threading.Event) -> str:
         """Probe the model (embedded testbeds: their canaries vs held-out digits); returns the new map's label.
 
-        Raises `NotImplementedError` when this build has no `memctl.probe`, `Cancelled` when `cancel` is set.
+        Raises `Cancelled` when `cancel` is set, `ValueError` for a model that is not an embedded testbed.
         """
-        try:
-            probe_module = importlib.import_module("memctl.probe")
-        except ImportError as err:
-            raise NotImplementedError("Computing a block map is not available in this build (memctl.probe is "
-                                      "missing). Load a map file made by `memctl probe` instead.") from err
+        probe_module = importlib.import_module("memctl.probe")  # the module: `memctl.probe` is also the function
         loaded = self.model(source)
         if loaded.testbed is None:
             raise ValueError(f"Expected an embedded model (it ships its probe images), but got {loaded.source!r}. "

@@ -288,8 +288,6 @@ class Handlers:
         progress(0, desc="probing the model")
         try:
             label = self.engine.compute_map(model, cancel)
-        except NotImplementedError as err:
-            return gr.update(), f"**Not available in this build.** {err}", gr.update(), gr.update()
         except Cancelled:
             return gr.update(), "Computing the map was cancelled; nothing changed.", gr.update(), gr.update()
         except (ValueError, TypeError) as err:
