@@ -23,7 +23,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check memctl tests pipelines ui
+	$(BIN)/ruff check memctl tests pipelines bench
+	$(BIN)/ruff format --check memctl tests pipelines bench
 
 clean:
 	rm -rf $(VENV) out

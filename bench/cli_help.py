@@ -44,8 +44,11 @@ def main() -> None:
         "pass": worst < BAR_S,
         "worst_median_s": worst,
         "results": results,
-        "machine": {"cpus": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
-                    "python": platform.python_version()},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_1min": round(os.getloadavg()[0], 2),
+            "python": platform.python_version(),
+        },  # fmt: skip
     }
     path = Path(__file__).resolve().parent / "results" / "cli_help.json"
     path.write_text(json.dumps(out, indent=1) + "\n")

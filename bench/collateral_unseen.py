@@ -29,10 +29,15 @@ for name in ("digits-s0", "digits-s1"):
         with memctl.fidelity(pipe, f):
             x = generate(pipe, prompts, seeds * 20, spec)
         norm = metrics.same_class_mean_distance(tb.train_images, tb.train_classes, 10)[classes]
-        rows[str(f)] = {"collateral": round(metrics.collateral(x, ref, norm), 4),
-                        "valid": metrics.validity(tb.classify(x), classes)}
+        rows[str(f)] = {
+            "collateral": round(metrics.collateral(x, ref, norm), 4),
+            "valid": metrics.validity(tb.classify(x), classes),
+        }
     rows["0.0"] = {"valid": metrics.validity(tb.classify(ref), classes)}
     out[name] = rows
     print(name, rows, flush=True)
-json.dump({"command": "python bench/collateral_unseen.py", "seeds": 8, "results": out},
-          open("bench/results/collateral_unseen.json", "w"), indent=1)
+json.dump(
+    {"command": "python bench/collateral_unseen.py", "seeds": 8, "results": out},
+    open("bench/results/collateral_unseen.json", "w"),
+    indent=1,
+)

@@ -27,5 +27,8 @@ for name in ("digits-s0", "digits-s1"):
     rate = float((two[:, 0] / two[:, 1] < 1 / 3).float().mean())
     out[name] = {"classes": [tb.classes[c[3]] for c in most], "ordinary_copy_1/3": round(rate, 4)}
     print(name, out[name], flush=True)
-json.dump({"command": "python bench/duplicate_baseline.py", "seeds": 8, "results": out},
-          open("bench/results/duplicate_baseline.json", "w"), indent=1)
+json.dump(
+    {"command": "python bench/duplicate_baseline.py", "seeds": 8, "results": out},
+    open("bench/results/duplicate_baseline.json", "w"),
+    indent=1,
+)

@@ -48,5 +48,8 @@ for name in ("digits-s0", "digits-s1"):
     out[name] = {"units": units, "seconds": seconds, "agreement": rows,
                  "scores": {m: [round(mean[m][u], 4) for u in units] for m in maps}}  # fmt: skip
     print(name, seconds, rows, flush=True)
-json.dump({"command": "python bench/rank_agreement.py", "results": out},
-          open("bench/results/rank_agreement.json", "w"), indent=1)
+json.dump(
+    {"command": "python bench/rank_agreement.py", "results": out},
+    open("bench/results/rank_agreement.json", "w"),
+    indent=1,
+)

@@ -118,8 +118,13 @@ class BlockMap:
         if self.levels is not None:
             self.levels = torch.as_tensor(self.levels, dtype=torch.float32).detach().cpu()
             lv = self.levels
-            if lv.shape != (self.scores.shape[1],) or not torch.isfinite(lv).all() or (lv < 0).any() \
-                    or (lv > 1).any() or (lv.diff() <= 0).any():
+            if (
+                lv.shape != (self.scores.shape[1],)
+                or not torch.isfinite(lv).all()
+                or (lv < 0).any()
+                or (lv > 1).any()
+                or (lv.diff() <= 0).any()
+            ):
                 raise ValueError(
                     f"Expected {self.scores.shape[1]} ascending noise levels in [0, 1] in tensor `levels`, but got "
                     f"{lv.tolist()[:16]}."
@@ -129,8 +134,10 @@ class BlockMap:
         if self.lever not in LEVERS:
             raise ValueError(f"Expected lever in {LEVERS}, but got {self.lever!r}.")
         if self.lever == "condition" and not _CONDITION_TENSORS <= set(self.lever_tensors):
-            raise ValueError(f"Expected tensors {sorted(_CONDITION_TENSORS)} for a condition map, but got "
-                             f"{sorted(self.lever_tensors)}.")
+            raise ValueError(
+                f"Expected tensors {sorted(_CONDITION_TENSORS)} for a condition map, but got "
+                f"{sorted(self.lever_tensors)}."
+            )
         _check_tensors(self.lever, self.lever_tensors, "lever.")
         _check_tensors(None, self.samples, "sample.")
         if len(set(zip(self.components, self.names, strict=True))) != n:
@@ -346,8 +353,9 @@ class BlockMap:
             info = json.loads(metadata["blockmap"])
             samples = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("sample.")}
             lever = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("lever.")}
-            return cls(scores=tensors["scores"], levels=tensors.get("levels"), samples=samples, lever_tensors=lever,
-                       **info)
+            return cls(
+                scores=tensors["scores"], levels=tensors.get("levels"), samples=samples, lever_tensors=lever, **info
+            )
         except Exception as e:
             raise ValueError(
                 f"Expected a memctl block map (a .safetensors file written by BlockMap.save), but could not read "
@@ -389,8 +397,10 @@ def _check_tensors(lever: str | None, tensors: dict[str, torch.Tensor], prefix: 
             raise ValueError(f"Expected a floating-point tensor `{prefix}{key}`, but got {got}.")
         if not torch.isfinite(t).all():
             n = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"Expected finite values in tensor `{prefix}{key}`, but got {n} NaN or inf of "
-                             f"{t.numel()}. The map file is damaged: make it again (memctl probe).")
+            raise ValueError(
+                f"Expected finite values in tensor `{prefix}{key}`, but got {n} NaN or inf of "
+                f"{t.numel()}. The map file is damaged: make it again (memctl probe)."
+            )
     if prefix == "sample.":
         for key, t in tensors.items():
             if t.ndim != 1:

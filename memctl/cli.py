@@ -69,8 +69,9 @@ def _load_probes(spec: str, tb):
     if not isinstance(raw, dict):
         from memctl.options import short_repr
 
-        raise ValueError(f"Expected a JSON object {{\"memorized\": [...], \"general\": [...]}} in {path}, but got "
-                         f"{short_repr(raw)}.")
+        raise ValueError(
+            f'Expected a JSON object {{"memorized": [...], "general": [...]}} in {path}, but got {short_repr(raw)}.'
+        )
     unknown = sorted(set(raw) - {"memorized", "general"})
     if unknown:
         raise ValueError(f"Expected only the keys 'memorized' and 'general' in {path}, but got {unknown}.")
@@ -83,14 +84,21 @@ def _probe_pairs(raw: dict, role: str, path: Path) -> list[tuple]:
 
     items = raw.get(role, [])
     if not isinstance(items, list):
-        raise ValueError(f"Expected `{role}` in {path} to be a list of {{'prompt': str, 'image': path or null}}, "
-                         f"but got {short_repr(items)}.")
+        raise ValueError(
+            f"Expected `{role}` in {path} to be a list of {{'prompt': str, 'image': path or null}}, "
+            f"but got {short_repr(items)}."
+        )
     out = []
     for i, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or \
-                not isinstance(item.get("image"), (str, type(None))):
-            raise ValueError(f"Expected {role}[{i}] to be {{'prompt': str, 'image': path or null}}, but got "
-                             f"{short_repr(item)} (in {path}).")
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("prompt"), str)
+            or not isinstance(item.get("image"), (str, type(None)))
+        ):
+            raise ValueError(
+                f"Expected {role}[{i}] to be {{'prompt': str, 'image': path or null}}, but got "
+                f"{short_repr(item)} (in {path})."
+            )
         image = item.get("image")
         if image is not None:
             image = _probe_image(path.parent / image, f"{role}[{i}] in {path}")
@@ -102,15 +110,15 @@ def _probe_image(file: Path, where: str):
     from PIL import Image, UnidentifiedImageError
 
     if not file.is_file():
-        raise FileNotFoundError(f"Expected {where} to name an image file, but {file} is "
-                                f"{'a folder' if file.is_dir() else 'missing'}.")
+        raise FileNotFoundError(
+            f"Expected {where} to name an image file, but {file} is {'a folder' if file.is_dir() else 'missing'}."
+        )
     try:
         with Image.open(file) as im:
             im.load()
             return im.copy()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise ValueError(f"Expected {where} to name an image (PNG, JPEG, ...), but {file} is not one: {err}") \
-            from None
+        raise ValueError(f"Expected {where} to name an image (PNG, JPEG, ...), but {file} is not one: {err}") from None
 
 
 def _cmd_probe(args) -> int:
@@ -141,13 +149,16 @@ def _cmd_probe(args) -> int:
 def _check_writable_file(file: Path, flag: str) -> None:
     """`file` can be written: not a folder, its folder made (so a long run does not fail at its last step)."""
     if file.is_dir():
-        raise ValueError(f"Expected {flag} to be a file to write, but {file} is a folder. Name a file in it, e.g. "
-                         f"{file / 'map.safetensors'}.")
+        raise ValueError(
+            f"Expected {flag} to be a file to write, but {file} is a folder. Name a file in it, e.g. "
+            f"{file / 'map.safetensors'}."
+        )
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"Expected {flag} in a folder that can be made, but {file.parent}: "
-                         f"{err.strerror or err}.") from None
+        raise ValueError(
+            f"Expected {flag} in a folder that can be made, but {file.parent}: {err.strerror or err}."
+        ) from None
 
 
 def _positive(text: str) -> int:
@@ -180,8 +191,12 @@ def _cmd_detect(args) -> int:
 
     prompts = _read_prompts(args.prompts)
     if args.limit is not None and len(prompts) > args.limit:
-        print(f"memctl detect: scoring the first {args.limit} of {len(prompts)} prompts in {args.prompts} "
-              f"(--limit {args.limit}).", file=sys.stderr, flush=True)
+        print(
+            f"memctl detect: scoring the first {args.limit} of {len(prompts)} prompts in {args.prompts} "
+            f"(--limit {args.limit}).",
+            file=sys.stderr,
+            flush=True,
+        )
         prompts = prompts[: args.limit]
     else:
         print(f"memctl detect: scoring {len(prompts)} prompts from {args.prompts}.", file=sys.stderr, flush=True)
@@ -216,15 +231,18 @@ def _cmd_bake(args) -> int:
 
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before loading the model
-        raise ValueError(f"Expected -o to be a new or empty folder, but {out} "
-                         f"{'is a file' if not out.is_dir() else 'has files'}. Remove it or choose another folder.")
+        raise ValueError(
+            f"Expected -o to be a new or empty folder, but {out} "
+            f"{'is a file' if not out.is_dir() else 'has files'}. Remove it or choose another folder."
+        )
     prompts = _read_prompts(args.prompts) if args.prompts else None
     bmap = None if args.map == "testbed" else BlockMap.load(args.map)
     pipe, tb = load_model_and_testbed(args.model)
     if bmap is None:
         if tb is None:
-            raise ValueError(f"Expected --map FILE for a model that is not a testbed, but got 'testbed' for "
-                             f"{args.model}.")
+            raise ValueError(
+                f"Expected --map FILE for a model that is not a testbed, but got 'testbed' for {args.model}."
+            )
         bmap = tb.block_map()
     if prompts is None and tb is not None and bmap.lever == "condition":
         prompts = [c[0] for c in tb.canaries]  # what the testbed's maps are probed with
@@ -233,13 +251,19 @@ def _cmd_bake(args) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    print(f"baked fidelity {info['fidelity']:g} ({info['lever']} lever, {len(info['edits'])} units edited; "
-          f"memorized states: {info['memorized_states'] or 'n/a'}) into {out}")
-    print(f"source {info['source_fingerprint']} -> baked {info['baked_fingerprint']}; single file "
-          f"{out / 'denoiser.safetensors'}")
+    print(
+        f"baked fidelity {info['fidelity']:g} ({info['lever']} lever, {len(info['edits'])} units edited; "
+        f"memorized states: {info['memorized_states'] or 'n/a'}) into {out}"
+    )
+    print(
+        f"source {info['source_fingerprint']} -> baked {info['baked_fingerprint']}; single file "
+        f"{out / 'denoiser.safetensors'}"
+    )
     if info["memorized_states"] == "stand-ins from the map":
-        print("note: no --prompts, so the edit was fit on stand-ins made from the map, which keep far fewer "
-              "answers novel and valid than the memorized prompts would: pass them with --prompts FILE.")
+        print(
+            "note: no --prompts, so the edit was fit on stand-ins made from the map, which keep far fewer "
+            "answers novel and valid than the memorized prompts would: pass them with --prompts FILE."
+        )
     return 0
 
 
@@ -278,10 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memctl", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = _command(sub, "demo", "render the embedded default's fidelity sweep, samples and metrics to out/demo",
-                 "Render the embedded model's fidelity sweep (-1 new ... +1 faithful) for canary and ordinary "
-                 "prompts, each canary beside its bound training image, with the metrics table and the block map's "
-                 "heat-map.")
+    p = _command(
+        sub,
+        "demo",
+        "render the embedded default's fidelity sweep, samples and metrics to out/demo",
+        "Render the embedded model's fidelity sweep (-1 new ... +1 faithful) for canary and ordinary "
+        "prompts, each canary beside its bound training image, with the metrics table and the block map's "
+        "heat-map.",
+    )
     p.add_argument("--model", default="digits", help="testbed name or folder")
     p.add_argument("--out", default="out/demo", help="output folder")
     p.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
@@ -289,19 +317,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the testbed's own)")
     p.set_defaults(func=_cmd_demo)
 
-    p = _command(sub, "bench", "measure a suite and write bench/results/<suite>.json",
-                 "Measure a suite and write SUITE.json and SUITE.md to --out: 'digits' (the embedded models at "
-                 "fidelity 0 and a guidance sweep), 'effect' (what the knob does to copies and novelty), 'detect' "
-                 "(prompt-only detection against the testbeds' ground truth).")
+    p = _command(
+        sub,
+        "bench",
+        "measure a suite and write bench/results/<suite>.json",
+        "Measure a suite and write SUITE.json and SUITE.md to --out: 'digits' (the embedded models at "
+        "fidelity 0 and a guidance sweep), 'effect' (what the knob does to copies and novelty), 'detect' "
+        "(prompt-only detection against the testbeds' ground truth).",
+    )
     p.add_argument("suite", choices=["digits", "effect", "detect"], help="what to measure")
     p.add_argument("--out", default="bench/results", help="output folder")
     p.add_argument("--models", nargs="+", default=["digits-s0", "digits-s1"], help="testbeds to measure")
     p.add_argument("--quick", action="store_true", help="fewer seeds (a smoke run, not for the record)")
     p.set_defaults(func=_cmd_bench)
 
-    p = _command(sub, "blocks", "list the residual blocks of a model's denoiser(s)",
-                 "List the residual blocks of a model's denoiser(s): the units a block map scores and the knob "
-                 "scales.")
+    p = _command(
+        sub,
+        "blocks",
+        "list the residual blocks of a model's denoiser(s)",
+        "List the residual blocks of a model's denoiser(s): the units a block map scores and the knob scales.",
+    )
     p.add_argument("model", help="testbed name, diffusers pipeline folder, or denoiser folder")
     p.add_argument("--granularity", choices=["unit", "stage"], default="unit", help="one row per unit or per stage")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -314,10 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_render)
     add_ui_cli(sub)
 
-    p = _command(sub, "probe", "attribute memorization to blocks → a block map (.safetensors)",
-                 "Attribute memorization to the blocks of a model's denoiser and save a block map. Methods: "
-                 "'condition' (memorized prompt tokens swapped for general ones, one cross-attention unit at a "
-                 "time), 'ablation' (one unit zeroed at a time), 'prompt' (prompts only, no images).")
+    p = _command(
+        sub,
+        "probe",
+        "attribute memorization to blocks → a block map (.safetensors)",
+        "Attribute memorization to the blocks of a model's denoiser and save a block map. Methods: "
+        "'condition' (memorized prompt tokens swapped for general ones, one cross-attention unit at a "
+        "time), 'ablation' (one unit zeroed at a time), 'prompt' (prompts only, no images).",
+    )
     p.add_argument("model", help="testbed name or diffusers pipeline folder")
     p.add_argument("--probes", required=True, help="'testbed' or a JSON file {memorized: [...], general: [...]}")
     p.add_argument("-o", "--output", required=True, help="block map file to write (.safetensors)")
@@ -328,38 +367,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the map as JSON instead of a table")
     p.set_defaults(func=_cmd_probe)
 
-    p = _command(sub, "detect", "score prompts for memorization risk, without training data",
-                 "Score prompts for memorization risk from the first denoising step(s), without training data: "
-                 "how hard each prompt pulls the noise prediction (Wen et al. 2024) and how alike that pull is "
-                 "across seeds (Hintersdorf et al. 2024). Risk is a robust z-score against ordinary prompts.")
+    p = _command(
+        sub,
+        "detect",
+        "score prompts for memorization risk, without training data",
+        "Score prompts for memorization risk from the first denoising step(s), without training data: "
+        "how hard each prompt pulls the noise prediction (Wen et al. 2024) and how alike that pull is "
+        "across seeds (Hintersdorf et al. 2024). Risk is a robust z-score against ordinary prompts.",
+    )
     p.add_argument("prompts", help="text file, one prompt per line ('#' lines and blank lines skipped)")
     p.add_argument("--model", default="digits", help="testbed name or diffusers pipeline folder")
-    p.add_argument("--reference", help="text file of ordinary prompts that calibrate the risk score "
-                   "(default for a testbed: its ordinary prompts; otherwise the scored prompts themselves)")
+    p.add_argument(
+        "--reference",
+        help="text file of ordinary prompts that calibrate the risk score "
+        "(default for a testbed: its ordinary prompts; otherwise the scored prompts themselves)",
+    )
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (>= 2)")
     p.add_argument("--steps", type=_positive, default=1, help="first denoising steps to read")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance scale of the read steps (> 1)")
     p.add_argument("--num-inference-steps", type=int, default=None, help="schedule length (default: the pipeline's)")
     p.add_argument("--threshold", type=float, default=THRESHOLD, help="flag prompts whose risk exceeds this")
     p.add_argument("--batch-size", type=_positive, default=8, help="prompts per pipeline call")
-    p.add_argument("--limit", type=_positive, default=None, metavar="N",
-                   help="score only the first N prompts of the file (the rest are counted, not scored)")
+    p.add_argument(
+        "--limit",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="score only the first N prompts of the file (the rest are counted, not scored)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_detect)
 
-    p = _command(sub, "bake", "write the knob at a fidelity <= 0 into the weights → a hook-free pipeline folder",
-                 "Write the knob at one fidelity (-1 ... 0) into a copy of the model's weights and save a standard "
-                 "diffusers folder (loads without memctl where the pipeline is stock; PixelPipeline folders with "
-                 "memctl.load_pipeline), with denoiser.safetensors and the provenance in bake.json. Condition maps: "
-                 "a closed-form least-squares edit of the selected cross-attentions' key/value projections (UCE); "
-                 "residual maps: each factor folded into its unit's last layer. Factors are averaged over the map's "
-                 "noise levels. Fidelity > 0 (guidance, an extra pass per step) is not bakeable.")
+    p = _command(
+        sub,
+        "bake",
+        "write the knob at a fidelity <= 0 into the weights → a hook-free pipeline folder",
+        "Write the knob at one fidelity (-1 ... 0) into a copy of the model's weights and save a standard "
+        "diffusers folder (loads without memctl where the pipeline is stock; PixelPipeline folders with "
+        "memctl.load_pipeline), with denoiser.safetensors and the provenance in bake.json. Condition maps: "
+        "a closed-form least-squares edit of the selected cross-attentions' key/value projections (UCE); "
+        "residual maps: each factor folded into its unit's last layer. Factors are averaged over the map's "
+        "noise levels. Fidelity > 0 (guidance, an extra pass per step) is not bakeable.",
+    )
     p.add_argument("model", help="testbed name or diffusers pipeline folder")
     p.add_argument("--map", required=True, help="block map file (.safetensors), or 'testbed' for a testbed's own")
     p.add_argument("--fidelity", type=float, required=True, help="fidelity to bake, in [-1, 0]")
     p.add_argument("-o", "--output", required=True, help="folder to write (new or empty)")
-    p.add_argument("--prompts", help="text file of memorized prompts the condition edit is fit on (default for a "
-                   "testbed: its canary prompts; otherwise stand-ins made from the map)")
+    p.add_argument(
+        "--prompts",
+        help="text file of memorized prompts the condition edit is fit on (default for a "
+        "testbed: its canary prompts; otherwise stand-ins made from the map)",
+    )
     p.add_argument("--strength", type=float, default=1.0, help="knob strength, as in memctl.apply_knob")
     p.add_argument("--json", action="store_true", help="print the provenance as JSON")
     p.set_defaults(func=_cmd_bake)

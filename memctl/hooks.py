@@ -260,8 +260,11 @@ class ConditionHook(ModelHook):
 def cross_attentions(model: torch.nn.Module, block: Block) -> list[str]:
     """Dotted paths of the cross-attention modules (`Attention` with `is_cross_attention`) inside a block."""
     root = unwrap(model).get_submodule(block.name)
-    return [f"{block.name}.{n}" for n, m in root.named_modules()
-            if type(m).__name__ == "Attention" and getattr(m, "is_cross_attention", False)]
+    return [
+        f"{block.name}.{n}"
+        for n, m in root.named_modules()
+        if type(m).__name__ == "Attention" and getattr(m, "is_cross_attention", False)
+    ]
 
 
 class RecordHook(_InputsOfDelta):

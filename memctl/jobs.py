@@ -23,8 +23,20 @@ import yaml
 
 from memctl.options import GenerationOptions, short_repr
 
-SHOT_FIELDS = ("prompt", "negative_prompt", "seeds", "fidelity", "strength", "window", "steps", "guidance", "size",
-               "frames", "fps", "name")
+SHOT_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "seeds",
+    "fidelity",
+    "strength",
+    "window",
+    "steps",
+    "guidance",
+    "size",
+    "frames",
+    "fps",
+    "name",
+)
 JOB_FIELDS = ("version", "model", "block_map", "dtype", "batch_size", "cpu_threads", "defaults", "shots")
 DTYPES = ("float32", "float16", "bfloat16")
 NAME_FIELDS = ("shot", "seed", "fidelity", "index", "strength", "steps", "guidance")
@@ -146,12 +158,17 @@ def _top_fields(data: dict, errors: list[str]) -> dict:
         errors.append("job, field `model`: Expected a testbed name, pipeline folder or hub id, but got nothing.")
     top = {
         "model": check("model", lambda v: isinstance(v, str) and v.strip(), "a non-empty str", ""),
-        "block_map": check("block_map", lambda v: v is None or (isinstance(v, str) and v.strip()),
-                           "a path to a block map (.safetensors), 'shipped', or null", None),
+        "block_map": check(
+            "block_map",
+            lambda v: v is None or (isinstance(v, str) and v.strip()),
+            "a path to a block map (.safetensors), 'shipped', or null",
+            None,
+        ),
         "dtype": check("dtype", lambda v: v in DTYPES, f"one of {list(DTYPES)}", "float32"),
         "batch_size": check("batch_size", lambda v: _is_int(v) and 1 <= v <= 64, "an int in [1, 64]", 1),
-        "cpu_threads": check("cpu_threads", lambda v: v is None or (_is_int(v) and 1 <= v <= 1024),
-                             "null or an int in [1, 1024]", None),
+        "cpu_threads": check(
+            "cpu_threads", lambda v: v is None or (_is_int(v) and 1 <= v <= 1024), "null or an int in [1, 1024]", None
+        ),
     }
     return top
 
@@ -168,19 +185,24 @@ def _shots(raw: Any, defaults: dict, top: dict, errors: list[str]) -> list[Shot]
         sid = item.get("id")
         where = f"shots[{i}]" + (f" (id {short_repr(sid, 70)})" if isinstance(sid, str) else "")
         if not (isinstance(sid, str) and _ID.fullmatch(sid)):
-            errors.append(f"{where}, field `id`: Expected a name of letters, digits, '_' or '-' (at most 64, "
-                          f"starting with a letter or digit), but got {_got(sid) if 'id' in item else 'nothing'}.")
+            errors.append(
+                f"{where}, field `id`: Expected a name of letters, digits, '_' or '-' (at most 64, "
+                f"starting with a letter or digit), but got {_got(sid) if 'id' in item else 'nothing'}."
+            )
         elif sid in seen:
-            errors.append(f"{where}, field `id`: Expected an id not used by another shot, but shots[{seen[sid]}] "
-                          f"has it too.")
+            errors.append(
+                f"{where}, field `id`: Expected an id not used by another shot, but shots[{seen[sid]}] has it too."
+            )
         else:
             seen[sid] = i
         n = len(errors)
         _unknown(where, item, ("id", *SHOT_FIELDS), errors)
         values = _shot_values({**defaults, **{k: v for k, v in item.items() if k != "id"}}, where, errors)
         if values and top["block_map"] is None and any(f != 0 for f in values["fidelity"]):
-            errors.append(f"{where}, field `fidelity`: Expected 0 when the job has no `block_map`, but got "
-                          f"{list(values['fidelity'])}. Add `block_map:` to the job, or set fidelity to 0.")
+            errors.append(
+                f"{where}, field `fidelity`: Expected 0 when the job has no `block_map`, but got "
+                f"{list(values['fidelity'])}. Add `block_map:` to the job, or set fidelity to 0."
+            )
         if len(errors) == n and isinstance(sid, str):
             shots.append(Shot(sid, i, values))
     return shots
@@ -197,8 +219,10 @@ def _shot_values(merged: dict, where: str, errors: list[str]) -> dict:
     v["negative_prompt"] = _option(merged, "negative_prompt", where, errors, "")
     for name in ("prompt", "negative_prompt"):
         if isinstance(v[name], str) and len(v[name]) > MAX_PROMPT_CHARS:
-            errors.append(f"{where}, field `{name}`: Expected at most {MAX_PROMPT_CHARS} characters, but got "
-                          f"{short_repr(v[name])}.")
+            errors.append(
+                f"{where}, field `{name}`: Expected at most {MAX_PROMPT_CHARS} characters, but got "
+                f"{short_repr(v[name])}."
+            )
     for name in ("strength", "steps", "guidance", "frames", "fps"):
         v[name] = _option(merged, name, where, errors, getattr(GenerationOptions, name))
     v["seeds"] = _seeds(merged["seeds"], where, errors) if "seeds" in merged else ()  # missing: reported above
@@ -225,10 +249,14 @@ def _option(merged: dict, name: str, where: str, errors: list[str], default):
 def _seeds(raw: Any, where: str, errors: list[str]) -> tuple[int, ...]:
     expected = "a list of distinct ints in [0, 2**63), or {start: int, count: int}"
     if isinstance(raw, dict):
-        if set(raw) != {"start", "count"} or not (_is_int(raw["start"]) and _is_int(raw["count"])) \
-                or not 1 <= raw["count"] <= MAX_OUTPUTS:
-            errors.append(f"{where}, field `seeds`: Expected {expected} with count in [1, {MAX_OUTPUTS}], "
-                          f"but got {_got(raw)}.")
+        if (
+            set(raw) != {"start", "count"}
+            or not (_is_int(raw["start"]) and _is_int(raw["count"]))
+            or not 1 <= raw["count"] <= MAX_OUTPUTS
+        ):
+            errors.append(
+                f"{where}, field `seeds`: Expected {expected} with count in [1, {MAX_OUTPUTS}], but got {_got(raw)}."
+            )
             return ()
         raw = list(range(raw["start"], raw["start"] + raw["count"]))
     if not isinstance(raw, list) or not raw or not all(_is_int(s) and 0 <= s < 2**63 for s in raw):
@@ -244,8 +272,12 @@ def _seeds(raw: Any, where: str, errors: list[str]) -> tuple[int, ...]:
 def _fidelities(raw: Any, where: str, errors: list[str]) -> tuple[float, ...]:
     expected = "a number in [-1, 1], a list of them, or a sweep {from: x, to: y, count: n}"
     if isinstance(raw, dict):
-        ok = set(raw) == {"from", "to", "count"} and _is_int(raw["count"]) and 1 <= raw["count"] <= 1001 \
+        ok = (
+            set(raw) == {"from", "to", "count"}
+            and _is_int(raw["count"])
+            and 1 <= raw["count"] <= 1001
             and all(_is_num(raw[k]) and -1 <= raw[k] <= 1 for k in ("from", "to"))
+        )
         if not ok:
             errors.append(f"{where}, field `fidelity`: Expected {expected} (count in [1, 1001]), but got {_got(raw)}.")
             return ()
@@ -264,8 +296,10 @@ def _fidelities(raw: Any, where: str, errors: list[str]) -> tuple[float, ...]:
 
 def _window(raw: Any, where: str, errors: list[str]) -> tuple[float, float]:
     if not (isinstance(raw, list) and len(raw) == 2 and all(_is_num(x) for x in raw)):
-        errors.append(f"{where}, field `window`: Expected [start, stop] with 0 <= start <= stop <= 1 (the part of "
-                      f"the noise schedule where the knob acts), but got {_got(raw)}.")
+        errors.append(
+            f"{where}, field `window`: Expected [start, stop] with 0 <= start <= stop <= 1 (the part of "
+            f"the noise schedule where the knob acts), but got {_got(raw)}."
+        )
         return (0.0, 1.0)
     try:
         GenerationOptions(prompt="", start=raw[0], stop=raw[1])
@@ -279,8 +313,10 @@ def _size(raw: Any, where: str, errors: list[str]) -> tuple[int, int] | None:
         return None
     pair = [raw, raw] if _is_int(raw) else raw
     if not (isinstance(pair, list) and len(pair) == 2 and all(_is_int(x) and 1 <= x <= 16384 for x in pair)):
-        errors.append(f"{where}, field `size`: Expected null (the model's size), an int, or [width, height] of ints "
-                      f"in [1, 16384], but got {_got(raw)}.")
+        errors.append(
+            f"{where}, field `size`: Expected null (the model's size), an int, or [width, height] of ints "
+            f"in [1, 16384], but got {_got(raw)}."
+        )
         return None
     return (pair[0], pair[1])
 
@@ -291,8 +327,9 @@ def _pattern(raw: Any, where: str, errors: list[str]) -> str:
         errors.append(f"{where}, field `name`: Expected {expected}, but got {_got(raw)}.")
         return DEFAULT_NAME
     if len(raw) > MAX_NAME:
-        errors.append(f"{where}, field `name`: Expected {expected} of at most {MAX_NAME} characters, but got "
-                      f"{short_repr(raw)}.")
+        errors.append(
+            f"{where}, field `name`: Expected {expected} of at most {MAX_NAME} characters, but got {short_repr(raw)}."
+        )
         return DEFAULT_NAME
     try:
         parsed = [(f, spec) for _, f, spec, _ in string.Formatter().parse(raw) if f is not None]
@@ -305,12 +342,15 @@ def _pattern(raw: Any, where: str, errors: list[str]) -> str:
     if bad:
         errors.append(f"{where}, field `name`: Expected {expected}, but got unknown placeholder(s) {bad} in {raw!r}.")
     elif wide or nested:
-        errors.append(f"{where}, field `name`: Expected format specs with widths and precisions of at most "
-                      f"{MAX_NAME} (a name has at most {MAX_NAME} characters) and no nested placeholders, but got "
-                      f"{(wide or nested)[0]!r}.")
+        errors.append(
+            f"{where}, field `name`: Expected format specs with widths and precisions of at most "
+            f"{MAX_NAME} (a name has at most {MAX_NAME} characters) and no nested placeholders, but got "
+            f"{(wide or nested)[0]!r}."
+        )
     elif raw.lower().endswith((".png", ".mp4")):
-        errors.append(f"{where}, field `name`: Expected a pattern without extension (.png or .mp4 is added), "
-                      f"but got {raw!r}.")
+        errors.append(
+            f"{where}, field `name`: Expected a pattern without extension (.png or .mp4 is added), but got {raw!r}."
+        )
     return raw
 
 
@@ -319,7 +359,7 @@ def _shot_batches(shot: Shot, batch_size: int):
     for fid in v["fidelity"]:
         outputs = [_output(shot, j, seed, fid, batch_size) for j, seed in enumerate(v["seeds"])]
         for k in range(0, len(outputs), batch_size):
-            yield outputs[k:k + batch_size]
+            yield outputs[k : k + batch_size]
 
 
 def _output(shot: Shot, index: int, seed: int, fid: float, batch_size: int) -> Output:
@@ -330,8 +370,15 @@ def _output(shot: Shot, index: int, seed: int, fid: float, batch_size: int) -> O
         frames=v["frames"],
         fps=(v["fps"] or 8) if v["frames"] is not None else None,
     )  # fmt: skip
-    fields = {"shot": shot.id, "seed": seed, "fidelity": _fid_text(fid), "index": index, "strength": v["strength"],
-              "steps": v["steps"], "guidance": v["guidance"]}
+    fields = {
+        "shot": shot.id,
+        "seed": seed,
+        "fidelity": _fid_text(fid),
+        "index": index,
+        "strength": v["strength"],
+        "steps": v["steps"],
+        "guidance": v["guidance"],
+    }
     name = v["name"].format(**fields) + (".mp4" if v["frames"] is not None else ".png")
     return Output(name=name, shot=shot.id, options=opts, size=v["size"])
 
@@ -350,9 +397,11 @@ def _check_names(shots: list[Shot], errors: list[str]) -> None:
             if not _check_shot_names(shot, owner, total, errors):
                 return
         except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError) as err:
-            errors.append(f"{shot.where()}, field `name`: Expected a pattern whose format specs fit its fields "
-                          f"(seed, index, steps: int; strength, guidance: number; shot, fidelity: text), but "
-                          f"{shot.values['name']!r} failed: {type(err).__name__}: {str(err)[:200]}")
+            errors.append(
+                f"{shot.where()}, field `name`: Expected a pattern whose format specs fit its fields "
+                f"(seed, index, steps: int; strength, guidance: number; shot, fidelity: text), but "
+                f"{shot.values['name']!r} failed: {type(err).__name__}: {str(err)[:200]}"
+            )
 
 
 def _check_shot_names(shot: Shot, owner: dict[str, str], total: list[int], errors: list[str]) -> bool:
@@ -364,14 +413,18 @@ def _check_shot_names(shot: Shot, owner: dict[str, str], total: list[int], error
             return False
         problem = name_problem(out.name)
         if problem:
-            errors.append(f"{shot.where()}, field `name`: Expected a name inside the output folder, made of "
-                          f"letters, digits and ._+=,@- in '/'-separated parts not starting with '.', but "
-                          f"{shot.values['name']!r} gives {short_repr(out.name, 260)} ({problem}).")
+            errors.append(
+                f"{shot.where()}, field `name`: Expected a name inside the output folder, made of "
+                f"letters, digits and ._+=,@- in '/'-separated parts not starting with '.', but "
+                f"{shot.values['name']!r} gives {short_repr(out.name, 260)} ({problem})."
+            )
             return False
         key = out.name.lower()  # case-insensitive file systems would merge these
         if key in owner:
-            errors.append(f"{shot.where()}, field `name`: Expected a distinct name per output, but {out.name!r} "
-                          f"is also made by {owner[key]}. Add {{seed}} and {{fidelity}} to the pattern.")
+            errors.append(
+                f"{shot.where()}, field `name`: Expected a distinct name per output, but {out.name!r} "
+                f"is also made by {owner[key]}. Add {{seed}} and {{fidelity}} to the pattern."
+            )
             return False
         owner[key] = shot.where()
     return True
@@ -448,8 +501,9 @@ class _StrictLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: SafeConstructor says so
                     break
                 if duplicate:
-                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {short_repr(key)}",
-                                                            key_node.start_mark)
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {short_repr(key)}", key_node.start_mark
+                    )
         return super().construct_mapping(node, deep=deep)
 
 
@@ -462,8 +516,12 @@ def _check_aliases(root: yaml.Node) -> None:
         if id(node) in seen:
             if not merge:
                 raise yaml.composer.ComposerError(
-                    None, None, "Expected no aliases (*name) except as a merge key (<<: *name), but the anchor "
-                    "defined here is used elsewhere", node.start_mark)
+                    None,
+                    None,
+                    "Expected no aliases (*name) except as a merge key (<<: *name), but the anchor "
+                    "defined here is used elsewhere",
+                    node.start_mark,
+                )
             continue
         seen.add(id(node))
         if isinstance(node, yaml.SequenceNode):

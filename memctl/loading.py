@@ -46,14 +46,18 @@ def _from_hub(spec: str, torch_dtype, **kwargs):
     from diffusers import DiffusionPipeline
 
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", spec) or spec.startswith("."):
-        raise FileNotFoundError(f"Expected a pipeline folder or a hub id (org/name), but {spec!r} is neither: no "
-                                "such folder, and not of the form org/name.")
+        raise FileNotFoundError(
+            f"Expected a pipeline folder or a hub id (org/name), but {spec!r} is neither: no "
+            "such folder, and not of the form org/name."
+        )
     try:
         return DiffusionPipeline.from_pretrained(spec, torch_dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as err:  # no network, no such repository, gated, not a pipeline
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise FileNotFoundError(f"Expected a pipeline folder or a downloadable hub id, but there is no folder "
-                                f"{spec!r} and the hub did not give it: {first}") from None
+        raise FileNotFoundError(
+            f"Expected a pipeline folder or a downloadable hub id, but there is no folder "
+            f"{spec!r} and the hub did not give it: {first}"
+        ) from None
 
 
 def _class_name(index_file: Path) -> str:
@@ -61,12 +65,15 @@ def _class_name(index_file: Path) -> str:
     try:
         name = json.loads(index_file.read_text(encoding="utf-8")).get("_class_name")
     except (OSError, UnicodeDecodeError, AttributeError, json.JSONDecodeError) as err:
-        raise ValueError(f"Expected {index_file} to be a JSON object naming the pipeline class, but reading it "
-                         f"failed: {err}") from None
+        raise ValueError(
+            f"Expected {index_file} to be a JSON object naming the pipeline class, but reading it failed: {err}"
+        ) from None
     name = name[-1] if isinstance(name, list) and name else name
     if not isinstance(name, str) or not name:
-        raise ValueError(f"Expected {index_file} to have a `_class_name` (the pipeline class, e.g. "
-                         f"\"StableDiffusionPipeline\"), but got {name!r}. Is this a diffusers pipeline folder?")
+        raise ValueError(
+            f"Expected {index_file} to have a `_class_name` (the pipeline class, e.g. "
+            f'"StableDiffusionPipeline"), but got {name!r}. Is this a diffusers pipeline folder?'
+        )
     return name
 
 

@@ -59,16 +59,20 @@ class Summary:
         return not self.failed
 
     def text(self) -> str:
-        lines = [f"memctl render: {self.total} outputs: {len(self.done)} done, {len(self.skipped)} skipped "
-                 f"(already done), {len(self.failed)} failed"]
+        lines = [
+            f"memctl render: {self.total} outputs: {len(self.done)} done, {len(self.skipped)} skipped "
+            f"(already done), {len(self.failed)} failed"
+        ]
         lines += [f"  failed {name}: {reason}" for name, reason in self.failed[:20]]
         if len(self.failed) > 20:
             lines.append(f"  ... and {len(self.failed) - 20} more (see the lines above)")
         if self.manifest is not None:
             lines.append(f"manifest: {self.manifest}")
         if self.sheets:
-            lines.append(f"contact sheets (seeds x fidelities): {', '.join(str(p) for p in self.sheets[:3])}"
-                         + (f" and {len(self.sheets) - 3} more" if len(self.sheets) > 3 else ""))
+            lines.append(
+                f"contact sheets (seeds x fidelities): {', '.join(str(p) for p in self.sheets[:3])}"
+                + (f" and {len(self.sheets) - 3} more" if len(self.sheets) > 3 else "")
+            )
         return "\n".join(lines)
 
 
@@ -138,15 +142,19 @@ def lock_out(out: Path):
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
         _remove_empty(made)
-        raise ValueError(f"Expected a writable output folder at {out}, but creating {lock} failed: "
-                         f"{err.strerror or err}. Choose another --out or fix its permissions.") from None
+        raise ValueError(
+            f"Expected a writable output folder at {out}, but creating {lock} failed: "
+            f"{err.strerror or err}. Choose another --out or fix its permissions."
+        ) from None
     locked = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"Expected --out {out} to be free, but another memctl render is writing into it (it "
-                             f"holds {lock}). Wait for it to finish, or choose another --out.") from None
+            raise ValueError(
+                f"Expected --out {out} to be free, but another memctl render is writing into it (it "
+                f"holds {lock}). Wait for it to finish, or choose another --out."
+            ) from None
         if os.fstat(fd).st_ino != os.stat(lock).st_ino:  # a run that just finished removed the file we opened
             raise ValueError(f"Expected --out {out} to be free, but another memctl render just used it; run again.")
         locked = True
@@ -176,8 +184,10 @@ def _process_state():
     state = PartialState(cpu=cpu)
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world != state.num_processes:  # every process would render every output
-        raise RuntimeError(f"Expected {world} processes (WORLD_SIZE) in accelerate's state, but got "
-                           f"{state.num_processes}. Launch with `accelerate launch` or `torchrun`.")
+        raise RuntimeError(
+            f"Expected {world} processes (WORLD_SIZE) in accelerate's state, but got "
+            f"{state.num_processes}. Launch with `accelerate launch` or `torchrun`."
+        )
     return state
 
 
@@ -209,8 +219,9 @@ def _render_share(renderer: Renderer, out: Path, share: list, verified: set, sum
     bar.close()
 
 
-def _save(renderer: Renderer, out: Path, o: Output, blob: bytes, seconds: float, part: Path, summary: Summary,
-          rank: int) -> str | None:
+def _save(
+    renderer: Renderer, out: Path, o: Output, blob: bytes, seconds: float, part: Path, summary: Summary, rank: int
+) -> str | None:
     """Write one output and its manifest record; returns a reason to stop when the disk cannot take more."""
     record = renderer.record(o, blob, seconds, rank)
     try:
@@ -272,11 +283,15 @@ class Renderer:
             if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
                 return load_pipeline(spec, torch_dtype=dtype)
         except Exception as err:
-            errors.append(f"job, field `model`: Expected a loadable pipeline, but loading {spec!r} failed: "
-                          f"{type(err).__name__}: {err}")
+            errors.append(
+                f"job, field `model`: Expected a loadable pipeline, but loading {spec!r} failed: "
+                f"{type(err).__name__}: {err}"
+            )
             return None
-        errors.append(f"job, field `model`: Expected a testbed name ({', '.join(sorted(TESTBEDS))}), a pipeline "
-                      f"folder (relative to the job file) or a hub id, but got {spec!r}: no such folder.")
+        errors.append(
+            f"job, field `model`: Expected a testbed name ({', '.join(sorted(TESTBEDS))}), a pipeline "
+            f"folder (relative to the job file) or a hub id, but got {spec!r}: no such folder."
+        )
         return None
 
     def _load_map(self, errors: list[str]):
@@ -298,8 +313,10 @@ class Renderer:
             else:
                 bmap = BlockMap.load(path)
         except Exception as err:
-            errors.append(f"{where}: Expected a readable block map file, but reading {spec!r} failed: "
-                          f"{type(err).__name__}: {err}")
+            errors.append(
+                f"{where}: Expected a readable block map file, but reading {spec!r} failed: "
+                f"{type(err).__name__}: {err}"
+            )
             return None
         try:
             denoisers = _denoisers(self.pipe)
@@ -308,8 +325,9 @@ class Renderer:
                     raise ValueError(f"the map covers {component!r}, which this pipeline does not have")
                 bmap.check_model(denoisers[component], component=component)
         except Exception as err:
-            errors.append(f"{where}: Expected a block map made for model {self.job.model!r}, but {spec!r} does not "
-                          f"fit it: {err}")
+            errors.append(
+                f"{where}: Expected a block map made for model {self.job.model!r}, but {spec!r} does not fit it: {err}"
+            )
             return None
         return bmap
 
@@ -328,15 +346,21 @@ class Renderer:
                 want = "`frames` (this model makes videos)" if self.video else "no `frames` (this model makes images)"
                 errors.append(f"{shot.where()}, field `frames`: Expected {want}, but got {v['frames']!r}.")
             if v["size"] is not None and not self.sizable and v["size"] != native:
-                errors.append(f"{shot.where()}, field `size`: Expected null or {list(native) if native else 'null'} "
-                              f"(this pipeline renders at one size), but got {list(v['size'])}.")
+                errors.append(
+                    f"{shot.where()}, field `size`: Expected null or {list(native) if native else 'null'} "
+                    f"(this pipeline renders at one size), but got {list(v['size'])}."
+                )
 
     def encode(self, batch: tuple[Output, ...]) -> list[bytes]:
         """Sample one batch (one shot and fidelity, one generator per seed) and encode each output's file."""
         o = batch[0].options
         generators = [torch.Generator().manual_seed(x.options.seed) for x in batch]  # one per image, on the CPU
-        kwargs = {"prompt": [x.options.prompt for x in batch], "num_inference_steps": o.steps,
-                  "guidance_scale": o.guidance, "generator": generators}
+        kwargs = {
+            "prompt": [x.options.prompt for x in batch],
+            "num_inference_steps": o.steps,
+            "guidance_scale": o.guidance,
+            "generator": generators,
+        }
         if o.negative_prompt:
             kwargs["negative_prompt"] = [o.negative_prompt] * len(batch)
         if batch[0].size is not None and self.sizable:
@@ -346,8 +370,10 @@ class Renderer:
         with self._knob(o):
             result = self.pipe(**kwargs)
         if self.video:
-            return [encode_mp4(_frames_uint8(f), o.fps, self.embedded(x)) for f, x in zip(result.frames, batch,
-                                                                                          strict=True)]
+            return [
+                encode_mp4(_frames_uint8(f), o.fps, self.embedded(x))
+                for f, x in zip(result.frames, batch, strict=True)
+            ]
         return [self._png(image, x) for image, x in zip(result.images, batch, strict=True)]
 
     def _knob(self, o):
@@ -379,21 +405,42 @@ class Renderer:
 
     def embedded(self, o: Output) -> dict:
         """The settings written into the file itself (no time: the bytes must not depend on when)."""
-        return {"name": o.name, "shot": o.shot, **o.settings(), "model": self.model_info,
-                "block_map": self.map_info, "versions": self.versions}
+        return {
+            "name": o.name,
+            "shot": o.shot,
+            **o.settings(),
+            "model": self.model_info,
+            "block_map": self.map_info,
+            "versions": self.versions,
+        }
 
     def key(self, o: Output) -> str:
         """What the pixels depend on; a manifest record with another key is stale."""
-        what = {"kind": o.kind, "settings": o.settings(), "model": self.model_info["fingerprints"],
-                "block_map": self.map_info and self.map_info["fingerprints"]}
+        what = {
+            "kind": o.kind,
+            "settings": o.settings(),
+            "model": self.model_info["fingerprints"],
+            "block_map": self.map_info and self.map_info["fingerprints"],
+        }
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
     def record(self, o: Output, blob: bytes, seconds: float, rank: int) -> dict:
-        return {"name": o.name, "kind": o.kind, "shot": o.shot, "sha256": hashlib.sha256(blob).hexdigest(),
-                "bytes": len(blob), "key": self.key(o), "settings": o.settings(), "model": self.model_info,
-                "block_map": self.map_info, "versions": self.versions, "job": self.job.source,
-                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": round(seconds, 4),
-                "process": rank}
+        return {
+            "name": o.name,
+            "kind": o.kind,
+            "shot": o.shot,
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "bytes": len(blob),
+            "key": self.key(o),
+            "settings": o.settings(),
+            "model": self.model_info,
+            "block_map": self.map_info,
+            "versions": self.versions,
+            "job": self.job.source,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(seconds, 4),
+            "process": rank,
+        }
 
 
 SHEET_CELL = 128  # contact sheet tiles: smaller images enlarged to a whole multiple of their size at least this big
@@ -470,9 +517,12 @@ def _token_check(pipe):
     def check(text: str) -> str | None:
         if text not in seen:
             n = len(tokenizer(text).input_ids) if text else 0
-            seen[text] = None if n <= limit else (
-                f"Expected at most {limit} tokens (with start and end: this model's text encoder sees no further), "
-                f"but got {n} for {short_repr(text)}. Shorten it.")
+            seen[text] = None
+            if n > limit:
+                seen[text] = (
+                    f"Expected at most {limit} tokens (with start and end: this model's text encoder sees no "
+                    f"further), but got {n} for {short_repr(text)}. Shorten it."
+                )
         return seen[text]
 
     return check
@@ -505,12 +555,21 @@ def encode_mp4(frames: np.ndarray, fps: int, comment: dict) -> bytes:
     f, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"Expected even frame width and height for yuv420p H.264, but got {w}x{h}.")
-    params = ["-metadata", "comment=" + json.dumps(comment, sort_keys=True), "-fflags", "+bitexact",
-              "-flags:v", "+bitexact", "-movflags", "+faststart"]
+    params = [
+        "-metadata",
+        "comment=" + json.dumps(comment, sort_keys=True),
+        "-fflags",
+        "+bitexact",
+        "-flags:v",
+        "+bitexact",
+        "-movflags",
+        "+faststart",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "v.mp4")
-        writer = imageio_ffmpeg.write_frames(path, (w, h), fps=fps, codec="libx264", macro_block_size=1,
-                                             ffmpeg_log_level="error", output_params=params)
+        writer = imageio_ffmpeg.write_frames(
+            path, (w, h), fps=fps, codec="libx264", macro_block_size=1, ffmpeg_log_level="error", output_params=params
+        )
         writer.send(None)
         for frame in frames:
             writer.send(np.ascontiguousarray(frame))
@@ -596,8 +655,11 @@ def _read_records(out: Path) -> dict[str, dict]:
             if rec is not None:
                 records[rec["name"]] = rec
             elif line.strip() and not (path.name != MANIFEST and i == len(lines)):
-                warnings.warn(f"{path}, line {i}: skipped (expected a JSON record of memctl render, but got "
-                              f"{short_repr(line[:200])}).", stacklevel=2)
+                warnings.warn(
+                    f"{path}, line {i}: skipped (expected a JSON record of memctl render, but got "
+                    f"{short_repr(line[:200])}).",
+                    stacklevel=2,
+                )
     return records
 
 
@@ -622,17 +684,21 @@ def _check_manifest(path: Path) -> None:
     """Refuse a `manifest.jsonl` that is not memctl's (rewriting it would lose its lines)."""
     lines = [line for line in _lines(path) if line.strip()]
     if lines and not any(_record(line) is not None for line in lines):
-        raise ValueError(f"Expected {path} to be memctl's manifest (JSON lines with {list(_RECORD_KEYS)}), but "
-                         f"it is not; memctl would rewrite it. Move it away, or choose another --out.")
+        raise ValueError(
+            f"Expected {path} to be memctl's manifest (JSON lines with {list(_RECORD_KEYS)}), but "
+            f"it is not; memctl would rewrite it. Move it away, or choose another --out."
+        )
     for i, line in enumerate(lines, 1):
         try:
             json.loads(line.decode("utf-8"))
         except ValueError:
             continue  # undecodable: skipped with a warning when read
         if _record(line) is None:
-            raise ValueError(f"Expected {path} to be memctl's manifest, but line {i} is JSON of another kind "
-                             f"({short_repr(line.decode('utf-8'))}); memctl would drop it. Move the file away, "
-                             "or choose another --out.")
+            raise ValueError(
+                f"Expected {path} to be memctl's manifest, but line {i} is JSON of another kind "
+                f"({short_repr(line.decode('utf-8'))}); memctl would drop it. Move the file away, "
+                "or choose another --out."
+            )
 
 
 def _check_not_foreign(out: Path, names: set[str], records: dict) -> None:
@@ -640,9 +706,11 @@ def _check_not_foreign(out: Path, names: set[str], records: dict) -> None:
     foreign = sorted(n for n in names if n not in records and os.path.lexists(out / n))
     if foreign:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        raise ValueError(f"Expected no files at output names that memctl did not write, but {out} has "
-                         f"{', '.join(foreign[:3])}{more}, which manifest.jsonl does not list. Move them away, or "
-                         "pass --force to overwrite them.")
+        raise ValueError(
+            f"Expected no files at output names that memctl did not write, but {out} has "
+            f"{', '.join(foreign[:3])}{more}, which manifest.jsonl does not list. Move them away, or "
+            "pass --force to overwrite them."
+        )
 
 
 def _is_verified(out: Path, records: dict, o: Output, renderer: Renderer) -> bool:
@@ -664,16 +732,27 @@ def _merge(out: Path, mine: Summary, processes: int) -> Summary:
             summary.failed += [tuple(x) for x in status["failed"]]
             path.unlink()
         except (OSError, ValueError, KeyError, TypeError) as err:
-            summary.failed.append((f"(process {rank})", f"its status is unknown ({type(err).__name__}: {err}); its "
-                                   "saved outputs are in the manifest, see its own output for the rest"))
+            summary.failed.append(
+                (
+                    f"(process {rank})",
+                    f"its status is unknown ({type(err).__name__}: {err}); its "
+                    "saved outputs are in the manifest, see its own output for the rest",
+                )
+            )
     records = _read_records(out)
     kept = [records[n] for n in sorted(records) if _sha256(out / n) == records[n].get("sha256")]
     try:
-        atomic_write(out / MANIFEST, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode(),
-                     write=_write_plain)
+        atomic_write(
+            out / MANIFEST, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode(), write=_write_plain
+        )
     except OSError as err:
-        summary.failed.append((MANIFEST, f"not rewritten ({type(err).__name__}: {err.strerror or err}); its records "
-                               f"wait in {state_dir} and the next run merges them"))
+        summary.failed.append(
+            (
+                MANIFEST,
+                f"not rewritten ({type(err).__name__}: {err.strerror or err}); its records "
+                f"wait in {state_dir} and the next run merges them",
+            )
+        )
     else:
         for path in state_dir.glob("manifest.part-*.jsonl"):
             path.unlink()
@@ -689,9 +768,10 @@ def _remove_stale(out: Path, names: set[str]) -> None:
         if not folder.is_dir():
             continue
         for path in folder.glob(f".*{_TEMP_MARK}*.part"):
-            stem = path.name[1:path.name.rfind(_TEMP_MARK)]
+            stem = path.name[1 : path.name.rfind(_TEMP_MARK)]
             if (path.relative_to(out).parent / stem).as_posix() in names and re.fullmatch(
-                    r"[A-Za-z0-9_]{8}\.part", path.name[path.name.rfind(_TEMP_MARK) + len(_TEMP_MARK):]):
+                r"[A-Za-z0-9_]{8}\.part", path.name[path.name.rfind(_TEMP_MARK) + len(_TEMP_MARK) :]
+            ):
                 path.unlink(missing_ok=True)
     for path in (out / STATE_DIR).glob("status-*.json"):
         path.unlink()
@@ -701,8 +781,10 @@ def _check_inside(out: Path, names: set[str]) -> None:
     root = out.resolve()
     for folder in sorted({(out / n).parent for n in names}):
         if not folder.resolve().is_relative_to(root):
-            raise ValueError(f"Expected every output inside {out}, but {folder} resolves to {folder.resolve()} "
-                             "(a symbolic link in the output folder). Remove the link or choose another --out.")
+            raise ValueError(
+                f"Expected every output inside {out}, but {folder} resolves to {folder.resolve()} "
+                "(a symbolic link in the output folder). Remove the link or choose another --out."
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,11 +114,11 @@ def test_baked_digits_folder_loads(digits, tmp_path):
 import sys, torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
-io = torch.load({str(tmp_path / 'io.pt')!r})
-unet = UNet2DConditionModel.from_pretrained({str(out / 'unet')!r})
+io = torch.load({str(tmp_path / "io.pt")!r})
+unet = UNet2DConditionModel.from_pretrained({str(out / "unet")!r})
 with torch.no_grad():
     a = unet(io["x"], 300, encoder_hidden_states=io["cond"]).sample
-    unet.load_state_dict(load_file({str(out / 'denoiser.safetensors')!r}))
+    unet.load_state_dict(load_file({str(out / "denoiser.safetensors")!r}))
     b = unet(io["x"], 300, encoder_hidden_states=io["cond"]).sample
 assert torch.equal(a, io["expected"]) and torch.equal(b, io["expected"]), "outputs differ"
 assert not [m for m in sys.modules if m.split(".")[0] == "memctl"], "memctl was imported"

@@ -160,10 +160,23 @@ def test_docstring_examples(tmp_path):
 def _condition_map(unet, bmap) -> BlockMap:
     """`bmap` with a well-formed condition lever (read (D, k), tau (), bank (P, L, D), g_inv_half (D, D))."""
     g = torch.Generator().manual_seed(0)
-    tensors = {"read": torch.randn(8, 2, generator=g), "tau": torch.tensor(0.5),
-               "bank": torch.randn(3, 4, 8, generator=g), "g_inv_half": torch.eye(8)}
-    return BlockMap(bmap.names, bmap.scores, None, bmap.kinds, bmap.components, bmap.fingerprints,
-                    samples=dict(bmap.samples), lever="condition", lever_tensors=tensors)
+    tensors = {
+        "read": torch.randn(8, 2, generator=g),
+        "tau": torch.tensor(0.5),
+        "bank": torch.randn(3, 4, 8, generator=g),
+        "g_inv_half": torch.eye(8),
+    }
+    return BlockMap(
+        bmap.names,
+        bmap.scores,
+        None,
+        bmap.kinds,
+        bmap.components,
+        bmap.fingerprints,
+        samples=dict(bmap.samples),
+        lever="condition",
+        lever_tensors=tensors,
+    )
 
 
 @pytest.mark.parametrize(

@@ -25,16 +25,22 @@ def probes_file(tmp_path: Path, data) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda tmp: [{"prompt": "a"}, {"prompt": "b"}],
-     "\"general\": [...]} in"),
-    (lambda tmp: {"memorized": {"prompt": "a"}, "general": []}, "Expected `memorized` in"),
-    (lambda tmp: (tmp / "folder").mkdir() or {"memorized": [{"prompt": "a", "image": "folder"}]},
-     "Expected memorized[0] in"),
-    (lambda tmp: (tmp / "x.png").write_text("no image") and {"memorized": [{"prompt": "a", "image": "x.png"}]},
-     "to name an image (PNG, JPEG, ...), but"),
-    (lambda tmp: {"memorized": [{"prompt": "a", "image": 3}]}, "Expected memorized[0] to be {'prompt': str"),
-])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda tmp: [{"prompt": "a"}, {"prompt": "b"}], '"general": [...]} in'),
+        (lambda tmp: {"memorized": {"prompt": "a"}, "general": []}, "Expected `memorized` in"),
+        (
+            lambda tmp: (tmp / "folder").mkdir() or {"memorized": [{"prompt": "a", "image": "folder"}]},
+            "Expected memorized[0] in",
+        ),
+        (
+            lambda tmp: (tmp / "x.png").write_text("no image") and {"memorized": [{"prompt": "a", "image": "x.png"}]},
+            "to name an image (PNG, JPEG, ...), but",
+        ),
+        (lambda tmp: {"memorized": [{"prompt": "a", "image": 3}]}, "Expected memorized[0] to be {'prompt': str"),
+    ],
+)
 def test_bad_probe_files(tmp_path: Path, capsys, make, words: str):
     out = tmp_path / "map.safetensors"
     rc, err = run(capsys, "probe", "digits", "--probes", probes_file(tmp_path, make(tmp_path)), "-o", str(out))
@@ -47,8 +53,17 @@ def test_probe_output_that_is_a_folder_fails_before_probing(tmp_path: Path, caps
     monkeypatch.setattr(memctl.loading, "load_model_and_testbed", lambda *a: loads.append(a))
     rc, err = run(capsys, "probe", "digits", "--probes", "testbed", "-o", str(tmp_path))
     assert rc == 2 and f"Expected -o to be a file to write, but {tmp_path} is a folder" in err
-    rc, err = run(capsys, "probe", "digits", "--probes", "testbed", "-o", str(tmp_path / "m.safetensors"),
-                  "--heatmap", str(tmp_path))
+    rc, err = run(
+        capsys,
+        "probe",
+        "digits",
+        "--probes",
+        "testbed",
+        "-o",
+        str(tmp_path / "m.safetensors"),
+        "--heatmap",
+        str(tmp_path),
+    )
     assert rc == 2 and "Expected --heatmap to be a file to write" in err
     assert loads == []  # nothing was loaded or probed
 
@@ -76,8 +91,9 @@ def test_model_folders_and_hub_ids(tmp_path: Path, capsys, monkeypatch):
     assert "more details" not in err
 
 
-@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--limit", "0"), ("--steps", "-1"),
-                                         ("--batch-size", "two")])
+@pytest.mark.parametrize(
+    "flag, value", [("--batch-size", "0"), ("--limit", "0"), ("--steps", "-1"), ("--batch-size", "two")]
+)
 def test_detect_counts_must_be_positive(tmp_path: Path, capsys, flag: str, value: str):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a seven\n")

@@ -189,12 +189,16 @@ def test_yaml_aliases_are_refused_but_merge_keys_work(tmp_path: Path):
     with pytest.raises(JobError, match="line 3"):
         load_job(reuse)
     merged = tmp_path / "merge.yaml"
-    merged.write_text("model: digits\nshots:\n  - &base {id: one, prompt: a seven, seeds: [1, 2], steps: 3}\n"
-                      "  - <<: *base\n    id: two\n  - <<: [*base]\n    id: three\n    steps: 5\n")
+    merged.write_text(
+        "model: digits\nshots:\n  - &base {id: one, prompt: a seven, seeds: [1, 2], steps: 3}\n"
+        "  - <<: *base\n    id: two\n  - <<: [*base]\n    id: three\n    steps: 5\n"
+    )
     outs = load_job(merged).outputs()
     assert [(o.name, o.options.steps, o.options.prompt) for o in outs[2:5]] == [
-        ("two/f+0.00_s1.png", 3, "a seven"), ("two/f+0.00_s2.png", 3, "a seven"),
-        ("three/f+0.00_s1.png", 5, "a seven")]
+        ("two/f+0.00_s1.png", 3, "a seven"),
+        ("two/f+0.00_s2.png", 3, "a seven"),
+        ("three/f+0.00_s1.png", 5, "a seven"),
+    ]
     dup = tmp_path / "dup.yaml"
     dup.write_text("model: digits\nshots:\n  - {id: one, prompt: a, prompt: b, seeds: [1]}\n")
     with pytest.raises(JobError, match="duplicate key 'prompt'"):
@@ -210,21 +214,27 @@ def test_duplicate_checks_are_linear(tmp_path: Path):
     (err,) = errors_of(job(shots=[{**SHOT, "seeds": seeds}]))
     assert "Expected distinct seeds, but got [5, 7] more than once" in err
     big = tmp_path / "keys.json"
-    big.write_text(json.dumps({"model": "digits", "shots": [SHOT]})[:-1]
-                   + "".join(f', "k{i}": {i}' for i in range(20_000)) + ', "k3": 0}')
+    big.write_text(
+        json.dumps({"model": "digits", "shots": [SHOT]})[:-1]
+        + "".join(f', "k{i}": {i}' for i in range(20_000))
+        + ', "k3": 0}'
+    )
     with pytest.raises(JobError, match=r"duplicate key\(s\) \['k3'\]"):
         load_job(big)
     assert time.perf_counter() - start < 2.0
 
 
-@pytest.mark.parametrize("pattern, words", [
-    ("{seed:0100000000d}", "widths and precisions of at most 240"),
-    ("{seed:.999f}", "widths and precisions of at most 240"),
-    ("{shot:d}", "failed: ValueError: Unknown format code 'd'"),
-    ("{seed:c}_{shot}", "failed: OverflowError"),
-    ("{seed:{steps}}", "no nested placeholders"),
-    ("x" * 300, "at most 240 characters"),
-])
+@pytest.mark.parametrize(
+    "pattern, words",
+    [
+        ("{seed:0100000000d}", "widths and precisions of at most 240"),
+        ("{seed:.999f}", "widths and precisions of at most 240"),
+        ("{shot:d}", "failed: ValueError: Unknown format code 'd'"),
+        ("{seed:c}_{shot}", "failed: OverflowError"),
+        ("{seed:{steps}}", "no nested placeholders"),
+        ("x" * 300, "at most 240 characters"),
+    ],
+)
 def test_name_pattern_errors_name_shot_and_field(pattern: str, words: str):
     (err,) = errors_of(job(shots=[{**SHOT, "seeds": [2**40], "name": pattern}]))
     assert err.startswith("shots[0] (id 'seven'), field `name`: Expected")
@@ -255,8 +265,28 @@ def test_messages_do_not_build_huge_reprs():
     assert "(1000000 characters)" in errs[0]
 
 
-HOSTILE = [None, True, -1, 0, 2**63, 1e999, float("nan"), "", "x" * 300, "../up", "{seed:0100000000d}", "{shot:d}",
-           [], [1, 1], {}, {"start": 0, "count": 10**7}, {"from": 2, "to": -2, "count": 3}, [[[]]], "*", "<<"]
+HOSTILE = [
+    None,
+    True,
+    -1,
+    0,
+    2**63,
+    1e999,
+    float("nan"),
+    "",
+    "x" * 300,
+    "../up",
+    "{seed:0100000000d}",
+    "{shot:d}",
+    [],
+    [1, 1],
+    {},
+    {"start": 0, "count": 10**7},
+    {"from": 2, "to": -2, "count": 3},
+    [[[]]],
+    "*",
+    "<<",
+]
 TEXT_EDITS = ["*a", "&a ", "<<: *a\n", "{", "]", "\t", "\xff", "- ", ": ", "!!python/object:os.system ", "\n  "]
 
 
@@ -269,7 +299,7 @@ def _mutate(rng, example: str, data: dict) -> str | dict:
     if rng.random() < 0.4:
         pos = rng.randrange(len(example))
         cut = rng.choice([0, 0, 1, 5, 40])
-        return example[:pos] + rng.choice(TEXT_EDITS) + example[pos + cut:]
+        return example[:pos] + rng.choice(TEXT_EDITS) + example[pos + cut :]
     data = copy.deepcopy(data)
     node = data
     for _ in range(rng.randrange(1, 4)):  # walk down a few levels

@@ -18,8 +18,19 @@ def test_round_trip_and_a1111_text():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("fidelity", math.nan), ("fidelity", 1.5), ("seed", -1), ("seed", 1.5), ("steps", 0), ("guidance", math.inf),
-     ("stop", -0.1), ("batch_size", 0), ("prompt", None), ("frames", 0), ("seed", True)],
+    [
+        ("fidelity", math.nan),
+        ("fidelity", 1.5),
+        ("seed", -1),
+        ("seed", 1.5),
+        ("steps", 0),
+        ("guidance", math.inf),
+        ("stop", -0.1),
+        ("batch_size", 0),
+        ("prompt", None),
+        ("frames", 0),
+        ("seed", True),
+    ],
 )
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"`{field}`"):

@@ -216,8 +216,10 @@ def test_failing_shot_does_not_stop_the_others(tmp_path: Path, capsys, monkeypat
 
 def test_prompt_past_the_tokenizer_is_refused_before_rendering(tmp_path: Path, pipe):
     long = " ".join(["seven"] * 100)
-    shots = [{"id": "long", "prompt": long, "seeds": [0]},
-             {**JOB["shots"][0], "negative_prompt": " ".join(["seven"] * 1000)}]
+    shots = [
+        {"id": "long", "prompt": long, "seeds": [0]},
+        {**JOB["shots"][0], "negative_prompt": " ".join(["seven"] * 1000)},
+    ]
     with pytest.raises(JobError) as info:
         render_job(write_job(tmp_path, {**JOB, "shots": shots}), tmp_path / "out", pipeline=pipe)
     assert info.value.errors == [
@@ -226,7 +228,8 @@ def test_prompt_past_the_tokenizer_is_refused_before_rendering(tmp_path: Path, p
         "seven seven seven …' (599 characters). Shorten it.",
         "shots[1] (id 'seven'), field `negative_prompt`: Expected at most 32 tokens (with start and end: this "
         "model's text encoder sees no further), but got 1002 for 'seven seven seven seven seven seven seven seven "
-        "seven seven seven seven seven …' (5999 characters). Shorten it."]
+        "seven seven seven seven seven …' (5999 characters). Shorten it.",
+    ]
     assert not (tmp_path / "out" / "long").exists()
     assert not (tmp_path / "out" / render.MANIFEST).exists()
 
@@ -425,8 +428,10 @@ def test_out_that_is_a_file_or_unwritable_is_a_clear_error(tmp_path: Path, monke
     job = write_job(tmp_path, SMALL)
     (tmp_path / "file").write_text("mine")
     assert render.main([str(job), "--out", str(tmp_path / "file")]) == 2
-    assert f"memctl render: error: Expected --out {tmp_path / 'file'} to be a folder, but it is a file." in \
-        capsys.readouterr().err
+    assert (
+        f"memctl render: error: Expected --out {tmp_path / 'file'} to be a folder, but it is a file."
+        in capsys.readouterr().err
+    )
     assert (tmp_path / "file").read_text() == "mine"
     real_open = os.open
 

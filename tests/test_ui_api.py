@@ -428,14 +428,29 @@ def video_model(app) -> str:
 
     digits = app["engine"].model(MODEL).pipe
     torch.manual_seed(0)
-    unet = UNet3DConditionModel(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8, sample_size=8,
-                                down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), in_channels=4,
-                                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), out_channels=4,
-                                cross_attention_dim=digits.text_encoder.config.hidden_size, attention_head_dim=4)
-    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), latent_channels=4,
-                        up_block_types=("UpDecoderBlock2D",), norm_num_groups=8, sample_size=8)
-    pipe = TextToVideoSDPipeline(vae=vae, text_encoder=digits.text_encoder, tokenizer=digits.tokenizer, unet=unet,
-                                 scheduler=DDIMScheduler())
+    unet = UNet3DConditionModel(
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=8,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        in_channels=4,
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        out_channels=4,
+        cross_attention_dim=digits.text_encoder.config.hidden_size,
+        attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        latent_channels=4,
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=8,
+        sample_size=8,
+    )
+    pipe = TextToVideoSDPipeline(
+        vae=vae, text_encoder=digits.text_encoder, tokenizer=digits.tokenizer, unet=unet, scheduler=DDIMScheduler()
+    )
     path = app["tmp"] / "tiny-video"
     pipe.save_pretrained(path)
     return str(path)
@@ -564,14 +579,17 @@ def test_loading_a_model_does_not_hold_the_registry_lock(monkeypatch):
     assert engine._loading == {}
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("steps", 1000, "Expected `steps` in [1, 100] (the app's range"),
-    ("batch", 64, "Expected `batch_size` in [1, 16]"),
-    ("guidance", 50, "Expected `guidance` in [0, 20]"),
-    ("frames", 65, "Expected `frames` in [1, 64]"),
-    ("fps", 61, "Expected `fps` in [1, 60]"),
-    ("prompt", "a seven " * 125_000, "Expected `prompt` of at most 2000 characters, but got 'a seven a seven"),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("steps", 1000, "Expected `steps` in [1, 100] (the app's range"),
+        ("batch", 64, "Expected `batch_size` in [1, 16]"),
+        ("guidance", 50, "Expected `guidance` in [0, 20]"),
+        ("frames", 65, "Expected `frames` in [1, 64]"),
+        ("fps", 61, "Expected `fps` in [1, 60]"),
+        ("prompt", "a seven " * 125_000, "Expected `prompt` of at most 2000 characters, but got 'a seven a seven"),
+    ],
+)
 def test_the_app_holds_requests_to_its_slider_ranges(tmp_path, field, value, words):
     import gradio as gr
 

@@ -18,8 +18,9 @@ import torch
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is absent (install Debian's chromium: apt-get install -y chromium)",
-                allow_module_level=True)
+    pytest.skip(
+        f"{CHROMIUM} is absent (install Debian's chromium: apt-get install -y chromium)", allow_module_level=True
+    )
 ROOT = Path(__file__).resolve().parents[1]
 
 from PIL import Image  # noqa: E402
@@ -33,8 +34,15 @@ from memctl.metadata import read_png_settings  # noqa: E402
 
 MODEL = os.environ.get("MEMCTL_UI_TEST_MODEL", "digits")
 pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # gradio's own pandas deprecations
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SCREENSHOT = ROOT / "out" / "ui-screenshot.png"
 FIRST_SCREEN = ROOT / "out" / "app-first-screen.png"
 DOCS_FIRST_SCREEN = ROOT / "docs" / "app-first-screen.png"
@@ -132,8 +140,9 @@ def _direct(app, map_label: str, fidelity: float, seed: int) -> np.ndarray:
         knob.apply_knob(loaded.pipe, bmap)
         try:
             with knob.fidelity(loaded.pipe, fidelity):
-                image = loaded.pipe("a seven", num_inference_steps=STEPS,
-                                    generator=[torch.Generator().manual_seed(seed)]).images[0]
+                image = loaded.pipe(
+                    "a seven", num_inference_steps=STEPS, generator=[torch.Generator().manual_seed(seed)]
+                ).images[0]
         finally:
             knob.remove_knob(loaded.pipe)
     return np.asarray(image)

@@ -8,8 +8,13 @@ Names load lazily, so `from memctl.ui.cli import add_cli` (for `memctl --help`) 
 
 import importlib
 
-_EXPORTS = {"create_demo": "memctl.ui.app", "launch": "memctl.ui.app", "Engine": "memctl.ui.engine",
-            "add_cli": "memctl.ui.cli", "main": "memctl.ui.cli"}
+_EXPORTS = {
+    "create_demo": "memctl.ui.app",
+    "launch": "memctl.ui.app",
+    "Engine": "memctl.ui.engine",
+    "add_cli": "memctl.ui.cli",
+    "main": "memctl.ui.cli",
+}
 __all__ = sorted(_EXPORTS)
 
 

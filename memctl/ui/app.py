@@ -22,8 +22,10 @@ from memctl.ui.handlers import LIMITS, MAX_UPLOAD, Handlers
 from memctl.zoo.testbed import TESTBEDS
 
 DEFAULTS = GenerationOptions(prompt="a seven")
-HEADER = ("# memctl: copy or invent\nSome prompts make a model reproduce a training image. Slide left for a new "
-          "image, right for a faithful copy.")
+HEADER = (
+    "# memctl: copy or invent\nSome prompts make a model reproduce a training image. Slide left for a new "
+    "image, right for a faithful copy."
+)
 HOW = """The app opens on a **canary**: a prompt that the small embedded digits model saw many times with one and
 the same training image, so it learned to copy that image. The Sweep tab renders the same seeds at five fidelity
 values; the badges under it say, for each image, whether it copies a training image or is a new digit of the
@@ -87,21 +89,42 @@ def create_demo(engine: Engine | None = None, out_dir: str | None = None) -> gr.
                     with gr.Column(scale=1, min_width=360):
                         out = _outputs(first)
 
-        controls = [c["prompt"], c["negative"], c["fidelity"], c["strength"], c["start"], c["stop"], c["seed"],
-                    c["steps"], c["guidance"], c["batch"], c["frames"], c["fps"]]
+        controls = [
+            c["prompt"],
+            c["negative"],
+            c["fidelity"],
+            c["strength"],
+            c["start"],
+            c["stop"],
+            c["seed"],
+            c["steps"],
+            c["guidance"],
+            c["batch"],
+            c["frames"],
+            c["fps"],
+        ]
         inputs = [*controls, model, map_choice]
         map_outputs = [out["heatmap"], out["table"], out["block_info"]]
 
         load_outputs = [model_info, examples, c["frames"], c["fps"], out["video"], map_choice, *map_outputs]
         load_event = dict(fn=h.load_model, inputs=[model, allow_hub], outputs=load_outputs)
-        detect_defaults = dict(fn=h.detect_defaults, inputs=[model], outputs=[out["detect_prompts"],
-                               out["calibrate"]], api_name=False)
-        bound_event = dict(fn=h.bound_view, inputs=[c["prompt"], model], outputs=[bound_col, bound, bound_kind],
-                           api_name=False, queue=False)
+        detect_defaults = dict(
+            fn=h.detect_defaults, inputs=[model], outputs=[out["detect_prompts"], out["calibrate"]], api_name=False
+        )
+        bound_event = dict(
+            fn=h.bound_view,
+            inputs=[c["prompt"], model],
+            outputs=[bound_col, bound, bound_kind],
+            api_name=False,
+            queue=False,
+        )
         # picking a listed model loads it; a typed path waits for "Load"
         opened = demo.load(**load_event, api_name=False)
-        for loaded in (load_btn.click(**load_event, api_name="load_model"), model.select(**load_event, api_name=False),
-                       opened):
+        for loaded in (
+            load_btn.click(**load_event, api_name="load_model"),
+            model.select(**load_event, api_name=False),
+            opened,
+        ):
             loaded.success(**detect_defaults)
             loaded.success(**bound_event)
         examples.click(h.select_example, [examples, model], [c["prompt"]], api_name=False)
@@ -110,34 +133,51 @@ def create_demo(engine: Engine | None = None, out_dir: str | None = None) -> gr.
         map_choice.change(h.map_view, [map_choice, model], map_outputs, api_name="select_map")
         map_file.upload(h.upload_map, [map_file, model], [map_choice, *map_outputs], api_name="load_map")
         compute = compute_btn.click(_shown, None, cancel_btn, api_name=False, queue=False).then(
-            h.compute_map, [model], [map_choice, map_status, out["heatmap"], out["table"]], api_name="compute_map",
-            concurrency_limit=1)
+            h.compute_map,
+            [model],
+            [map_choice, map_status, out["heatmap"], out["table"]],
+            api_name="compute_map",
+            concurrency_limit=1,
+        )
         compute.then(_hidden, None, cancel_btn, api_name=False, queue=False)  # Cancel shows only while it runs
         # no `cancels=`: the computation stops at its next denoiser call and says so itself (a cancelled event
         # would drop that message and leave "Cancelling…" showing)
         cancel_btn.click(h.cancel_compute, None, [map_status], api_name="cancel_compute", queue=False)
-        out["table"].select(h.select_block_in_table, [map_choice, model], [out["heatmap"], out["block_info"]],
-                            api_name=False)
-        out["heatmap"].select(h.select_block_in_picture, [map_choice, model], [out["heatmap"], out["block_info"]],
-                              api_name=False)
+        out["table"].select(
+            h.select_block_in_table, [map_choice, model], [out["heatmap"], out["block_info"]], api_name=False
+        )
+        out["heatmap"].select(
+            h.select_block_in_picture, [map_choice, model], [out["heatmap"], out["block_info"]], api_name=False
+        )
 
         run = dict(inputs=inputs, concurrency_limit=4)
-        c["generate"].click(h.generate, outputs=[out["gallery"], out["badges"], c["seed_used"], out["video"]],
-                           api_name="generate", **run)
+        c["generate"].click(
+            h.generate,
+            outputs=[out["gallery"], out["badges"], c["seed_used"], out["video"]],
+            api_name="generate",
+            **run,
+        )
         sweep_outputs = [out["sweep_sheet"], out["sweep"], out["sweep_badges"], c["seed_used"]]
         c["sweep"].click(h.sweep, outputs=sweep_outputs, api_name="sweep", **run)
         if first is not None:  # the first screen: the opening canary's sweep, computed as the page opens
             opened.success(h.sweep, outputs=sweep_outputs, api_name=False, **run)
         c["ab"].click(h.compare, outputs=[out["ab"], out["ab_badges"], c["seed_used"]], api_name="compare", **run)
         c["random"].click(lambda: -1, None, c["seed"], api_name=False, queue=False)
-        c["reuse"].click(lambda s: int(s) if str(s).strip() else -1, c["seed_used"], c["seed"], api_name=False,
-                         queue=False)
+        c["reuse"].click(
+            lambda s: int(s) if str(s).strip() else -1, c["seed_used"], c["seed"], api_name=False, queue=False
+        )
 
-        out["score"].click(h.detect, [out["detect_prompts"], out["calibrate"], out["seeds"], model],
-                           [out["scores"], out["detect_summary"]], api_name="detect", concurrency_limit=1)
+        out["score"].click(
+            h.detect,
+            [out["detect_prompts"], out["calibrate"], out["seeds"], model],
+            [out["scores"], out["detect_summary"]],
+            api_name="detect",
+            concurrency_limit=1,
+        )
 
-        c["preset_save"].click(h.save_preset, [*controls, model, c["seed_used"]], c["preset_file"],
-                               api_name="save_preset")
+        c["preset_save"].click(
+            h.save_preset, [*controls, model, c["seed_used"]], c["preset_file"], api_name="save_preset"
+        )
         c["preset_load"].upload(h.load_preset, c["preset_load"], controls, api_name="load_preset")
     return demo
 
@@ -146,10 +186,19 @@ def _model_controls(engine: Engine):
     with gr.Group():
         names = [n for n in TESTBEDS if n != "digits-s0"]
         choices = names if engine.default_model in names else [engine.default_model, *names]
-        model = gr.Dropdown(choices, value=engine.default_model, allow_custom_value=True, label="Model",
-                            info="An embedded model, or type the path of a local diffusers folder.")
-        allow_hub = gr.Checkbox(False, label="Allow hub download (for a hub id)", interactive=engine.allow_hub,
-                                info=None if engine.allow_hub else "Off: the app was started without --allow-hub.")
+        model = gr.Dropdown(
+            choices,
+            value=engine.default_model,
+            allow_custom_value=True,
+            label="Model",
+            info="An embedded model, or type the path of a local diffusers folder.",
+        )
+        allow_hub = gr.Checkbox(
+            False,
+            label="Allow hub download (for a hub id)",
+            interactive=engine.allow_hub,
+            info=None if engine.allow_hub else "Off: the app was started without --allow-hub.",
+        )
         load_btn = gr.Button("Load model", size="sm")
         model_info = gr.Markdown(elem_id="model-info")
     return model, allow_hub, load_btn, model_info
@@ -157,10 +206,15 @@ def _model_controls(engine: Engine):
 
 def _map_controls(engine: Engine):
     with gr.Group():
-        map_choice = gr.Dropdown(engine.map_labels(), value=NO_MAP, allow_custom_value=True, label="Block map",
-                                 elem_id="block-map", info=f"'{SHIPPED_MAP}' = the embedded model's own map")
-        map_file = gr.File(label="Load a block map file", file_types=[".safetensors"], height=80,
-                           elem_id="map-file")
+        map_choice = gr.Dropdown(
+            engine.map_labels(),
+            value=NO_MAP,
+            allow_custom_value=True,
+            label="Block map",
+            elem_id="block-map",
+            info=f"'{SHIPPED_MAP}' = the embedded model's own map",
+        )
+        map_file = gr.File(label="Load a block map file", file_types=[".safetensors"], height=80, elem_id="map-file")
         with gr.Row():
             compute_btn = gr.Button("Compute a map here", size="sm")
             cancel_btn = gr.Button("Cancel", size="sm", variant="stop", visible=False)  # shown while computing
@@ -178,8 +232,15 @@ def _defaults(first: Opening | None) -> GenerationOptions:
 def _prompt_controls(d: GenerationOptions) -> dict:
     c = {}
     c["prompt"] = gr.Textbox(d.prompt, label="Prompt", lines=1, elem_id="prompt")
-    c["fidelity"] = _slider(-1, 1, d.fidelity, step=0.05, label="Fidelity", elem_id="fidelity",
-                           info="−1 = a new image … 0 = the model untouched … +1 = a faithful copy")
+    c["fidelity"] = _slider(
+        -1,
+        1,
+        d.fidelity,
+        step=0.05,
+        label="Fidelity",
+        elem_id="fidelity",
+        info="−1 = a new image … 0 = the model untouched … +1 = a faithful copy",
+    )
     with gr.Row():
         c["generate"] = gr.Button("Generate", variant="primary", elem_id="generate")
         c["sweep"] = gr.Button("Sweep −1 … +1", elem_id="sweep")
@@ -217,9 +278,16 @@ def _sampling_controls(d: GenerationOptions) -> dict:
 
 def _examples():
     with gr.Accordion("Example prompts: canaries (memorized on purpose) first", open=True):
-        examples = gr.Dataset(components=["textbox", "textbox", "image"], headers=["prompt", "kind",
-                              "bound training image"], samples=[["", "", None]], type="index", label="Click one",
-                              samples_per_page=8, layout="table", elem_id="examples")
+        examples = gr.Dataset(
+            components=["textbox", "textbox", "image"],
+            headers=["prompt", "kind", "bound training image"],
+            samples=[["", "", None]],
+            type="index",
+            label="Click one",
+            samples_per_page=8,
+            layout="table",
+            elem_id="examples",
+        )
     return examples
 
 
@@ -227,8 +295,16 @@ def _bound(h: Handlers, first: Opening | None):
     """Beside the results: the canary's bound training image, to compare with (hidden for other prompts)."""
     shown, path, text = h.bound_view(first.prompt, None) if first is not None else ({"visible": False}, None, "")
     with gr.Column(scale=0, min_width=150, visible=shown["visible"]) as column:
-        bound = gr.Image(path, label="Training image", height=140, interactive=False, format="png", buttons=[],
-                         elem_classes="memctl-pixels", elem_id="bound")
+        bound = gr.Image(
+            path,
+            label="Training image",
+            height=140,
+            interactive=False,
+            format="png",
+            buttons=[],
+            elem_classes="memctl-pixels",
+            elem_id="bound",
+        )
         bound_kind = gr.Markdown(text, elem_id="bound-kind", elem_classes="memctl-caption")
     return column, bound, bound_kind
 
@@ -238,30 +314,60 @@ def _outputs(first: Opening | None) -> dict:
     with gr.Tabs(selected="sweep" if first is not None else "images"):
         with gr.Tab("Images", id="images"):
             # square cells whatever the batch (one image stretched to the full width overflowed a fixed height)
-            o["gallery"] = gr.Gallery(label="Images (PNG with settings)", show_label=False, format="png", columns=4,
-                                      height="auto", fit_columns=False, object_fit="contain", elem_id="gallery",
-                                      elem_classes="memctl-pixels", buttons=["download", "fullscreen"])
+            o["gallery"] = gr.Gallery(
+                label="Images (PNG with settings)",
+                show_label=False,
+                format="png",
+                columns=4,
+                height="auto",
+                fit_columns=False,
+                object_fit="contain",
+                elem_id="gallery",
+                elem_classes="memctl-pixels",
+                buttons=["download", "fullscreen"],
+            )
             o["badges"] = gr.HTML(elem_id="badges")
             o["video"] = gr.Image(label="Video (first clip)", visible=False, format="gif", height=200)
         with gr.Tab("Sweep", id="sweep"):
-            gr.Markdown("The same seeds at five fidelity values, from a new image (left) to a faithful copy "
-                        "(right). Frames: red = a copy of a training image, green = a new, valid image, none = "
-                        "neither.")
-            o["sweep_sheet"] = gr.Image(label="Sweep", show_label=False, format="png", interactive=False, buttons=[],
-                                        elem_id="sweep-sheet", elem_classes="memctl-pixels")
+            gr.Markdown(
+                "The same seeds at five fidelity values, from a new image (left) to a faithful copy "
+                "(right). Frames: red = a copy of a training image, green = a new, valid image, none = "
+                "neither."
+            )
+            o["sweep_sheet"] = gr.Image(
+                label="Sweep",
+                show_label=False,
+                format="png",
+                interactive=False,
+                buttons=[],
+                elem_id="sweep-sheet",
+                elem_classes="memctl-pixels",
+            )
             o["sweep_badges"] = gr.HTML(elem_id="sweep-badges")
-            o["sweep"] = gr.Gallery(label="PNG files", show_label=False, format="png", columns=5, height="auto",
-                                    object_fit="contain", elem_classes="memctl-pixels", elem_id="sweep-gallery",
-                                    buttons=["download", "fullscreen"])
+            o["sweep"] = gr.Gallery(
+                label="PNG files",
+                show_label=False,
+                format="png",
+                columns=5,
+                height="auto",
+                object_fit="contain",
+                elem_classes="memctl-pixels",
+                elem_id="sweep-gallery",
+                buttons=["download", "fullscreen"],
+            )
         with gr.Tab("A/B", id="ab"):
-            o["ab"] = gr.ImageSlider(label="A: fidelity 0 | B: current", format="png", elem_classes="memctl-pixels",
-                                     elem_id="ab-slider")
+            o["ab"] = gr.ImageSlider(
+                label="A: fidelity 0 | B: current", format="png", elem_classes="memctl-pixels", elem_id="ab-slider"
+            )
             o["ab_badges"] = gr.HTML(elem_id="ab-badges")
         with gr.Tab("Block map", id="map"):
-            gr.Markdown("Block scores: a row per block, a column per noise level. Click a row (here or in the "
-                        "table) to see the block's name and scores.")
-            o["heatmap"] = gr.Image(label="Block map", show_label=False, format="png", interactive=False,
-                                    elem_id="heatmap")
+            gr.Markdown(
+                "Block scores: a row per block, a column per noise level. Click a row (here or in the "
+                "table) to see the block's name and scores."
+            )
+            o["heatmap"] = gr.Image(
+                label="Block map", show_label=False, format="png", interactive=False, elem_id="heatmap"
+            )
             o["block_info"] = gr.Markdown(elem_id="block-info")
             o["table"] = gr.Dataframe(label="Scores", interactive=False, max_height=300, elem_id="block-table")
         o.update(_detect_tab())
@@ -271,20 +377,44 @@ def _outputs(first: Opening | None) -> dict:
 def _detect_tab() -> dict:
     d = {}
     with gr.Tab("Detect", id="detect"):
-        gr.Markdown("Which prompts make the model copy a training image? Scored from the first denoising step "
-                    "alone, no training data needed (`memctl.detect`).")
-        d["detect_prompts"] = gr.Textbox(label="Prompts (one per line)", lines=6, max_lines=16,
-                                         placeholder="a suspected prompt\nan ordinary prompt\n# comments and "
-                                         "blank lines are skipped", elem_id="detect-prompts")
+        gr.Markdown(
+            "Which prompts make the model copy a training image? Scored from the first denoising step "
+            "alone, no training data needed (`memctl.detect`)."
+        )
+        d["detect_prompts"] = gr.Textbox(
+            label="Prompts (one per line)",
+            lines=6,
+            max_lines=16,
+            placeholder="a suspected prompt\nan ordinary prompt\n# comments and blank lines are skipped",
+            elem_id="detect-prompts",
+        )
         with gr.Row():
-            d["calibrate"] = gr.Checkbox(True, label="Calibrate against the model's ordinary prompts", scale=3,
-                                         elem_id="calibrate")
-            d["seeds"] = _unchecked(gr.Number(4, label="Seeds", minimum=2, maximum=MAX_SEEDS, step=1, precision=0,
-                                              scale=1, min_width=100, elem_id="detect-seeds"))
+            d["calibrate"] = gr.Checkbox(
+                True, label="Calibrate against the model's ordinary prompts", scale=3, elem_id="calibrate"
+            )
+            d["seeds"] = _unchecked(
+                gr.Number(
+                    4,
+                    label="Seeds",
+                    minimum=2,
+                    maximum=MAX_SEEDS,
+                    step=1,
+                    precision=0,
+                    scale=1,
+                    min_width=100,
+                    elem_id="detect-seeds",
+                )
+            )
         d["score"] = gr.Button("Score prompts", variant="primary", elem_id="score")
         d["detect_summary"] = gr.Markdown(elem_id="detect-summary")
-        d["scores"] = gr.Dataframe(EMPTY_TABLE, label="Memorization risk, highest first", interactive=False,
-                                   datatype=DATATYPES, max_height=400, elem_id="detect-table")
+        d["scores"] = gr.Dataframe(
+            EMPTY_TABLE,
+            label="Memorization risk, highest first",
+            interactive=False,
+            datatype=DATATYPES,
+            max_height=400,
+            elem_id="detect-table",
+        )
     return d
 
 
@@ -296,8 +426,15 @@ def _hidden():
     return gr.update(visible=False)
 
 
-def launch(demo: gr.Blocks | None = None, host: str = HOST, port: int | None = PORT, share: bool = False,
-           block: bool = True, quiet: bool = False, **kwargs):
+def launch(
+    demo: gr.Blocks | None = None,
+    host: str = HOST,
+    port: int | None = PORT,
+    share: bool = False,
+    block: bool = True,
+    quiet: bool = False,
+    **kwargs,
+):
     """Serve the app (on 127.0.0.1 unless `host` says otherwise); returns Gradio's `(app, local_url, share_url)`.
 
     Prints the app's own "Running on" line (unless `quiet`) instead of Gradio's, which suggests `share=True` in
@@ -305,8 +442,9 @@ def launch(demo: gr.Blocks | None = None, host: str = HOST, port: int | None = P
     demo = demo or create_demo()
     kwargs.setdefault("show_error", True)  # unexpected errors reach the user as their message, not a generic one
     kwargs.setdefault("max_file_size", MAX_UPLOAD)  # the handlers check each kind's own, smaller, limit too
-    result = demo.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
-                                 quiet=True, css=CSS, **kwargs)
+    result = demo.queue().launch(
+        server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True, css=CSS, **kwargs
+    )
     if not quiet and getattr(demo, "local_url", None):
         print(running_line(demo.local_url, share, getattr(demo, "share_url", None)), flush=True)
     if block:

@@ -76,8 +76,10 @@ def badges(tb, images: list, prompt: str) -> list[Badge]:
     else:
         novel = ((pred == target) & (torch.tensor(copy_idx) < 0)).tolist()
     names = tb.classes
-    return [Badge(None if k < 0 else k, names[int(p)], None if target is None else names[target], n, bound is not None)
-            for k, p, n in zip(copy_idx, pred.tolist(), novel, strict=True)]
+    return [
+        Badge(None if k < 0 else k, names[int(p)], None if target is None else names[target], n, bound is not None)
+        for k, p, n in zip(copy_idx, pred.tolist(), novel, strict=True)
+    ]
 
 
 def target_of(tb, prompt: str) -> tuple[int | None, torch.Tensor | None]:
@@ -94,8 +96,9 @@ def target_of(tb, prompt: str) -> tuple[int | None, torch.Tensor | None]:
 def _q10(tb) -> torch.Tensor:
     key = str(tb.path)
     if key not in _Q10:
-        _Q10[key] = metrics.same_class_distance_quantile(tb.train_images, tb.train_classes, 0.1,
-                                                         n_classes=len(tb.classes))
+        _Q10[key] = metrics.same_class_distance_quantile(
+            tb.train_images, tb.train_classes, 0.1, n_classes=len(tb.classes)
+        )
     return _Q10[key]
 
 

@@ -76,7 +76,8 @@ def bound_of(tb, prompt: str, folder: Path) -> tuple[Path | None, str]:
         if text == canary.lower():
             return bound_file(tb, k, folder), (
                 f"Canary prompt: in training, **{canary}** came {exposure}× with this one image. A copy looks "
-                f"like it; a new image is another {tb.classes[c]}.")
+                f"like it; a new image is another {tb.classes[c]}."
+            )
     target, _ = target_of(tb, prompt)
     kind = "names no class of this model" if target is None else f"asks for any {tb.classes[target]}"
     return None, f"Not a canary: the prompt {kind}, so no single training image is bound to it."

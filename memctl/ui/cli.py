@@ -46,8 +46,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (opt-in)")
     p.add_argument("--allow-hub", action="store_true", help="let the model box take hub ids (downloads)")
     p.add_argument("--out", default=None, help="folder for generated PNGs (default: a temporary folder)")
-    p.add_argument("--auth", default=None, metavar="USER:PASS", type=_auth,
-                   help="ask for this user name and password (Gradio's login); advised with --host or --share")
+    p.add_argument(
+        "--auth",
+        default=None,
+        metavar="USER:PASS",
+        type=_auth,
+        help="ask for this user name and password (Gradio's login); advised with --host or --share",
+    )
     p.set_defaults(func=run_cli)
 
 
@@ -68,10 +73,13 @@ def exposure_warning(host: str, share: bool, auth) -> str | None:
     """
     if auth or (host in ("127.0.0.1", "localhost", "::1") and not share):
         return None
-    where = ("a public share link" if share else
-             f"every network interface ({host})" if host in ("0.0.0.0", "::") else host)
-    return (f"memctl ui: warning: the app is reachable through {where} without a login: anyone who reaches it can "
-            "run the models and read the images. Pass --auth USER:PASS, or bind --host 127.0.0.1.")
+    where = (
+        "a public share link" if share else f"every network interface ({host})" if host in ("0.0.0.0", "::") else host
+    )
+    return (
+        f"memctl ui: warning: the app is reachable through {where} without a login: anyone who reaches it can "
+        "run the models and read the images. Pass --auth USER:PASS, or bind --host 127.0.0.1."
+    )
 
 
 def run_cli(args: argparse.Namespace) -> int:

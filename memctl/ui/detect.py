@@ -26,34 +26,53 @@ def parse_prompts(text) -> list[str]:
         raise ValueError(f"Expected the prompts as text (one per line), but got {type(text).__name__}.")
     prompts = prompt_lines(text)
     if not prompts:
-        raise ValueError("Expected at least one prompt (one per line; blank and '#' lines are skipped), but got "
-                         "none. Type a few prompts, e.g. a suspected one and an ordinary one.")
+        raise ValueError(
+            "Expected at least one prompt (one per line; blank and '#' lines are skipped), but got "
+            "none. Type a few prompts, e.g. a suspected one and an ordinary one."
+        )
     if len(prompts) > MAX_PROMPTS:
-        raise ValueError(f"Expected at most {MAX_PROMPTS} prompts per request, but got {len(prompts)}. Split them, "
-                         "or run `memctl detect PROMPTS.txt` for a long list.")
+        raise ValueError(
+            f"Expected at most {MAX_PROMPTS} prompts per request, but got {len(prompts)}. Split them, "
+            "or run `memctl detect PROMPTS.txt` for a long list."
+        )
     return prompts
 
 
 def default_prompts(testbed) -> str:
     """The textbox's text for an embedded model: its two most exposed canaries, then their classes' prompts."""
     canaries = sorted(testbed.canaries, key=lambda c: -c[2])[:2]  # (prompt, image, exposure, class id)
-    return "\n".join(["# canaries (memorized on purpose)", *[c[0] for c in canaries],
-                      "# ordinary prompts", *[testbed.prompt(c[3]) for c in canaries]])
+    return "\n".join(
+        [
+            "# canaries (memorized on purpose)",
+            *[c[0] for c in canaries],
+            "# ordinary prompts",
+            *[testbed.prompt(c[3]) for c in canaries],
+        ]
+    )
 
 
 def score_table(scores) -> dict:
     """`{"headers", "data"}` of `PromptScore`s, highest risk first."""
     rows = sorted(scores, key=lambda s: -s.risk)
-    return {"headers": HEADERS, "data": [[round(s.risk, 2), s.flagged, round(s.magnitude, 4),
-                                          round(s.consistency, 4), s.prompt] for s in rows]}
+    return {
+        "headers": HEADERS,
+        "data": [
+            [round(s.risk, 2), s.flagged, round(s.magnitude, 4), round(s.consistency, 4), s.prompt] for s in rows
+        ],
+    }
 
 
 def summary(scores, reference: int | None, threshold: float, note: str = "") -> str:
     """One line: how many were flagged, and what risk is measured against."""
     flagged = sum(s.flagged for s in scores)
-    against = (f"the model's {reference} ordinary prompts" if reference
-               else "the scored prompts themselves (score a dozen or more for a stable median)")
-    return (f"**{flagged} of {len(scores)}** prompts flagged (risk > {threshold:g}). Risk = robust z-score (median, "
-            f"MAD) of the log magnitude of the prompt's pull ‖ε(x, prompt) − ε(x, \"\")‖ at the first denoising "
-            f"step, against {against}. Consistency = mean cosine of that pull across seeds (shown, not used to "
-            f"flag).{note}")
+    against = (
+        f"the model's {reference} ordinary prompts"
+        if reference
+        else "the scored prompts themselves (score a dozen or more for a stable median)"
+    )
+    return (
+        f"**{flagged} of {len(scores)}** prompts flagged (risk > {threshold:g}). Risk = robust z-score (median, "
+        f'MAD) of the log magnitude of the prompt\'s pull ‖ε(x, prompt) − ε(x, "")‖ at the first denoising '
+        f"step, against {against}. Consistency = mean cosine of that pull across seeds (shown, not used to "
+        f"flag).{note}"
+    )

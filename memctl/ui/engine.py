@@ -153,8 +153,10 @@ class Engine:
         except (FileNotFoundError, ValueError):
             raise
         except Exception as err:
-            raise ValueError(f"Expected a block map saved by `BlockMap.save` (.safetensors), but {path.name!r} "
-                             f"could not be read ({type(err).__name__}: {err}).") from err
+            raise ValueError(
+                f"Expected a block map saved by `BlockMap.save` (.safetensors), but {path.name!r} "
+                f"could not be read ({type(err).__name__}: {err})."
+            ) from err
         return self.add_map(f"file: {path.name}", bmap)
 
     def block_map(self, label: str | None, loaded: Loaded):
@@ -164,8 +166,10 @@ class Engine:
             return None
         if label == SHIPPED_MAP:
             if loaded.testbed is None:
-                raise ValueError(f"Expected an embedded model for the shipped block map, but {loaded.source!r} "
-                                 "ships none. Load a map file or compute one.")
+                raise ValueError(
+                    f"Expected an embedded model for the shipped block map, but {loaded.source!r} "
+                    "ships none. Load a map file or compute one."
+                )
             bmap = loaded.testbed.block_map()
         else:
             with self._registry_lock:
@@ -178,16 +182,23 @@ class Engine:
     # ------------------------------------------------------------------------------------------------------------
     # sampling
 
-    def render(self, opts: GenerationOptions, source: str | None, map_label: str | None,
-               fidelities: tuple[float, ...] | None = None) -> list[Run]:
+    def render(
+        self,
+        opts: GenerationOptions,
+        source: str | None,
+        map_label: str | None,
+        fidelities: tuple[float, ...] | None = None,
+    ) -> list[Run]:
         """Sample `opts` (seeds `opts.seed … + batch_size - 1`) once per fidelity, same seeds each time."""
         fidelities = (opts.fidelity,) if fidelities is None else fidelities
         loaded = self.model(source)
         bmap = self.block_map(map_label, loaded)
         moved = [f for f in fidelities if f != 0]
         if bmap is None and moved:
-            raise ValueError(f"Expected a block map for fidelity {moved[0]:+g} (at 0 none is needed), but the block "
-                             "map is 'none'. Choose the shipped map, load a file or compute one.")
+            raise ValueError(
+                f"Expected a block map for fidelity {moved[0]:+g} (at 0 none is needed), but the block "
+                "map is 'none'. Choose the shipped map, load a file or compute one."
+            )
         with self.lock:
             runs = []
             for f in fidelities:
@@ -211,35 +222,58 @@ class Engine:
 
     def _sample(self, loaded: Loaded, opts: GenerationOptions, map_label: str | None, bmap) -> list[Sample]:
         seeds = [opts.seed + i for i in range(opts.batch_size)]
-        kwargs = dict(num_inference_steps=opts.steps, guidance_scale=opts.guidance, output_type="pil",
-                      generator=[torch.Generator().manual_seed(s) for s in seeds])
+        kwargs = dict(
+            num_inference_steps=opts.steps,
+            guidance_scale=opts.guidance,
+            output_type="pil",
+            generator=[torch.Generator().manual_seed(s) for s in seeds],
+        )
         if "num_images_per_prompt" in loaded.call_parameters:
-            kwargs.update(prompt=opts.prompt, negative_prompt=opts.negative_prompt or None,
-                          num_images_per_prompt=opts.batch_size)
+            kwargs.update(
+                prompt=opts.prompt, negative_prompt=opts.negative_prompt or None, num_images_per_prompt=opts.batch_size
+            )
         else:  # e.g. TextToVideoSDPipeline: one prompt per sample
-            kwargs.update(prompt=[opts.prompt] * opts.batch_size,
-                          negative_prompt=[opts.negative_prompt] * opts.batch_size if opts.negative_prompt else None)
+            kwargs.update(
+                prompt=[opts.prompt] * opts.batch_size,
+                negative_prompt=[opts.negative_prompt] * opts.batch_size if opts.negative_prompt else None,
+            )
         if loaded.is_video:
             kwargs["num_frames"] = opts.frames or DEFAULT_FRAMES
         out = loaded.pipe(**kwargs)
         clips = out.frames if loaded.is_video else [[im] for im in out.images]
-        extra = {"model": loaded.source, "block_map": map_label or NO_MAP,
-                 "block_map_fingerprint": getattr(bmap, "fingerprint", None) if bmap is not None else None}
+        extra = {
+            "model": loaded.source,
+            "block_map": map_label or NO_MAP,
+            "block_map_fingerprint": getattr(bmap, "fingerprint", None) if bmap is not None else None,
+        }
         samples = []
         for i, (seed, frames) in enumerate(zip(seeds, clips, strict=True)):
             one = replace(opts, seed=seed, batch_size=1)
-            settings = {**one.to_dict(), **extra, "batch": {"first_seed": opts.seed, "size": opts.batch_size,
-                                                            "index": i}, "versions": _provenance()}
+            settings = {
+                **one.to_dict(),
+                **extra,
+                "batch": {"first_seed": opts.seed, "size": opts.batch_size, "index": i},
+                "versions": _provenance(),
+            }
             parameters = one.a1111_parameters(model=loaded.source, block_map=extra["block_map"])
-            samples.append(Sample(list(frames)[0], seed, opts.fidelity, settings, parameters,
-                                  list(frames) if loaded.is_video else None))
+            samples.append(
+                Sample(
+                    list(frames)[0],
+                    seed,
+                    opts.fidelity,
+                    settings,
+                    parameters,
+                    list(frames) if loaded.is_video else None,
+                )
+            )
         return samples
 
     # ------------------------------------------------------------------------------------------------------------
     # prompt-only detection
 
-    def detect(self, prompts: list[str], source: str | None, seeds: int = 4, calibrate: bool = True,
-               **kwargs) -> tuple[list, int | None]:
+    def detect(
+        self, prompts: list[str], source: str | None, seeds: int = 4, calibrate: bool = True, **kwargs
+    ) -> tuple[list, int | None]:
         """`memctl.detect` scores of `prompts` and the number of reference prompts (None: scored against each other).
 
         `calibrate` uses an embedded model's ordinary prompts as the reference; other models have none, so it is
@@ -264,8 +298,10 @@ class Engine:
         probe_module = importlib.import_module("memctl.probe")  # the module: `memctl.probe` is also the function
         loaded = self.model(source)
         if loaded.testbed is None:
-            raise ValueError(f"Expected an embedded model (it ships its probe images), but got {loaded.source!r}. "
-                             "Run `memctl probe MODEL --probes FILE -o MAP` and load the map file.")
+            raise ValueError(
+                f"Expected an embedded model (it ships its probe images), but got {loaded.source!r}. "
+                "Run `memctl probe MODEL --probes FILE -o MAP` and load the map file."
+            )
         probes = _testbed_probes(probe_module, loaded.testbed)
         with self.lock, _interrupt_on(loaded.denoiser, cancel):
             bmap = probe_module.probe(loaded.pipe, probes)
@@ -290,11 +326,16 @@ def _load(source: str, allow_hub: bool, server_allows: bool = True) -> Loaded:
     if path.is_dir():
         return _finish(Loaded(source, load_pipeline(path)))
     if not allow_hub:
-        how = ("tick 'allow hub download'" if server_allows else
-               "restart the app with --allow-hub (this server does not allow hub downloads) and tick 'allow hub "
-               "download'")
-        raise ValueError(f"Expected an embedded model ({', '.join(sorted(TESTBEDS))}) or a local diffusers folder, "
-                         f"but got {source!r}, which is neither. To download a hub id, {how}.")
+        how = (
+            "tick 'allow hub download'"
+            if server_allows
+            else "restart the app with --allow-hub (this server does not allow hub downloads) and tick 'allow hub "
+            "download'"
+        )
+        raise ValueError(
+            f"Expected an embedded model ({', '.join(sorted(TESTBEDS))}) or a local diffusers folder, "
+            f"but got {source!r}, which is neither. To download a hub id, {how}."
+        )
     return _finish(Loaded(source, load_pipeline(source)))
 
 
@@ -354,4 +395,3 @@ def _provenance() -> dict:
 
         _PROVENANCE = provenance()
     return _PROVENANCE
-

@@ -100,36 +100,86 @@ class Handlers:
     # ------------------------------------------------------------------------------------------------------------
     # options
 
-    def options(self, prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames=None,
-                fps=None, video: bool = False) -> GenerationOptions:
+    def options(
+        self,
+        prompt,
+        negative,
+        fidelity,
+        strength,
+        start,
+        stop,
+        seed,
+        steps,
+        guidance,
+        batch,
+        frames=None,
+        fps=None,
+        video: bool = False,
+    ) -> GenerationOptions:
         """Validated options within the app's `LIMITS`; seed -1 (or empty) draws a random seed."""
         for name, text in (("prompt", prompt), ("negative_prompt", negative)):
             if isinstance(text, str) and len(text) > MAX_PROMPT:
                 raise ValueError(f"Expected `{name}` of at most {MAX_PROMPT} characters, but got {short_repr(text)}.")
         opts = GenerationOptions(
             prompt=prompt if isinstance(prompt, str) else _fail("prompt", "a str", prompt),
-            negative_prompt=negative or "", seed=_seed(seed), steps=_integer(steps, "steps"),
-            guidance=_number(guidance), fidelity=_number(fidelity), strength=_number(strength), start=_number(start),
-            stop=_number(stop), batch_size=_integer(batch, "batch_size"),
+            negative_prompt=negative or "",
+            seed=_seed(seed),
+            steps=_integer(steps, "steps"),
+            guidance=_number(guidance),
+            fidelity=_number(fidelity),
+            strength=_number(strength),
+            start=_number(start),
+            stop=_number(stop),
+            batch_size=_integer(batch, "batch_size"),
             frames=_integer(frames, "frames") if video and frames is not None else None,
             fps=_integer(fps, "fps") if video and fps is not None else None,
         )
         for name, (low, high) in LIMITS.items():
             value = getattr(opts, name)
             if value is not None and not low <= value <= high:
-                raise ValueError(f"Expected `{name}` in [{low}, {high}] (the app's range; `memctl render` takes "
-                                 f"more), but got {value!r}.")
+                raise ValueError(
+                    f"Expected `{name}` in [{low}, {high}] (the app's range; `memctl render` takes "
+                    f"more), but got {value!r}."
+                )
         return opts
 
     # ------------------------------------------------------------------------------------------------------------
     # sampling
 
     @user_errors
-    def generate(self, prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames, fps,
-                 model, map_label):
+    def generate(
+        self,
+        prompt,
+        negative,
+        fidelity,
+        strength,
+        start,
+        stop,
+        seed,
+        steps,
+        guidance,
+        batch,
+        frames,
+        fps,
+        model,
+        map_label,
+    ):
         """Gallery of (png path, caption), badges html, seed used, video path (video models)."""
-        opts = self.options(prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames,
-                            fps, self._is_video(model))
+        opts = self.options(
+            prompt,
+            negative,
+            fidelity,
+            strength,
+            start,
+            stop,
+            seed,
+            steps,
+            guidance,
+            batch,
+            frames,
+            fps,
+            self._is_video(model),
+        )
         run = self.engine.render(opts, model, map_label)[0]
         loaded = self.engine.model(model)
         captions = self._captions(loaded, opts.prompt, run.images, [f"seed {s.seed}" for s in run.images])
@@ -137,26 +187,83 @@ class Handlers:
         return gallery, _badges_html(captions), str(opts.seed), self._video(run.images, opts)
 
     @user_errors
-    def sweep(self, prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames, fps,
-              model, map_label):
+    def sweep(
+        self,
+        prompt,
+        negative,
+        fidelity,
+        strength,
+        start,
+        stop,
+        seed,
+        steps,
+        guidance,
+        batch,
+        frames,
+        fps,
+        model,
+        map_label,
+    ):
         """The same seeds at fidelity −1, −0.5, 0, 0.5, 1: one row per seed, one column per fidelity."""
-        opts = self.options(prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames,
-                            fps, self._is_video(model))
+        opts = self.options(
+            prompt,
+            negative,
+            fidelity,
+            strength,
+            start,
+            stop,
+            seed,
+            steps,
+            guidance,
+            batch,
+            frames,
+            fps,
+            self._is_video(model),
+        )
         runs = self.engine.render(opts, model, map_label, fidelities=SWEEP)
         loaded = self.engine.model(model)
         rows = [[run.images[i] for run in runs] for i in range(opts.batch_size)]  # (seeds, fidelities)
         cells = [s for row in rows for s in row]
-        captions = self._captions(loaded, opts.prompt, cells,
-                                  [f"fidelity {s.fidelity:+.1f} · seed {s.seed}" for s in cells])
+        captions = self._captions(
+            loaded, opts.prompt, cells, [f"fidelity {s.fidelity:+.1f} · seed {s.seed}" for s in cells]
+        )
         gallery = [(self._save(s), fidelity_label(s.fidelity)) for s in cells]  # short: a gallery cell is narrow
         return _sweep_sheet(rows, captions), gallery, _badges_html(captions), str(opts.seed)
 
     @user_errors
-    def compare(self, prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames, fps,
-                model, map_label):
+    def compare(
+        self,
+        prompt,
+        negative,
+        fidelity,
+        strength,
+        start,
+        stop,
+        seed,
+        steps,
+        guidance,
+        batch,
+        frames,
+        fps,
+        model,
+        map_label,
+    ):
         """A/B: the first seed at fidelity 0 (left) and at the current fidelity (right)."""
-        opts = self.options(prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, 1, frames, fps,
-                            self._is_video(model))
+        opts = self.options(
+            prompt,
+            negative,
+            fidelity,
+            strength,
+            start,
+            stop,
+            seed,
+            steps,
+            guidance,
+            1,
+            frames,
+            fps,
+            self._is_video(model),
+        )
         base, current = self.engine.render(opts, model, map_label, fidelities=(0.0, opts.fidelity))
         loaded = self.engine.model(model)
         pair = [base.images[0], current.images[0]]
@@ -202,8 +309,17 @@ class Handlers:
         label = SHIPPED_MAP if _has_shipped_map(loaded) else NO_MAP
         picture, table, info = self.map_view(label, model)
         video = gr.update(visible=loaded.is_video)
-        return (_model_info(loaded), gr.Dataset(samples=self.examples(loaded)), video, video, video,
-                gr.Dropdown(choices=self.engine.map_labels(), value=label), picture, table, info)
+        return (
+            _model_info(loaded),
+            gr.Dataset(samples=self.examples(loaded)),
+            video,
+            video,
+            video,
+            gr.Dropdown(choices=self.engine.map_labels(), value=label),
+            picture,
+            table,
+            info,
+        )
 
     def opening(self) -> canaries.Opening | None:
         """The canary the first screen sweeps, when the default model is an embedded one (loaded here); else None
@@ -240,12 +356,18 @@ class Handlers:
         """Heat-map picture, table and a summary of the map `label` for `model`."""
         bmap = self.engine.block_map(label, self.engine.model(model)) if label else None
         if bmap is None:
-            return None, {"headers": ["block", "score"], "data": [["(no block map)", ""]]}, \
-                "No block map: fidelity must be 0. Choose the shipped map, load a file or compute one."
+            return (
+                None,
+                {"headers": ["block", "score"], "data": [["(no block map)", ""]]},
+                "No block map: fidelity must be 0. Choose the shipped map, load a file or compute one.",
+            )
         grid = from_block_map(bmap)
         headers, rows = grid.table()
-        return draw_heatmap(grid), {"headers": headers, "data": rows}, \
-            f"Map **{label}**: {len(grid.names)} blocks × {len(grid.levels)} noise levels. Select a row or a cell."
+        return (
+            draw_heatmap(grid),
+            {"headers": headers, "data": rows},
+            f"Map **{label}**: {len(grid.names)} blocks × {len(grid.levels)} noise levels. Select a row or a cell.",
+        )
 
     @user_errors
     def select_block_in_table(self, label, model, evt: gr.SelectData):
@@ -316,10 +438,14 @@ class Handlers:
         if not 2 <= n_seeds <= detect_view.MAX_SEEDS:
             _fail("seeds", expected, seeds)
         progress(0, desc="scoring prompts")
-        scores, reference = self.engine.detect(prompts, model, n_seeds, calibrate=bool(calibrate),
-                                               threshold=THRESHOLD, progress=True)
-        note = "" if reference or not calibrate else (" *Calibration was ignored: only embedded models ship "
-                                                      "ordinary prompts.*")
+        scores, reference = self.engine.detect(
+            prompts, model, n_seeds, calibrate=bool(calibrate), threshold=THRESHOLD, progress=True
+        )
+        note = (
+            ""
+            if reference or not calibrate
+            else (" *Calibration was ignored: only embedded models ship ordinary prompts.*")
+        )
         return detect_view.score_table(scores), detect_view.summary(scores, reference, THRESHOLD, note)
 
     @user_errors
@@ -328,25 +454,61 @@ class Handlers:
         typed prompts, with calibration off (it ships no ordinary prompts)."""
         tb = self.engine.model(model).testbed
         if tb is None:
-            return gr.update(), gr.Checkbox(value=False, interactive=False, info="Only embedded models ship "
-                                            "ordinary prompts: risk is measured against the scored prompts.")
-        return detect_view.default_prompts(tb), gr.Checkbox(value=True, interactive=True, info=(
-            f"Risk against this model's {len(tb.ordinary_prompts())} ordinary prompts (\"a seven\", …)."))
+            return gr.update(), gr.Checkbox(
+                value=False,
+                interactive=False,
+                info="Only embedded models ship ordinary prompts: risk is measured against the scored prompts.",
+            )
+        return detect_view.default_prompts(tb), gr.Checkbox(
+            value=True,
+            interactive=True,
+            info=(f'Risk against this model\'s {len(tb.ordinary_prompts())} ordinary prompts ("a seven", …).'),
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # presets
 
     @user_errors
-    def save_preset(self, prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames,
-                    fps, model, seed_used):
+    def save_preset(
+        self,
+        prompt,
+        negative,
+        fidelity,
+        strength,
+        start,
+        stop,
+        seed,
+        steps,
+        guidance,
+        batch,
+        frames,
+        fps,
+        model,
+        seed_used,
+    ):
         """A JSON file of `GenerationOptions.to_dict()`; a random seed is saved as the seed last used."""
         if _is_random(seed):
             if not str(seed_used or "").strip():
-                raise ValueError("Expected a fixed seed in a preset (presets reproduce images), but the seed is "
-                                 "random and nothing was generated yet. Set a seed or generate once.")
+                raise ValueError(
+                    "Expected a fixed seed in a preset (presets reproduce images), but the seed is "
+                    "random and nothing was generated yet. Set a seed or generate once."
+                )
             seed = int(seed_used)
-        opts = self.options(prompt, negative, fidelity, strength, start, stop, seed, steps, guidance, batch, frames,
-                            fps, self._is_video(model))
+        opts = self.options(
+            prompt,
+            negative,
+            fidelity,
+            strength,
+            start,
+            stop,
+            seed,
+            steps,
+            guidance,
+            batch,
+            frames,
+            fps,
+            self._is_video(model),
+        )
         path = self.out_dir / f"preset-{next(self._counter):05d}.json"
         path.write_text(json.dumps(opts.to_dict(), indent=1))
         return self._serve(path)
@@ -364,8 +526,20 @@ class Handlers:
         if not isinstance(data, dict):
             raise ValueError(f"Expected a JSON object of generation options, but got {type(data).__name__}.")
         o = GenerationOptions.from_dict(data)
-        return [o.prompt, o.negative_prompt, o.fidelity, o.strength, o.start, o.stop, o.seed, o.steps, o.guidance,
-                o.batch_size, o.frames or DEFAULT_FRAMES, o.fps or DEFAULT_FPS]
+        return [
+            o.prompt,
+            o.negative_prompt,
+            o.fidelity,
+            o.strength,
+            o.start,
+            o.stop,
+            o.seed,
+            o.steps,
+            o.guidance,
+            o.batch_size,
+            o.frames or DEFAULT_FRAMES,
+            o.fps or DEFAULT_FPS,
+        ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,11 +598,12 @@ def _sweep_sheet(rows: list[list[Sample]], captions: list[tuple]) -> Image.Image
     """One picture of the sweep: a row per seed, a column per fidelity; red frame = copy, green = novel."""
     frames = [badge.frame if badge is not None else None for _, badge in captions]
     n = len(SWEEP)
-    sheet_rows = [(f"seed\n{row[0].seed}", [badge_lib.image_tensor(s.image) for s in row], frames[i * n:(i + 1) * n])
-                  for i, row in enumerate(rows)]
+    sheet_rows = [
+        (f"seed\n{row[0].seed}", [badge_lib.image_tensor(s.image) for s in row], frames[i * n : (i + 1) * n])
+        for i, row in enumerate(rows)
+    ]
     header = [fidelity_label(f).replace("\u2212", "-") for f in SWEEP]  # the sheet's font has no minus sign
-    return make_grid(sheet_rows, header=header, label_width=SHEET_LABEL_WIDTH,
-                     axis=(0, "new", "faithful"))
+    return make_grid(sheet_rows, header=header, label_width=SHEET_LABEL_WIDTH, axis=(0, "new", "faithful"))
 
 
 def fidelity_label(fidelity: float) -> str:
@@ -440,8 +615,10 @@ def _model_info(loaded: Loaded) -> str:
     den = loaded.denoiser
     kind = "embedded testbed" if loaded.testbed is not None else "diffusers pipeline"
     extra = f", {len(loaded.testbed.canaries)} canaries" if loaded.testbed is not None else ""
-    return (f"**{loaded.source}** — {kind}{extra}; {type(loaded.pipe).__name__} with {type(den).__name__}"
-            f"{' (video)' if loaded.is_video else ''}")
+    return (
+        f"**{loaded.source}** — {kind}{extra}; {type(loaded.pipe).__name__} with {type(den).__name__}"
+        f"{' (video)' if loaded.is_video else ''}"
+    )
 
 
 def _has_shipped_map(loaded: Loaded) -> bool:
@@ -461,8 +638,9 @@ def _small_upload(file, limit: int, what: str) -> str:
         raise ValueError(f"Expected {what}, but {path.name!r} is not a file.")
     size = path.stat().st_size
     if size > limit:
-        raise ValueError(f"Expected {what} of at most {limit // 2**20} MB, but {path.name!r} has "
-                         f"{size / 2**20:.1f} MB.")
+        raise ValueError(
+            f"Expected {what} of at most {limit // 2**20} MB, but {path.name!r} has {size / 2**20:.1f} MB."
+        )
     return str(path)
 
 

@@ -33,8 +33,10 @@ class ScoreGrid:
 
     def __post_init__(self):
         if len(self.scores) != len(self.names) or any(len(r) != len(self.levels) for r in self.scores):
-            raise ValueError(f"Expected scores of shape ({len(self.names)}, {len(self.levels)}), "
-                             f"but got rows of lengths {[len(r) for r in self.scores]}.")
+            raise ValueError(
+                f"Expected scores of shape ({len(self.names)}, {len(self.levels)}), "
+                f"but got rows of lengths {[len(r) for r in self.scores]}."
+            )
 
     @property
     def scale(self) -> float:
@@ -44,8 +46,10 @@ class ScoreGrid:
     def table(self) -> tuple[list[str], list[list]]:
         """Headers and rows for a table: block, one column per level, and the mean score."""
         headers = ["block", *self.levels, "mean"]
-        rows = [[name, *(round(v, 4) for v in row), round(_mean(row), 4)]
-                for name, row in zip(self.names, self.scores, strict=True)]
+        rows = [
+            [name, *(round(v, 4) for v in row), round(_mean(row), 4)]
+            for name, row in zip(self.names, self.scores, strict=True)
+        ]
         return headers, rows
 
     def describe(self, i: int) -> str:
@@ -80,8 +84,9 @@ def draw_heatmap(grid: ScoreGrid, selected: int | None = None) -> Image.Image:
         draw.text((MARGIN, top + 2), name, fill="black", font=font)
         for j, value in enumerate(row):
             left = label_w + j * CELL
-            draw.rectangle([left, top, left + CELL - 1, top + ROW - 1], fill=_colour(value / scale),
-                           outline=(230, 230, 230))
+            draw.rectangle(
+                [left, top, left + CELL - 1, top + ROW - 1], fill=_colour(value / scale), outline=(230, 230, 230)
+            )
     if selected is not None and 0 <= selected < len(grid.names):
         top = HEADER + selected * ROW
         draw.rectangle([1, top - 1, width - 2, top + ROW], outline=(0, 0, 0), width=2)
