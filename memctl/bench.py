@@ -160,6 +160,37 @@ def _effect_md(results: dict) -> list[str]:
     return md
 
 
+def effect_summary(results: dict) -> str:
+    """One compact table over models: per row, most-exposed copy / canary novel-valid / compositional / ordinary
+    valid (the first setting of a family at fidelity −1 where it has one; medians over control seeds)."""
+    import statistics
+
+    models = list(results)
+    picks = [("plain", "0"), ("memctl map", "-1.0"), ("memctl map", "+1.0"), ("memctl prompt map", "-1.0"),
+             ("uniform", "-1.0"), ("text edit", "-1.0"), ("placement shuffled", None), ("random subspace", None),
+             ("wen", "quantile 0.5"), ("wen", "quantile 0.9"), ("ren", "c 1.25"), ("jain", "transition 0.6"),
+             ("jain", "transition 0.8"), ("nemo", "quantile 0.999"), ("nemo", "quantile 0.99")]  # fmt: skip
+    head = ["row"] + models
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for fam, setting in picks:
+        cells = [fam + (f" {setting}" if setting and setting != "0" else "")]
+        for m in models:
+            by = results[m]["bars"]["headline"].get(fam)
+            if not by or (setting and setting not in by):
+                cells.append("–")
+                continue
+            hs = [by[setting]] if setting else list(by.values())
+            med = {k: statistics.median(h[k] for h in hs) for k in hs[0]}
+            evals = statistics.median(
+                results[m]["rows"][fam][s]["cost"]["denoiser_evals_per_image"] for s in ([setting] if setting else by)
+            )
+            comp = f" / {med['compositional']:.0%}" if "compositional" in med else ""
+            cells.append(f"{med['most_copy']:.0%} / {med['novel_valid']:.0%}{comp} / {med['ordinary_valid']:.0%} "
+                         f"({evals:g})")  # fmt: skip
+        lines.append(" | ".join(cells))
+    return "\n".join(lines) + "\n"
+
+
 def run_bench(suite: str, out: Path, models: list[str], quick: bool = False) -> dict:
     torch.set_num_threads(1)
     seeds = 2 if quick else 8
@@ -197,6 +228,9 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False) -> 
     _write_json(out / f"{name}.json", report)
     md = [f"# memctl bench {suite}\n", f"`{report['command']}`, {seeds} seeds per prompt, one CPU thread.\n"]
     if suite == "effect":
+        md += ["\nSummary: most-exposed canaries copied / canary novel-valid (attribute-correct on digits-attr) / "
+               "compositional (digits-attr) / ordinary valid (denoiser evaluations per image).\n\n",
+               effect_summary(results)]  # fmt: skip
         md += _effect_md(results)
     if suite == "detect":
         md += _detect_md(results)

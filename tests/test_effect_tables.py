@@ -1,0 +1,72 @@
+"""The effect bench's bars and tables on synthetic rows (no sampling): the localization check compares the map with
+uniform and text edit at the map's copy rate, and every row reaches the tables."""
+
+from types import SimpleNamespace
+
+from memctl.bench import _effect_md, effect_summary
+from memctl.effect import bars
+
+
+def _row(most, least, novel, valid=1.0, comp=None, evals=25.0):
+    canary = {
+        "1": {"copy_1/3": least},
+        "4": {"copy_1/3": 0.0},
+        "16": {"copy_1/3": most},
+        "all": {"novel_valid": novel},
+    }
+    row = {"canary": canary, "ordinary": {"valid": valid, "collateral": 0.0},
+           "cost": {"denoiser_evals_per_image": evals, "seconds_per_image": 0.01}}  # fmt: skip
+    if comp is not None:
+        row["ordinary"]["attr_valid"] = valid
+        row["unseen"] = {"compositional": comp}
+    return row
+
+
+def _rows(map_novel: float, comp=None):
+    return {
+        "plain": {"0": _row(0.9, 0.02, 0.1, comp=comp)},
+        "memctl map": {"-1.0": _row(0.0, 0.0, map_novel, comp=comp), "-0.5": _row(0.1, 0.0, 0.5, comp=comp),
+                       "+0.5": _row(0.9, 0.03, 0.1, comp=comp), "+1.0": _row(0.95, 0.04, 0.1, comp=comp, evals=50)},
+        "uniform": {"-1.0": _row(0.0, 0.0, 0.6, comp=comp), "-0.5": _row(0.2, 0.0, 0.4, comp=comp)},
+        "text edit": {"-1.0": _row(0.0, 0.0, 0.55, comp=comp), "-0.5": _row(0.3, 0.0, 0.3, comp=comp)},
+        "placement shuffled": {"seed 0, -1.0": _row(0.1, 0.0, 0.3, comp=comp)},
+        "random subspace": {"seed 0, -1.0": _row(0.0, 0.0, 0.2, 0.5, comp=comp)},
+        "wen": {"quantile 0.5": _row(0.5, 0.0, 0.3, comp=comp, evals=40)},
+    }  # fmt: skip
+
+
+TB = SimpleNamespace(exposures=[1, 4, 16], canaries=[None] * 24)
+
+
+def test_localization_check_needs_ten_points_over_the_better_control():
+    assert bars(TB, _rows(0.75), 8)["checks"]["localization: novel-valid (and compositional) >= 10 points above the "
+                                              "better of uniform and text edit at the map's copy rate"]  # fmt: skip
+    b = bars(TB, _rows(0.65), 8)
+    assert abs(b["margin_over_best_control"]["novel_valid"] - 0.05) < 1e-9  # uniform reaches 0.6 at copy 0
+    assert not b["pass"]
+    fid = b["checks"]
+    assert fid["fidelity: least-exposed copy_1/3 at +1 >= 1.5 x plain"]  # 0.04 >= 1.5 × 0.02
+    assert fid["fidelity: most-exposed copy_1/3 at +1 >= plain"]
+
+
+def test_compositional_validity_enters_the_check_on_attribute_testbeds():
+    b = bars(TB, _rows(0.9, comp=0.3), 8)  # the map's composition equals the controls': no margin there
+    assert set(b["margin_over_best_control"]) == {"novel_valid", "compositional"}
+    assert abs(b["margin_over_best_control"]["compositional"]) < 1e-9
+    assert not b["pass"]
+
+
+def test_tables_show_every_row_with_its_cost():
+    results = {}
+    for name, comp in (("digits-s0", None), ("digits-attr", 0.3)):
+        rows = _rows(0.8, comp=comp)
+        results[name] = {"rows": rows, "bars": bars(TB, rows, 8), "probe_seconds": 1.0,
+                         "prompt_map": {"seconds": 2.0}, "testbed": "digits-attr" if comp else "digits"}  # fmt: skip
+    md = "".join(_effect_md(results))
+    for fam, by in results["digits-s0"]["rows"].items():
+        for setting in by:
+            assert f"\n{fam} | {setting} | " in md
+    assert "| 50 | " in md  # the guided +1 row's cost
+    summary = effect_summary(results)
+    assert "memctl map -1.0 | 0% / 80% / 100% (25) | 0% / 80% / 30% / 100% (25)" in summary
+    assert "| –" in summary  # rows a model lacks (no Ren here) say so
