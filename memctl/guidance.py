@@ -1,7 +1,7 @@
 """Memorization guidance: the fidelity > 0 side of the condition lever, at one extra denoiser pass per step.
 
-    >>> bmap.meta["fidelity_guidance"]      # maps made by probe(method="condition" | "prompt")
-    0.5
+    >>> bmap.meta["fidelity_guidance"]      # γ, calibrated by probe(method="condition" | "prompt")
+    0.2033
     >>> apply_knob(pipe, bmap); set_fidelity(pipe, 1.0)   # every denoiser call now runs twice
     >>> remove_knob(pipe)
 

@@ -74,7 +74,9 @@ def test_each_file_defines_one_pipeline_class(name):
 
 @pytest.mark.parametrize("name", list(PIPELINE_FAMILIES))
 def test_custom_pipeline_loads_and_survives_save_and_load(name, saved, tmp_path):
-    ref = sample(tiny_pipeline(name), name)
+    # The reference is the plain diffusers class loaded from the same folder: a loaded tiny Wan differs from the one
+    # built in memory by ~6e-7 (also for diffusers' own WanPipeline), which is no concern of the custom file.
+    ref = sample(_load(saved(name), name, custom=False), name)
     pipe = _load(saved(name), name)
     assert type(pipe).__name__.startswith("Memctl")
     assert isinstance(pipe, FidelityMixin)

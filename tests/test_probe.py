@@ -338,7 +338,8 @@ def test_probe_condition_map_round_trips(tmp_path, condition_map):
 )  # fmt: skip
 def test_probe_argument_errors(pipe, probes, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        memctl.probe(pipe, probes, progress=False, **{"noise_levels": (0.5,), **kwargs})
+        fast = {} if kwargs.get("method") == "prompt" else {"noise_levels": (0.5,)}  # prompt takes no noise levels
+        memctl.probe(pipe, probes, progress=False, **fast, **kwargs)
 
 
 def test_probe_input_errors(pipe, probes):
