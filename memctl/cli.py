@@ -27,7 +27,7 @@ def _cmd_render(args) -> int:
 def _cmd_bench(args) -> int:
     from memctl.bench import run_bench
 
-    run_bench(args.suite, Path(args.out), models=args.models, quick=args.quick)
+    run_bench(args.suite, Path(args.out), models=args.models, quick=args.quick, seeds=args.seeds)
     return 0
 
 
@@ -327,8 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("suite", choices=["digits", "effect", "detect"], help="what to measure")
     p.add_argument("--out", default="bench/results", help="output folder")
-    p.add_argument("--models", nargs="+", default=["digits-s0", "digits-s1"], help="testbeds to measure")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["digits-s0", "digits-s1", "digits-attr-s0", "digits-attr-s1"],
+        help="testbeds to measure",
+    )
     p.add_argument("--quick", action="store_true", help="fewer seeds (a smoke run, not for the record)")
+    p.add_argument("--seeds", type=int, default=None, help="evaluation seeds per prompt (default 8; 2 with --quick)")
     p.set_defaults(func=_cmd_bench)
 
     p = _command(

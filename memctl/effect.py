@@ -28,13 +28,15 @@ from memctl.knob import apply_knob, fidelity, remove_knob
 from memctl.probe import probe
 from memctl.probeset import ProbeSet
 
-KNOB_FIDELITIES = (-1.0, -0.5, 0.5, 1.0)
+KNOB_FIDELITIES = (-1.0, -0.5, 1.0)
 CONTROL_FIDELITIES = (-1.0, -0.5)
+CONTROL_SEEDS = 2
+# one setting each: the published defaults (Ren's C = 1.25), and for the thresholds a rule fixed before measuring
 BASELINE_SETTINGS = {
-    "wen": ({"quantile": 0.5}, {"quantile": 0.9}),
+    "wen": ({"quantile": 0.5},),
     "ren": ({"c": 1.25},),
-    "jain": ({"transition": 0.6}, {"transition": 0.8}),
-    "nemo": ({"quantile": 0.999}, {"quantile": 0.99}),
+    "jain": ({"transition": 0.6},),
+    "nemo": ({"quantile": 0.999},),
 }
 
 
@@ -126,11 +128,11 @@ def _plan(pipe, bmap, prompt_map, probes) -> list[tuple[str, str, object]]:
     plan = [("memctl map", f"{f:+.1f}", knob(bmap, f)) for f in KNOB_FIDELITIES]
     if prompt_map is not None:
         plan += [("memctl prompt map", f"{f:+.1f}", knob(prompt_map, f)) for f in (-1.0, 1.0)]
-    controls = control_maps(pipe.unet, bmap, seeds=3)
+    controls = control_maps(pipe.unet, bmap, seeds=CONTROL_SEEDS)
     plan += [("uniform", f"{f:+.1f}", knob(controls["uniform"], f)) for f in CONTROL_FIDELITIES]
     plan += [("text edit", f"{f:+.1f}", text_edit(f)) for f in CONTROL_FIDELITIES]
     for kind in ("placement shuffled", "random subspace"):
-        plan += [(kind, f"seed {s}, -1.0", knob(controls[f"{kind} {s}"], -1.0)) for s in range(3)]
+        plan += [(kind, f"seed {s}, -1.0", knob(controls[f"{kind} {s}"], -1.0)) for s in range(CONTROL_SEEDS)]
     for name, settings in BASELINE_SETTINGS.items():
         plan += [(name, ", ".join(f"{k} {v}" for k, v in kw.items()), baseline(name, kw)) for kw in settings]
     return plan

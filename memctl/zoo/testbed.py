@@ -19,7 +19,14 @@ import torch
 
 from memctl.zoo import data
 
-TESTBEDS = {"digits": "digits-s0", "digits-s0": "digits-s0", "digits-s1": "digits-s1"}
+TESTBEDS = {
+    "digits": "digits-s0",
+    "digits-s0": "digits-s0",
+    "digits-s1": "digits-s1",
+    "digits-attr": "digits-attr-s0",
+    "digits-attr-s0": "digits-attr-s0",
+    "digits-attr-s1": "digits-attr-s1",
+}
 
 
 def assets_dir() -> Path:
