@@ -205,7 +205,7 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False, see
             results[name] = effect_for_model(name, seeds=seeds)
             per_model = out / ("effect-quick" if quick else "effect")
             per_model.mkdir(parents=True, exist_ok=True)
-            command = f"memctl bench effect --models {name}" + (" --quick" if quick else "")
+            command = f"memctl bench effect --seeds {seeds} --models {name}" + (" --quick" if quick else "")
             record = {"seeds_per_prompt": seeds, "versions": provenance(), "command": command, **results[name]}
             _write_json(per_model / f"{name}.json", record)
         results = {p.stem: json.loads(p.read_text()) for p in sorted(per_model.glob("*.json"))}  # earlier runs too
@@ -220,7 +220,7 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False, see
         "seconds": round(time.perf_counter() - t0, 1),
         "machine": {"platform": platform.platform(), "threads": 1},
         "versions": provenance(),
-        "command": f"memctl bench {suite}" + (" --quick" if quick else ""),
+        "command": f"memctl bench {suite} --seeds {seeds} --models {' '.join(models)}" + (" --quick" if quick else ""),
         "models": results,
     }
     out.mkdir(parents=True, exist_ok=True)
