@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="testbeds to measure",
     )
     p.add_argument("--quick", action="store_true", help="fewer seeds (a smoke run, not for the record)")
-    p.add_argument("--seeds", type=int, default=None, help="evaluation seeds per prompt (default 8; 2 with --quick)")
+    p.add_argument("--seeds", type=int, default=0, help="evaluation seeds per prompt; 0 = 8, or 2 with --quick")
     p.set_defaults(func=_cmd_bench)
 
     p = _command(
