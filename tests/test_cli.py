@@ -43,7 +43,8 @@ def test_every_subcommand_has_a_description_and_its_defaults():
     expected = {
         "demo": ["--out OUT output folder (default: out/demo)", "(default: 8)", "(default: 25)",
                  "guidance scale (default: the testbed's own)"],
-        "bench": ["(default: bench/results)", "(default: ['digits-s0', 'digits-s1', 'digits-attr-s0',", "(default: 0)", "(default: False)"],
+        "bench": ["(default: bench/results)", "(default: ['digits-s0',", "'digits-attr-s1'])", "(default: 0)",
+                  "(default: False)"],
         "blocks": ["(default: unit)", "print JSON instead of a table (default: False)"],
         "render": ["(default: out/render/<job file name>)", "-m memctl render"],
         "ui": ["port to serve on (default: 7860)", "(default: 127.0.0.1)", "(default: digits)"],
