@@ -134,6 +134,8 @@ def _effect_md(results: dict) -> list[str]:
         md.append(f"\n## {model}: bars {'PASS' if bars['pass'] else 'FAIL'} (condition probe {r['probe_seconds']} s, "
                   f"prompt-only detect + probe {r['prompt_map']['seconds']} s)\n\n")  # fmt: skip
         md += [f"- {'PASS' if ok else 'FAIL'}: {name}\n" for name, ok in bars["checks"].items()]
+        if r["prompt_map"].get("error"):
+            md.append(f"- no prompt-only map rows: {r['prompt_map']['error']}\n")
         if bars.get("trivial_fidelity_check"):
             md.append("- note: the least-exposed canaries are copied 0 % by the plain model, so the 1.5× check holds "
                       "whatever +1 does\n")  # fmt: skip
