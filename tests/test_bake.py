@@ -112,6 +112,7 @@ def test_baked_digits_folder_loads(digits, tmp_path):
     torch.save({"x": x, "cond": cond, "expected": expected}, tmp_path / "io.pt")
     code = f"""
 import sys, torch
+torch.set_num_threads(1)  # as in the parent: a different thread count may reorder float sums
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 io = torch.load({str(tmp_path / "io.pt")!r})
