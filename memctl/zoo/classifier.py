@@ -35,6 +35,20 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (x + 0.05 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
 
 
+def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, epochs: int, gen: torch.Generator):
+    """Adam (2e-3), batches of 128 in a `gen`-shuffled order, augmented inputs; the model in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 128):
+            b = perm[i : i + 128]
+            loss = loss_fn(model(_augment(x[b], gen)), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, spec: dict, seed: int, epochs: int = 60):
     """Train on every real digit that is not held out; return the model and its held-out accuracy."""
     torch.manual_seed(seed)
@@ -43,17 +57,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, spec: dict, see
     mask = torch.ones(len(images), dtype=torch.bool)
     mask[held] = False
     x, y = images[mask], labels[mask]
-    model = DigitClassifier()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 128):
-            b = perm[i : i + 128]
-            loss = F.cross_entropy(model(_augment(x[b], gen)), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    model = _fit(DigitClassifier(), x, y, F.cross_entropy, epochs, gen)
     with torch.no_grad():
         accuracy = (model(images[held]).argmax(1) == labels[held]).float().mean().item()
     return model, round(accuracy, 4)
@@ -115,17 +119,7 @@ def train_attr_classifier(spec: dict, seed: int, epochs: int = 12):
         return x, y
 
     x, y = renders([i for i in range(len(labels)) if i not in held], marks=True)
-    model = AttrClassifier()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 128):
-            b = perm[i : i + 128]
-            loss = _attr_loss(model(_augment(x[b], gen)), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    model = _fit(AttrClassifier(), x, y, _attr_loss, epochs, gen)
     xh, yh = renders(sorted(held), marks=False)
     with torch.no_grad():
         accuracy = (model.read(xh) == yh).all(1).float().mean().item()
