@@ -26,9 +26,9 @@ import torch
 from memctl.baselines.base import HOOK, InputsHook
 from memctl.blockmap import BlockMap
 from memctl.blocks import find_blocks, unwrap
-from memctl.hooks import attached, cross_attentions
+from memctl.hooks import PullCache, attached, cross_attentions
 from memctl.knob import knob_law
-from memctl.subspace import pull_to_general
+from memctl.subspace import pull_with
 
 
 def _cross_attention_rows(model: torch.nn.Module, bmap: BlockMap) -> list[int]:
@@ -86,16 +86,15 @@ class TextEdit:
         floor = 1.0 - float(bmap.meta.get("pull_max", 1.0))
         self.alpha = (1 - knob_law(row, self.fidelity, 1.0, scale, floor)).numpy()  # (n_levels,)
         self.levels = bmap.levels.numpy() if bmap.levels is not None else np.zeros(1)
+        self.cache = PullCache()  # the text states stay one tensor for every step of a call
         sched = getattr(pipe_or_denoiser, "scheduler", None)
         self.t_scale = float(getattr(getattr(sched, "config", None), "num_train_timesteps", 1000))
 
     def _edit(self, hook, x, t, e):
         level = float(t.float().max() if isinstance(t, torch.Tensor) else t) / self.t_scale
         alpha = float(np.interp(level, self.levels, self.alpha))
-        tensors = self.bmap.lever_tensors
-        return pull_to_general(
-            e, tensors["read"].to(e), tensors["tau"].to(e), tensors["bank"].to(e), torch.tensor(alpha)
-        )
+        read, tau, bank = (self.bmap.lever_tensors[k].to(e) for k in ("read", "tau", "bank"))
+        return pull_with(e, *self.cache.parts(e, read, tau, bank), torch.tensor(alpha))
 
     @contextmanager
     def applied(self) -> Iterator[None]:

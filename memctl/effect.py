@@ -16,7 +16,7 @@ within one run only).
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -158,7 +158,7 @@ def effect_for_model(name: str, seeds: int = 8, progress: bool = True, steps: in
     else:
         prompt_error = None
     prompt_seconds = round(time.perf_counter() - t0, 1)
-    plain, ref = _measure(tb, pipe, spec, None, lambda: _null())
+    plain, ref = _measure(tb, pipe, spec, None, nullcontext)
     rows = {"plain": {"0": plain}}
     plan = _plan(pipe, bmap, prompt_map, probes)
     for family, setting, setup in tqdm(plan, desc=f"{name}: effect", unit="row", disable=not progress):
@@ -178,11 +178,6 @@ def effect_for_model(name: str, seeds: int = 8, progress: bool = True, steps: in
         "rows": rows,
         "bars": bars(tb, rows, seeds),
     }
-
-
-@contextmanager
-def _null():
-    yield None
 
 
 def _headline(tb, row: dict) -> dict:

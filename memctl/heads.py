@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
-from memctl.hooks import attached
+from memctl.hooks import PullCache, attached
 from memctl.knob import knob_law
-from memctl.subspace import pull_to_general
+from memctl.subspace import pull_with
 
 HOOK = "memctl.heads"
 
@@ -44,9 +44,9 @@ def cross_attention_heads(model: torch.nn.Module) -> list[tuple[str, int, int]]:
 class _KVPull(ModelHook):
     """On `to_k` / `to_v`: `out + α (W pulled(e) − W e)` with α `(out_features,)` (a buffer others fill)."""
 
-    def __init__(self, tensors: dict, alpha: torch.Tensor):
+    def __init__(self, tensors: dict, alpha: torch.Tensor, cache: PullCache):
         super().__init__()
-        self.tensors, self.alpha, self._e = tensors, alpha, None
+        self.tensors, self.alpha, self.cache, self._e = tensors, alpha, cache, None
 
     def pre_forward(self, module, *args, **kwargs):
         self._e = args[0] if args else kwargs["input"]
@@ -57,7 +57,7 @@ class _KVPull(ModelHook):
             return output
         e = self._e
         read, tau, bank = (self.tensors[k].to(e) for k in ("read", "tau", "bank"))
-        pulled = pull_to_general(e, read, tau, bank, torch.tensor(1.0))
+        pulled = pull_with(e, *self.cache.parts(e, read, tau, bank), torch.tensor(1.0))
         return output + self.alpha.to(output) * (F.linear(pulled, module.weight, module.bias) - output)
 
 
@@ -81,10 +81,10 @@ class HeadLever:
 
     @contextmanager
     def applied(self) -> Iterator[HeadLever]:
-        hooks = {}
+        hooks, cache = {}, PullCache()  # one pull per conditioning for every head, step and projection
         for path, alpha in self.alphas.items():
-            hooks[f"{path}.to_k"] = _KVPull(self.tensors, alpha)
-            hooks[f"{path}.to_v"] = _KVPull(self.tensors, alpha)
+            hooks[f"{path}.to_k"] = _KVPull(self.tensors, alpha, cache)
+            hooks[f"{path}.to_v"] = _KVPull(self.tensors, alpha, cache)
         with attached(self.model, hooks, HOOK):
             yield self
 

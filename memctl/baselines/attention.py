@@ -54,6 +54,7 @@ class Ren(Baseline):
             raise ValueError(f"Expected a pipeline with text_encoder and tokenizer, but got {type(pipe).__name__}.")
         self.c, self.mask_summary = float(c), bool(mask_summary)
         self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (states (L, D), keep mask (L,)) per encoded row
+        self._last: tuple | None = None  # (text states, their version, mask) of the last lookup
 
     def settings(self) -> dict:
         return {"c": self.c, "mask_summary": self.mask_summary}
@@ -68,15 +69,20 @@ class Ren(Baseline):
             keep = torch.arange(len(row_ids), device=row.device) < end  # BOS and the prompt's tokens
             self._seen.append((row.detach(), keep))
         del self._seen[:-512]
+        self._last = None  # a new encoding may answer differently
 
     def mask_for(self, e: torch.Tensor) -> torch.Tensor:
-        """`(B, L)` 1 = attend, 0 = masked; rows never seen encoded keep every token."""
+        """`(B, L)` 1 = attend, 0 = masked; rows never seen encoded keep every token. The last answer is reused
+        while the pipeline passes the same, unchanged text-state tensor (every step of a call)."""
+        if self._last is not None and self._last[0] is e and self._last[1] == e._version:
+            return self._last[2]
         out = torch.ones(e.shape[:2], dtype=e.dtype, device=e.device)
         for b, row in enumerate(e):
             for states, keep in reversed(self._seen):
                 if states.shape == row.shape and torch.equal(states.to(row.dtype), row):
                     out[b] = keep.to(out.dtype)
                     break
+        self._last = (e, e._version, out)
         return out
 
     def hooks(self):
@@ -99,3 +105,4 @@ class Ren(Baseline):
         finally:
             handle.remove()
             self._seen.clear()
+            self._last = None
