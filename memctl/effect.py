@@ -62,13 +62,14 @@ def prompt_only_probes(tb, pipe) -> tuple[ProbeSet, list[str]]:
 def _cost(pipe):
     """Counts denoiser rows evaluated (a guided knob's extra pass included) while the block runs."""
     from memctl.baselines.base import denoiser_of
+    from memctl.guidance import GuidanceHook
 
     model, count = denoiser_of(pipe), {"rows": 0}
 
     def pre(module, args, kwargs):
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         state = module.__dict__.get("_memctl_knob")
-        guided = state is not None and state.guide is not None and state.guide.on
+        guided = state is not None and isinstance(state.guide, GuidanceHook) and state.guide.on  # an extra pass
         count["rows"] += int(x.shape[0]) * (2 if guided else 1)
 
     handle = model.register_forward_pre_hook(pre, with_kwargs=True)

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from memctl.attention_guidance import FIDELITY_MODES, AttentionGuidanceHook, AttentionGuide, check_processor
 from memctl.blockmap import BlockMap
 from memctl.blocks import DENOISER_ATTRS, find_blocks, pipeline_denoisers, unwrap
 from memctl.guidance import GUIDE, GuidanceHook
@@ -89,8 +90,8 @@ def knob_law(
 class _KnobState:
     """What `apply_knob` put on one denoiser; its `on_timestep` is the clock hook's callback."""
 
-    def __init__(self, bmap, component, strength, start, stop, scale, groups, timestep_scale):
-        self.bmap, self.component = bmap, component
+    def __init__(self, bmap, component, strength, start, stop, scale, groups, timestep_scale, mode="guidance"):
+        self.bmap, self.component, self.fidelity_mode = bmap, component, mode
         self.strength, self.start, self.stop, self.scale = strength, start, stop, scale
         self.groups: list[list[ResidualScaleHook]] = groups
         self.timestep_scale = timestep_scale
@@ -98,7 +99,9 @@ class _KnobState:
         self.positive_gain = float(bmap.meta.get("positive_gain", 1.0))  # fidelity > 0 acts this much weaker
         # condition lever: fidelity > 0 guides toward the memorized component (memctl.guidance), one extra pass
         self.guidance_gain = float(bmap.meta.get("fidelity_guidance", 0.0)) if bmap.lever == "condition" else 0.0
-        self.guide: GuidanceHook | None = None
+        if mode == "attention" and bmap.lever == "condition":  # inside the units (memctl.attention_guidance)
+            self.guidance_gain = float(bmap.meta.get("attention_guidance", self.guidance_gain))
+        self.guide: GuidanceHook | AttentionGuide | None = None
         # condition lever, fidelity < 0: memorized tokens pulled up to `pull_max` times the way to the general ones
         self.floor = 1.0 - float(bmap.meta.get("pull_max", 1.0)) if bmap.lever == "condition" else 0.0
         self.pull: torch.Tensor | None = None  # (n_groups,) the lever's factors at fidelity -1 for this call
@@ -109,6 +112,8 @@ class _KnobState:
         now = self._factors(module, torch.where(f > 0, f * self.positive_gain, f), t)
         if self.guide is not None and self.guide.on:  # guidance contrasts with the prompt made general (no overshoot)
             self.pull = self._factors(module, -torch.ones_like(f), t, floor=0.0)
+            if isinstance(self.guide, AttentionGuide):
+                self.guide.set_pull(self.pull)
         for i, hooks in enumerate(self.groups):
             for hook in hooks:
                 hook.scale.copy_(now[i])
@@ -196,6 +201,7 @@ def apply_knob(
     stop: float = 1.0,
     timestep_scale: float | None = None,
     passes: str = "both",
+    fidelity_mode: str | None = None,
 ) -> None:
     """Hook the map's blocks for the fidelity knob (at fidelity 0); applying again replaces the previous knob.
 
@@ -206,6 +212,9 @@ def apply_knob(
     scheduler's, else 1000; `timestep_scale=` overrides). Outside it all factors are 1. `passes="cond"` acts on the
     conditional pass of classifier-free guidance only and leaves the unconditional prediction exactly as it was
     (see `memctl.passes` for how each pipeline's passes are told apart); the default "both" acts on every call.
+    `fidelity_mode` (condition maps, fidelity > 0): "guidance", one extra denoiser pass per step (`memctl.guidance`),
+    or "attention", the same contrast inside the hooked cross-attention units (`memctl.attention_guidance`); None
+    takes the map's `meta["fidelity_mode"]`, else "guidance".
     """
     if not isinstance(bmap, BlockMap):
         raise TypeError(f"Expected a memctl.BlockMap, but got {type(bmap).__name__}.")
@@ -225,6 +234,9 @@ def apply_knob(
         raise ValueError(
             f"Expected a finite strength >= 0 (use a negative fidelity to reverse), but got {strength!r}."
         )
+    mode = fidelity_mode if fidelity_mode is not None else bmap.meta.get("fidelity_mode", "guidance")
+    if mode not in FIDELITY_MODES:
+        raise ValueError(f"Expected fidelity_mode in {FIDELITY_MODES}, but got {mode!r}.")
     start, stop = _check_real("start", start, 0.0, 1.0), _check_real("stop", stop, 0.0, 1.0)
     if start > stop:
         raise ValueError(f"Expected start <= stop (a window of noise levels), but got start={start}, stop={stop}.")
@@ -241,7 +253,7 @@ def apply_knob(
         try:
             ts = timestep_scale if timestep_scale is not None else _timestep_scale(pipe_or_denoiser, module)
             pipe = None if isinstance(pipe_or_denoiser, torch.nn.Module) else pipe_or_denoiser
-            _install(module, bmap, component, float(strength), start, stop, scale, float(ts), passes, pipe)
+            _install(module, bmap, component, float(strength), start, stop, scale, float(ts), passes, pipe, mode)
         except BaseException:
             remove_knob(module)
             raise
@@ -269,7 +281,9 @@ def _pairs(target: Any, bmap: BlockMap) -> list[tuple[str, torch.nn.Module]]:
     return [(c, held[c]) for c in bmap.fingerprints]
 
 
-def _install(module, bmap, component, strength, start, stop, scale, timestep_scale, passes="both", pipe=None) -> None:
+def _install(
+    module, bmap, component, strength, start, stop, scale, timestep_scale, passes="both", pipe=None, mode="guidance"
+) -> None:
     part = bmap.select(component)
     part.check_model(module, component)
     blocks = find_blocks(module, names=part.names)
@@ -279,11 +293,19 @@ def _install(module, bmap, component, strength, start, stop, scale, timestep_sca
     # (their lever tensors are the same tensors on the device; after a move each unit holds its own copy, hence
     # room for one conditioning per unit, or two, cond and uncond, for pipelines calling the denoiser twice a step)
     cache, tensors = PullCache(), {k: v.to(device) for k, v in part.lever_tensors.items()}
+    state = _KnobState(bmap, component, strength, start, stop, scale, groups, timestep_scale, mode)
+    inside = mode == "attention" and state.guidance_gain > 0
+    guide = AttentionGuide(groups) if inside else None
     for block in blocks:
         group = []
         paths = cross_attentions(module, block) if part.lever == "condition" else []
         for path in paths:  # condition lever: pull memorized conditioning tokens in this block's cross-attention
-            hooks[path] = ConditionHook(KNOB, tensors, 1.0, cache)
+            if inside:  # and guide inside the unit at fidelity > 0
+                check_processor(module.get_submodule(path))
+                hooks[path] = AttentionGuidanceHook(KNOB, tensors, 1.0, cache, guide)
+                hooks.update(hooks[path].subhooks(path))
+            else:
+                hooks[path] = ConditionHook(KNOB, tensors, 1.0, cache)
             group.append(hooks[path])
         for leaf in () if paths else block.leaves():
             if leaf.target in hooks:
@@ -296,10 +318,11 @@ def _install(module, bmap, component, strength, start, stop, scale, timestep_sca
     levels = part.levels if part.levels is not None else torch.zeros(1)
     module.register_buffer(_BUFFERS[1], levels.to(device), persistent=False)
     module.register_buffer(_BUFFERS[2], torch.tensor(0.0, device=device), persistent=False)
-    state = _KnobState(bmap, component, strength, start, stop, scale, groups, timestep_scale)
     module.__dict__[_ATTR] = state
     attach(module, hooks, KNOB)
-    if state.guidance_gain > 0:  # innermost root hook: the clock (outside it) sets the factors first
+    if inside:
+        state.guide = guide
+    elif state.guidance_gain > 0:  # innermost root hook: the clock (outside it) sets the factors first
         state.guide = GuidanceHook(state)
         attach(module, {"": state.guide}, GUIDE)
     attach(module, {"": TimestepHook(state.on_timestep, timestep_scale)}, CLOCK)
@@ -412,7 +435,14 @@ def temporary_knob(
             remove_knob(pipe)
             if first is not None:
                 apply_knob(
-                    pipe, first.bmap, first.strength, first.start, first.stop, first.timestep_scale, first.passes
+                    pipe,
+                    first.bmap,
+                    first.strength,
+                    first.start,
+                    first.stop,
+                    first.timestep_scale,
+                    first.passes,
+                    first.fidelity_mode,
                 )
         for module, state, f, lo, hi in saved:
             state = module.__dict__.get(_ATTR, state)  # re-applied: the new state of the same denoiser
