@@ -21,6 +21,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 import numpy as np
 from tqdm.auto import tqdm
 
+from memctl.attention_calibrate import attention_map
 from memctl.baselines import BASELINES
 from memctl.controls import TextEdit, control_maps
 from memctl.evaluate import EvalSpec, sample_testbed, score_samples
@@ -29,6 +30,7 @@ from memctl.probe import probe
 from memctl.probeset import ProbeSet
 
 KNOB_FIDELITIES = (-1.0, -0.5, 1.0)
+ATTENTION_FIDELITIES = (0.5, 1.0)  # memctl.attention_guidance (fidelity <= 0 is the same lever as "memctl map")
 CONTROL_FIDELITIES = (-1.0, -0.5)
 CONTROL_SEEDS = 2
 # one setting each: the published defaults (Ren's C = 1.25), and for the thresholds a rule fixed before measuring
@@ -99,7 +101,7 @@ def _measure(tb, pipe, spec, ref, setup) -> tuple[dict, object]:
     return row, samples
 
 
-def _plan(pipe, bmap, prompt_map, probes) -> list[tuple[str, str, object]]:
+def _plan(pipe, bmap, prompt_map, probes, attention_map=None) -> list[tuple[str, str, object]]:
     """(family, setting, setup) for every row after the plain model."""
 
     def knob(m, f):
@@ -127,6 +129,8 @@ def _plan(pipe, bmap, prompt_map, probes) -> list[tuple[str, str, object]]:
         return setup
 
     plan = [("memctl map", f"{f:+.1f}", knob(bmap, f)) for f in KNOB_FIDELITIES]
+    if attention_map is not None:  # fidelity > 0 inside the cross-attention units, γ calibrated on the probes
+        plan += [("memctl map in-attention", f"{f:+.1f}", knob(attention_map, f)) for f in ATTENTION_FIDELITIES]
     if prompt_map is not None:
         plan += [("memctl prompt map", f"{f:+.1f}", knob(prompt_map, f)) for f in (-1.0, 1.0)]
     controls = control_maps(pipe.unet, bmap, seeds=CONTROL_SEEDS)
@@ -161,7 +165,8 @@ def effect_for_model(name: str, seeds: int = 8, progress: bool = True, steps: in
     prompt_seconds = round(time.perf_counter() - t0, 1)
     plain, ref = _measure(tb, pipe, spec, None, nullcontext)
     rows = {"plain": {"0": plain}}
-    plan = _plan(pipe, bmap, prompt_map, probes)
+    amap = attention_map(pipe, bmap, probes)
+    plan = _plan(pipe, bmap, prompt_map, probes, amap)
     for family, setting, setup in tqdm(plan, desc=f"{name}: effect", unit="row", disable=not progress):
         rows.setdefault(family, {})[setting], _ = _measure(tb, pipe, spec, ref, setup)
     exposure = {c[0]: c[2] for c in tb.canaries}
@@ -175,10 +180,37 @@ def effect_for_model(name: str, seeds: int = 8, progress: bool = True, steps: in
             "error": prompt_error,
         },
         "map": bmap.to_dict(),
+        "attention_calibration": amap.meta["attention_calibration"],
         "eval": spec.to_dict(),
         "rows": rows,
         "bars": bars(tb, rows, seeds),
     }
+
+
+def add_rows(record: dict, name: str, families: tuple[str, ...], progress: bool = True) -> dict:
+    """`record` (an earlier `effect_for_model` result of model `name`) with the rows of `families` measured now and
+    added, and its bars recomputed. The map is probed again and the plain row sampled again: both must equal the
+    record's (same probe set and seeds), else a clear error; the rows already there are kept as measured."""
+    from memctl.zoo import load_testbed
+
+    tb = load_testbed(name)
+    pipe = tb.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    seeds, spec = record["seeds_per_prompt"], EvalSpec(**record["eval"])
+    probes = testbed_probes(tb)
+    bmap = probe(pipe, probes, method="condition", progress=progress)
+    if bmap.to_dict()["scores"] != record["map"]["scores"]:
+        raise ValueError(f"Expected the condition map of {name} to equal the record's, but probing gave other scores.")
+    plain, ref = _measure(tb, pipe, spec, None, nullcontext)
+    if _headline(tb, plain) != _headline(tb, record["rows"]["plain"]["0"]):
+        raise ValueError(f"Expected the plain row of {name} to equal the record's, but sampling gave other numbers.")
+    amap = attention_map(pipe, bmap, probes)
+    rows = {k: dict(v) for k, v in record["rows"].items()}
+    plan = [p for p in _plan(pipe, bmap, None, probes, amap) if p[0] in families]
+    for family, setting, setup in tqdm(plan, desc=f"{name}: effect (added rows)", unit="row", disable=not progress):
+        rows.setdefault(family, {})[setting], _ = _measure(tb, pipe, spec, ref, setup)
+    return {**record, "rows": rows, "attention_calibration": amap.meta["attention_calibration"],
+            "bars": bars(tb, rows, seeds)}  # fmt: skip
 
 
 def _headline(tb, row: dict) -> dict:
@@ -220,8 +252,16 @@ def bars(tb, rows: dict, seeds: int) -> dict:
         "fidelity: most-exposed copy_1/3 at +1 >= plain": fid["most_copy"] >= plain["most_copy"],
         "fidelity: ordinary valid at +1 >= 0.95 x plain": fid["ordinary_valid"] >= 0.95 * plain["ordinary_valid"],
     }
+    if "memctl map in-attention" in head:  # the same fidelity checks for in-attention guidance (not in "pass")
+        att = head["memctl map in-attention"]["+1.0"]
+        attention = {
+            "least-exposed copy_1/3 at +1 >= 1.5 x plain": att["least_copy"] >= 1.5 * plain["least_copy"],
+            "most-exposed copy_1/3 at +1 >= plain": att["most_copy"] >= plain["most_copy"],
+            "ordinary valid at +1 >= 0.95 x plain": att["ordinary_valid"] >= 0.95 * plain["ordinary_valid"],
+        }
     return {
         "checks": checks,
+        **({"in_attention_fidelity_checks": attention} if "memctl map in-attention" in head else {}),
         "pass": all(checks.values()),
         "map_at_-1": ext,
         "controls_at_map_copy": controls,

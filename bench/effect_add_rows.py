@@ -1,0 +1,45 @@
+"""Add rows of some effect-plan families to the per-model records of `memctl bench effect` and rebuild its tables.
+
+    python bench/effect_add_rows.py "memctl map in-attention" digits-s0 digits-s1 digits-attr-s0 digits-attr-s1
+
+Each model's record (`bench/results/effect/MODEL.json`) gets the family's rows measured now by `memctl.effect.add_rows`
+(same probe set, map and seeds as the record; the plain row is re-sampled and must match), then `effect.json` and
+`effect.md` are rebuilt from all records by the bench's own table code (the md keeps its first two lines).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from memctl.bench import _effect_md, _write_json, effect_summary
+from memctl.effect import add_rows
+
+OUT = Path(__file__).parent / "results"
+
+
+def main(family: str, models: list[str]) -> None:
+    torch.set_num_threads(1)
+    for name in models:
+        path = OUT / "effect" / f"{name}.json"
+        record = add_rows(json.loads(path.read_text()), name, (family,))
+        added = record.setdefault("added_rows", {})
+        added[family] = f"python bench/effect_add_rows.py {json.dumps(family)} {name}"
+        _write_json(path, record)
+        print(name, json.dumps(record["bars"].get("in_attention_fidelity_checks")), flush=True)
+    results = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "effect").glob("*.json"))}
+    report = json.loads((OUT / "effect.json").read_text())
+    report["models"] = results
+    _write_json(OUT / "effect.json", report)
+    head = (OUT / "effect.md").read_text().splitlines(keepends=True)[:2]
+    md = [*head, "\nSummary: most-exposed canaries copied / canary novel-valid (attribute-correct on digits-attr) / "
+          "compositional (digits-attr) / ordinary valid (denoiser evaluations per image).\n\n",
+          effect_summary(results), *_effect_md(results)]  # fmt: skip
+    (OUT / "effect.md").write_text("".join(md))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
