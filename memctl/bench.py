@@ -20,7 +20,7 @@ from memctl.metadata import provenance
 
 GUIDANCE_SWEEP = (1.0, 1.5, 2.0, 3.0)
 DETECT_SEEDS = tuple(range(8))  # probe-side seeds (below 10,000)
-SUITES = ("digits", "effect", "detect")
+SUITES = ("digits", "effect", "detect", "speed")
 
 
 def _digits_bar(row: dict, exposures: list[int]) -> dict:
@@ -201,6 +201,10 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False, see
     seeds = seeds or (2 if quick else 8)
     if suite not in SUITES:
         raise ValueError(f"Expected suite in {SUITES}, but got {suite!r}.")
+    if suite == "speed":  # memctl.speed: per-forward cost, its own models and tables
+        from memctl.speed import bench_speed
+
+        return bench_speed(out, quick=quick)
     t0 = time.perf_counter()
     if suite == "effect":
         from memctl.effect import effect_for_model

@@ -323,9 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
         "measure a suite and write bench/results/<suite>.json",
         "Measure a suite and write SUITE.json and SUITE.md to --out: 'digits' (the embedded models at "
         "fidelity 0 and a guidance sweep), 'effect' (what the knob does to copies and novelty), 'detect' "
-        "(prompt-only detection against the testbeds' ground truth).",
+        "(prompt-only detection against the testbeds' ground truth), 'speed' (the knob's cost per denoiser forward "
+        "against the plain model, SD 1.5- and Wan 1.3B-sized; --models is ignored).",
     )
-    p.add_argument("suite", choices=["digits", "effect", "detect"], help="what to measure")
+    p.add_argument("suite", choices=["digits", "effect", "detect", "speed"], help="what to measure")
     p.add_argument("--out", default="bench/results", help="output folder")
     p.add_argument(
         "--models",
