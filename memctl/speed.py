@@ -1,0 +1,438 @@
+"""`memctl bench speed`: what the knob costs per denoiser forward, as a ratio to the plain denoiser.
+
+    >>> report = bench_speed(Path("bench/results"))          # SD 1.5- and Wan 2.1 1.3B-sized, random weights
+    >>> report["models"]["sd15-unet"]["rows"]["plain"]["ratio"]["median"]
+    1.0
+
+Models are built from their configs with random weights (no download): an SD 1.5-sized `UNet2DConditionModel`
+(859 M parameters) and a Wan 2.1 1.3B-sized `WanTransformer3DModel`. Configurations are timed interleaved in one
+process (each repeat runs every configuration once, in the same order, after one untimed warm-up each), so a change
+of machine load hits them alike; each repeat's time is divided by the plain model's time in the same repeat, and
+the table gives the median and range of these ratios. Hooks are applied and removed outside the timed region.
+
+The knob's condition map covers every cross-attention unit with per-level scores of both signs and a bank of 60
+general conditionings (77 tokens × 768), as `memctl.probe(method="condition")` makes them; its residual map covers
+every residual unit. The text states are the same tensor in every forward, as in a sampling loop, so the pull's
+token weights are computed once per pipeline call (`memctl.hooks.PullCache`); one row passes new text states every
+forward to show that one-off cost. Wan has no cross-attention of the kind the condition lever hooks (its maps use
+the residual lever), no FreeU and no PAG pipeline in diffusers, and its blocks return input + update, which
+`memctl.bake` cannot fold: those rows are listed as not measured, with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+
+from memctl.blockmap import BlockMap
+from memctl.blocks import find_blocks
+from memctl.hooks import cross_attentions
+from memctl.knob import apply_knob, remove_knob, set_fidelity
+
+__all__ = ["SD15_UNET", "WAN_1_3B", "build_unet", "build_wan", "condition_map", "residual_map", "bench_speed"]
+
+# Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json, the fields that differ from defaults)
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)  # fmt: skip
+# Wan 2.1 T2V 1.3B's transformer (Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json)
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)  # fmt: skip
+TINY_UNET = dict(SD15_UNET, block_out_channels=(32, 32, 64, 64), layers_per_block=1, cross_attention_dim=32,
+                 norm_num_groups=8, attention_head_dim=4)  # fmt: skip
+TINY_WAN = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=16, ffn_dim=64,
+                num_layers=2)  # fmt: skip
+FREEU_SD15 = dict(s1=0.9, s2=0.2, b1=1.5, b2=1.6)  # the published SD 1.5 setting
+NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
+TEXT_TOKENS, N_GENERAL, N_MEMORIZED = 77, 60, 20
+# Gains as memctl.probe would store them (their values do not change the cost)
+META = {"positive_gain": 0.0, "fidelity_guidance": 0.5, "attention_guidance": 0.1, "pull_max": 2.0}
+BAR_NONPOSITIVE, BAR_POSITIVE = 1.03, 1.10  # issue 13: fidelity <= 0 at most 1.03x plain, fidelity +1 at most 1.10x
+
+
+def build_unet(tiny: bool = False, device="cpu", dtype=torch.float32, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return UNet2DConditionModel(**(TINY_UNET if tiny else SD15_UNET)).to(dtype).eval()
+
+
+def build_wan(tiny: bool = False, device="cpu", dtype=torch.float32, seed: int = 0):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return WanTransformer3DModel(**(TINY_WAN if tiny else WAN_1_3B)).to(dtype).eval()
+
+
+def _scores(n: int, gen: torch.Generator) -> torch.Tensor:
+    """`(n, levels)` scores of both signs, like a probe's: about a third of the units memorization-heavy."""
+    return torch.randn(n, len(NOISE_LEVELS), generator=gen) - 0.4
+
+
+def condition_map(unet: torch.nn.Module, seed: int = 0) -> BlockMap:
+    """A condition-lever map of realistic shape: every cross-attention unit, a bank of 60 general conditionings."""
+    from memctl.subspace import fit_subspace, weight_threshold
+
+    gen = torch.Generator().manual_seed(seed)
+    d = unet.config.cross_attention_dim
+    bank = torch.randn(N_GENERAL, TEXT_TOKENS, d, generator=gen)  # (P, L, D) general conditionings
+    memorized = bank[:N_MEMORIZED].clone()
+    memorized[:, 5:9] += 3.0 * torch.randn(d, generator=gen)  # a tag the memorized prompts share
+    sub = fit_subspace(memorized, bank, k=8)
+    units = [b for b in find_blocks(unet) if cross_attentions(unet, b)]
+    scores = _scores(len(units), gen)
+    positive = scores[scores > 0]
+    meta = {**META, "knob_scale": float(positive.median()) if len(positive) else 1.0}
+    bmap = BlockMap.from_scores(unet, {b.name: s.tolist() for b, s in zip(units, scores, strict=True)},
+                                levels=list(NOISE_LEVELS), method="condition", meta=meta)  # fmt: skip
+    bmap.lever = "condition"
+    bmap.lever_tensors = {"read": sub.read, "tau": weight_threshold(bank, sub.read), "bank": bank,
+                          "g_inv_half": sub.g_inv_half}  # fmt: skip
+    bmap.__post_init__()
+    return bmap
+
+
+def residual_map(model: torch.nn.Module, seed: int = 0) -> BlockMap:
+    """A residual-lever map over every residual unit, per-level scores of both signs."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = find_blocks(model)
+    scores = _scores(len(blocks), gen)
+    return BlockMap.from_scores(model, {b.name: s.tolist() for b, s in zip(blocks, scores, strict=True)},
+                                levels=list(NOISE_LEVELS), method="ablation")  # fmt: skip
+
+
+def baked_unet(unet: torch.nn.Module, bmap: BlockMap, fidelity: float = -1.0) -> torch.nn.Module:
+    """A hook-free copy with the knob at `fidelity` in its weights: the edit `memctl.bake` makes and saves."""
+    from memctl.bake import _bake_denoiser
+
+    baked = copy.deepcopy(unet)
+    _bake_denoiser(baked, bmap.select(next(iter(bmap.fingerprints))), fidelity, 1.0, None, 1.0)
+    return baked
+
+
+# --- configurations: (name, setup, forward) --------------------------------------------------------------------
+
+
+@contextmanager
+def knob(model, bmap, f: float, mode: str | None = None) -> Iterator[None]:
+    apply_knob(model, bmap, fidelity_mode=mode)
+    set_fidelity(model, f)
+    try:
+        yield
+    finally:
+        remove_knob(model)
+
+
+@contextmanager
+def freeu(unet) -> Iterator[None]:
+    unet.enable_freeu(**FREEU_SD15)
+    try:
+        yield
+    finally:
+        unet.disable_freeu()
+
+
+@contextmanager
+def pag(unet, layers: str = "mid") -> Iterator[None]:
+    """diffusers' PAG processors on the UNet's `layers` self-attentions (StableDiffusionPAGPipeline's default)."""
+    from diffusers.pipelines.pag.pag_utils import PAGMixin
+
+    class _Shim(PAGMixin):
+        def __init__(self, unet):
+            self.unet = unet
+
+    before = unet.attn_processors
+    shim = _Shim(unet)
+    shim.set_pag_applied_layers(layers)
+    shim._set_pag_attn_processor(shim.pag_applied_layers, do_classifier_free_guidance=True)
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(before)
+
+
+def unet_inputs(unet, latent: int, batch: int = 2, seed: int = 0, dtype=torch.float32, device="cpu") -> dict:
+    """Classifier-free guidance's batch of 2 (uncond, cond) at `latent`² latents, 77 text tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, unet.config.in_channels, latent, latent, generator=gen)  # (B, C, H, W)
+    e = torch.randn(batch, TEXT_TOKENS, unet.config.cross_attention_dim, generator=gen)  # (B, L, D)
+    return {"sample": x.to(device, dtype), "timestep": torch.tensor(500, device=device),
+            "encoder_hidden_states": e.to(device, dtype)}  # fmt: skip
+
+
+def wan_inputs(model, frames: int, height: int, width: int, text: int, seed: int = 0, dtype=torch.float32,
+               device="cpu") -> dict:  # fmt: skip
+    """One denoiser call of a Wan pipeline (it calls cond and uncond separately): batch 1, latent (C, F, H, W)."""
+    gen = torch.Generator().manual_seed(seed)
+    c = model.config
+    x = torch.randn(1, c.in_channels, frames, height, width, generator=gen)  # (1, C, F, H, W)
+    e = torch.randn(1, text, c.text_dim, generator=gen)  # (1, T, D)
+    return {"hidden_states": x.to(device, dtype), "timestep": torch.tensor([500], device=device),
+            "encoder_hidden_states": e.to(device, dtype)}  # fmt: skip
+
+
+def _forward(model, inputs, fresh_text: bool = False) -> Callable[[], torch.Tensor]:
+    def call():
+        kw = dict(inputs)
+        if fresh_text:  # a new tensor: the pull's token weights are computed again (a new pipeline call)
+            kw["encoder_hidden_states"] = kw["encoder_hidden_states"].clone()
+        return model(**kw, return_dict=False)[0]
+
+    return call
+
+
+def unet_cases(unet, inputs, cmap, rmap, baked=None) -> list[tuple[str, Callable, Callable]]:
+    three = {**inputs, **{k: torch.cat([v, v[-1:]]) for k, v in inputs.items() if k != "timestep"}}
+    run = _forward(unet, inputs)
+    cases = [
+        ("plain", nullcontext, run),
+        ("FreeU (SD 1.5 setting)", lambda: freeu(unet), run),
+        ("PAG (mid block; with CFG a batch of 3 for 2)", lambda: pag(unet), _forward(unet, three)),
+        ("knob 0, condition map", lambda: knob(unet, cmap, 0.0), run),
+        ("knob -1, condition map", lambda: knob(unet, cmap, -1.0), run),
+        ("knob -1, condition map, new text states every forward", lambda: knob(unet, cmap, -1.0),
+         _forward(unet, inputs, fresh_text=True)),
+        ("knob +1, condition map, extra-pass guidance", lambda: knob(unet, cmap, 1.0, "guidance"), run),
+        ("knob +1, condition map, in-attention guidance", lambda: knob(unet, cmap, 1.0, "attention"), run),
+        ("knob 0, residual map", lambda: knob(unet, rmap, 0.0), run),
+        ("knob -1, residual map", lambda: knob(unet, rmap, -1.0), run),
+        ("knob +1, residual map", lambda: knob(unet, rmap, 1.0), run),
+    ]  # fmt: skip
+    if baked is not None:
+        cases.append(("baked (condition map at -1, no hooks)", nullcontext, _forward(baked, inputs)))
+    return cases
+
+
+def wan_cases(model, inputs, rmap) -> list[tuple[str, Callable, Callable]]:
+    run = _forward(model, inputs)
+    return [
+        ("plain", nullcontext, run),
+        ("knob 0, residual map", lambda: knob(model, rmap, 0.0), run),
+        ("knob -1, residual map", lambda: knob(model, rmap, -1.0), run),
+        ("knob +1, residual map", lambda: knob(model, rmap, 1.0), run),
+    ]
+
+
+WAN_NOT_MEASURED = {
+    "FreeU": "UNet only (diffusers has no FreeU for transformers)",
+    "PAG": "diffusers 0.42 has no PAG pipeline for Wan",
+    "condition map (knob 0/-1/+1, extra-pass and in-attention guidance)": "Wan's cross-attention is not the "
+    "`Attention` class the condition lever hooks; memctl.probe gives Wan residual maps",
+    "baked": "Wan blocks return input + update: memctl.bake cannot fold a residual factor into one layer (it "
+    "refuses with an error)",
+}
+
+
+# --- timing ----------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_cases(cases, repeats: int, device="cpu", deadline: float | None = None) -> dict:
+    """Interleaved timing: one warm-up per case, then `repeats` rounds of every case; ratios to the first case.
+
+    Stops early (keeping whole rounds) when `time.monotonic()` passes `deadline`. Peak memory on CUDA."""
+    device = torch.device(device)
+    times = {name: [] for name, _, _ in cases}
+    peak = {}
+    for rnd in range(repeats + 1):
+        if deadline is not None and rnd > 0 and time.monotonic() > deadline:
+            break
+        for name, setup, run in cases:
+            with setup():
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                _sync(device)
+                t0 = time.perf_counter()
+                run()
+                _sync(device)
+                dt = time.perf_counter() - t0
+                if device.type == "cuda":
+                    peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
+            if rnd > 0:
+                times[name].append(dt)
+    return summarize(times, peak)
+
+
+def summarize(times: dict[str, list[float]], peak: dict | None = None) -> dict:
+    base = next(iter(times))
+    n = min(len(v) for v in times.values())
+    rows = {}
+    for name, ts in times.items():
+        ratios = [t / b for t, b in zip(ts[:n], times[base][:n], strict=True)]
+        rows[name] = {
+            "seconds": {"median": round(statistics.median(ts), 5), "min": round(min(ts), 5)} if ts else None,
+            "ratio": {
+                "median": round(statistics.median(ratios), 3),
+                "min": round(min(ratios), 3),
+                "max": round(max(ratios), 3),
+            }
+            if ratios
+            else None,  # fmt: skip
+            "repeats": len(ts[:n]),
+        }
+        if peak and name in peak:
+            rows[name]["peak_memory_gib"] = round(peak[name] / 2**30, 3)
+    return rows
+
+
+def compile_sweep(model, bmap, inputs, fidelities, mode: str | None = None, backend: str = "eager",
+                  repeats: int = 2) -> dict:  # fmt: skip
+    """`torch.compile(fullgraph=True)` of the plain model, then of the knobbed one across `fidelities`: graphs
+    compiled (a counting backend around `backend`) and per-forward seconds (each phase after its own compiles)."""
+    graphs = {"n": 0}
+    inner = torch._dynamo.lookup_backend(backend)
+
+    def counting(gm, example_inputs):
+        graphs["n"] += 1
+        return inner(gm, example_inputs)
+
+    def timed(run) -> float:
+        t0 = time.perf_counter()
+        run()
+        return time.perf_counter() - t0
+
+    out: dict = {"backend": backend, "fidelities": list(fidelities), "fidelity_mode": mode}
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            run = _forward(torch.compile(model, backend=counting, fullgraph=True), inputs)
+            out["plain_first_call_seconds"] = round(timed(run), 2)
+            out["plain_graphs"] = graphs["n"]
+            times = {"compiled plain": [timed(run) for _ in range(repeats)]}
+            torch._dynamo.reset()
+            graphs["n"] = 0
+            apply_knob(model, bmap, fidelity_mode=mode)
+            run = _forward(torch.compile(model, backend=counting, fullgraph=True), inputs)
+            after, first = [], []
+            for f in fidelities:  # first pass: compiles as needed
+                set_fidelity(model, f)
+                first.append(round(timed(run), 2))
+                after.append(graphs["n"])
+            for _ in range(repeats):
+                for f in dict.fromkeys(fidelities):
+                    set_fidelity(model, f)
+                    times.setdefault(f"compiled knob {f:+g}", []).append(timed(run))
+        out["knob_first_call_seconds"] = first
+        out["graphs_compiled_after_each_fidelity"] = after
+        out["graphs_while_timing"] = graphs["n"] - after[-1]
+        out["rows"] = summarize(times)
+    finally:
+        remove_knob(model)
+        torch._dynamo.reset()
+    return out
+
+
+# --- the suite ---------------------------------------------------------------------------------------------------
+
+
+def _bar(rows: dict) -> dict:
+    def worst(prefix_ok):
+        vals = [r["ratio"]["median"] for n, r in rows.items() if prefix_ok(n) and r.get("ratio")]
+        return max(vals) if vals else None
+
+    nonpositive = worst(lambda n: n.startswith(("knob 0", "knob -1")) and "new text states" not in n)
+    positive = {n: r["ratio"]["median"] for n, r in rows.items() if n.startswith("knob +1") and r.get("ratio")}
+    return {
+        f"fidelity <= 0 at most {BAR_NONPOSITIVE}x plain (median)": nonpositive is not None
+        and nonpositive <= BAR_NONPOSITIVE,
+        **{f"{n} at most {BAR_POSITIVE}x plain (median)": v <= BAR_POSITIVE for n, v in positive.items()},
+    }
+
+
+def bench_speed(out: Path, quick: bool = False, repeats: int | None = None) -> dict:
+    """Both models on this machine's CPU, one thread; writes `speed.json` and `speed.md` under `out`."""
+    torch.set_num_threads(1)
+    repeats = repeats or (2 if quick else 3)
+    t_start = time.perf_counter()
+    models = {}
+    # SD 1.5-sized UNet: 16x16 latents (a 128x128 image), CFG batch 2, 77 text tokens
+    unet = build_unet(tiny=quick)
+    latent = 16
+    inputs = unet_inputs(unet, latent)
+    cmap, rmap = condition_map(unet), residual_map(unet)
+    baked = baked_unet(unet, cmap)
+    t0 = time.perf_counter()
+    rows = time_cases(unet_cases(unet, inputs, cmap, rmap, baked), repeats)
+    models["sd15-unet"] = {
+        "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
+        "inputs": {k: list(v.shape) for k, v in inputs.items()},
+        "map": {
+            "condition units": cmap.n_blocks,
+            "residual units": rmap.n_blocks,
+            "bank": list(cmap.lever_tensors["bank"].shape),
+        },  # fmt: skip
+        "rows": rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "bar": _bar(rows),
+    }
+    del baked
+    models["sd15-unet"]["compile"] = compile_sweep(unet, cmap, inputs, (0.0, -0.5, -1.0, 0.5, 1.0, 0.0),
+                                                   mode="attention", repeats=2)  # fmt: skip
+    del unet
+    # Wan 2.1 1.3B-sized transformer: a latent of 2 frames x 8 x 8 (32 video tokens), 64 text tokens
+    wan = build_wan(tiny=quick)
+    w_inputs = wan_inputs(wan, frames=2, height=8, width=8, text=64)
+    wmap = residual_map(wan)
+    t0 = time.perf_counter()
+    rows = time_cases(wan_cases(wan, w_inputs, wmap), repeats)
+    models["wan-1.3b"] = {
+        "params_m": round(sum(p.numel() for p in wan.parameters()) / 1e6, 1),
+        "inputs": {k: list(v.shape) for k, v in w_inputs.items()},
+        "map": {"residual units": wmap.n_blocks},
+        "rows": rows,
+        "not_measured": WAN_NOT_MEASURED,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "bar": _bar(rows),
+    }
+    models["wan-1.3b"]["compile"] = compile_sweep(wan, wmap, w_inputs, (0.0, -1.0, 1.0, 0.0), repeats=2)
+    from memctl.metadata import provenance
+
+    report = {
+        "suite": "speed",
+        "quick": quick,
+        "repeats": repeats,
+        "command": "memctl bench speed" + (" --quick" if quick else ""),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": 1},
+        "versions": provenance(),
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "models": models,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    name = "speed-quick" if quick else "speed"
+    tmp = out / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(out / f"{name}.json")
+    (out / f"{name}.md").write_text(speed_md(report, _gpu(out)))
+    return report
+
+
+def _gpu(out: Path) -> dict | None:
+    path = out / "speed-gpu.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def speed_md(report: dict, gpu: dict | None = None) -> str:
+    from memctl.speed_md import render
+
+    return render(report, gpu)
