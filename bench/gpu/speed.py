@@ -41,10 +41,13 @@ def _write(path: Path, report: dict) -> None:
 
 
 def _sd_parts(args, report, deadline, device, dtype) -> None:
+    sizes = TINY["sd"] if args.tiny else SD_SIZES
+    if time.monotonic() > deadline - 15:
+        report["runs"].update({f"sd15-unet {s}x{s}": {"error": "skipped: the time cap was reached"} for s in sizes})
+        return
     unet = speed.build_unet(tiny=args.tiny, device=device, dtype=dtype)
     cmap, rmap = speed.condition_map(unet), speed.residual_map(unet)
     baked = speed.baked_unet(unet, cmap)
-    sizes = TINY["sd"] if args.tiny else SD_SIZES
     for side, latent in sizes.items():
         key = f"sd15-unet {side}x{side}"
         if time.monotonic() > deadline - 10:
