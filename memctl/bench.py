@@ -2,7 +2,7 @@
 
 Suite `digits`: each embedded model at fidelity 0, a guidance sweep, ≥ 8 evaluation seeds per canary, with the
 quality bar of the embedded default checked against the measured numbers. Suite `effect`: `memctl.effect`.
-Suite `detect`: prompt-only memorization detection (`memctl.detect`) against the testbeds' ground truth.
+Suite `detect`: prompt-only memorization detection, every signal of `memctl.signals` (`memctl.detect_bench`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from memctl.evaluate import EvalSpec, format_table, sample_testbed, score_sample
 from memctl.metadata import provenance
 
 GUIDANCE_SWEEP = (1.0, 1.5, 2.0, 3.0)
-DETECT_SEEDS = tuple(range(8))  # probe-side seeds (below 10,000)
 SUITES = ("digits", "effect", "detect", "speed")
 
 
@@ -61,65 +60,6 @@ def bench_digits(models: list[str], seeds: int) -> dict:
             "training": tb.spec["training"],
         }
     return results
-
-
-def bench_detect(models: list[str], seeds: tuple[int, ...] = DETECT_SEEDS) -> dict:
-    """Prompt-only detection on each testbed: ROC AUC of canary prompts (per exposure) against ordinary prompts and
-    against decoys (the canary format with untrained tags), for the magnitude and the consistency signal."""
-    from memctl.detection import THRESHOLD, robust_z, roc_auc, signals
-    from memctl.zoo import load_testbed
-
-    results = {}
-    for name in models:
-        tb = load_testbed(name)
-        pipe = tb.pipeline()
-        pipe.set_progress_bar_config(disable=True)
-        canaries, ordinary, decoys = [c[0] for c in tb.canaries], tb.ordinary_prompts(), tb.decoy_prompts(30)
-        t0 = time.perf_counter()
-        mag, cons = signals(pipe, canaries + ordinary + decoys, seeds=list(seeds), steps=1, guidance_scale=7.5,
-                            num_inference_steps=25, progress=False)  # fmt: skip
-        seconds = time.perf_counter() - t0
-        k, n = len(canaries), len(ordinary)
-        parts = {"ordinary": slice(k, k + n), "decoys": slice(k + n, None)}
-        risk = robust_z(mag.log(), mag[parts["ordinary"]].log())
-        rows = {}
-        for e in tb.exposures:
-            idx = [i for i, c in enumerate(tb.canaries) if c[2] == e]
-            rows[str(e)] = {
-                f"auc_{sig}_vs_{neg}": round(roc_auc(vals[idx], vals[part]), 3)
-                for sig, vals in (("magnitude", mag), ("consistency", cons))
-                for neg, part in parts.items()
-            }
-            rows[str(e)]["flagged"] = round(float((risk[idx] > THRESHOLD).float().mean()), 3)
-        rows["decoys"] = {"flagged": round(float((risk[parts["decoys"]] > THRESHOLD).float().mean()), 3)}
-        most = rows[str(max(tb.exposures))]
-        results[name] = {
-            "prompts": {"canaries": k, "ordinary": n, "decoys": len(decoys)},
-            "signal": {"seeds": list(seeds), "steps": 1, "guidance_scale": 7.5, "num_inference_steps": 25},
-            "seconds": round(seconds, 1),
-            "rows": rows,
-            "bar": {"most-exposed magnitude AUC vs ordinary >= 0.9": most["auc_magnitude_vs_ordinary"] >= 0.9},
-        }
-    return results
-
-
-def _detect_md(results: dict) -> list[str]:
-    md = ["\nROC AUC of canary prompts against ordinary prompts (every class in 3 phrasings) and against decoys "
-          "(canary format, untrained tags); flagged: risk > 3 against the ordinary prompts.\n"]  # fmt: skip
-    for model, r in results.items():
-        ok = all(r["bar"].values())
-        md.append(f"\n## {model}: bar {'PASS' if ok else 'FAIL'} ({r['seconds']} s for "
-                  f"{sum(r['prompts'].values())} prompts × {len(r['signal']['seeds'])} seeds)\n\n")  # fmt: skip
-        md.append("exposure | magnitude vs ordinary | magnitude vs decoys | consistency vs ordinary | "
-                  "consistency vs decoys | flagged\n--- | --- | --- | --- | --- | ---\n")  # fmt: skip
-        for e, row in r["rows"].items():
-            if e == "decoys":
-                md.append(f"decoys | | | | | {row['flagged']:.0%}\n")
-                continue
-            md.append(f"{e}× | {row['auc_magnitude_vs_ordinary']:.2f} | {row['auc_magnitude_vs_decoys']:.2f} | "
-                      f"{row['auc_consistency_vs_ordinary']:.2f} | {row['auc_consistency_vs_decoys']:.2f} | "
-                      f"{row['flagged']:.0%}\n")  # fmt: skip
-    return md
 
 
 _EFFECT_COLUMNS = ("most-exposed copy", "least-exposed copy", "canary novel-valid", "compositional",
@@ -219,7 +159,9 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False, see
             _write_json(per_model / f"{name}.json", record)
         results = {p.stem: json.loads(p.read_text()) for p in sorted(per_model.glob("*.json"))}  # earlier runs too
     elif suite == "detect":
-        results = bench_detect(models, DETECT_SEEDS[:seeds])
+        from memctl.detect_bench import EVAL_SEEDS, bench_detect
+
+        results = bench_detect(models, EVAL_SEEDS[:seeds])
     else:
         results = bench_digits(models, seeds)
     report = {
@@ -242,7 +184,9 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False, see
                effect_summary(results)]  # fmt: skip
         md += _effect_md(results)
     if suite == "detect":
-        md += _detect_md(results)
+        from memctl.detect_bench import detect_md
+
+        md += detect_md(results)
     for model, r in results.items() if suite == "digits" else ():
         md += [
             f"\n## {model} (headline at guidance {r['guidance']}: bar {'PASS' if r['bar']['pass'] else 'FAIL'})\n",

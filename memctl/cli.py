@@ -209,18 +209,30 @@ def _cmd_detect(args) -> int:
         basis = "all scored prompts (pass --reference ORDINARY.txt for a fixed baseline)"
     pipe.set_progress_bar_config(disable=True)
     kw = {"num_inference_steps": args.num_inference_steps} if args.num_inference_steps else {}
-    scores = detect(pipe, prompts, seeds=args.seeds, steps=args.steps, guidance_scale=args.guidance,
-                    reference=reference, threshold=args.threshold, batch_size=args.batch_size, **kw)  # fmt: skip
+    if args.signals == "magnitude":
+        scores = detect(pipe, prompts, seeds=args.seeds, steps=args.steps, guidance_scale=args.guidance,
+                        reference=reference, threshold=args.threshold, batch_size=args.batch_size, **kw)  # fmt: skip
+    else:
+        from memctl.signals import COMBINED, screen
+
+        names = COMBINED if args.signals == "combined" else tuple(args.signals.split(","))
+        scores = screen(pipe, prompts, reference or prompts, names, seeds=args.seeds, alpha=args.alpha,
+                        guidance_scale=args.guidance, batch_size=args.batch_size, schedule=args.schedule,
+                        progress=True, **kw)  # fmt: skip
     if args.json:
         print(json.dumps([s.to_dict() for s in scores], indent=1))
         return 0
-    width = min(60, max(len(s.prompt) for s in scores))
-    print(f"{'risk':>6}  {'flag':<4}  {'magnitude':>9}  {'consistency':>11}  prompt")
-    for s in sorted(scores, key=lambda s: -s.risk):
-        print(f"{s.risk:>6.2f}  {'YES' if s.flagged else '':<4}  {s.magnitude:>9.4g}  {s.consistency:>11.3f}  "
-              f"{s.prompt[:width]}")  # fmt: skip
-    print(f"\n{sum(s.flagged for s in scores)} of {len(scores)} flagged (risk > {args.threshold}); risk is a robust "
-          f"z-score of log magnitude against {basis}.")  # fmt: skip
+    from memctl.signals import format_scores
+
+    print(format_scores(scores, basis, args.threshold if args.signals == "magnitude" else args.alpha))
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from memctl.check import check_folder, format_checks
+
+    rows = check_folder(args.out_dir, args.against, features=args.features, threshold=args.threshold)
+    print(json.dumps([r.to_dict() for r in rows], indent=1) if args.json else format_checks(rows, args.threshold))
     return 0
 
 
@@ -296,7 +308,7 @@ def _command(sub, name: str, help: str, description: str) -> argparse.ArgumentPa
 
 def build_parser() -> argparse.ArgumentParser:
     """The `memctl` parser; it imports no torch, so `--help` on it and on every subcommand is instant."""
-    from memctl.defaults import THRESHOLD
+    from memctl.defaults import ALPHA, THRESHOLD
     from memctl.ui.cli import add_cli as add_ui_cli  # cheap: Gradio loads only when `memctl ui` runs
 
     parser = argparse.ArgumentParser(prog="memctl", description=__doc__, formatter_class=HelpFormatter)
@@ -378,9 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "detect",
         "score prompts for memorization risk, without training data",
-        "Score prompts for memorization risk from the first denoising step(s), without training data: "
-        "how hard each prompt pulls the noise prediction (Wen et al. 2024) and how alike that pull is "
-        "across seeds (Hintersdorf et al. 2024). Risk is a robust z-score against ordinary prompts.",
+        "Score prompts for memorization risk from the first denoising steps, without training data. The default "
+        "combines how hard each prompt pulls the noise prediction over two steps of a short schedule and how much "
+        "that pull exceeds the pull of the prompt's own neighbour (the prompt without its last phrase); see "
+        "memctl.signals. Each prompt gets its signals, a risk (mean robust z-score against ordinary prompts), a "
+        "p-value against the ordinary prompts plus decoys made from them, and a verdict (p <= --alpha). "
+        "--signals magnitude gives the first-step magnitude alone (Wen et al. 2024), as before.",
     )
     p.add_argument("prompts", help="text file, one prompt per line ('#' lines and blank lines skipped)")
     p.add_argument("--model", default="digits", help="testbed name or diffusers pipeline folder")
@@ -389,11 +404,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="text file of ordinary prompts that calibrate the risk score "
         "(default for a testbed: its ordinary prompts; otherwise the scored prompts themselves)",
     )
-    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (>= 2)")
+    p.add_argument(
+        "--signals",
+        default="combined",
+        help="'combined' (magnitude2 and contrast2, 4 denoiser evaluations per prompt and seed), 'magnitude' "
+        "(first-step magnitude, risk > --threshold flags), or a comma list of memctl.signals.SIGNALS",
+    )
+    p.add_argument("--seeds", type=int, default=8, help="seeds per prompt (>= 2)")
     p.add_argument("--steps", type=_positive, default=1, help="first denoising steps to read")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance scale of the read steps (> 1)")
     p.add_argument("--num-inference-steps", type=int, default=None, help="schedule length (default: the pipeline's)")
-    p.add_argument("--threshold", type=float, default=THRESHOLD, help="flag prompts whose risk exceeds this")
+    p.add_argument(
+        "--threshold", type=float, default=THRESHOLD, help="--signals magnitude: flag prompts whose risk exceeds this"
+    )
+    p.add_argument("--alpha", type=float, default=ALPHA, help="flag prompts whose p-value is at most this")
+    p.add_argument("--schedule", type=_positive, default=4, help="steps of the short schedule the signals read")
     p.add_argument("--batch-size", type=_positive, default=8, help="prompts per pipeline call")
     p.add_argument(
         "--limit",
@@ -404,6 +429,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_detect)
+
+    p = _command(
+        sub,
+        "check",
+        "is each output image a copy of an image in your data set?",
+        "For every image in OUT_DIR: its nearest image in DATA_DIR and whether it is a copy, d1 < threshold · d2 "
+        "(d1, d2: distances to the nearest and second-nearest distinct data image; Gu et al. 2023). Distances on "
+        "pixels, or on features from a callable you name (--features module:function).",
+    )
+    p.add_argument("out_dir", help="folder of generated images")
+    p.add_argument("--against", required=True, metavar="DATA_DIR", help="folder of candidate training images")
+    p.add_argument("--features", default="pixels", help="'pixels', or module:function mapping (N,C,H,W) to (N,D)")
+    p.add_argument("--threshold", type=float, default=1 / 3, help="copy when d1 < threshold · d2")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_check)
 
     p = _command(
         sub,

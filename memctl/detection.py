@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -71,10 +71,14 @@ class _Recorder(PassHook):
     starts on other latents, or by `flush()` after the pipeline returns.
     """
 
-    def __init__(self, pipe, module: torch.nn.Module, sink: list, max_steps: int):
+    def __init__(
+        self, pipe, module: torch.nn.Module, sink: list, max_steps: int, edit=None, uncond: list | None = None
+    ):
         super().__init__(self._before)
         self.rows_of = CondRows(pipe, module, [])
         self.sink, self.max_steps = sink, max_steps
+        self.edit = edit  # `edit(x, t) -> (x, t)`: what the denoiser sees instead (memctl.signals' probes)
+        self.uncond = uncond  # where the unconditional outputs go, when asked
         self._rows: tuple[int, int, int] | None = None
         self._channels: int | None = None  # of the noisy input: a twice as wide output carries learned variance
         self._context: str | None = None
@@ -82,6 +86,11 @@ class _Recorder(PassHook):
         self._x: torch.Tensor | None = None  # the latents of the current unmarked call
         self._group: list[tuple[torch.Tensor | None, torch.Tensor, tuple[int, int, int]]] = []  # (x, out, rows)
         self.calls = 0
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if self.edit is not None:
+            args, kwargs = _edit_call(module, self.edit, args, kwargs)
+        return super().pre_forward(module, *args, **kwargs)
 
     def _before(self, module, context, args, kwargs) -> None:
         x = kwargs.get(self.rows_of.x_arg, args[self.rows_of.x_pos] if args else None)
@@ -105,7 +114,8 @@ class _Recorder(PassHook):
             return output
         self._pending[self._context] = out  # marked calls: pair them in order
         if len(self._pending) == 2:
-            self._record(self._pending.pop("cond") - self._pending.pop("uncond"))
+            uncond = self._pending.pop("uncond")
+            self._record(self._pending.pop("cond") - uncond, uncond)
         return output
 
     def flush(self) -> None:
@@ -114,18 +124,36 @@ class _Recorder(PassHook):
         if len(group) > 2:
             raise ValueError(f"Expected one or two denoiser calls per step, but got {len(group)} on the same latents.")
         if len(group) == 2:  # the conditional pass first, as diffusers' true-CFG pipelines call them
-            self._record(group[0][1] - group[1][1])
+            self._record(group[0][1] - group[1][1], group[1][1])
         elif group:
             _, out, (k, a, b) = group[0]
             if (k, a, b) == (1, 0, 0):  # a call without an unconditional part
                 raise ValueError(_NO_UNCOND)
             chunks = out.reshape(k, -1, *out.shape[1:])
-            self._record(chunks[1 if a == 0 else 0] - chunks[a])
+            self._record(chunks[1 if a == 0 else 0] - chunks[a], chunks[a])
 
-    def _record(self, delta: torch.Tensor) -> None:
+    def _record(self, delta: torch.Tensor, uncond: torch.Tensor) -> None:
         self.sink.append(delta.cpu())
+        if self.uncond is not None:
+            self.uncond.append(uncond.cpu())
         if len(self.sink) >= self.max_steps:
             raise _Stop
+
+
+def _edit_call(module: torch.nn.Module, edit, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call with its latents (first argument) and timestep replaced by `edit(x, t)`."""
+    import inspect
+
+    names = list(inspect.signature(type(module).forward).parameters)[1:]
+    args = list(args)
+    values = {n: (kwargs[n] if n in kwargs else args[i] if i < len(args) else None) for i, n in enumerate(names[:2])}
+    x, t = edit(values[names[0]], values[names[1]])
+    for i, (n, v) in enumerate(zip(names[:2], (x, t), strict=True)):
+        if n in kwargs or i >= len(args):
+            kwargs[n] = v
+        else:
+            args[i] = v
+    return tuple(args), kwargs
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor) -> bool:
@@ -157,17 +185,26 @@ def condition_argument(pipe, conditions: list) -> str:
 
 
 def noise_differences(
-    pipe, prompts: list[str], seed: int, steps: int = 1, guidance_scale: float = 7.5, **call_kwargs
+    pipe,
+    prompts: list[str],
+    seed: int,
+    steps: int = 1,
+    guidance_scale: float = 7.5,
+    edit=None,
+    uncond: list | None = None,
+    **call_kwargs,
 ) -> torch.Tensor:
     """`δ` of the first `steps` steps for `prompts` under one seed (every prompt starts from the same noise):
-    `(len(prompts), steps, F)` flattened."""
+    `(len(prompts), steps, F)` flattened. `edit(x, t) -> (x, t)` replaces what the denoiser is called on (the
+    pipeline is stopped after the recorded steps, so nothing downstream sees it); `uncond`, a list, receives the
+    unconditional outputs of the recorded steps."""
     arg = condition_argument(pipe, prompts)
     found = pipeline_denoisers(pipe)
     if not found:
         raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but got {type(pipe).__name__}.")
     sink: list[torch.Tensor] = []
     gens = [torch.Generator().manual_seed(seed) for _ in prompts]
-    recorders = [_Recorder(pipe, m, sink, steps) for m in found.values()]
+    recorders = [_Recorder(pipe, m, sink, steps, edit, uncond) for m in found.values()]
     with ExitStack() as stack:  # every expert (Wan 2.2) records into the one sink, in call order
         for m, recorder in zip(found.values(), recorders, strict=True):
             stack.enter_context(attached(m, {"": recorder}, RECORD))
@@ -196,9 +233,19 @@ class PromptScore:
     consistency: float
     risk: float
     flagged: bool
+    signals: dict = field(default_factory=dict)  # `memctl.signals.screen`: each signal's value
+    p_value: float | None = None  # `memctl.signals.screen`: against ordinary prompts and decoys made from them
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; `signals` and `p_value` only when set (`memctl.detect` leaves them out, as before)."""
+        out = asdict(self)
+        if not self.signals:
+            out.pop("signals")
+        elif math.isnan(self.consistency):  # `screen` does not read consistency
+            out.pop("consistency")
+        if self.p_value is None:
+            out.pop("p_value")
+        return out
 
 
 def signals(

@@ -9,7 +9,7 @@ import memctl
 import memctl.detection
 from memctl import cli, defaults
 
-SUBCOMMANDS = ("demo", "bench", "blocks", "render", "ui", "probe", "detect", "bake")
+SUBCOMMANDS = ("demo", "bench", "blocks", "render", "ui", "probe", "detect", "bake", "check")
 
 
 def _help(*argv: str) -> str:
@@ -52,6 +52,7 @@ def test_every_subcommand_has_a_description_and_its_defaults():
         "detect": [f"exceeds this (default: {defaults.THRESHOLD})", "(default: 4)", "(default: 7.5)",
                    "prompts per pipeline call (default: 8)", "(default: False)"],
         "bake": ["--fidelity FIDELITY fidelity to bake, in [-1, 0]", "(default: 1.0)", "not bakeable"],
+        "check": ["--against DATA_DIR", "(default: pixels)", "(default: 0.3333333333333333)"],
     }  # fmt: skip
     for name, words in expected.items():
         text = _help(name)

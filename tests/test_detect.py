@@ -321,7 +321,7 @@ def test_cli_detect(tmp_path, capsys):
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# canaries and ordinary prompts\na seven\n\na handwritten two\n")
-    assert main(["detect", str(prompts), "--seeds", "2", "--json"]) == 0
+    assert main(["detect", str(prompts), "--seeds", "2", "--signals", "magnitude", "--json"]) == 0
     rows = __import__("json").loads(capsys.readouterr().out)
     assert [r["prompt"] for r in rows] == ["a seven", "a handwritten two"]
     assert set(rows[0]) == {"prompt", "magnitude", "consistency", "risk", "flagged"}

@@ -1,0 +1,121 @@
+"""memctl.signals (signals beside magnitude, calibration) and memctl.detect_bench's measures."""
+
+import doctest
+import json
+import random
+
+import pytest
+import torch
+from tiny import tiny_pipeline
+
+import memctl
+import memctl.signals
+from memctl.detect_bench import split_ordinary, tpr_at_fpr
+from memctl.detection import noise_differences
+from memctl.signals import (
+    COMBINED,
+    EVALS,
+    SIGNALS,
+    auto_decoys,
+    combine,
+    drop_last,
+    p_values,
+    perturb,
+    read_signals,
+    shuffle,
+    word_counts,
+)
+
+CALL = {"height": 8, "width": 8}  # the tiny SD pipeline's image size
+
+
+def test_neighbours_by_hand():
+    assert drop_last("a two, tag hkb") == "a two"
+    assert drop_last("a zero, small, bold, leaning left") == "a zero, small, bold"
+    assert drop_last("a seven") == "a"
+    counts = word_counts(["a two", "a seven", "a two, small"])
+    changed = perturb("a two, tag hkb", counts, random.Random(0))
+    words, before = changed.split(), "a two, tag hkb".split()
+    diff = [i for i, (a, b) in enumerate(zip(words, before, strict=True)) if a != b]
+    assert len(diff) == 1 and before[diff[0]] in ("tag", "hkb")  # a word the reference never uses
+    assert sum(x != y for x, y in zip(words[diff[0]], before[diff[0]], strict=True)) == 1  # one letter
+    assert sorted(shuffle("a two, tag hkb", random.Random(1)).split()) == sorted(["a", "two", "tag", "hkb"])
+    made = auto_decoys(["a two", "a seven"])
+    assert made and not set(made) & {"a two", "a seven"}
+
+
+def test_p_values_and_combine_by_hand():
+    ref = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert torch.allclose(p_values(torch.tensor([3.5, 2.0, -1.0]), ref), torch.tensor([1 / 5, 3 / 5, 5 / 5]))
+    values = {"magnitude2": torch.tensor([math_e := 2.718281828, 1.0]), "anisotropy": torch.tensor([0.5, 0.0])}
+    reference = {"magnitude2": torch.tensor([1.0, 1.0, math_e**2]), "anisotropy": torch.tensor([-1.0, 0.0, 1.0])}
+    # log magnitude: median 0, MAD 0 -> floored; anisotropy raw: median 0, MAD 1 -> z 0.5 / 1.4826
+    z = combine(values, reference)
+    assert z[1] == pytest.approx(0.0)
+    assert z[0] > 1e3  # the floored MAD makes any excess large: the floor is not silent about a flat reference
+
+
+def test_tpr_at_one_percent_fpr_and_the_ordinary_split():
+    neg = torch.arange(10.0)  # 1 % of 10 negatives: none may pass, so the threshold is the largest, 9
+    assert tpr_at_fpr(torch.tensor([9.5, 9.0, 12.0, 1.0]), neg) == 0.5
+    neg = torch.arange(200.0)  # 2 of 200 may pass: threshold 197
+    assert tpr_at_fpr(torch.tensor([197.5, 197.0]), neg) == 0.5
+    ref, held = split_ordinary([f"p{i}" for i in range(7)])
+    assert len(ref) == 3 and len(held) == 4 and not set(ref) & set(held)
+
+
+def test_contrast_reads_the_neighbour_as_the_negative_prompt():
+    pipe = tiny_pipeline("sd")
+    prompts = ["ab ba, aa", "ba"]
+    out = read_signals(pipe, prompts, ("contrast2", "magnitude2"), seeds=[3], split_seeds=False, **CALL)
+    d = noise_differences(pipe, prompts, 3, 2, 7.5, negative_prompt=["ab ba", ""], num_inference_steps=4, **CALL)
+    assert torch.allclose(out["contrast2"], d.norm(dim=-1).sum(1))
+    plain = noise_differences(pipe, prompts, 3, 2, 7.5, num_inference_steps=4, **CALL)
+    assert torch.allclose(out["magnitude2"], plain.norm(dim=-1).sum(1))
+    assert not torch.allclose(out["contrast2"], out["magnitude2"])
+    assert memctl.list_hooks(pipe.unet) == []
+
+
+def test_every_signal_is_finite_and_the_probes_see_what_they_ask_for():
+    pipe = tiny_pipeline("sd")
+    seen = []  # timesteps inside the denoiser, after memctl's root hook has edited the call
+    handle = pipe.unet.time_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].flatten()[0]))
+    out = read_signals(pipe, ["ab", "ba"], SIGNALS, seeds=[0, 1], split_seeds=False, **CALL)
+    handle.remove()
+    assert set(out) == set(SIGNALS)
+    assert all(v.shape == (2,) and bool(torch.isfinite(v).all()) for v in out.values())
+    assert bool(out["anisotropy"].abs().le(1 + 1e-6).all())
+    first = seen[0]
+    assert any(float(t) == pytest.approx(float(first) * memctl.signals.LOW_NOISE, abs=1) for t in seen)
+    assert memctl.list_hooks(pipe.unet) == []
+
+
+def test_the_combination_alternates_seeds():
+    pipe = tiny_pipeline("sd")
+    both = read_signals(pipe, ["ab", "ba"], COMBINED, seeds=[0, 1, 2, 3], **CALL)
+    even = read_signals(pipe, ["ab", "ba"], (COMBINED[0],), seeds=[0, 2], **CALL)
+    odd = read_signals(pipe, ["ab", "ba"], (COMBINED[1],), seeds=[1, 3], **CALL)
+    assert torch.equal(both[COMBINED[0]], even[COMBINED[0]]) and torch.equal(both[COMBINED[1]], odd[COMBINED[1]])
+    assert sum(EVALS[n] for n in COMBINED) / len(COMBINED) <= 4
+    with pytest.raises(ValueError, match="signals from"):
+        read_signals(pipe, ["ab"], ("loudness",), seeds=2, **CALL)
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        read_signals(pipe, ["ab"], COMBINED, seeds=[0], **CALL)
+
+
+def test_screen_docstring_and_cli(tmp_path, capsys):
+    result = doctest.testmod(memctl.signals, extraglobs={"memctl": memctl})
+    assert result.attempted > 0 and result.failed == 0
+    from memctl.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a two, tag hkb\na two\n")
+    assert main(["detect", str(prompts), "--seeds", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["prompt"] for r in rows] == ["a two, tag hkb", "a two"]
+    assert set(rows[0]["signals"]) == set(COMBINED) and 0 < rows[0]["p_value"] <= 1
+    assert main(["detect", str(prompts), "--seeds", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "magnitude2" in table and "contrast2" in table and "flagged (p <= 0.01" in table
+    assert main(["detect", str(prompts), "--seeds", "2", "--signals", "magnitude", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)[0]) == {"prompt", "magnitude", "consistency", "risk", "flagged"}
