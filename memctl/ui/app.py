@@ -378,8 +378,9 @@ def _detect_tab() -> dict:
     d = {}
     with gr.Tab("Detect", id="detect"):
         gr.Markdown(
-            "Which prompts make the model copy a training image? Scored from the first denoising step "
-            "alone, no training data needed (`memctl.detect`)."
+            "Which prompts make the model copy a training image? Scored from the first denoising steps, no "
+            "training data needed: the first-step magnitude (`memctl.detect`), the default signals of "
+            "`memctl.signals` and their verdict (memorized / unusual / ordinary)."
         )
         d["detect_prompts"] = gr.Textbox(
             label="Prompts (one per line)",

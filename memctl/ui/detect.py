@@ -7,6 +7,17 @@
 ...                      PromptScore("a two, tag hkb", 0.3564, 0.9005, 3.86, True)])
 >>> table["headers"], table["data"][0]
 (['risk', 'flagged', 'magnitude', 'consistency', 'prompt'], [3.86, True, 0.3564, 0.9005, 'a two, tag hkb'])
+
+With `memctl.signals.screen` scores beside them, the table adds the default signals, the p-value and a verdict
+("memorized": p <= alpha; "unusual": flagged by magnitude only; "ordinary"):
+
+>>> nan = float("nan")
+>>> screened = [PromptScore("a two", 5.1, nan, 0.7, False, {"magnitude2": 5.1, "contrast2": 4.6}, 0.4),
+...             PromptScore("a two, tag hkb", 7.4, nan, 4.2, False, {"magnitude2": 7.4, "contrast2": 5.9}, 0.04)]
+>>> table = score_table([PromptScore("a two", 0.2154, 0.902, -0.5, False),
+...                      PromptScore("a two, tag hkb", 0.3564, 0.9005, 3.86, True)], screened)
+>>> table["headers"][-5:], table["data"][0][-5:]
+(['magnitude2', 'contrast2', 'p', 'verdict', 'prompt'], [7.4, 5.9, 0.04, 'unusual', 'a two, tag hkb'])
 """
 
 from __future__ import annotations
@@ -16,8 +27,9 @@ from memctl.detection import prompt_lines
 MAX_PROMPTS = 200  # one request holds the model's lock; more prompts belong in `memctl detect PROMPTS.txt`
 MAX_SEEDS = 64
 HEADERS = ["risk", "flagged", "magnitude", "consistency", "prompt"]
-DATATYPES = ["number", "bool", "number", "number", "str"]
-EMPTY_TABLE = {"headers": HEADERS, "data": [["", "", "", "", "(press Score prompts)"]]}
+FULL_HEADERS = ["risk", "flagged", "magnitude", "consistency", "magnitude2", "contrast2", "p", "verdict", "prompt"]
+DATATYPES = ["number", "bool", "number", "number", "number", "number", "number", "str", "str"]
+EMPTY_TABLE = {"headers": FULL_HEADERS, "data": [["", "", "", "", "", "", "", "", "(press Score prompts)"]]}
 
 
 def parse_prompts(text) -> list[str]:
@@ -51,18 +63,23 @@ def default_prompts(testbed) -> str:
     )
 
 
-def score_table(scores) -> dict:
-    """`{"headers", "data"}` of `PromptScore`s, highest risk first."""
-    rows = sorted(scores, key=lambda s: -s.risk)
-    return {
-        "headers": HEADERS,
-        "data": [
-            [round(s.risk, 2), s.flagged, round(s.magnitude, 4), round(s.consistency, 4), s.prompt] for s in rows
-        ],
-    }
+def score_table(scores, screened=None) -> dict:
+    """`{"headers", "data"}` of `PromptScore`s, highest risk first; `screened`: `memctl.signals.screen` scores of
+    the same prompts, whose signals, p-value and verdict join each row."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i].risk)
+    data = []
+    for i in order:
+        s = scores[i]
+        row = [round(s.risk, 2), s.flagged, round(s.magnitude, 4), round(s.consistency, 4)]
+        if screened is not None:
+            v = screened[i]
+            verdict = "memorized" if v.flagged else "unusual" if s.flagged else "ordinary"
+            row += [round(v.signals["magnitude2"], 4), round(v.signals["contrast2"], 4), round(v.p_value, 3), verdict]
+        data.append([*row, s.prompt])
+    return {"headers": HEADERS if screened is None else FULL_HEADERS, "data": data}
 
 
-def summary(scores, reference: int | None, threshold: float, note: str = "") -> str:
+def summary(scores, reference: int | None, threshold: float, note: str = "", screened=None) -> str:
     """One line: how many were flagged, and what risk is measured against."""
     flagged = sum(s.flagged for s in scores)
     against = (
@@ -74,5 +91,17 @@ def summary(scores, reference: int | None, threshold: float, note: str = "") -> 
         f"**{flagged} of {len(scores)}** prompts flagged (risk > {threshold:g}). Risk = robust z-score (median, "
         f'MAD) of the log magnitude of the prompt\'s pull ‖ε(x, prompt) − ε(x, "")‖ at the first denoising '
         f"step, against {against}. Consistency = mean cosine of that pull across seeds (shown, not used to "
-        f"flag).{note}"
+        f"flag).{note}" + ("" if screened is None else _screen_note(screened))
+    )
+
+
+def _screen_note(screened) -> str:
+    from memctl.defaults import ALPHA
+
+    n = sum(s.flagged for s in screened)
+    return (
+        f" **Verdict: {n} of {len(screened)} memorized** (p <= {ALPHA:g}). magnitude2 = the pull over the first two "
+        "steps of a 4-step schedule; contrast2 = the pull beyond the prompt's own neighbour (the prompt without its "
+        "last phrase); p = empirical p-value of their mean robust z-score against the ordinary prompts plus decoys "
+        "made from them (`memctl.signals`). *unusual* = flagged by magnitude, not memorized by the verdict."
     )

@@ -273,19 +273,22 @@ class Engine:
 
     def detect(
         self, prompts: list[str], source: str | None, seeds: int = 4, calibrate: bool = True, **kwargs
-    ) -> tuple[list, int | None]:
-        """`memctl.detect` scores of `prompts` and the number of reference prompts (None: scored against each other).
+    ) -> tuple[list, int | None, list]:
+        """`memctl.detect` scores of `prompts`, the number of reference prompts (None: scored against each other), and
+        `memctl.signals.screen` scores (the default signals, p-value and verdict) against the same reference.
 
         `calibrate` uses an embedded model's ordinary prompts as the reference; other models have none, so it is
         ignored there. `kwargs` go to `memctl.detect` (`threshold`, `progress`, ...).
         """
         from memctl.detection import detect
+        from memctl.signals import screen
 
         loaded = self.model(source)
         reference = loaded.testbed.ordinary_prompts() if calibrate and loaded.testbed is not None else None
         with self.lock:  # no knob is on while the lock is held: detection reads the untouched model
             scores = detect(loaded.pipe, prompts, seeds=seeds, reference=reference, **kwargs)
-        return scores, len(reference) if reference else None
+            screened = screen(loaded.pipe, prompts, reference or prompts, seeds=seeds)
+        return scores, len(reference) if reference else None, screened
 
     # ------------------------------------------------------------------------------------------------------------
     # computing a map here

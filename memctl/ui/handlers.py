@@ -438,7 +438,7 @@ class Handlers:
         if not 2 <= n_seeds <= detect_view.MAX_SEEDS:
             _fail("seeds", expected, seeds)
         progress(0, desc="scoring prompts")
-        scores, reference = self.engine.detect(
+        scores, reference, screened = self.engine.detect(
             prompts, model, n_seeds, calibrate=bool(calibrate), threshold=THRESHOLD, progress=True
         )
         note = (
@@ -446,7 +446,8 @@ class Handlers:
             if reference or not calibrate
             else (" *Calibration was ignored: only embedded models ship ordinary prompts.*")
         )
-        return detect_view.score_table(scores), detect_view.summary(scores, reference, THRESHOLD, note)
+        table = detect_view.score_table(scores, screened)
+        return table, detect_view.summary(scores, reference, THRESHOLD, note, screened)
 
     @user_errors
     def detect_defaults(self, model):
