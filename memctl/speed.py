@@ -85,15 +85,20 @@ def _scores(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(n, len(NOISE_LEVELS), generator=gen) - 0.4
 
 
+def _conditionings(d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(P, L, D)` general conditionings and `(M, L, D)` memorized ones (general ones with a shared tag)."""
+    bank = torch.randn(N_GENERAL, TEXT_TOKENS, d, generator=gen)
+    memorized = bank[:N_MEMORIZED].clone()
+    memorized[:, 5:9] += 3.0 * torch.randn(d, generator=gen)
+    return bank, memorized
+
+
 def condition_map(unet: torch.nn.Module, seed: int = 0) -> BlockMap:
     """A condition-lever map of realistic shape: every cross-attention unit, a bank of 60 general conditionings."""
     from memctl.subspace import fit_subspace, weight_threshold
 
     gen = torch.Generator().manual_seed(seed)
-    d = unet.config.cross_attention_dim
-    bank = torch.randn(N_GENERAL, TEXT_TOKENS, d, generator=gen)  # (P, L, D) general conditionings
-    memorized = bank[:N_MEMORIZED].clone()
-    memorized[:, 5:9] += 3.0 * torch.randn(d, generator=gen)  # a tag the memorized prompts share
+    bank, memorized = _conditionings(unet.config.cross_attention_dim, gen)
     sub = fit_subspace(memorized, bank, k=8)
     units = [b for b in find_blocks(unet) if cross_attentions(unet, b)]
     scores = _scores(len(units), gen)
@@ -117,12 +122,14 @@ def residual_map(model: torch.nn.Module, seed: int = 0) -> BlockMap:
                                 levels=list(NOISE_LEVELS), method="ablation")  # fmt: skip
 
 
-def baked_unet(unet: torch.nn.Module, bmap: BlockMap, fidelity: float = -1.0) -> torch.nn.Module:
-    """A hook-free copy with the knob at `fidelity` in its weights: the edit `memctl.bake` makes and saves."""
+def baked_unet(unet: torch.nn.Module, bmap: BlockMap, fidelity: float = -1.0, seed: int = 0) -> torch.nn.Module:
+    """A hook-free copy with the knob at `fidelity` in its weights: the edit `memctl.bake` makes and saves, fit on
+    the memorized conditionings of `condition_map(unet, seed)` (as `bake(..., prompts=...)` fits on prompts)."""
     from memctl.bake import _bake_denoiser
 
+    memorized = _conditionings(unet.config.cross_attention_dim, torch.Generator().manual_seed(seed))[1]
     baked = copy.deepcopy(unet)
-    _bake_denoiser(baked, bmap.select(next(iter(bmap.fingerprints))), fidelity, 1.0, None, 1.0)
+    _bake_denoiser(baked, bmap.select(next(iter(bmap.fingerprints))), fidelity, 1.0, memorized, 1.0)
     return baked
 
 

@@ -56,7 +56,8 @@ def test_gpu_script_runs_on_cpu_and_its_json_renders(tmp_path):
     gpu_speed.main(["--device", "cpu", "--tiny", "--out", str(out), "--repeats", "1", "--budget", "120"])
     gpu = json.loads(out.read_text())
     assert gpu["complete"] and set(gpu["runs"]) == {"sd15-unet 512x512", "sd15-unet 1024x1024",
-                                                    "wan-1.3b 2x8x8 latent"}  # fmt: skip
+                                                    "wan-1.3b 2x8x8 latent", "sd15-unet baked"}  # fmt: skip
+    assert gpu["runs"]["sd15-unet baked"]["rows"]["baked (condition map at -1, no hooks) 1024x1024"]["ratio"]
     assert gpu["runs"]["sd15-unet 512x512"]["rows"]["plain"]["per_image_seconds"] > 0
     report = {"command": "memctl bench speed", "repeats": 1, "machine": {"platform": "test"}, "seconds": 0,
               "models": {}}  # fmt: skip

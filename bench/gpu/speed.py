@@ -7,10 +7,11 @@ Parts, in this order, each written to the JSON as soon as it is done (so a cut-o
 1. the SD 1.5-sized UNet (fp16) at 512² (64² latents) and 2. at 1024² (128² latents), CFG batch 2, 77 text tokens:
    seconds per forward, and per image = per forward × `--steps` (the denoiser's share of a sampling loop: no text
    encoder, no VAE), for plain, FreeU, PAG, the knob at 0 / -1 / +1 (condition map; +1 with extra-pass and
-   in-attention guidance), the residual map at 0 / -1 / +1, and the baked model;
+   in-attention guidance), and the residual map at 0 / -1 / +1;
 3. the Wan 2.1 1.3B-sized transformer (bf16) at 480×832, 81 frames (21 latent frames of 60×104, 32,760 tokens),
    512 text tokens, batch 1 (Wan pipelines call the denoiser once per pass): seconds per forward, plain and the
-   residual-map knob at 0 / -1 / +1.
+   residual-map knob at 0 / -1 / +1;
+4. if time is left, the baked UNet (the condition map's edit at fidelity -1) against the plain one at both sizes.
 Timings are interleaved (memctl.speed.time_cases): one warm-up per configuration, then rounds until `--repeats` or
 the time cap. torch.compile is not run here: compiling these models takes longer than the cap allows.
 """
@@ -40,33 +41,60 @@ def _write(path: Path, report: dict) -> None:
     tmp.replace(path)
 
 
-def _sd_parts(args, report, deadline, device, dtype) -> None:
+def _sd_parts(args, report, deadline, device, dtype):
+    """The UNet rows at each size (every configuration but the baked model); returns what `_baked_part` needs."""
     sizes = TINY["sd"] if args.tiny else SD_SIZES
     if time.monotonic() > deadline - 15:
         report["runs"].update({f"sd15-unet {s}x{s}": {"error": "skipped: the time cap was reached"} for s in sizes})
-        return
+        return None
     unet = speed.build_unet(tiny=args.tiny, device=device, dtype=dtype)
     cmap, rmap = speed.condition_map(unet), speed.residual_map(unet)
-    baked = speed.baked_unet(unet, cmap)
     for side, latent in sizes.items():
         key = f"sd15-unet {side}x{side}"
         if time.monotonic() > deadline - 10:
             report["runs"][key] = {"error": "skipped: the time cap was reached"}
             continue
         inputs = speed.unet_inputs(unet, latent, dtype=dtype, device=device)
-        cases = speed.unet_cases(unet, inputs, cmap, rmap, baked)
-        rows = speed.time_cases(cases, args.repeats, device, deadline - 5)
-        for row in rows.values():
-            if row.get("seconds"):
-                row["per_image_seconds"] = round(row["seconds"]["median"] * args.steps, 4)
+        rows = speed.time_cases(speed.unet_cases(unet, inputs, cmap, rmap), args.repeats, device, deadline - 5)
         report["runs"][key] = {
             "what": f"{str(dtype)[6:]}, latents {tuple(inputs['sample'].shape)}, {args.steps} steps per image "
             f"(per forward × steps; a forward is one CFG step)",
             "unit": f"s / image ({args.steps} steps)",
-            "rows": rows,
+            "rows": _per_image(rows, args.steps),
         }
         _write(args.out, report)
-    del unet, baked
+    return unet, cmap, sizes
+
+
+def _per_image(rows: dict, steps: int) -> dict:
+    for row in rows.values():
+        if row.get("seconds"):
+            row["per_image_seconds"] = round(row["seconds"]["median"] * steps, 4)
+    return rows
+
+
+def _baked_part(args, report, deadline, device, dtype, built) -> None:
+    """The baked UNet against the plain one at each size, if time is left (the bake's edit is fit on the CPU)."""
+    key = "sd15-unet baked"
+    if built is None or time.monotonic() > deadline - 30:
+        report["runs"][key] = {"error": "skipped: the time cap was reached"}
+        return
+    unet, cmap, sizes = built
+    baked = speed.baked_unet(unet, cmap)
+    runs = {}
+    for side, latent in sizes.items():
+        if time.monotonic() > deadline - 5:
+            break
+        inputs = speed.unet_inputs(unet, latent, dtype=dtype, device=device)
+        cases = [
+            ("plain", speed.nullcontext, speed._forward(unet, inputs)),
+            ("baked (condition map at -1, no hooks)", speed.nullcontext, speed._forward(baked, inputs)),
+        ]
+        rows = _per_image(speed.time_cases(cases, args.repeats, device, deadline - 3), args.steps)
+        runs.update({f"{name} {side}x{side}": row for name, row in rows.items()})  # fmt: skip
+    report["runs"][key] = {"what": f"{str(dtype)[6:]}, baked vs plain at each size, {args.steps} steps per image",
+                           "unit": f"s / image ({args.steps} steps)", "rows": runs}  # fmt: skip
+    _write(args.out, report)
 
 
 def _wan_part(args, report, deadline, device, dtype) -> None:
@@ -123,10 +151,10 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     _write(args.out, report)
     t0 = time.monotonic()
-    _sd_parts(args, report, deadline, device, torch.float16 if cuda else torch.float32)
-    if cuda:
-        torch.cuda.empty_cache()
+    half = torch.float16 if cuda else torch.float32
+    built = _sd_parts(args, report, deadline, device, half)
     _wan_part(args, report, deadline, device, torch.bfloat16 if cuda else torch.float32)
+    _baked_part(args, report, deadline, device, half, built)
     report["complete"] = all("error" not in r for r in report["runs"].values())
     report["seconds"] = round(time.monotonic() - t0, 1)
     _write(args.out, report)
