@@ -37,7 +37,8 @@ SHOT_FIELDS = (
     "fps",
     "name",
 )
-JOB_FIELDS = ("version", "model", "block_map", "dtype", "batch_size", "cpu_threads", "defaults", "shots")
+JOB_FIELDS = ("version", "model", "block_map", "dtype", "batch_size", "cpu_threads", "guard", "guard_fidelity",
+              "defaults", "shots")  # fmt: skip
 DTYPES = ("float32", "float16", "bfloat16")
 NAME_FIELDS = ("shot", "seed", "fidelity", "index", "strength", "steps", "guidance")
 DEFAULT_NAME = "{shot}/f{fidelity}_s{seed}"
@@ -95,6 +96,8 @@ class Job:
     dtype: str = "float32"
     batch_size: int = 1
     cpu_threads: int | None = None
+    guard: str | None = None  # "detect": prompts `memctl.signals.screen` flags render at `guard_fidelity`
+    guard_fidelity: float = -1.0
     shots: tuple[Shot, ...] = field(default=())
     base: Path = Path(".")  # relative model and map paths are read from here (the job file's folder)
 
@@ -169,7 +172,17 @@ def _top_fields(data: dict, errors: list[str]) -> dict:
         "cpu_threads": check(
             "cpu_threads", lambda v: v is None or (_is_int(v) and 1 <= v <= 1024), "null or an int in [1, 1024]", None
         ),
+        "guard": check("guard", lambda v: v in (None, "detect"), "null or 'detect'", None),
+        "guard_fidelity": check(
+            "guard_fidelity",
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and -1 <= v <= 1,
+            "a number in [-1, 1]",
+            -1.0,
+        ),
     }
+    if top["guard"] is not None and top["block_map"] is None:
+        errors.append("job, field `guard`: Expected a job with a `block_map` (the guard renders flagged prompts at "
+                      "`guard_fidelity`), but got no block_map.")  # fmt: skip
     return top
 
 

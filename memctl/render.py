@@ -259,6 +259,25 @@ class Renderer:
         self.model_info = {"spec": job.model, "fingerprints": prints}
         self.map_info = None if self.bmap is None else {"spec": job.block_map, "fingerprints": self.bmap.fingerprints}
         self.versions = provenance()
+        self.guarded = self._guard() if job.guard else {}  # prompt -> {"flagged", "risk", "p_value"}
+
+    def _guard(self) -> dict:
+        """`guard: detect`: screen every prompt of the job once (`memctl.signals.screen`, against the testbed's
+        ordinary prompts, else the job's prompts)."""
+        from memctl.signals import screen
+
+        prompts = sorted({o.options.prompt for o in self.job.outputs()})
+        reference = self.testbed.ordinary_prompts() if self.testbed is not None else prompts
+        scores = screen(self.pipe, prompts, reference)
+        return {s.prompt: {"flagged": s.flagged, "risk": round(s.risk, 4), "p_value": s.p_value} for s in scores}
+
+    def guard_info(self, o: Output) -> dict | None:
+        """The guard's reading of this output's prompt and the fidelity it is rendered at (None without a guard)."""
+        if not self.guarded:
+            return None
+        flagged = self.guarded[o.options.prompt]["flagged"]
+        fid = self.job.guard_fidelity if flagged else o.options.fidelity
+        return {**self.guarded[o.options.prompt], "rendered_fidelity": fid}
 
     def _named_testbed(self):
         from memctl.zoo.testbed import TESTBEDS, load_testbed
@@ -367,7 +386,7 @@ class Renderer:
             kwargs["width"], kwargs["height"] = batch[0].size
         if self.video:
             kwargs.update(num_frames=o.frames, output_type="np")
-        with self._knob(o):
+        with self._knob(batch[0]):  # a batch is one shot and fidelity: one prompt, one guard reading
             result = self.pipe(**kwargs)
         if self.video:
             return [
@@ -376,8 +395,10 @@ class Renderer:
             ]
         return [self._png(image, x) for image, x in zip(result.images, batch, strict=True)]
 
-    def _knob(self, o):
-        """The knob at this output's fidelity (applied once per strength and window); 0 is the untouched model."""
+    def _knob(self, x: Output):
+        """The knob at this output's fidelity (applied once per strength and window); 0 is the untouched model.
+        With `guard: detect`, a flagged prompt's outputs are rendered at the job's `guard_fidelity` instead."""
+        o = x.options
         try:
             from memctl.knob import apply_knob, fidelity, get_knob
         except ImportError:  # only jobs without a block map get here (the map check needs the knob)
@@ -387,7 +408,7 @@ class Renderer:
         if self._applied != (o.strength, o.start, o.stop):
             apply_knob(self.pipe, self.bmap, strength=o.strength, start=o.start, stop=o.stop)
             self._applied = (o.strength, o.start, o.stop)
-        return fidelity(self.pipe, o.fidelity)
+        return fidelity(self.pipe, self.guard_info(x)["rendered_fidelity"] if self.guarded else o.fidelity)
 
     def close(self) -> None:
         """Remove the knob this renderer applied."""
@@ -412,6 +433,7 @@ class Renderer:
             "model": self.model_info,
             "block_map": self.map_info,
             "versions": self.versions,
+            **({"guard": self.guard_info(o)} if self.guarded else {}),
         }
 
     def key(self, o: Output) -> str:
@@ -421,6 +443,7 @@ class Renderer:
             "settings": o.settings(),
             "model": self.model_info["fingerprints"],
             "block_map": self.map_info and self.map_info["fingerprints"],
+            **({"guard": self.guard_info(o)["rendered_fidelity"]} if self.guarded else {}),
         }
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
@@ -436,6 +459,7 @@ class Renderer:
             "model": self.model_info,
             "block_map": self.map_info,
             "versions": self.versions,
+            **({"guard": self.guard_info(o)} if self.guarded else {}),
             "job": self.job.source,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(seconds, 4),
