@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Block": "memctl.blocks",
     "BlockMap": "memctl.blockmap",
+    "FramePackVAE": "memctl.zoo.framepack",  # the moving-digits VAE: model_index.json names it ["memctl", …]
     "GenerationOptions": "memctl.options",
     "KnobInfo": "memctl.knob",
     "PixelPipeline": "memctl.pipeline",

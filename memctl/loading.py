@@ -38,6 +38,7 @@ def load_pipeline(path_or_hub_id: str | Path, torch_dtype: torch.dtype | None = 
         return _load_pixel(path, torch_dtype)
     if kwargs.pop("local_files_only", None) is None:
         kwargs["local_files_only"] = True
+    _import_memctl_components(index_file)
     return DiffusionPipeline.from_pretrained(str(path_or_hub_id), torch_dtype=torch_dtype, **kwargs)
 
 
@@ -75,6 +76,17 @@ def _class_name(index_file: Path) -> str:
             f'"StableDiffusionPipeline"), but got {name!r}. Is this a diffusers pipeline folder?'
         )
     return name
+
+
+def _import_memctl_components(index_file: Path) -> None:
+    """Import the memctl modules a model_index.json names (the moving-digits `FramePackVAE`): diffusers loads a
+    component from a library other than its own only once that library is imported."""
+    import importlib
+
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    for value in index.values():
+        if isinstance(value, list) and value and isinstance(value[0], str) and value[0].split(".")[0] == "memctl":
+            importlib.import_module(value[0])
 
 
 def _load_pixel(path: Path, torch_dtype):

@@ -172,7 +172,7 @@ def _save_state(
         tensors[f"opt.{j}.exp_avg"] = state["exp_avg"]
         tensors[f"opt.{j}.exp_avg_sq"] = state["exp_avg_sq"]
         tensors[f"opt.{j}.step"] = torch.as_tensor(state["step"]).reshape(1).cpu()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu().clone() for k, v in tensors.items()}  # clone: tied weights (T5) share memory
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"step": str(step), "rng": json.dumps(rng_state)})
     tmp.replace(path)
