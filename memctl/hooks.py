@@ -257,13 +257,18 @@ class ConditionHook(ModelHook):
         return args, kwargs
 
 
+CROSS_ATTENTIONS = ("Attention", "WanAttention")  # attention classes whose `is_cross_attention` the lever trusts
+
+
 def cross_attentions(model: torch.nn.Module, block: Block) -> list[str]:
-    """Dotted paths of the cross-attention modules (`Attention` with `is_cross_attention`) inside a block."""
+    """Dotted paths of the cross-attention modules inside a block: diffusers' `Attention` (UNets, PixArt, Sana) and
+    `WanAttention` (Wan's `attn2`) with `is_cross_attention`, which take the conditioning as
+    `encoder_hidden_states` (keyword or second argument)."""
     root = unwrap(model).get_submodule(block.name)
     return [
         f"{block.name}.{n}"
         for n, m in root.named_modules()
-        if type(m).__name__ == "Attention" and getattr(m, "is_cross_attention", False)
+        if type(m).__name__ in CROSS_ATTENTIONS and getattr(m, "is_cross_attention", False)
     ]
 
 

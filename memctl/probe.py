@@ -72,8 +72,13 @@ def _denoiser(pipe):
     raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but got {type(pipe).__name__}.")
 
 
+WAN_TOKENS = 512  # WanPipeline.__call__'s default max_sequence_length
+
+
 def text_states(pipe, prompts: list[str]) -> torch.Tensor:
-    """What the denoiser's cross-attention reads for each prompt: `(P, L, D)` (PixelPipeline, SD 1.x/2.x, SDXL)."""
+    """What the denoiser's cross-attention reads for each prompt: `(P, L, D)`. PixelPipeline, SD 1.x/2.x, SDXL and
+    AnimateDiff: the `encode_prompt` states. Wan 2.1/2.2: those states through the transformer's text projection
+    (`condition_embedder.text_embedder`), which every block's `attn2` reads."""
     import inspect
 
     params = inspect.signature(pipe.encode_prompt).parameters if hasattr(pipe, "encode_prompt") else {}
@@ -84,9 +89,16 @@ def text_states(pipe, prompts: list[str]) -> torch.Tensor:
             prompts, device=pipe._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
         return out[0]
+    denoiser = getattr(pipe, "transformer", None)
+    project = getattr(getattr(denoiser, "condition_embedder", None), "text_embedder", None)
+    if "do_classifier_free_guidance" in params and project is not None and type(denoiser).__name__.startswith("Wan"):
+        states = pipe.encode_prompt(
+            prompts, do_classifier_free_guidance=False, device=pipe._execution_device, max_sequence_length=WAN_TOKENS
+        )[0]  # zero-padded to the call's default length: the lever's bank then matches a plain call
+        return project(states.to(next(project.parameters()).dtype))
     raise ValueError(
         f"Expected a pipeline whose denoiser cross-attends to its encode_prompt states (memctl.PixelPipeline, "
-        f"StableDiffusion 1.x/2.x, SDXL) for method 'prompt', but got {type(pipe).__name__}."
+        f"StableDiffusion 1.x/2.x, SDXL, AnimateDiff, Wan) for method 'prompt', but got {type(pipe).__name__}."
     )
 
 
@@ -254,7 +266,10 @@ def _reads_text_states(pipe, probes: ProbeSet) -> bool:
         text_states(pipe, conds[:1])
     except ValueError:
         return False
-    denoiser = _denoiser(pipe)
+    found = pipeline_denoisers(pipe)
+    if len(found) != 1:  # Wan 2.2: each expert projects the text its own way; one set of lever tensors fits one
+        return False
+    denoiser = next(iter(found.values()))
     return any(cross_attentions(denoiser, b) for b in find_blocks(denoiser))
 
 

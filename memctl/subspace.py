@@ -71,8 +71,14 @@ def memorization_weight(states: torch.Tensor, read: torch.Tensor, tau: torch.Ten
 
 
 def nearest_general(states: torch.Tensor, bank: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """For each sequence, the general conditioning in `bank` `(P, L, D)` closest on its non-memorized tokens."""
+    """For each sequence, the general conditioning in `bank` `(P, L, D)` closest on its non-memorized tokens.
+
+    A bank of another length `L` than the states' is cut, or extended with its last token: T5-encoded prompts (Wan)
+    are zero-padded to the call's `max_sequence_length`, so their tail tokens are all the same padding state."""
     bank = bank.to(states.dtype)
+    if bank.shape[1] != states.shape[1]:
+        extra = states.shape[1] - bank.shape[1]
+        bank = bank[:, : states.shape[1]] if extra < 0 else torch.cat([bank, bank[:, -1:].expand(-1, extra, -1)], 1)
     d = ((states[:, None] - bank[None]).pow(2).sum(-1) * (1 - weight)[:, None]).sum(-1)  # (B, P)
     return bank[d.argmin(1)]  # (B, L, D)
 

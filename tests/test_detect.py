@@ -158,13 +158,16 @@ def test_prompt_only_probe_maps_every_block(digits):
     assert bmap.meta["knob_scale"] > 0
 
 
-@pytest.mark.parametrize("name", ["sd", "sdxl", "animatediff"])
-def test_prompt_only_probe_on_unet_families(name):
+@pytest.mark.parametrize("name", ["sd", "sdxl", "animatediff", "wan"])
+def test_prompt_only_probe_uses_the_condition_lever(name):
+    """UNets cross-attending to the prompt states, and Wan's `attn2` (reading them through its text projection)."""
     pipe = tiny_pipeline(name)
     call = {k: v for k, v in PIPELINE_FAMILIES[name].call.items() if k not in ("prompt", "guidance_scale")}
     probes = memctl.ProbeSet(memorized=[("ab", None)], general=[("ba", None), ("aa", None)])
     bmap = memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=call)
-    assert bmap.names == [b.name for b in memctl.find_blocks(pipe.unet)]
+    denoiser = pipe.transformer if name == "wan" else pipe.unet
+    assert bmap.names == [b.name for b in memctl.find_blocks(denoiser)]
+    assert bmap.lever == "condition"
     assert bmap.scores.abs().sum() > 0
     ref = sample(pipe, name)
     memctl.apply_knob(pipe, bmap)
@@ -176,9 +179,10 @@ def test_prompt_only_probe_on_unet_families(name):
     memctl.remove_knob(pipe)
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux", "dit", "cogvideox", "wan", "wan22"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "dit", "cogvideox", "wan22"])
 def test_prompt_only_probe_falls_back_to_the_residual_lever(name):
-    """No prompt encoding to fit the condition lever from: each unit of every denoiser is ablated on the signal."""
+    """No prompt encoding to fit the condition lever from (joint attention, class labels, or Wan 2.2's two experts,
+    each with its own text projection): each unit of every denoiser is ablated on the signal."""
     pipe = tiny_pipeline(name)
     call = {k: v for k, v in PIPELINE_FAMILIES[name].call.items()
             if k not in ("prompt", "guidance_scale", "class_labels", "output_type")}  # fmt: skip

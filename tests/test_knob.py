@@ -237,7 +237,9 @@ def test_docstring_examples(tmp_path):
 
 
 def _condition_map(model, inputs, seed=0):
-    """A condition-lever map of the tiny SD UNet: memorized directions fit from its own random text states."""
+    """A condition-lever map of a tiny denoiser (every unit with cross-attention): memorized directions fit from
+    random text states of its inputs' shape (for tiny Wan that is also what `attn2` reads: text_dim = inner dim)."""
+    from memctl.hooks import cross_attentions
     from memctl.subspace import fit_subspace, weight_threshold
 
     gen = torch.Generator().manual_seed(seed)
@@ -246,7 +248,7 @@ def _condition_map(model, inputs, seed=0):
     mem[..., 0] += 4.0
     sub = fit_subspace(mem, bank, k=2)
     blocks = find_blocks(model)
-    bmap = BlockMap.from_scores(model, {b.name: 1.0 for b in blocks if b.kind == "attention"})
+    bmap = BlockMap.from_scores(model, {b.name: 1.0 for b in blocks if cross_attentions(model, b)})
     bmap.lever = "condition"
     bmap.lever_tensors = {"read": sub.read, "tau": weight_threshold(bank, sub.read), "bank": bank,
                           "g_inv_half": sub.g_inv_half}  # fmt: skip
@@ -305,8 +307,9 @@ def test_cached_pull_is_bit_identical_on_the_digits_testbed(f, monkeypatch):
     remove_knob(pipe)
 
 
-def test_condition_knob_does_not_recompile():
-    model, inputs = build("sd")
+@pytest.mark.parametrize("name", ["sd", "wan"])
+def test_condition_knob_does_not_recompile(name):
+    model, inputs = build(name)
     apply_knob(model, _condition_map(model, inputs))
     compiles = []
 
