@@ -296,6 +296,7 @@ def summarize(times: dict[str, list[float]], peak: dict | None = None) -> dict:
             }
             if ratios
             else None,  # fmt: skip
+            "best_ratio": round(min(ts) / min(times[base]), 3) if ts and times[base] else None,
             "repeats": len(ts[:n]),
         }
         if peak and name in peak:
@@ -305,8 +306,9 @@ def summarize(times: dict[str, list[float]], peak: dict | None = None) -> dict:
 
 def compile_sweep(model, bmap, inputs, fidelities, mode: str | None = None, backend: str = "eager",
                   repeats: int = 2) -> dict:  # fmt: skip
-    """`torch.compile(fullgraph=True)` of the plain model, then of the knobbed one across `fidelities`: graphs
-    compiled (a counting backend around `backend`) and per-forward seconds (each phase after its own compiles)."""
+    """`torch.compile(fullgraph=True)` of a copy of the plain model and of the knobbed model across `fidelities`:
+    graphs compiled (a counting backend around `backend`) and per-forward seconds, timed in interleaved rounds
+    (compiled plain, then the knob at each fidelity) after every graph was compiled."""
     graphs = {"n": 0}
     inner = torch._dynamo.lookup_backend(backend)
 
@@ -321,31 +323,32 @@ def compile_sweep(model, bmap, inputs, fidelities, mode: str | None = None, back
 
     out: dict = {"backend": backend, "fidelities": list(fidelities), "fidelity_mode": mode}
     torch._dynamo.reset()
+    plain = copy.deepcopy(model)  # its own modules: the knob's hooks on `model` do not reach it
     try:
         with torch.no_grad():
-            run = _forward(torch.compile(model, backend=counting, fullgraph=True), inputs)
-            out["plain_first_call_seconds"] = round(timed(run), 2)
+            run_plain = _forward(torch.compile(plain, backend=counting, fullgraph=True), inputs)
+            out["plain_first_call_seconds"] = round(timed(run_plain), 2)
             out["plain_graphs"] = graphs["n"]
-            times = {"compiled plain": [timed(run) for _ in range(repeats)]}
-            torch._dynamo.reset()
-            graphs["n"] = 0
             apply_knob(model, bmap, fidelity_mode=mode)
             run = _forward(torch.compile(model, backend=counting, fullgraph=True), inputs)
             after, first = [], []
             for f in fidelities:  # first pass: compiles as needed
                 set_fidelity(model, f)
                 first.append(round(timed(run), 2))
-                after.append(graphs["n"])
+                after.append(graphs["n"] - out["plain_graphs"])
+            times: dict[str, list[float]] = {"compiled plain": []}
             for _ in range(repeats):
+                times["compiled plain"].append(timed(run_plain))
                 for f in dict.fromkeys(fidelities):
                     set_fidelity(model, f)
                     times.setdefault(f"compiled knob {f:+g}", []).append(timed(run))
         out["knob_first_call_seconds"] = first
         out["graphs_compiled_after_each_fidelity"] = after
-        out["graphs_while_timing"] = graphs["n"] - after[-1]
+        out["graphs_while_timing"] = graphs["n"] - out["plain_graphs"] - after[-1]
         out["rows"] = summarize(times)
     finally:
         remove_knob(model)
+        del plain
         torch._dynamo.reset()
     return out
 
@@ -354,23 +357,21 @@ def compile_sweep(model, bmap, inputs, fidelities, mode: str | None = None, back
 
 
 def _bar(rows: dict) -> dict:
-    def worst(prefix_ok):
-        vals = [r["ratio"]["median"] for n, r in rows.items() if prefix_ok(n) and r.get("ratio")]
-        return max(vals) if vals else None
-
-    nonpositive = worst(lambda n: n.startswith(("knob 0", "knob -1")) and "new text states" not in n)
-    positive = {n: r["ratio"]["median"] for n, r in rows.items() if n.startswith("knob +1") and r.get("ratio")}
+    """Issue 13's bars on the ratio of best times (noise on a shared machine only adds time)."""
+    ok = {n: r["best_ratio"] for n, r in rows.items() if r.get("best_ratio") is not None}
+    nonpositive = [v for n, v in ok.items() if n.startswith(("knob 0", "knob -1")) and "new text states" not in n]
     return {
-        f"fidelity <= 0 at most {BAR_NONPOSITIVE}x plain (median)": nonpositive is not None
-        and nonpositive <= BAR_NONPOSITIVE,
-        **{f"{n} at most {BAR_POSITIVE}x plain (median)": v <= BAR_POSITIVE for n, v in positive.items()},
-    }
+        f"fidelity <= 0 at most {BAR_NONPOSITIVE}x plain (ratio of best times; worst of the rows "
+        f"{max(nonpositive) if nonpositive else '–'})": bool(nonpositive) and max(nonpositive) <= BAR_NONPOSITIVE,
+        **{f"{n} at most {BAR_POSITIVE}x plain (ratio of best times {v})": v <= BAR_POSITIVE
+           for n, v in ok.items() if n.startswith("knob +1")},
+    }  # fmt: skip
 
 
 def bench_speed(out: Path, quick: bool = False, repeats: int | None = None) -> dict:
     """Both models on this machine's CPU, one thread; writes `speed.json` and `speed.md` under `out`."""
     torch.set_num_threads(1)
-    repeats = repeats or (2 if quick else 3)
+    repeats = repeats or (2 if quick else 5)
     t_start = time.perf_counter()
     models = {}
     # SD 1.5-sized UNet: 16x16 latents (a 128x128 image), CFG batch 2, 77 text tokens
@@ -397,9 +398,9 @@ def bench_speed(out: Path, quick: bool = False, repeats: int | None = None) -> d
     models["sd15-unet"]["compile"] = compile_sweep(unet, cmap, inputs, (0.0, -0.5, -1.0, 0.5, 1.0, 0.0),
                                                    mode="attention", repeats=2)  # fmt: skip
     del unet
-    # Wan 2.1 1.3B-sized transformer: a latent of 2 frames x 8 x 8 (32 video tokens), 64 text tokens
+    # Wan 2.1 1.3B-sized transformer: a latent of 1 frame x 8 x 8 (16 video tokens), 32 text tokens
     wan = build_wan(tiny=quick)
-    w_inputs = wan_inputs(wan, frames=2, height=8, width=8, text=64)
+    w_inputs = wan_inputs(wan, frames=1, height=8, width=8, text=32)
     wmap = residual_map(wan)
     t0 = time.perf_counter()
     rows = time_cases(wan_cases(wan, w_inputs, wmap), repeats)
