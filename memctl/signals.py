@@ -25,7 +25,9 @@ Costs (in brackets) are denoiser evaluations per prompt and seed; a guidance bat
 
 The default combination (`COMBINED`) reads `magnitude2` on the even seeds and `contrast2` on the odd ones, so it
 costs 4 evaluations per prompt and seed. It was chosen on a calibration split (digits-s0 and digits-attr-s0,
-seeds 0-7); `memctl bench detect` evaluates it on other seeds and on digits-s1 / digits-attr-s1.
+seeds 0-7); `memctl bench detect` evaluates it on other seeds and on digits-s1 / digits-attr-s1. Measured there: it
+finds memorized captions of ordinary words that the first step misses, but on digits it still ranks untrained-tag
+decoys close to the canaries (`bench/results/detect.md`).
 
 Calibration: each signal's log is a robust z-score against the user's ordinary prompts; `risk` is the mean of the
 combined signals' z-scores. The reference for the verdict is the ordinary prompts **plus decoys made from them**
