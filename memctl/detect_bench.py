@@ -100,7 +100,7 @@ def bench_testbed(name: str, seeds: tuple[int, ...] = EVAL_SEEDS, batch_size: in
     n_prompts = len(scored) * len(seeds)
     per_prompt = {s: round(seconds[s] / n_prompts, 4) for s in SIGNALS}
     per_prompt["combined"] = round(sum(seconds[s] for s in COMBINED) / len(COMBINED) / n_prompts, 4)
-    most = rows[str(max(tb.exposures))]["combined"]
+    most, today = rows[str(max(tb.exposures))]["combined"], rows[str(max(tb.exposures))]["magnitude"]
     return {
         "prompts": {"canaries": k, "ordinary": n, "decoys": d, "reference": len(reference), "made_decoys": len(made)},
         "seeds": list(seeds),
@@ -111,6 +111,8 @@ def bench_testbed(name: str, seeds: tuple[int, ...] = EVAL_SEEDS, batch_size: in
         "seconds_per_prompt_and_seed": per_prompt,
         "bar": {
             "most-exposed combined AUC vs decoys >= 0.95": most["auc_vs_decoys"] >= 0.95,
+            "most-exposed combined AUC vs ordinary >= first-step magnitude's": most["auc_vs_ordinary"]
+            >= today["auc_vs_ordinary"],
             "flagged decoys <= 5 %": flagged["decoys"] <= 0.05,
             "<= 4 evaluations per prompt and seed": evals["combined"] <= 4,
         },
