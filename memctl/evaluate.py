@@ -35,6 +35,8 @@ class EvalSpec:
 
 @dataclass
 class Samples:
+    """Images `(…, C, H, W)`, or clips `(…, F, C, H, W)` for a video testbed."""
+
     canary: torch.Tensor  # (K, S, C, H, W): K canaries × S seeds
     ordinary: torch.Tensor  # (P, S, C, H, W): P = len(tb.eval_prompts())
     spec: EvalSpec
@@ -42,20 +44,20 @@ class Samples:
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], spec: EvalSpec, **call_kwargs) -> torch.Tensor:
-    """`(len(prompts), C, H, W)` in [0, 1]; image i comes from `torch.Generator().manual_seed(seeds[i])` alone."""
+    """`(len(prompts), C, H, W)` in [0, 1] (clips `(len(prompts), F, C, H, W)` from a video pipeline); sample i
+    comes from `torch.Generator().manual_seed(seeds[i])` alone."""
     out = []
     for i in range(0, len(prompts), spec.batch_size):
         gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + spec.batch_size]]
-        out.append(
-            pipe(
-                prompts[i : i + spec.batch_size],
-                generator=gens,
-                num_inference_steps=spec.steps,
-                guidance_scale=spec.guidance,
-                output_type="pt",
-                **call_kwargs,
-            ).images.cpu()
+        result = pipe(
+            prompts[i : i + spec.batch_size],
+            generator=gens,
+            num_inference_steps=spec.steps,
+            guidance_scale=spec.guidance,
+            output_type="pt",
+            **call_kwargs,
         )
+        out.append((result.frames if hasattr(result, "frames") else result.images).cpu())
     return torch.cat(out)
 
 
@@ -63,6 +65,7 @@ def sample_testbed(pipe, tb, spec: EvalSpec = EvalSpec(), **call_kwargs) -> Samp
     """Every canary prompt, the testbed's ordinary evaluation prompts and its never-shown combinations' prompts,
     each at `spec.seeds` evaluation seeds."""
     seeds = [spec.seed_base + s for s in range(spec.seeds)]
+    call_kwargs = {**getattr(tb, "call_kwargs", {}), **call_kwargs}  # a video testbed's frames and size
     groups = [[c[0] for c in tb.canaries], [p for p, _ in tb.eval_prompts()], tb.unseen_prompts()]
     prompts = [p for group in groups for p in group for _ in seeds]
     images = generate(pipe, prompts, seeds * (len(prompts) // len(seeds)), spec, **call_kwargs)
@@ -73,6 +76,8 @@ def sample_testbed(pipe, tb, spec: EvalSpec = EvalSpec(), **call_kwargs) -> Samp
 
 def score_samples(tb, samples: Samples, reference: Samples | None = None) -> dict:
     """Metrics of one set of samples; `reference` (the same seeds at fidelity 0) adds collateral change."""
+    if samples.canary.ndim == 6:  # clips: scored as images with frames on the channel axis, plus clip measures
+        return _score_clips(tb, samples, reference)
     refs, train = tb.class_distances, tb.train_images
     attributes = hasattr(tb, "classify_attributes")  # novel-valid then asks for the right digit *and* attributes
     by_exposure: dict[int, dict[str, list[float]]] = {}
@@ -140,6 +145,40 @@ def score_samples(tb, samples: Samples, reference: Samples | None = None) -> dic
                 samples.unseen.flatten(0, 1), reference.unseen.flatten(0, 1), refs["mean"][classes]
             )
         out["unseen"] = unseen
+    return out
+
+
+def _score_clips(tb, samples: Samples, reference: Samples | None) -> dict:
+    """`score_samples` of a video testbed: the image measures on folded clips (`memctl.zoo.video_testbed.fold`),
+    and per-frame digit validity, motion validity and temporal change of each prompt group."""
+    from memctl.zoo.video_testbed import fold
+
+    def folded(s: Samples | None) -> Samples | None:
+        if s is None:
+            return None
+        return Samples(fold(s.canary), fold(s.ordinary), s.spec, None if s.unseen is None else fold(s.unseen))
+
+    class Folded:  # the testbed as the image measures see it
+        def __getattr__(self, name):
+            return getattr(tb, name)
+
+        train_images = fold(tb.train_images)
+        canaries = [(p, fold(clip), e, c) for p, clip, e, c in tb.canaries]
+
+    out = score_samples(Folded(), folded(samples), folded(reference))
+    seeds = samples.spec.seeds
+    groups = {
+        "canary": (samples.canary, [tb.combo_of(c[0]) for c in tb.canaries]),
+        "ordinary": (samples.ordinary, [tb.combo_of(p) for p, _ in tb.eval_prompts()]),
+        "unseen": (samples.unseen, list(tb.unseen)),
+    }
+    for name, (clips, targets) in groups.items():
+        if clips is None:
+            continue
+        classes = torch.tensor([c for c, _ in targets]).repeat_interleave(seeds)
+        combos = [combo for _, combo in targets for _ in range(seeds)]
+        part = out[name]["all"] if name == "canary" else out[name]
+        part.update(tb.clip_metrics(clips.flatten(0, 1), classes, combos))
     return out
 
 

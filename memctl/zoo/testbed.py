@@ -26,6 +26,7 @@ TESTBEDS = {
     "digits-attr": "digits-attr-s0",
     "digits-attr-s0": "digits-attr-s0",
     "digits-attr-s1": "digits-attr-s1",
+    "digits-s2": "digits-s2",
 }
 
 
@@ -39,8 +40,9 @@ def assets_dir() -> Path:
 
 
 def load_testbed(name: str | Path = "digits") -> Testbed:
-    """A testbed by name ("digits" = "digits-s0", "digits-s1", "digits-attr" = "digits-attr-s0", "digits-attr-s1")
-    or by the path of a folder holding testbed.json; the folder's testbed.json says which kind it is."""
+    """A testbed by name ("digits" = "digits-s0", "digits-s1", "digits-s2", "digits-attr" = "digits-attr-s0",
+    "digits-attr-s1") or by the path of a folder holding testbed.json; the folder's testbed.json says which kind it
+    is ("moving-digits" folders load as `memctl.zoo.video_testbed.VideoTestbed`)."""
     path = Path(name)
     if not (path / "testbed.json").is_file():
         if name not in TESTBEDS:
@@ -53,6 +55,10 @@ def load_testbed(name: str | Path = "digits") -> Testbed:
         from memctl.zoo.attr_testbed import AttrTestbed
 
         return AttrTestbed(path)
+    if kind == "moving-digits":
+        from memctl.zoo.video_testbed import VideoTestbed
+
+        return VideoTestbed(path)
     return Testbed(path)
 
 
