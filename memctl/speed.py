@@ -288,7 +288,9 @@ def summarize(times: dict[str, list[float]], peak: dict | None = None) -> dict:
     for name, ts in times.items():
         ratios = [t / b for t, b in zip(ts[:n], times[base][:n], strict=True)]
         rows[name] = {
-            "seconds": {"median": round(statistics.median(ts), 5), "min": round(min(ts), 5)} if ts else None,
+            "seconds": {"median": round(statistics.median(ts), 5), "min": round(min(ts), 5), "max": round(max(ts), 5)}
+            if ts
+            else None,  # fmt: skip
             "ratio": {
                 "median": round(statistics.median(ratios), 3),
                 "min": round(min(ratios), 3),
@@ -357,15 +359,26 @@ def compile_sweep(model, bmap, inputs, fidelities, mode: str | None = None, back
 
 
 def _bar(rows: dict) -> dict:
-    """Issue 13's bars on the ratio of best times (noise on a shared machine only adds time)."""
+    """Issue 13's bars on the ratio of best times (noise on a shared machine only adds time): "PASS" / "FAIL", or
+    "not resolved" while the plain model's own median repeat is slower than its best by more than the bar's margin
+    (then the machine's noise, not the knob, decides the comparison)."""
+    plain = rows["plain"]["seconds"]
+    noise = plain["median"] / plain["min"] - 1
+
+    def verdict(value: float, bar: float) -> str:
+        if value > bar * (1 + noise):  # above the bar by more than the noise
+            return f"FAIL (ratio {value})"
+        if noise > bar - 1:
+            return f"not resolved (ratio {value}; plain's own repeats vary by {noise:.0%})"
+        return ("PASS" if value <= bar else "FAIL") + f" (ratio {value})"
+
     ok = {n: r["best_ratio"] for n, r in rows.items() if r.get("best_ratio") is not None}
     nonpositive = [v for n, v in ok.items() if n.startswith(("knob 0", "knob -1")) and "new text states" not in n]
-    return {
-        f"fidelity <= 0 at most {BAR_NONPOSITIVE}x plain (ratio of best times; worst of the rows "
-        f"{max(nonpositive) if nonpositive else '–'})": bool(nonpositive) and max(nonpositive) <= BAR_NONPOSITIVE,
-        **{f"{n} at most {BAR_POSITIVE}x plain (ratio of best times {v})": v <= BAR_POSITIVE
-           for n, v in ok.items() if n.startswith("knob +1")},
-    }  # fmt: skip
+    out = {f"fidelity <= 0 at most {BAR_NONPOSITIVE}x plain (worst row, ratio of best times)":
+           verdict(max(nonpositive), BAR_NONPOSITIVE)} if nonpositive else {}  # fmt: skip
+    out.update({f"{n} at most {BAR_POSITIVE}x plain (ratio of best times)": verdict(v, BAR_POSITIVE)
+                for n, v in ok.items() if n.startswith("knob +1")})  # fmt: skip
+    return out
 
 
 def bench_speed(out: Path, quick: bool = False, repeats: int | None = None) -> dict:

@@ -16,7 +16,7 @@ def _ratio(row: dict) -> str:
 def _model_md(name: str, m: dict) -> list[str]:
     md = [f"\n## {name} ({m['params_m']} M parameters, random weights), inputs "
           + ", ".join(f"`{k}` {tuple(v)}" for k, v in m["inputs"].items()) + "\n\n"]  # fmt: skip
-    md += [f"- {'PASS' if ok else 'FAIL'}: {check}\n" for check, ok in m["bar"].items()]
+    md += [f"- {check}: {verdict}\n" for check, verdict in m["bar"].items()]
     md.append("\nconfiguration | per forward, ratio to plain: median (range) of the repeats | ratio of best times | "
               "s / forward (median)\n--- | --- | --- | ---\n")  # fmt: skip
     for cfg, row in m["rows"].items():
@@ -52,7 +52,12 @@ def _gpu_md(gpu: dict | None) -> list[str]:
               f"{gpu.get('method', '')}{'' if gpu.get('complete') else ' Incomplete run: the time cap cut it short.'}"
               "\n")  # fmt: skip
     for key, part in gpu.get("runs", {}).items():
-        md.append(f"\n### {key}: {part.get('what', '')}\n\nconfiguration | {part.get('unit', 's')} (median) | "
+        md.append(f"\n### {key}: {part.get('what', '')}\n\n")
+        if "plain" in part.get("rows", {}):
+            from memctl.speed import _bar
+
+            md += [f"- {check}: {verdict}\n" for check, verdict in _bar(part["rows"]).items()] + ["\n"]
+        md.append(f"configuration | {part.get('unit', 's')} (median) | "
                   "ratio to plain: median (range) | ratio of best times | peak memory GiB\n"
                   "--- | --- | --- | --- | ---\n")  # fmt: skip
         for cfg, row in part.get("rows", {}).items():
