@@ -1,8 +1,12 @@
 """The in-attention guidance gain of a condition map, calibrated from its probe set (no evaluation seeds).
 
-    >>> amap = attention_map(pipe, bmap, probes)          # a copy of `bmap` that guides inside the units
-    >>> amap.meta["fidelity_mode"], amap.meta["attention_guidance"]
-    ('attention', 0.75)
+    >>> import memctl
+    >>> tb = memctl.zoo.load_testbed("digits")
+    >>> probes = memctl.ProbeSet(memorized=[(p, im) for p, im, _, _ in tb.canaries[:4]],
+    ...                          general=[(tb.prompt(int(c)), im) for im, c in zip(*tb.held_out)][:8])
+    >>> amap = attention_map(tb.pipeline(), tb.block_map(), probes)   # a copy that guides inside the units
+    >>> amap.meta["fidelity_mode"], 0.0 <= amap.meta["attention_guidance"] <= max(GRID)
+    ('attention', True)
 
 The rule of `memctl.calibrate` (fixed there before any evaluation of it), carried over to a lever whose output is not
 linear in γ: on the probe batches (noisy probe images at the probe noise levels, the probe seed's noise) the

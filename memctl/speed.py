@@ -1,8 +1,10 @@
 """`memctl bench speed`: what the knob costs per denoiser forward, as a ratio to the plain denoiser.
 
-    >>> report = bench_speed(Path("bench/results"))          # SD 1.5- and Wan 2.1 1.3B-sized, random weights
-    >>> report["models"]["sd15-unet"]["rows"]["plain"]["ratio"]["median"]
-    1.0
+    >>> unet = build_unet(tiny=True)   # bench_speed(Path("bench/results")) builds the SD 1.5- and Wan-sized ones
+    >>> cases = unet_cases(unet, unet_inputs(unet, 8), condition_map(unet), residual_map(unet))
+    >>> rows = time_cases(cases, repeats=1)
+    >>> rows["plain"]["ratio"]["median"], rows["knob +1, condition map, in-attention guidance"]["repeats"]
+    (1.0, 1)
 
 Models are built from their configs with random weights (no download): an SD 1.5-sized `UNet2DConditionModel`
 (859 M parameters) and a Wan 2.1 1.3B-sized `WanTransformer3DModel`. Configurations are timed interleaved in one

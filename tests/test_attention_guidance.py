@@ -168,3 +168,19 @@ def _hooks(model):
         registry = m.__dict__.get("_diffusers_hook")
         if registry is not None:
             yield from registry.hooks.values()
+
+
+def test_docstring_examples(tmp_path):
+    import doctest
+
+    import memctl.attention_calibrate
+    import memctl.attention_guidance
+    from memctl.knob import apply_knob, remove_knob, set_fidelity
+
+    pipe = tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    bmap = _guided_map(pipe.unet, {"encoder_hidden_states": torch.zeros(1, 8, pipe.unet.config.cross_attention_dim)})
+    globs = dict(pipe=pipe, bmap=bmap, apply_knob=apply_knob, set_fidelity=set_fidelity, remove_knob=remove_knob)
+    for module in (memctl.attention_guidance, memctl.attention_calibrate):
+        result = doctest.testmod(module, extraglobs=globs)
+        assert result.failed == 0 and result.attempted > 0

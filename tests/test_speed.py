@@ -77,3 +77,10 @@ def test_the_gpu_script_stops_at_its_time_cap(tmp_path):
 
 def test_speed_is_a_bench_suite():
     assert "speed" in SUITES
+
+
+def test_docstring_examples():
+    import doctest
+
+    result = doctest.testmod(speed)
+    assert result.failed == 0 and result.attempted > 0
