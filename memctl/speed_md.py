@@ -5,7 +5,8 @@ from __future__ import annotations
 
 GPU_CONFIGS = ("plain", "knob 0, condition map", "knob -1, condition map",
                "knob +1, condition map, extra-pass guidance", "knob +1, condition map, in-attention guidance",
-               "knob 0, residual map", "knob -1, residual map", "knob +1, residual map")  # fmt: skip
+               "knob 0, residual map", "knob -1, residual map", "knob +1, residual map", "FreeU (UNet)", "PAG (UNet)",
+               "baked (UNet)")  # fmt: skip
 
 
 def _ratio(row: dict) -> str:
