@@ -16,9 +16,9 @@ The knob's condition map covers every cross-attention unit with per-level scores
 general conditionings (77 tokens × 768), as `memctl.probe(method="condition")` makes them; its residual map covers
 every residual unit. The text states are the same tensor in every forward, as in a sampling loop, so the pull's
 token weights are computed once per pipeline call (`memctl.hooks.PullCache`); one row passes new text states every
-forward to show that one-off cost. Wan has no cross-attention of the kind the condition lever hooks (its maps use
-the residual lever), no FreeU and no PAG pipeline in diffusers, and its blocks return input + update, which
-`memctl.bake` cannot fold: those rows are listed as not measured, with the reason.
+forward to show that one-off cost. On Wan the condition lever hooks `attn2` (its states are the projected text
+states, 1536 wide, as long as the call's text); Wan has no FreeU and no PAG pipeline in diffusers, and its blocks
+return input + update, which `memctl.bake` cannot fold: those rows are listed as not measured, with the reason.
 """
 
 from __future__ import annotations
@@ -87,20 +87,27 @@ def _scores(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(n, len(NOISE_LEVELS), generator=gen) - 0.4
 
 
-def _conditionings(d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _state_dim(model: torch.nn.Module) -> int:
+    """Width of what the cross-attentions read: the UNet's text states, or Wan's projected ones (its inner dim)."""
+    c = model.config
+    return c.cross_attention_dim if "cross_attention_dim" in c else c.num_attention_heads * c.attention_head_dim
+
+
+def _conditionings(d: int, gen: torch.Generator, tokens: int = TEXT_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """`(P, L, D)` general conditionings and `(M, L, D)` memorized ones (general ones with a shared tag)."""
-    bank = torch.randn(N_GENERAL, TEXT_TOKENS, d, generator=gen)
+    bank = torch.randn(N_GENERAL, tokens, d, generator=gen)
     memorized = bank[:N_MEMORIZED].clone()
     memorized[:, 5:9] += 3.0 * torch.randn(d, generator=gen)
     return bank, memorized
 
 
-def condition_map(unet: torch.nn.Module, seed: int = 0) -> BlockMap:
-    """A condition-lever map of realistic shape: every cross-attention unit, a bank of 60 general conditionings."""
+def condition_map(unet: torch.nn.Module, seed: int = 0, tokens: int = TEXT_TOKENS) -> BlockMap:
+    """A condition-lever map of realistic shape: every cross-attention unit, a bank of 60 general conditionings of
+    `tokens` tokens (77 for SD's CLIP; for Wan the call's text length, its states projected to the inner dim)."""
     from memctl.subspace import fit_subspace, weight_threshold
 
     gen = torch.Generator().manual_seed(seed)
-    bank, memorized = _conditionings(unet.config.cross_attention_dim, gen)
+    bank, memorized = _conditionings(_state_dim(unet), gen, tokens)
     sub = fit_subspace(memorized, bank, k=8)
     units = [b for b in find_blocks(unet) if cross_attentions(unet, b)]
     scores = _scores(len(units), gen)
@@ -228,10 +235,17 @@ def unet_cases(unet, inputs, cmap, rmap, baked=None) -> list[tuple[str, Callable
     return cases
 
 
-def wan_cases(model, inputs, rmap) -> list[tuple[str, Callable, Callable]]:
+def wan_cases(model, inputs, rmap, cmap=None) -> list[tuple[str, Callable, Callable]]:
     run = _forward(model, inputs)
+    condition = [] if cmap is None else [
+        ("knob 0, condition map", lambda: knob(model, cmap, 0.0), run),
+        ("knob -1, condition map", lambda: knob(model, cmap, -1.0), run),
+        ("knob +1, condition map, extra-pass guidance", lambda: knob(model, cmap, 1.0, "guidance"), run),
+        ("knob +1, condition map, in-attention guidance", lambda: knob(model, cmap, 1.0, "attention"), run),
+    ]  # fmt: skip
     return [
         ("plain", nullcontext, run),
+        *condition,
         ("knob 0, residual map", lambda: knob(model, rmap, 0.0), run),
         ("knob -1, residual map", lambda: knob(model, rmap, -1.0), run),
         ("knob +1, residual map", lambda: knob(model, rmap, 1.0), run),
@@ -241,8 +255,6 @@ def wan_cases(model, inputs, rmap) -> list[tuple[str, Callable, Callable]]:
 WAN_NOT_MEASURED = {
     "FreeU": "UNet only (diffusers has no FreeU for transformers)",
     "PAG": "diffusers 0.42 has no PAG pipeline for Wan",
-    "condition map (knob 0/-1/+1, extra-pass and in-attention guidance)": "Wan's cross-attention is not the "
-    "`Attention` class the condition lever hooks; memctl.probe gives Wan residual maps",
     "baked": "Wan blocks return input + update: memctl.bake cannot fold a residual factor into one layer (it "
     "refuses with an error)",
 }
@@ -416,13 +428,17 @@ def bench_speed(out: Path, quick: bool = False, repeats: int | None = None) -> d
     # Wan 2.1 1.3B-sized transformer: a latent of 1 frame x 8 x 8 (16 video tokens), 32 text tokens
     wan = build_wan(tiny=quick)
     w_inputs = wan_inputs(wan, frames=1, height=8, width=8, text=32)
-    wmap = residual_map(wan)
+    wmap, wcmap = residual_map(wan), condition_map(wan, tokens=w_inputs["encoder_hidden_states"].shape[1])
     t0 = time.perf_counter()
-    rows = time_cases(wan_cases(wan, w_inputs, wmap), repeats)
+    rows = time_cases(wan_cases(wan, w_inputs, wmap, wcmap), repeats)
     models["wan-1.3b"] = {
         "params_m": round(sum(p.numel() for p in wan.parameters()) / 1e6, 1),
         "inputs": {k: list(v.shape) for k, v in w_inputs.items()},
-        "map": {"residual units": wmap.n_blocks},
+        "map": {
+            "condition units": wcmap.n_blocks,
+            "residual units": wmap.n_blocks,
+            "bank": list(wcmap.lever_tensors["bank"].shape),
+        },  # fmt: skip
         "rows": rows,
         "not_measured": WAN_NOT_MEASURED,
         "seconds": round(time.perf_counter() - t0, 1),

@@ -28,14 +28,14 @@ def _reference(model, bmap, inputs, f):
     handles = []
 
     def hook(module, args, kwargs, output):
-        e = kwargs["encoder_hidden_states"]
+        e = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
         pulled = pull_to_general(e, t["read"], t["tau"], t["bank"], torch.tensor(1.0))  # map scores 1: pull 1 at -1
         with torch.no_grad():
             other = module.processor(module, args[0], encoder_hidden_states=pulled)
         return output + GAIN * f * (output - other)
 
     for m in model.modules():
-        if type(m).__name__ == "Attention" and m.is_cross_attention:
+        if type(m).__name__ in ("Attention", "WanAttention") and m.is_cross_attention:
             handles.append(m.register_forward_hook(hook, with_kwargs=True))
     try:
         return run(model, inputs)
@@ -44,9 +44,10 @@ def _reference(model, bmap, inputs, f):
             h.remove()
 
 
+@pytest.mark.parametrize("name", ["sd", "wan"])
 @pytest.mark.parametrize("f", [0.5, 1.0])
-def test_attention_mode_matches_the_two_call_reference(f):
-    model, inputs = build("sd")
+def test_attention_mode_matches_the_two_call_reference(f, name):
+    model, inputs = build(name)
     bmap = _guided_map(model, inputs)
     expected = _reference(model, bmap, inputs, f)
     apply_knob(model, bmap, fidelity_mode="attention")

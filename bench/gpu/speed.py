@@ -9,8 +9,8 @@ Parts, in this order, each written to the JSON as soon as it is done (so a cut-o
    encoder, no VAE), for plain, FreeU, PAG, the knob at 0 / -1 / +1 (condition map; +1 with extra-pass and
    in-attention guidance), and the residual map at 0 / -1 / +1;
 3. the Wan 2.1 1.3B-sized transformer (bf16) at 480×832, 81 frames (21 latent frames of 60×104, 32,760 tokens),
-   512 text tokens, batch 1 (Wan pipelines call the denoiser once per pass): seconds per forward, plain and the
-   residual-map knob at 0 / -1 / +1;
+   512 text tokens, batch 1 (Wan pipelines call the denoiser once per pass): seconds per forward, plain, the
+   condition-map knob at 0 / -1 / +1 (both guidance modes) and the residual-map knob at 0 / -1 / +1;
 4. if time is left, the baked UNet (the condition map's edit at fidelity -1) against the plain one at both sizes.
 Timings are interleaved (memctl.speed.time_cases): one warm-up per configuration, then rounds until `--repeats` or
 the time cap. torch.compile is not run here: compiling these models takes longer than the cap allows.
@@ -104,10 +104,10 @@ def _wan_part(args, report, deadline, device, dtype) -> None:
         report["runs"][key] = {"error": "skipped: the time cap was reached"}
         return
     model = speed.build_wan(tiny=args.tiny, device=device, dtype=dtype)
-    rmap = speed.residual_map(model)
+    rmap, cmap = speed.residual_map(model), speed.condition_map(model, tokens=size["text"])
     inputs = speed.wan_inputs(model, dtype=dtype, device=device, **size)
     try:
-        rows = speed.time_cases(speed.wan_cases(model, inputs, rmap), args.repeats, device, deadline - 5)
+        rows = speed.time_cases(speed.wan_cases(model, inputs, rmap, cmap), args.repeats, device, deadline - 5)
     except torch.OutOfMemoryError as e:
         report["runs"][key] = {"error": f"out of memory: {str(e)[:200]}"}
         return
