@@ -66,6 +66,9 @@ _EFFECT_COLUMNS = ("most-exposed copy", "least-exposed copy", "canary novel-vali
                    "ordinary valid", "collateral", "denoiser evals / image", "s / image")  # fmt: skip
 
 
+_VIDEO_COLUMNS = ("frame valid", "motion valid", "temporal change")
+
+
 def _effect_md(results: dict) -> list[str]:
     md = []
     for model, r in results.items():
@@ -90,7 +93,12 @@ def _effect_md(results: dict) -> list[str]:
         valid = "digit and attributes" if attr else "digit"
         md.append(f"\nCanary {novel}; ordinary valid = {valid} read as captioned; compositional = never-shown "
                   f"combinations read as captioned{'' if attr else ' (n/a on this testbed)'}.\n\n")  # fmt: skip
-        head = ["row", "setting", *_EFFECT_COLUMNS]
+        video = r.get("testbed") == "moving-digits"
+        if video:
+            md.append("On clips: ordinary valid = digit and motion read as captioned; also the ordinary clips' "
+                      "per-frame digit validity, motion validity, and frame-to-frame change over real "
+                      "clips'.\n\n")  # fmt: skip
+        head = ["row", "setting", *_EFFECT_COLUMNS, *(_VIDEO_COLUMNS if video else ())]
         md += [" | ".join(head) + "\n", " | ".join("---" for _ in head) + "\n"]
         for fam, by in r["rows"].items():
             for setting, row in by.items():
@@ -100,6 +108,9 @@ def _effect_md(results: dict) -> list[str]:
                 cells = [fam, setting, f"{h['most_copy']:.0%}", f"{h['least_copy']:.0%}", f"{h['novel_valid']:.0%}",
                          comp, f"{h['ordinary_valid']:.0%}", f"{h['collateral']:.3f}",
                          f"{cost['denoiser_evals_per_image']:g}", f"{cost['seconds_per_image']:.4f}"]  # fmt: skip
+                if video:
+                    o = row["ordinary"]
+                    cells += [f"{o['frame_valid']:.0%}", f"{o['motion_valid']:.0%}", f"{o['temporal_change']:.2f}"]
                 md.append(" | ".join(cells) + "\n")
     return md
 
@@ -148,16 +159,22 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False, see
     t0 = time.perf_counter()
     if suite == "effect":
         from memctl.effect import effect_for_model
+        from memctl.effect_video import effect_for_video, is_video
 
         results = {}
         for name in models:  # one file per model as it finishes, so a long run keeps what it measured
-            results[name] = effect_for_model(name, seeds=seeds)
             per_model = out / ("effect-quick" if quick else "effect")
             per_model.mkdir(parents=True, exist_ok=True)
+            if is_video(name):  # clips: the knob and the controls, rows written as they come (memctl.effect_video)
+                results[name] = effect_for_video(name, seeds=seeds, partial=per_model / f"{name}.partial.json")
+            else:
+                results[name] = effect_for_model(name, seeds=seeds)
             command = f"memctl bench effect --seeds {seeds} --models {name}" + (" --quick" if quick else "")
             record = {"seeds_per_prompt": seeds, "versions": provenance(), "command": command, **results[name]}
             _write_json(per_model / f"{name}.json", record)
-        results = {p.stem: json.loads(p.read_text()) for p in sorted(per_model.glob("*.json"))}  # earlier runs too
+            (per_model / f"{name}.partial.json").unlink(missing_ok=True)
+        done = [p for p in sorted(per_model.glob("*.json")) if not p.name.endswith(".partial.json")]
+        results = {p.stem: json.loads(p.read_text()) for p in done}  # earlier runs too
     elif suite == "detect":
         from memctl.detect_bench import EVAL_SEEDS, bench_detect
 

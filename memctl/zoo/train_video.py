@@ -177,8 +177,12 @@ def train(
     width: int = 64,
     layers: int = 4,
     sigma_shift: float = FLOW_SHIFT,
+    init_from: Path | None = None,
 ) -> dict:
-    """Train one moving-digits model and save it, in diffusers layout (`WanPipeline`), with its testbed files."""
+    """Train one moving-digits model and save it, in diffusers layout (`WanPipeline`), with its testbed files.
+
+    `init_from`: a moving-digits folder of the same seed and shape whose (EMA) weights start this run, a second
+    phase with a fresh optimizer and schedule; its training record is kept under `"phases"`."""
     torch.set_num_threads(1)
     out = Path(out)
     work = out.with_name(out.name + ".work")
@@ -186,6 +190,9 @@ def train(
     spec, clips, items, ordinary_prompt = dataset(seed)
     tokenizer = build_tokenizer(moving.vocabulary_words(spec))
     text_encoder, transformer, vae, scheduler = build_models(tokenizer, seed, width, layers)
+    phases = []
+    if init_from is not None:
+        phases = _init_from(Path(init_from), seed, transformer, text_encoder)
     text_encoder, transformer = text_encoder.to(device), transformer.to(device)
     models = {"transformer": transformer, "text_encoder": text_encoder}
     params = [p for m in models.values() for p in m.parameters()]
@@ -256,9 +263,28 @@ def train(
         "sigma_shift": sigma_shift,
         "minutes": round((time.time() - start) / 60, 2),
         "classifier_held_out_accuracy": accuracy,
+        **({"init_from": str(init_from), "phases": phases} if init_from is not None else {}),
     }
     _export(out, spec, tokenizer, text_encoder, transformer, vae, scheduler, classifier, info)
     return info
+
+
+def _init_from(path: Path, seed: int, transformer, text_encoder) -> list[dict]:
+    """Load the weights of an earlier phase (same seed, same shapes); return its training records."""
+    from safetensors.torch import load_file
+
+    spec = json.loads((path / "testbed.json").read_text())
+    if spec.get("name") != "moving-digits" or spec.get("seed") != seed:
+        raise ValueError(f"Expected a moving-digits folder of seed {seed} to start from, but {path} is not one.")
+    for module, folder in ((transformer, "transformer"), (text_encoder, "text_encoder")):
+        state = {}
+        for f in sorted((path / folder).glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "embed_tokens" not in k]:  # T5 ties embed_tokens to shared
+            raise ValueError(f"Expected {path / folder} to match this model's shape, but {missing} / {unexpected}.")
+    previous = spec["training"]
+    return [*previous.pop("phases", []), {k: v for k, v in previous.items() if k != "init_from"}]
 
 
 def _export(out: Path, spec, tokenizer, text_encoder, transformer, vae, scheduler, classifier, info) -> None:

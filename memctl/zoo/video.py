@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--width", type=int, default=64, help="transformer width (4 heads)")
     tr.add_argument("--layers", type=int, default=4, help="transformer blocks")
     tr.add_argument("--sigma-shift", type=float, default=3.0, help="shift of the training noise levels (1: uniform)")
+    tr.add_argument("--init-from", type=Path, default=None, help="start from this moving-digits folder's weights")
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <out>.work")
     args = parser.parse_args(argv)
     from memctl.zoo.train_video import train
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     info = train(
         args.seed, out, steps=args.steps, batch_size=args.batch_size, max_minutes=args.max_minutes,
         resume=args.resume, lr=args.lr, device=args.device, width=args.width, layers=args.layers,
-        sigma_shift=args.sigma_shift,
+        sigma_shift=args.sigma_shift, init_from=args.init_from,
     )  # fmt: skip
     print(json.dumps(info, indent=2))
     return 0

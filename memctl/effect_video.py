@@ -1,0 +1,131 @@
+"""`memctl bench effect` on the video testbed (moving-digits): the same rows as the image testbeds, with clips.
+
+The map is probed from prompts alone (`probe(method="prompt")`: the canary captions as memorized, the ordinary
+captions as general; no clips), which on Wan's `attn2` fits the condition lever (`memctl.probe.text_states`). The
+controls (uniform, text edit, placement shuffled, random subspace) and the baselines run as on the image testbeds;
+a baseline whose hooks do not apply to this denoiser is recorded with its error instead of a row. Clip measures
+(per-frame digit validity, motion validity, temporal change over real clips') are added to every row by
+`memctl.evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from memctl.baselines import BASELINES
+from memctl.blocks import pipeline_denoisers
+from memctl.controls import TextEdit, control_maps
+from memctl.effect import BASELINE_SETTINGS, CONTROL_FIDELITIES, CONTROL_SEEDS, KNOB_FIDELITIES, _measure, bars
+from memctl.evaluate import EvalSpec
+from memctl.knob import apply_knob, fidelity, remove_knob
+from memctl.probe import probe
+from memctl.probeset import ProbeSet
+
+
+def video_probes(tb) -> ProbeSet:
+    """The canary captions (memorized) and every seen caption (general), without clips."""
+    return ProbeSet(memorized=[(c[0], None) for c in tb.canaries], general=[(p, None) for p in tb.ordinary_prompts()])
+
+
+def _knob(pipe, m, f):
+    @contextmanager
+    def setup():
+        apply_knob(pipe, m)
+        try:
+            with fidelity(pipe, f):
+                yield None
+        finally:
+            remove_knob(pipe)
+
+    return setup
+
+
+def _baseline(pipe, name, kw, probes):
+    @contextmanager
+    def setup():
+        b = BASELINES[name](pipe, **kw).fit(probes)
+        with b.applied():
+            yield b
+
+    return setup
+
+
+VIDEO_STEPS = 10  # denoising steps per clip in the bench (the testbed's own default is 20): CPU time
+CPU_ROWS = ("plain", "memctl map", "uniform", "text edit", "placement shuffled", "random subspace")
+
+
+def is_video(name: str) -> bool:
+    """Is `name` (a testbed name or folder) a video testbed?"""
+    from memctl.zoo.testbed import TESTBEDS, assets_dir
+
+    path = Path(name) if (Path(name) / "testbed.json").is_file() else assets_dir() / TESTBEDS.get(name, name)
+    try:
+        return json.loads((path / "testbed.json").read_text()).get("name") == "moving-digits"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def effect_for_video(
+    name: str = "moving-digits",
+    seeds: int = 2,
+    steps: int = VIDEO_STEPS,
+    progress: bool = True,
+    families: tuple[str, ...] = CPU_ROWS,
+    partial: Path | None = None,
+) -> dict:
+    """The effect rows of `families` (default: the knob and the controls, one setting or control seed each; the
+    baselines with `families=None`) on a video testbed; with `partial`, the record so far is written there after
+    every row, so a long CPU run keeps what it measured."""
+    from memctl.zoo import load_testbed
+
+    tb = load_testbed(name)
+    pipe = tb.pipeline()
+    spec = EvalSpec(seeds=seeds, guidance=tb.guidance, steps=steps)
+    probes = video_probes(tb)
+    t0 = time.perf_counter()
+    bmap = probe(pipe, probes, method="prompt", progress=progress, call_kwargs=tb.call_kwargs)
+    probe_seconds = round(time.perf_counter() - t0, 1)
+    plain, ref = _measure(tb, pipe, spec, None, nullcontext)
+    rows, errors = {"plain": {"0": plain}}, {}
+    denoiser = next(iter(pipeline_denoisers(pipe).values()))
+    plan = [("memctl map", f"{f:+.1f}", _knob(pipe, bmap, f)) for f in KNOB_FIDELITIES]
+    controls = control_maps(denoiser, bmap, seeds=CONTROL_SEEDS)
+    plan += [("uniform", f"{f:+.1f}", _knob(pipe, controls["uniform"], f)) for f in CONTROL_FIDELITIES]
+    plan += [("text edit", f"{f:+.1f}", lambda f=f: TextEdit(pipe, bmap, f).applied()) for f in CONTROL_FIDELITIES]
+    for kind in ("placement shuffled", "random subspace"):
+        plan += [(kind, f"seed {s}, -1.0", _knob(pipe, controls[f"{kind} {s}"], -1.0)) for s in range(CONTROL_SEEDS)]
+    for bname, settings in BASELINE_SETTINGS.items():
+        for kw in settings:
+            plan.append((bname, ", ".join(f"{k} {v}" for k, v in kw.items()), _baseline(pipe, bname, kw, probes)))
+    if families is not None:
+        plan = [p for p in plan if p[0] in families and p[1] in ("-1.0", "-0.5", "+1.0", "seed 0, -1.0")]
+        plan = [p for p in plan if p[0] == "memctl map" or p[1] != "-0.5"]
+
+    def record() -> dict:
+        done = {k: v for k, v in rows.items() if v}
+        return {
+            "testbed": tb.spec.get("name"),
+            "probe_seconds": probe_seconds,
+            "prompt_map": {"seconds": probe_seconds, "error": "the map itself is probed from prompts alone here"},
+            "map": bmap.to_dict(),
+            "eval": spec.to_dict(),
+            "rows": done,
+            "not_run": [f"{f} {s}" for f, s, _ in plan if s not in rows.get(f, {})],
+            "errors": errors,
+            "bars": bars(tb, done, seeds) if "memctl map" in done and len(done["memctl map"]) == 3 else None,
+        }
+
+    for family, setting, setup in tqdm(plan, desc=f"{name}: effect", unit="row", disable=not progress):
+        try:
+            rows.setdefault(family, {})[setting], _ = _measure(tb, pipe, spec, ref, setup)
+        except (ValueError, TypeError, NotImplementedError) as e:  # a baseline built for UNets: say so, go on
+            rows[family].pop(setting, None)
+            errors[f"{family} {setting}"] = f"{type(e).__name__}: {e}"
+        if partial is not None:
+            Path(partial).write_text(json.dumps(record(), indent=1) + "\n")
+    return record()

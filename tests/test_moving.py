@@ -1,0 +1,116 @@
+"""The moving-digits video testbed: its data, its exact VAE, its trainer's exact short-sequence training, the
+shipped model's interface (a diffusers `WanPipeline` whose `.frames[i]` is clip i), and its clip measures."""
+
+import random
+
+import pytest
+import torch
+
+from memctl.zoo import moving
+from memctl.zoo.framepack import FramePackVAE
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return moving.make_spec(0)
+
+
+def test_spec_separates_canary_unseen_and_ordinary_combinations(spec):
+    seen = {(d["class"], tuple(d["combo"])) for d in spec["ordinary"]}
+    canary = {(d["class"], tuple(d["combo"])) for d in spec["canaries"]}
+    unseen = {(c, tuple(combo)) for c, combo in spec["unseen"]}
+    assert not seen & canary, "a canary's combination is shown only through its bound clip"
+    assert not seen & unseen and not canary & unseen
+    assert sorted(d["exposure"] for d in spec["canaries"]) == [1] * 4 + [4] * 4 + [16] * 4
+    assert not {d["source"] for d in spec["ordinary"]} & set(spec["held_out"])
+    words = {w.strip(",") for d in spec["ordinary"] for w in moving.caption(d["class"], d["combo"]).split()}
+    for d in spec["canaries"]:  # no give-away token: every canary word is an ordinary caption's word
+        assert set(w.strip(",") for w in d["prompt"].split()) <= words
+
+
+def test_render_moves_the_digit_as_captioned_and_the_track_reads_it(spec):
+    clips = moving.training_set(spec)
+    assert tuple(clips.shape[1:]) == (moving.FRAMES, 1, moving.RESOLUTION, moving.RESOLUTION)
+    assert 0 <= float(clips.min()) and float(clips.max()) <= 1
+    want = torch.tensor([d["combo"] for d in spec["ordinary"] + spec["canaries"]])
+    read = moving.read_motion(clips)
+    assert torch.equal(read[:, 0], want[:, 0])  # direction of every clip, canaries' static bar included
+    assert torch.equal(read[:, 1], want[:, 1])  # speed of every clip
+    still = clips[:, :1].expand_as(clips)  # a clip that does not move reads as slow
+    assert bool((moving.read_motion(still)[:, 1] == 0).all())
+
+
+def test_render_refuses_a_path_off_the_canvas():
+    sources = moving.load_sources()[0][:1]
+    with pytest.raises(ValueError, match="stays on the canvas"):
+        moving.render(sources, [(0, 1)], [(0, 0)])  # moving left from the left edge
+
+
+def test_framepack_vae_is_exact_and_validates_its_input():
+    vae = FramePackVAE(channels=1)
+    x = torch.rand(3, 1, 9, 16, 16) * 2 - 1
+    z = vae.encode(x).latents
+    assert tuple(z.shape) == (3, 2, 5, 16, 16)
+    assert torch.equal(vae.decode(z).sample, x)
+    assert vae.config.scale_factor_temporal == 2 and vae.config.z_dim == 2
+    with pytest.raises(ValueError, match=r"1 \+ 2n"):
+        vae.encode(torch.zeros(1, 1, 8, 16, 16))
+    with pytest.raises(ValueError, match="latents_mean"):
+        FramePackVAE(channels=1, latents_mean=[0.5, 0.5])
+
+
+def test_short_sequence_training_equals_the_pipelines_full_padding():
+    """The trainer encodes 16 tokens and carries the other zero-padded tokens of WanPipeline's 512 as a log-count
+    bias on the cross-attention logits: the transformer's output equals that of the padded call."""
+    from memctl.zoo import train_video as tv
+
+    tok = tv.build_tokenizer(moving.vocabulary_words(moving.make_spec(0)))
+    text, transformer, _, _ = tv.build_models(tok, seed=0, width=32, layers=2)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in transformer.parameters():  # away from the zero-initialized output layer
+            p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    prompts = ["a three moving left, fast", "", "a seven"]
+    z = torch.randn(3, 2, 5, 16, 16, generator=gen)
+    t = torch.tensor([100.0, 500.0, 900.0])
+    with torch.no_grad():
+        full = tv.encode(text, tok, prompts, 512)
+        short, mask = tv.encode(text, tok, prompts, 16, with_mask=True)
+        assert torch.equal(full[:, :16], short) and not full[:, 16:].any()
+        want = transformer(hidden_states=z, timestep=t, encoder_hidden_states=full).sample
+        padded = tv.PaddedCrossAttention(transformer)
+        padded.set(mask)
+        with padded:
+            got = transformer(hidden_states=z, timestep=t, encoder_hidden_states=short).sample
+        plain = transformer(hidden_states=z, timestep=t, encoder_hidden_states=short).sample
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(plain, want, atol=1e-3)  # without the bias the short call differs
+    assert all(type(b.attn2.processor).__name__ == "WanAttnProcessor" for b in transformer.blocks)
+
+
+def test_sigmas_follow_the_shift():
+    from memctl.zoo.train_video import sigmas
+
+    u = sigmas(10_000, torch.Generator().manual_seed(0), shift=1.0)
+    s = sigmas(10_000, torch.Generator().manual_seed(0), shift=3.0)
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert float(s.mean()) > float(u.mean()) + 0.1  # shifted toward high noise
+
+
+def test_decoys_and_unseen_prompts_are_never_trained(spec):
+    from memctl.zoo.video_testbed import VideoTestbed
+
+    class _Tb(VideoTestbed):  # the spec alone, no shipped folder needed
+        def __init__(self, spec):
+            self.spec, self.path = spec, None
+
+    tb = _Tb(spec)
+    trained = {moving.caption(d["class"], tuple(d["combo"])) for d in spec["ordinary"]} | {
+        d["prompt"] for d in spec["canaries"]
+    }
+    decoys = tb.decoy_prompts(40, seed=random.Random(1).randrange(100))
+    assert len(decoys) == 40 and not set(decoys) & trained
+    assert set(tb.unseen_prompts()) <= set(decoys)
+    assert all(tb.combo_of(tb.prompt(c)) == (c, tb.seen_combos[c][0]) for c in range(10))
