@@ -44,10 +44,14 @@ def _model_md(name: str, m: dict) -> list[str]:
 def _gpu_md(gpu: dict | None) -> list[str]:
     md = ["\n## On a GPU (absolute seconds, `bench/gpu/speed.sh`)\n\n"]
     if gpu is None:
-        md.append("No device lent yet: these rows have no numbers.\n\n")
+        md.append(
+            "Not measured: the GPU lent on 2026-11-30 spent its 15 minutes training digits-s2 and moving-digits "
+            "(`bench/gpu/train_testbeds.sh`), so these rows have no numbers; `bench/gpu/speed.sh` is ready for "
+            "the next lent device (about 200 s).\n\n"
+        )
         md.append("configuration | SD 1.5 UNet 512², s / image | SD 1.5 UNet 1024², s / image | Wan 1.3B, s / forward "
                   "| peak memory\n--- | --- | --- | --- | ---\n")  # fmt: skip
-        md += [f"{c} | no device lent | no device lent | no device lent | no device lent\n" for c in GPU_CONFIGS]
+        md += [f"{c} | not measured | not measured | not measured | not measured\n" for c in GPU_CONFIGS]
         return md
     md.append(f"{gpu.get('device', '?')}, torch {gpu.get('torch', '?')}, diffusers {gpu.get('diffusers', '?')}; "
               f"{gpu.get('method', '')}{'' if gpu.get('complete') else ' Incomplete run: the time cap cut it short.'}"
