@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from memctl.atomic import atomic_path
 from memctl.blocks import find_blocks, unwrap
 
 __all__ = ["BlockMap", "fingerprint", "default_component"]
@@ -322,19 +322,8 @@ class BlockMap:
         tensors.update({f"sample.{c}": s.contiguous() for c, s in self.samples.items()})
         tensors.update({f"lever.{k}": v.contiguous() for k, v in self.lever_tensors.items()})
         metadata = {"format": _FORMAT, "version": str(_VERSION), "blockmap": json.dumps(info)}
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(prefix=".blockmap-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-        os.close(fd)
-        try:
+        with atomic_path(os.path.abspath(path)) as tmp:
             save_file(tensors, tmp, metadata=metadata)
-            from memctl.metadata import file_mode
-
-            os.chmod(tmp, file_mode())  # mkstemp makes 0600; the map gets what the user's umask says
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BlockMap:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["Block", "DENOISER_ATTRS", "find_blocks", "pipeline_denoisers", "unwrap"]
+__all__ = ["Block", "DENOISER_ATTRS", "find_blocks", "pipeline_denoisers", "require_denoisers", "unwrap"]
 
 DENOISER_ATTRS = ("unet", "transformer", "transformer_2")  # transformer_2: Wan 2.2's second expert
 
@@ -99,6 +99,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def pipeline_denoisers(pipe) -> dict[str, torch.nn.Module]:
     """`{component: denoiser}` a pipeline holds (`unet`, `transformer`, `transformer_2`); empty if none."""
     return {c: getattr(pipe, c) for c in DENOISER_ATTRS if isinstance(getattr(pipe, c, None), torch.nn.Module)}
+
+
+def require_denoisers(pipe) -> dict[str, torch.nn.Module]:
+    """`pipeline_denoisers(pipe)`, or a ValueError saying what came when it holds none: the one such check."""
+    found = pipeline_denoisers(pipe)
+    if not found:
+        raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but got {type(pipe).__name__}.")
+    return found
 
 
 def find_blocks(model: torch.nn.Module, granularity: str = "unit", names: list[str] | None = None) -> list[Block]:

@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import IO
 
 from PIL import Image, PngImagePlugin
+
+from memctl.atomic import atomic_file, file_mode
+
+__all__ = ["file_mode", "png_info", "provenance", "read_png_settings", "save_png"]
 
 
 def provenance() -> dict:
@@ -27,13 +29,6 @@ def provenance() -> dict:
     import memctl
 
     return {"memctl": memctl.__version__, "diffusers": diffusers.__version__, "torch": torch.__version__}
-
-
-def file_mode() -> int:
-    """The mode a new file gets under the user's umask (`mkstemp` makes 0600, which temp-then-rename keeps)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def png_info(settings: dict, parameters: str | None = None) -> PngImagePlugin.PngInfo:
@@ -50,18 +45,8 @@ def save_png(image: Image.Image, dest: str | Path | IO[bytes], settings: dict, p
     if not isinstance(dest, (str, Path)):
         image.save(dest, format="PNG", pnginfo=info)
         return
-    dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(dest) as f:
+        image.save(f, format="PNG", pnginfo=info)
 
 
 def read_png_settings(src: str | Path | IO[bytes]) -> dict:

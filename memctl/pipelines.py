@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from memctl.atomic import atomic_write
 from memctl.knob import temporary_knob
 
 __all__ = ["PIPELINES", "pipeline_file", "pipelines_dir", "FidelityMixin", "call_parameters"]
@@ -120,6 +121,4 @@ class FidelityMixin:
         index = Path(save_directory) / "model_index.json"
         config = json.loads(index.read_text())
         config["_class_name"] = [source.stem, type(self).__name__]
-        tmp = index.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, index)
+        atomic_write(index, (json.dumps(config, indent=2, sort_keys=False) + "\n").encode())

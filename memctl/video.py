@@ -17,10 +17,12 @@ frame (same playback, fewer frames). Files are written to a temporary name and r
 
 from __future__ import annotations
 
+import json
 import os
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import re
+import subprocess
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["as_uint8_frames", "export_mp4", "export_gif"]
+from memctl.atomic import atomic_path
+
+__all__ = ["as_uint8_frames", "encode_mp4", "export_gif", "export_mp4", "read_mp4_comment"]
 
 
 def _one(frame: Any, channels_first: bool) -> np.ndarray:
@@ -80,30 +84,13 @@ def as_uint8_frames(frames: Any) -> np.ndarray:
     return video
 
 
-@contextmanager
-def _atomic(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path next to `path` (same suffix, so writers pick the format) renamed onto it on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _check_fps(fps: float) -> float:
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 240:
         raise ValueError(f"Expected fps in (0, 240], but got {fps!r}.")
     return float(fps)
 
 
-def export_mp4(
-    frames: Any, path: str | os.PathLike, fps: float = 8, comment: str | None = None, quality: float = 8
-) -> Path:
-    """Write H.264 MP4 at the frames' exact size; `comment` goes into the file's metadata. Returns the path."""
-    fps = _check_fps(fps)
+def _imageio_ffmpeg():
     try:
         import imageio_ffmpeg
     except ImportError as e:
@@ -111,21 +98,56 @@ def export_mp4(
             'Expected imageio-ffmpeg for MP4 export, but it is not installed: pip install "memctl[video]" '
             "(or imageio-ffmpeg); GIF export needs only Pillow."
         ) from e
+    return imageio_ffmpeg
+
+
+def _write_h264(path: str | os.PathLike, video: np.ndarray, fps: float, **options) -> None:
+    """The one H.264 writer: `(F, H, W, 3)` uint8 frames at their exact size (`macro_block_size=1`)."""
+    h, w = video.shape[1:3]
+    writer = _imageio_ffmpeg().write_frames(str(path), (w, h), fps=fps, codec="libx264", macro_block_size=1, **options)
+    writer.send(None)
+    try:
+        for frame in video:
+            writer.send(np.ascontiguousarray(frame))
+    finally:
+        writer.close()
+
+
+def export_mp4(
+    frames: Any, path: str | os.PathLike, fps: float = 8, comment: str | None = None, quality: float = 8
+) -> Path:
+    """Write H.264 MP4 at the frames' exact size; `comment` goes into the file's metadata. Returns the path."""
+    fps = _check_fps(fps)
+    _imageio_ffmpeg()  # the install hint before any file is made
     video = as_uint8_frames(frames)[..., :3]  # (F, H, W, 3): no alpha in H.264
     h, w = video.shape[1:3]
     params = ["-metadata", f"comment={comment}"] if comment else []
-    with _atomic(path) as tmp:
-        writer = imageio_ffmpeg.write_frames(
-            str(tmp), (w, h), fps=fps, codec="libx264", quality=quality, macro_block_size=1,
-            pix_fmt_out="yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p", output_params=params,
-        )  # fmt: skip
-        writer.send(None)
-        try:
-            for frame in video:
-                writer.send(np.ascontiguousarray(frame))
-        finally:
-            writer.close()
+    with atomic_path(path, parents=True, suffix=Path(path).suffix) as tmp:
+        _write_h264(tmp, video, fps, quality=quality, output_params=params,
+                    pix_fmt_out="yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p")  # fmt: skip
     return Path(path)
+
+
+def encode_mp4(frames: np.ndarray, fps: int, comment: dict) -> bytes:
+    """Reproducible H.264 MP4 bytes (bitexact flags, yuv420p) of `(F, H, W, 3)` uint8 frames with `comment` as
+    JSON in the container's metadata: what `memctl render` writes."""
+    f, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"Expected even frame width and height for yuv420p H.264, but got {w}x{h}.")
+    params = ["-metadata", "comment=" + json.dumps(comment, sort_keys=True)]
+    params += ["-fflags", "+bitexact", "-flags:v", "+bitexact", "-movflags", "+faststart"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "v.mp4"
+        _write_h264(path, frames, fps, ffmpeg_log_level="error", output_params=params)
+        return path.read_bytes()
+
+
+def read_mp4_comment(path: str | os.PathLike) -> dict | None:
+    """The JSON `comment` that `encode_mp4` embedded, read back with the bundled ffmpeg."""
+    cmd = [_imageio_ffmpeg().get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"]
+    text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    value = re.search(r"^comment=((?:\\.|[^\\\n])*)$", text, re.M)
+    return json.loads(re.sub(r"\\(.)", r"\1", value.group(1))) if value else None
 
 
 def export_gif(
@@ -135,7 +157,7 @@ def export_gif(
     fps = _check_fps(fps)
     images = [Image.fromarray(f) for f in as_uint8_frames(frames)]
     extra = {"comment": comment} if comment else {}
-    with _atomic(path) as tmp:
+    with atomic_path(path, parents=True, suffix=Path(path).suffix) as tmp:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps),
                        loop=loop, optimize=False, **extra)  # fmt: skip
     return Path(path)

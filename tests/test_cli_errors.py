@@ -115,6 +115,7 @@ def test_disk_errors_are_messages(tmp_path: Path, capsys, monkeypatch):
     import errno
     import os
 
+    import memctl.atomic
     import memctl.render as render
 
     def full(f, data):
@@ -126,7 +127,7 @@ def test_disk_errors_are_messages(tmp_path: Path, capsys, monkeypatch):
     rc, err = run(capsys, "render", str(job), "--out", str(tmp_path / "out"))
     assert rc == 2 and "to be a folder, but it is a file" in err
     monkeypatch.setattr(render, "_write_bytes", full)
-    monkeypatch.setattr(render, "_write_plain", full)
+    monkeypatch.setattr(memctl.atomic, "_write", full)  # the manifest and contact sheets too
     rc = main(["render", str(job), "--out", str(tmp_path / "o2")])
     captured = capsys.readouterr()
     assert rc == 1 and "No space left on device" in captured.out and "Traceback" not in captured.err

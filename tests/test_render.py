@@ -19,6 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
+import memctl.atomic
 import memctl.grid as grid
 import memctl.render as render
 from memctl.jobs import JobError, load_job
@@ -524,7 +525,7 @@ def test_disk_full_at_the_manifest_keeps_the_summary_and_the_records(tmp_path: P
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     job, out = write_job(tmp_path, SMALL), tmp_path / "out"
-    monkeypatch.setattr(render, "_write_plain", full)
+    monkeypatch.setattr(memctl.atomic, "_write", full)  # everything but the outputs: manifest, contact sheets
     summary = render_job(job, out, pipeline=pipe)
     text = capsys.readouterr().out
     assert summary.done == SMALL_NAMES

@@ -1,0 +1,273 @@
+"""The renderer of `memctl render`: a job's pipeline and block map, checked against every shot before anything is
+written; it samples one batch at a time and encodes each output's file (PNG with settings, or MP4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from memctl.blockmap import BlockMap, fingerprint
+from memctl.blocks import require_denoisers
+from memctl.jobs import Job, JobError, Output
+from memctl.knob import apply_knob, fidelity, get_knob, remove_knob
+from memctl.metadata import provenance, save_png
+from memctl.options import short_repr
+from memctl.pipelines import call_parameters
+from memctl.signals import screen
+from memctl.video import as_uint8_frames, encode_mp4
+
+
+class Renderer:
+    """The job's pipeline and block map, checked against every shot; samples batches and encodes files."""
+
+    def __init__(self, job: Job, device, pipeline=None):
+        self.job, self.testbed, self.bmap, self._applied = job, None, None, None
+        errors: list[str] = []
+        self.pipe = pipeline if pipeline is not None else self._load_model(errors)
+        if pipeline is not None:  # a pipeline handed in: still know the testbed the job names (for `shipped`)
+            self.testbed = self._named_testbed()
+        if self.pipe is not None:
+            if job.cpu_threads is not None and torch.device(device).type == "cpu":
+                torch.set_num_threads(job.cpu_threads)
+            if hasattr(self.pipe, "to") and pipeline is None:
+                self.pipe.to(device)
+            self._check_shots(errors)
+            if job.block_map is not None:
+                self.bmap = self._load_map(errors)
+        if errors:
+            raise JobError(job.source, errors)
+        prints = {c: fingerprint(m) for c, m in require_denoisers(self.pipe).items()}
+        self.model_info = {"spec": job.model, "fingerprints": prints}
+        self.map_info = None if self.bmap is None else {"spec": job.block_map, "fingerprints": self.bmap.fingerprints}
+        self.versions = provenance()
+        self.guarded = self._guard() if job.guard else {}  # prompt -> {"flagged", "risk", "p_value"}
+
+    def _guard(self) -> dict:
+        """`guard: detect`: screen every prompt of the job once (`memctl.signals.screen`, against the testbed's
+        ordinary prompts, else the job's prompts)."""
+        prompts = sorted({o.options.prompt for o in self.job.outputs()})
+        reference = self.testbed.ordinary_prompts() if self.testbed is not None else prompts
+        scores = screen(self.pipe, prompts, reference)
+        return {s.prompt: {"flagged": s.flagged, "risk": round(s.risk, 4), "p_value": s.p_value} for s in scores}
+
+    def guard_info(self, o: Output) -> dict | None:
+        """The guard's reading of this output's prompt and the fidelity it is rendered at (None without a guard)."""
+        if not self.guarded:
+            return None
+        flagged = self.guarded[o.options.prompt]["flagged"]
+        fid = self.job.guard_fidelity if flagged else o.options.fidelity
+        return {**self.guarded[o.options.prompt], "rendered_fidelity": fid}
+
+    def _named_testbed(self):
+        from memctl.zoo.testbed import TESTBEDS, load_testbed
+
+        path = Path(self.job.model) if Path(self.job.model).is_absolute() else self.job.base / self.job.model
+        if self.job.model in TESTBEDS:
+            return load_testbed(self.job.model)
+        return load_testbed(path) if (path / "testbed.json").is_file() else None
+
+    def _load_model(self, errors: list[str]):
+        from memctl.loading import load_pipeline
+        from memctl.zoo.testbed import TESTBEDS, load_testbed
+
+        spec, dtype = self.job.model, getattr(torch, self.job.dtype)
+        path = Path(spec) if Path(spec).is_absolute() else self.job.base / spec
+        try:
+            if spec in TESTBEDS or (path / "testbed.json").is_file():
+                self.testbed = load_testbed(spec if spec in TESTBEDS else path)
+                return self.testbed.pipeline(torch_dtype=dtype)
+            if path.exists():
+                return load_pipeline(path, torch_dtype=dtype)
+            if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+                return load_pipeline(spec, torch_dtype=dtype)
+        except Exception as err:
+            errors.append(
+                f"job, field `model`: Expected a loadable pipeline, but loading {spec!r} failed: "
+                f"{type(err).__name__}: {err}"
+            )
+            return None
+        errors.append(
+            f"job, field `model`: Expected a testbed name ({', '.join(sorted(TESTBEDS))}), a pipeline "
+            f"folder (relative to the job file) or a hub id, but got {spec!r}: no such folder."
+        )
+        return None
+
+    def _load_map(self, errors: list[str]):
+        spec, where = self.job.block_map, "job, field `block_map`"
+        path = Path(spec) if Path(spec).is_absolute() else self.job.base / spec
+        try:
+            if spec == "shipped":
+                if self.testbed is None:
+                    raise ValueError(f"'shipped' works only with a testbed model, not {self.job.model!r}")
+                bmap = self.testbed.block_map()
+            elif not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist")
+            else:
+                bmap = BlockMap.load(path)
+        except Exception as err:
+            errors.append(
+                f"{where}: Expected a readable block map file, but reading {spec!r} failed: "
+                f"{type(err).__name__}: {err}"
+            )
+            return None
+        try:
+            denoisers = require_denoisers(self.pipe)
+            for component in bmap.fingerprints:
+                if component not in denoisers:
+                    raise ValueError(f"the map covers {component!r}, which this pipeline does not have")
+                bmap.check_model(denoisers[component], component=component)
+        except Exception as err:
+            errors.append(
+                f"{where}: Expected a block map made for model {self.job.model!r}, but {spec!r} does not fit it: {err}"
+            )
+            return None
+        return bmap
+
+    def _check_shots(self, errors: list[str]) -> None:
+        params = call_parameters(self.pipe)  # custom pipelines too: FidelityMixin forwards **kwargs
+        self.video, self.sizable = "num_frames" in params, "height" in params and "width" in params
+        native = _native_size(self.pipe)
+        too_long = _token_check(self.pipe)
+        for shot in self.job.shots:
+            v = shot.values
+            for name in ("prompt", "negative_prompt"):
+                problem = too_long(v[name])
+                if problem:
+                    errors.append(f"{shot.where()}, field `{name}`: {problem}")
+            if self.video != (v["frames"] is not None):
+                want = "`frames` (this model makes videos)" if self.video else "no `frames` (this model makes images)"
+                errors.append(f"{shot.where()}, field `frames`: Expected {want}, but got {v['frames']!r}.")
+            if v["size"] is not None and not self.sizable and v["size"] != native:
+                errors.append(
+                    f"{shot.where()}, field `size`: Expected null or {list(native) if native else 'null'} "
+                    f"(this pipeline renders at one size), but got {list(v['size'])}."
+                )
+
+    def encode(self, batch: tuple[Output, ...]) -> list[bytes]:
+        """Sample one batch (one shot and fidelity, one generator per seed) and encode each output's file."""
+        o = batch[0].options
+        generators = [torch.Generator().manual_seed(x.options.seed) for x in batch]  # one per image, on the CPU
+        kwargs = {
+            "prompt": [x.options.prompt for x in batch],
+            "num_inference_steps": o.steps,
+            "guidance_scale": o.guidance,
+            "generator": generators,
+        }
+        if o.negative_prompt:
+            kwargs["negative_prompt"] = [o.negative_prompt] * len(batch)
+        if batch[0].size is not None and self.sizable:
+            kwargs["width"], kwargs["height"] = batch[0].size
+        if self.video:
+            kwargs.update(num_frames=o.frames, output_type="np")
+        with self._knob(batch[0]):  # a batch is one shot and fidelity: one prompt, one guard reading
+            result = self.pipe(**kwargs)
+        if self.video:
+            return [
+                encode_mp4(as_uint8_frames(f)[..., :3], o.fps, self.embedded(x))
+                for f, x in zip(result.frames, batch, strict=True)
+            ]
+        return [self._png(image, x) for image, x in zip(result.images, batch, strict=True)]
+
+    def _knob(self, x: Output):
+        """The knob at this output's fidelity (applied once per strength and window); 0 is the untouched model.
+        With `guard: detect`, a flagged prompt's outputs are rendered at the job's `guard_fidelity` instead."""
+        o = x.options
+        if self.bmap is None:  # a knob someone else applied to a given pipeline must not act
+            return fidelity(self.pipe, 0.0) if get_knob(self.pipe) is not None else contextlib.nullcontext()
+        if self._applied != (o.strength, o.start, o.stop):
+            apply_knob(self.pipe, self.bmap, strength=o.strength, start=o.start, stop=o.stop)
+            self._applied = (o.strength, o.start, o.stop)
+        return fidelity(self.pipe, self.guard_info(x)["rendered_fidelity"] if self.guarded else o.fidelity)
+
+    def close(self) -> None:
+        """Remove the knob this renderer applied."""
+        if self._applied is not None:
+            remove_knob(self.pipe)
+            self._applied = None
+
+    def _png(self, image, o: Output) -> bytes:
+        buf = io.BytesIO()
+        text = o.options.a1111_parameters(model=self.job.model, block_map=self.job.block_map or "")
+        save_png(image, buf, self.embedded(o), parameters=text)
+        return buf.getvalue()
+
+    def embedded(self, o: Output) -> dict:
+        """The settings written into the file itself (no time: the bytes must not depend on when)."""
+        return {
+            "name": o.name,
+            "shot": o.shot,
+            **o.settings(),
+            "model": self.model_info,
+            "block_map": self.map_info,
+            "versions": self.versions,
+            **({"guard": self.guard_info(o)} if self.guarded else {}),
+        }
+
+    def key(self, o: Output) -> str:
+        """What the pixels depend on; a manifest record with another key is stale."""
+        what = {
+            "kind": o.kind,
+            "settings": o.settings(),
+            "model": self.model_info["fingerprints"],
+            "block_map": self.map_info and self.map_info["fingerprints"],
+            **({"guard": self.guard_info(o)["rendered_fidelity"]} if self.guarded else {}),
+        }
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+    def record(self, o: Output, blob: bytes, seconds: float, rank: int) -> dict:
+        return {
+            "name": o.name,
+            "kind": o.kind,
+            "shot": o.shot,
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "bytes": len(blob),
+            "key": self.key(o),
+            "settings": o.settings(),
+            "model": self.model_info,
+            "block_map": self.map_info,
+            "versions": self.versions,
+            **({"guard": self.guard_info(o)} if self.guarded else {}),
+            "job": self.job.source,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(seconds, 4),
+            "process": rank,
+        }
+
+
+def _token_check(pipe):
+    """`check(text) -> problem or None`: text longer than the pipeline's tokenizer reaches (the text encoder cannot
+    see past its last position, so such a prompt fails or is cut at render time)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not callable(tokenizer) or not isinstance(limit, int) or not 1 <= limit < 100_000:
+        return lambda text: None
+    seen: dict[str, str | None] = {}
+
+    def check(text: str) -> str | None:
+        if text not in seen:
+            n = len(tokenizer(text).input_ids) if text else 0
+            seen[text] = None
+            if n > limit:
+                seen[text] = (
+                    f"Expected at most {limit} tokens (with start and end: this model's text encoder sees no "
+                    f"further), but got {n} for {short_repr(text)}. Shorten it."
+                )
+        return seen[text]
+
+    return check
+
+
+def _native_size(pipe) -> tuple[int, int] | None:
+    size = getattr(getattr(next(iter(require_denoisers(pipe).values())), "config", None), "sample_size", None)
+    scale = getattr(pipe, "vae_scale_factor", 1) if getattr(pipe, "vae", None) is not None else 1
+    if isinstance(size, int):
+        return (size * scale, size * scale)
+    return (size[1] * scale, size[0] * scale) if isinstance(size, (list, tuple)) and len(size) == 2 else None
