@@ -15,21 +15,22 @@ both equal to `out` bit for bit (up to the sign of a zero) when `s == 1`. The sc
 buffer on the hooked module, so it follows `.to(device/dtype)`, is changed in place (`.fill_`) without
 re-registering anything, and never makes `torch.compile` recompile. Hooks are written with `pre_forward` and
 `post_forward` only: a hook using `new_forward` breaks diffusers' removal of earlier hooks
-(see shared/NOTES-diffusers.md).
+(diffusers' `remove_hook` then restores the wrong `forward`; `memctl.registry.detach` warns of it).
+Attaching and removing (the part that touches diffusers' registry internals) lives in `memctl.registry`.
 """
 
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 
 from memctl.blocks import Block, unwrap
+from memctl.registry import attach, attached, detach, list_hooks
 
 __all__ = [
     "KNOB",
@@ -146,19 +147,20 @@ class ResidualScaleHook(_InputsOfDelta):
         """The live 0-d scale; change it in place (`.fill_`, `.copy_`)."""
         return getattr(self._module, self.buffer)
 
+    def factor(self, module: torch.nn.Module, out: torch.Tensor) -> torch.Tensor:
+        """The factor `out`'s update is scaled by: the 0-d scale (subclasses: per row, per pass, ...)."""
+        return getattr(module, self.buffer)
+
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        s = getattr(module, self.buffer)
         items, out, inp, enc = self._split(output)
-        if self.block.mode == "branch":
-            new = out * s
-        else:
-            new = out + (s - 1) * self._update(out, inp)
+        f = self.factor(module, out)
+        new = out * f if self.block.mode == "branch" else out + (f - 1) * self._update(out, inp)
         if items is None:
             return new
         items[self.block.output_index] = new
         e = self.block.encoder_index
         if self.block.mode == "delta" and e is not None and items[e] is not None and isinstance(enc, torch.Tensor):
-            items[e] = items[e] + (s - 1) * (items[e] - enc)
+            items[e] = items[e] + (self.factor(module, items[e]) - 1) * (items[e] - enc)
         return type(output)(items)
 
 
@@ -318,76 +320,6 @@ class TimestepHook(ModelHook):
         return args, kwargs
 
 
-def attach(model: torch.nn.Module, hooks: Mapping[str, ModelHook], name: str) -> list[tuple[str, str]]:
-    """Register each hook on the module at its dotted path ("" = the model) under `name`; all or nothing.
-
-    Returns the (path, name) pairs attached, which `detach(model, name, only=...)` removes exactly.
-    """
-    model, done = unwrap(model), []
-    try:
-        for path, hook in hooks.items():
-            module = model.get_submodule(path)
-            registry = HookRegistry.check_if_exists_or_initialize(module)
-            if name in registry.hooks:
-                raise ValueError(
-                    f"Expected no hook named {name!r} on {path or type(model).__name__!r} yet, but one is attached. "
-                    f"Remove it first (memctl.remove_knob, or leave the enclosing context), or use another name=."
-                )
-            registry.register_hook(hook, name)
-            done.append((path, name))
-    except BaseException:
-        detach(model, name, only=done)
-        raise
-    _invalidate(model)
-    return done
-
-
-def detach(model: torch.nn.Module, name: str, only: Iterable[tuple[str, str]] | None = None) -> None:
-    """Remove the hooks called `name` below `model` (or exactly the pairs in `only`), newest first, and tidy up."""
-    model = unwrap(model)
-    pairs = list(only) if only is not None else [(p, n) for p, n in list_hooks(model, prefix="") if n == name]
-    for path, hook_name in reversed(pairs):
-        module = model.get_submodule(path)
-        registry = module.__dict__.get("_diffusers_hook")
-        if registry is not None and hook_name in registry.hooks:
-            later = registry._hook_order[registry._hook_order.index(hook_name) + 1 :]
-            if any(hasattr(registry.hooks[n], "new_forward") for n in later):
-                warnings.warn(
-                    f"Removing {hook_name!r} from {path!r} while later hooks {later} replace forward (new_forward): "
-                    f"diffusers may then skip them and keep the removed one. Remove those hooks first.",
-                    stacklevel=2,
-                )
-            registry.remove_hook(hook_name, recurse=False)
-            if not registry.hooks:
-                _restore(module)
-    _invalidate(model)
-
-
-def _restore(module: torch.nn.Module) -> None:
-    """Drop an emptied registry and the instance-level `forward` it left, so the module is as it was."""
-    bound = module.__dict__.get("forward")
-    if getattr(bound, "__func__", None) is type(module).forward and getattr(bound, "__self__", None) is module:
-        del module.__dict__["forward"]
-    del module.__dict__["_diffusers_hook"]
-
-
-def _invalidate(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        registry = module.__dict__.get("_diffusers_hook")
-        if registry is not None:
-            registry._child_registries_cache = None
-
-
-@contextmanager
-def attached(model: torch.nn.Module, hooks: Mapping[str, ModelHook], name: str) -> Iterator[list[tuple[str, str]]]:
-    """Hooks for the duration of a `with` block; removed in reverse order even if the body raises."""
-    done = attach(model, hooks, name)
-    try:
-        yield done
-    finally:
-        detach(model, name, only=done)
-
-
 class ScaleSet:
     """Live residual scales of hooked blocks, by block name: `scales.set("mid_block", 0.5)` changes them in place."""
 
@@ -463,18 +395,3 @@ def recorded(
             hooks[path] = RecordHook(leaf, store.setdefault(leaf.name, []), what, reduce)
     with attached(model, hooks, name):
         yield store
-
-
-def list_hooks(model: torch.nn.Module, prefix: str = "memctl.") -> list[tuple[str, str]]:
-    """(module path, hook name) of every hook whose name starts with `prefix`, in module order.
-
-    >>> with scaled(unet, find_blocks(unet, names=["mid_block.resnets.0"]), 0.5):
-    ...     list_hooks(unet)
-    [('mid_block.resnets.0.conv2', 'memctl.scale')]
-    """
-    found = []
-    for path, module in unwrap(model).named_modules():
-        registry = module.__dict__.get("_diffusers_hook")
-        if registry is not None:
-            found += [(path, n) for n in registry.hooks if n.startswith(prefix)]
-    return found

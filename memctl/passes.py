@@ -74,18 +74,8 @@ class CondRowsHook(ResidualScaleHook):
         """The live `(k, a, b)` of the untouched rows; change it in place."""
         return getattr(self._module, self.rows_buffer)
 
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        s, rows = getattr(module, self.buffer), getattr(module, self.rows_buffer)
-        items, out, inp, enc = self._split(output)
-        f = _row_factor(s, rows, out)
-        new = out * f if self.block.mode == "branch" else out + (f - 1) * self._update(out, inp)
-        if items is None:
-            return new
-        items[self.block.output_index] = new
-        e = self.block.encoder_index
-        if self.block.mode == "delta" and e is not None and items[e] is not None and isinstance(enc, torch.Tensor):
-            items[e] = items[e] + (_row_factor(s, rows, items[e]) - 1) * (items[e] - enc)
-        return type(output)(items)
+    def factor(self, module: torch.nn.Module, out: torch.Tensor) -> torch.Tensor:
+        return _row_factor(getattr(module, self.buffer), getattr(module, self.rows_buffer), out)
 
 
 class _ContextName(StateManager):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import memctl.hooks
+import memctl.registry
 from memctl.blocks import find_blocks
 from memctl.hooks import RecordHook, TimestepHook, attach, attached, detach, list_hooks, recorded, scaled
 from tests.test_blocks import Toy
@@ -134,7 +135,7 @@ def test_overlapping_blocks_are_refused():
 
 
 def test_removing_under_a_later_new_forward_hook_warns():
-    """diffusers' removal bug (shared/NOTES-diffusers.md): a later hook with new_forward would be silenced, so
+    """diffusers' removal bug (see `memctl.registry.detach`): a later hook with new_forward would be silenced, so
     memctl says so."""
     from diffusers.hooks import HookRegistry, ModelHook
 
@@ -149,7 +150,8 @@ def test_removing_under_a_later_new_forward_hook_warns():
     assert list_hooks(model, prefix="") == [(block.target, "x")]
 
 
-def test_docstring_examples(tmp_path):
-    result = doctest.testmod(memctl.hooks, extraglobs=doc_globs(tmp_path))
+@pytest.mark.parametrize("module", [memctl.hooks, memctl.registry], ids=lambda m: m.__name__)
+def test_docstring_examples(tmp_path, module):
+    result = doctest.testmod(module, extraglobs=doc_globs(tmp_path))
     assert result.failed == 0
     assert result.attempted > 0
