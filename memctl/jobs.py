@@ -11,9 +11,7 @@ file's errors are reported together. Unknown fields are errors. Names cannot lea
 from __future__ import annotations
 
 import difflib
-import json
 import re
-import string
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +19,24 @@ from typing import Any
 
 import yaml
 
+from memctl.job_outputs import (
+    DEFAULT_NAME,
+    MAX_NAME,
+    MAX_OUTPUTS,
+    NAME_FIELDS,
+    Output,
+    _check_names,
+    _pattern,
+    _shot_batches,
+    name_problem,
+)
+from memctl.jobfile import got, parse_json, parse_yaml
 from memctl.options import GenerationOptions, short_repr
+
+__all__ = [
+    "DEFAULT_NAME", "DTYPES", "JOB_FIELDS", "MAX_NAME", "MAX_OUTPUTS", "NAME_FIELDS", "SHOT_FIELDS", "Job", "JobError",
+    "Output", "Shot", "load_job", "name_problem", "parse_job",
+]  # fmt: skip
 
 SHOT_FIELDS = (
     "prompt",
@@ -40,13 +55,8 @@ SHOT_FIELDS = (
 JOB_FIELDS = ("version", "model", "block_map", "dtype", "batch_size", "cpu_threads", "guard", "guard_fidelity",
               "defaults", "shots")  # fmt: skip
 DTYPES = ("float32", "float16", "bfloat16")
-NAME_FIELDS = ("shot", "seed", "fidelity", "index", "strength", "steps", "guidance")
-DEFAULT_NAME = "{shot}/f{fidelity}_s{seed}"
-MAX_OUTPUTS = 1_000_000
 MAX_PROMPT_CHARS = 10_000  # far above any text encoder's reach; the renderer checks the model's own token limit
-MAX_NAME = 240  # characters of an output name
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-_PART = re.compile(r"[A-Za-z0-9_+=,@-][A-Za-z0-9._+=,@-]*")
 
 
 class JobError(ValueError):
@@ -56,24 +66,6 @@ class JobError(ValueError):
         self.source, self.errors = source, list(errors)
         lines = "\n".join(f"  - {e}" for e in self.errors)
         super().__init__(f"{source} is not a valid job ({len(self.errors)} error(s)); nothing was rendered:\n{lines}")
-
-
-@dataclass(frozen=True)
-class Output:
-    """One file to render: its name under the output folder and its validated settings."""
-
-    name: str  # posix path relative to the output folder, with extension
-    shot: str
-    options: GenerationOptions
-    size: tuple[int, int] | None  # (width, height); None: the model's own
-
-    @property
-    def kind(self) -> str:
-        return "mp4" if self.options.frames is not None else "png"
-
-    def settings(self) -> dict:
-        """The settings that determine the pixels (embedded in the file and hashed into the manifest key)."""
-        return {**self.options.to_dict(), "size": list(self.size) if self.size else None}
 
 
 @dataclass(frozen=True)
@@ -122,7 +114,7 @@ def load_job(path: str | Path) -> Job:
     except (OSError, UnicodeDecodeError) as err:
         raise JobError(str(path), [f"Expected a readable UTF-8 job file, but reading failed: {err}"]) from None
     try:
-        data = _parse_json(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_StrictLoader)
+        data = parse_json(text) if path.suffix.lower() == ".json" else parse_yaml(text)
     except (ValueError, yaml.YAMLError) as err:
         raise JobError(str(path), [f"Expected valid {path.suffix[1:].upper()}, but parsing failed: {err}"]) from None
     return parse_job(data, source=str(path), base=path.resolve().parent)
@@ -132,12 +124,12 @@ def parse_job(data: Any, source: str = "<job>", base: Path = Path(".")) -> Job:
     """Validate a job given as a dict (the parsed file)."""
     errors: list[str] = []
     if not isinstance(data, dict):
-        raise JobError(source, [f"Expected a mapping with {list(JOB_FIELDS)} at the top, but got {_got(data)}."])
+        raise JobError(source, [f"Expected a mapping with {list(JOB_FIELDS)} at the top, but got {got(data)}."])
     _unknown("job", data, JOB_FIELDS, errors)
     top = _top_fields(data, errors)
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
-        errors.append(f"job, field `defaults`: Expected a mapping of shot fields, but got {_got(defaults)}.")
+        errors.append(f"job, field `defaults`: Expected a mapping of shot fields, but got {got(defaults)}.")
         defaults = {}
     _unknown("defaults", defaults, SHOT_FIELDS, errors)
     shots = _shots(data.get("shots"), defaults, top, errors)
@@ -152,7 +144,7 @@ def _top_fields(data: dict, errors: list[str]) -> dict:
     def check(name: str, ok, expected: str, default):
         value = data.get(name, default)
         if not ok(value):
-            errors.append(f"job, field `{name}`: Expected {expected}, but got {_got(value)}.")
+            errors.append(f"job, field `{name}`: Expected {expected}, but got {got(value)}.")
             return default
         return value
 
@@ -188,19 +180,19 @@ def _top_fields(data: dict, errors: list[str]) -> dict:
 
 def _shots(raw: Any, defaults: dict, top: dict, errors: list[str]) -> list[Shot]:
     if not isinstance(raw, list) or not raw:
-        errors.append(f"job, field `shots`: Expected a non-empty list of shots, but got {_got(raw)}.")
+        errors.append(f"job, field `shots`: Expected a non-empty list of shots, but got {got(raw)}.")
         return []
     shots, seen = [], {}
     for i, item in enumerate(raw):
         if not isinstance(item, dict):
-            errors.append(f"shots[{i}]: Expected a mapping with `id`, `prompt` and `seeds`, but got {_got(item)}.")
+            errors.append(f"shots[{i}]: Expected a mapping with `id`, `prompt` and `seeds`, but got {got(item)}.")
             continue
         sid = item.get("id")
         where = f"shots[{i}]" + (f" (id {short_repr(sid, 70)})" if isinstance(sid, str) else "")
         if not (isinstance(sid, str) and _ID.fullmatch(sid)):
             errors.append(
                 f"{where}, field `id`: Expected a name of letters, digits, '_' or '-' (at most 64, "
-                f"starting with a letter or digit), but got {_got(sid) if 'id' in item else 'nothing'}."
+                f"starting with a letter or digit), but got {got(sid) if 'id' in item else 'nothing'}."
             )
         elif sid in seen:
             errors.append(
@@ -268,12 +260,12 @@ def _seeds(raw: Any, where: str, errors: list[str]) -> tuple[int, ...]:
             or not 1 <= raw["count"] <= MAX_OUTPUTS
         ):
             errors.append(
-                f"{where}, field `seeds`: Expected {expected} with count in [1, {MAX_OUTPUTS}], but got {_got(raw)}."
+                f"{where}, field `seeds`: Expected {expected} with count in [1, {MAX_OUTPUTS}], but got {got(raw)}."
             )
             return ()
         raw = list(range(raw["start"], raw["start"] + raw["count"]))
     if not isinstance(raw, list) or not raw or not all(_is_int(s) and 0 <= s < 2**63 for s in raw):
-        errors.append(f"{where}, field `seeds`: Expected {expected}, but got {_got(raw)}.")
+        errors.append(f"{where}, field `seeds`: Expected {expected}, but got {got(raw)}.")
         return ()
     if len(set(raw)) != len(raw):
         dup = sorted(s for s, n in Counter(raw).items() if n > 1)
@@ -292,17 +284,17 @@ def _fidelities(raw: Any, where: str, errors: list[str]) -> tuple[float, ...]:
             and all(_is_num(raw[k]) and -1 <= raw[k] <= 1 for k in ("from", "to"))
         )
         if not ok:
-            errors.append(f"{where}, field `fidelity`: Expected {expected} (count in [1, 1001]), but got {_got(raw)}.")
+            errors.append(f"{where}, field `fidelity`: Expected {expected} (count in [1, 1001]), but got {got(raw)}.")
             return ()
         a, b, n = float(raw["from"]), float(raw["to"]), raw["count"]
         raw = [a] if n == 1 else [round(a + (b - a) * i / (n - 1), 6) + 0.0 for i in range(n)]
     values = raw if isinstance(raw, list) else [raw]
     if not values or not all(_is_num(f) and -1 <= f <= 1 for f in values):
-        errors.append(f"{where}, field `fidelity`: Expected {expected}, but got {_got(raw)}.")
+        errors.append(f"{where}, field `fidelity`: Expected {expected}, but got {got(raw)}.")
         return ()
     values = [float(f) + 0.0 for f in values]  # + 0.0 turns -0.0 into 0.0
     if len(set(values)) != len(values):
-        errors.append(f"{where}, field `fidelity`: Expected distinct values, but got {_got(raw)}.")
+        errors.append(f"{where}, field `fidelity`: Expected distinct values, but got {got(raw)}.")
         return ()
     return tuple(values)
 
@@ -311,7 +303,7 @@ def _window(raw: Any, where: str, errors: list[str]) -> tuple[float, float]:
     if not (isinstance(raw, list) and len(raw) == 2 and all(_is_num(x) for x in raw)):
         errors.append(
             f"{where}, field `window`: Expected [start, stop] with 0 <= start <= stop <= 1 (the part of "
-            f"the noise schedule where the knob acts), but got {_got(raw)}."
+            f"the noise schedule where the knob acts), but got {got(raw)}."
         )
         return (0.0, 1.0)
     try:
@@ -328,133 +320,10 @@ def _size(raw: Any, where: str, errors: list[str]) -> tuple[int, int] | None:
     if not (isinstance(pair, list) and len(pair) == 2 and all(_is_int(x) and 1 <= x <= 16384 for x in pair)):
         errors.append(
             f"{where}, field `size`: Expected null (the model's size), an int, or [width, height] of ints "
-            f"in [1, 16384], but got {_got(raw)}."
+            f"in [1, 16384], but got {got(raw)}."
         )
         return None
     return (pair[0], pair[1])
-
-
-def _pattern(raw: Any, where: str, errors: list[str]) -> str:
-    expected = f"a relative name pattern using {{{'}, {'.join(NAME_FIELDS)}}} (no extension)"
-    if not isinstance(raw, str) or not raw:
-        errors.append(f"{where}, field `name`: Expected {expected}, but got {_got(raw)}.")
-        return DEFAULT_NAME
-    if len(raw) > MAX_NAME:
-        errors.append(
-            f"{where}, field `name`: Expected {expected} of at most {MAX_NAME} characters, but got {short_repr(raw)}."
-        )
-        return DEFAULT_NAME
-    try:
-        parsed = [(f, spec) for _, f, spec, _ in string.Formatter().parse(raw) if f is not None]
-    except ValueError as err:
-        errors.append(f"{where}, field `name`: Expected {expected}, but got {raw!r} ({err}).")
-        return DEFAULT_NAME
-    bad = [f for f, _ in parsed if f not in NAME_FIELDS]
-    wide = [f"{{{f}:{spec}}}" for f, spec in parsed if any(int(n) > MAX_NAME for n in re.findall(r"\d+", spec or ""))]
-    nested = [f"{{{f}:{spec}}}" for f, spec in parsed if "{" in (spec or "")]
-    if bad:
-        errors.append(f"{where}, field `name`: Expected {expected}, but got unknown placeholder(s) {bad} in {raw!r}.")
-    elif wide or nested:
-        errors.append(
-            f"{where}, field `name`: Expected format specs with widths and precisions of at most "
-            f"{MAX_NAME} (a name has at most {MAX_NAME} characters) and no nested placeholders, but got "
-            f"{(wide or nested)[0]!r}."
-        )
-    elif raw.lower().endswith((".png", ".mp4")):
-        errors.append(
-            f"{where}, field `name`: Expected a pattern without extension (.png or .mp4 is added), but got {raw!r}."
-        )
-    return raw
-
-
-def _shot_batches(shot: Shot, batch_size: int):
-    v = shot.values
-    for fid in v["fidelity"]:
-        outputs = [_output(shot, j, seed, fid, batch_size) for j, seed in enumerate(v["seeds"])]
-        for k in range(0, len(outputs), batch_size):
-            yield outputs[k : k + batch_size]
-
-
-def _output(shot: Shot, index: int, seed: int, fid: float, batch_size: int) -> Output:
-    v = shot.values
-    opts = GenerationOptions(
-        prompt=v["prompt"], negative_prompt=v["negative_prompt"], seed=seed, steps=v["steps"], guidance=v["guidance"],
-        fidelity=fid, strength=v["strength"], start=v["window"][0], stop=v["window"][1], batch_size=batch_size,
-        frames=v["frames"],
-        fps=(v["fps"] or 8) if v["frames"] is not None else None,
-    )  # fmt: skip
-    fields = {
-        "shot": shot.id,
-        "seed": seed,
-        "fidelity": _fid_text(fid),
-        "index": index,
-        "strength": v["strength"],
-        "steps": v["steps"],
-        "guidance": v["guidance"],
-    }
-    name = v["name"].format(**fields) + (".mp4" if v["frames"] is not None else ".png")
-    return Output(name=name, shot=shot.id, options=opts, size=v["size"])
-
-
-def _fid_text(f: float) -> str:
-    text = f"{f:+.2f}"
-    return text if float(text) == f else f"{f:+.6g}"
-
-
-def _check_names(shots: list[Shot], errors: list[str]) -> None:
-    """Names must be safe relative paths (no '..', no leading '.', no '/' at the start) and distinct."""
-    owner: dict[str, str] = {}
-    total = [0]
-    for shot in shots:
-        try:
-            if not _check_shot_names(shot, owner, total, errors):
-                return
-        except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError) as err:
-            errors.append(
-                f"{shot.where()}, field `name`: Expected a pattern whose format specs fit its fields "
-                f"(seed, index, steps: int; strength, guidance: number; shot, fidelity: text), but "
-                f"{shot.values['name']!r} failed: {type(err).__name__}: {str(err)[:200]}"
-            )
-
-
-def _check_shot_names(shot: Shot, owner: dict[str, str], total: list[int], errors: list[str]) -> bool:
-    """False (with an error) at the first bad name of `shot`; `owner` maps names so far to shots."""
-    for out in (o for b in _shot_batches(shot, 1) for o in b):
-        total[0] += 1
-        if total[0] > MAX_OUTPUTS:
-            errors.append(f"job: Expected at most {MAX_OUTPUTS} outputs, but the shots make more.")
-            return False
-        problem = name_problem(out.name)
-        if problem:
-            errors.append(
-                f"{shot.where()}, field `name`: Expected a name inside the output folder, made of "
-                f"letters, digits and ._+=,@- in '/'-separated parts not starting with '.', but "
-                f"{shot.values['name']!r} gives {short_repr(out.name, 260)} ({problem})."
-            )
-            return False
-        key = out.name.lower()  # case-insensitive file systems would merge these
-        if key in owner:
-            errors.append(
-                f"{shot.where()}, field `name`: Expected a distinct name per output, but {out.name!r} "
-                f"is also made by {owner[key]}. Add {{seed}} and {{fidelity}} to the pattern."
-            )
-            return False
-        owner[key] = shot.where()
-    return True
-
-
-def name_problem(name: str) -> str | None:
-    """Why `name` is not a safe relative output path, or None."""
-    if len(name) > 240:
-        return "longer than 240 characters"
-    if name.startswith("/") or "\\" in name:
-        return "absolute or with a backslash"
-    for part in name.split("/"):
-        if part in ("", ".", ".."):
-            return f"has the part {part!r}"
-        if not _PART.fullmatch(part):
-            return f"the part {part!r} has a character outside letters, digits and ._+=,@- or starts with '.'"
-    return None
 
 
 def _unknown(where: str, d: dict, known: tuple[str, ...], errors: list[str]) -> None:
@@ -466,80 +335,9 @@ def _unknown(where: str, d: dict, known: tuple[str, ...], errors: list[str]) -> 
             errors.append(f"{where}, field `{name}`: Expected one of {list(known)}, but got this unknown field.{hint}")
 
 
-def _got(value: Any) -> str:
-    return "null" if value is None else f"{type(value).__name__} {short_repr(value)}"
-
-
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
-
-
-def _parse_json(text: str) -> Any:
-    def no_duplicates(pairs):
-        dup = sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
-        if dup:
-            raise ValueError(f"duplicate key(s) {short_repr(dup)}")
-        return dict(pairs)
-
-    return json.loads(text, object_pairs_hook=no_duplicates)
-
-
-_MERGE = "tag:yaml.org,2002:merge"
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that rejects duplicate keys (instead of keeping the last one) and aliases (`*name`) except
-    as merge keys (`<<: *defaults`): an alias of an alias of a list ("billion laughs") would expand exponentially."""
-
-    def get_single_node(self):
-        node = super().get_single_node()
-        if node is not None:
-            _check_aliases(node)
-        return node
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key_node, _ in node.value:
-                if key_node.tag == _MERGE:
-                    continue
-                key = self.construct_object(key_node, deep=deep)
-                try:
-                    duplicate = key in seen
-                    seen.add(key)
-                except TypeError:  # an unhashable key: SafeConstructor says so
-                    break
-                if duplicate:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {short_repr(key)}", key_node.start_mark
-                    )
-        return super().construct_mapping(node, deep=deep)
-
-
-def _check_aliases(root: yaml.Node) -> None:
-    """Walk the node graph in document order; a node met again is an alias, allowed only as a merge key's value."""
-    seen: set[int] = set()
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, merge = stack.pop()
-        if id(node) in seen:
-            if not merge:
-                raise yaml.composer.ComposerError(
-                    None,
-                    None,
-                    "Expected no aliases (*name) except as a merge key (<<: *name), but the anchor "
-                    "defined here is used elsewhere",
-                    node.start_mark,
-                )
-            continue
-        seen.add(id(node))
-        if isinstance(node, yaml.SequenceNode):
-            stack.extend((child, merge) for child in reversed(node.value))  # a merge list holds aliases
-        elif isinstance(node, yaml.MappingNode):
-            for key, value in reversed(node.value):
-                stack.append((value, key.tag == _MERGE))
-                stack.append((key, False))
