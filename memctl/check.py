@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from memctl.defaults import COPY_RATIO
 from memctl.metrics import nearest_distances, unique_images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -86,7 +87,11 @@ def feature_extractor(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def check_folder(
-    out_dir: str | Path, data_dir: str | Path, features: str = "pixels", threshold: float = 1 / 3, batch: int = 256
+    out_dir: str | Path,
+    data_dir: str | Path,
+    features: str = "pixels",
+    threshold: float = COPY_RATIO,
+    batch: int = 256,
 ) -> list[CopyCheck]:
     """Nearest data image and the copy verdict for every image in `out_dir`."""
     if not 0 < threshold <= 1:

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from memctl.defaults import COPY_RATIO
+
 __all__ = [
     "nearest_distances",
     "unique_images",
@@ -79,7 +81,7 @@ def unique_images(images: Tensor) -> tuple[Tensor, Tensor]:
     return images[first], first
 
 
-def copy_index(samples: Tensor, train_images: Tensor, ratio: float = 1 / 3) -> Tensor:
+def copy_index(samples: Tensor, train_images: Tensor, ratio: float = COPY_RATIO) -> Tensor:
     """Index in `train_images` of the image each sample copies, or -1 (Gu et al. 2023: d1 < ratio · d2).
 
     >>> train = torch.tensor([0.0, 1.0, 0.0, 3.0]).reshape(4, 1, 1, 1)
@@ -94,7 +96,7 @@ def copy_index(samples: Tensor, train_images: Tensor, ratio: float = 1 / 3) -> T
     return torch.where(_is_copy(d, ratio), idx[:, 0], -1)
 
 
-def copied(samples: Tensor, train_images: Tensor, ratio: float = 1 / 3) -> Tensor:
+def copied(samples: Tensor, train_images: Tensor, ratio: float = COPY_RATIO) -> Tensor:
     """Bool `(N,)`: the sample copies a training image, d1 < ratio · d2 (Gu et al. 2023); see `copy_index`.
 
     >>> train = torch.tensor([0.0, 1.0, 3.0]).reshape(3, 1, 1, 1)
@@ -104,7 +106,7 @@ def copied(samples: Tensor, train_images: Tensor, ratio: float = 1 / 3) -> Tenso
     return copy_index(samples, train_images, ratio) >= 0
 
 
-def copy_rate(samples: Tensor, train_images: Tensor, ratio: float = 1 / 3) -> float:
+def copy_rate(samples: Tensor, train_images: Tensor, ratio: float = COPY_RATIO) -> float:
     """Share of samples that copy a training image (Gu et al. 2023); see `copy_index`.
 
     >>> train = torch.tensor([0.0, 1.0, 3.0]).reshape(3, 1, 1, 1)
@@ -318,7 +320,7 @@ def summarize(
     train_images: Tensor,
     pred_classes: Tensor,
     target_classes: Tensor | int,
-    ratios: tuple[float, ...] = (1 / 3, 1 / 2),
+    ratios: tuple[float, ...] = (COPY_RATIO, 1 / 2),
 ) -> dict[str, float]:
     """Copy rate at each ratio, validity, novelty (copies at the first ratio) and Vendi score of one set.
 
