@@ -24,7 +24,6 @@ import math
 import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,6 +44,7 @@ from memctl.hooks import (
     detach,
     module_device,
 )
+from memctl.knob_state import KnobInfo, _KnobState, knob_law
 from memctl.passes import PASS_MODES, PASSES, CondRows, CondRowsHook, PassHook
 
 __all__ = [
@@ -60,106 +60,6 @@ _UNIT_TIMESTEP = {
     "ChromaTransformer2DModel",
     "QwenImageTransformer2DModel",
 }
-
-
-def knob_law(
-    scores: torch.Tensor,
-    fidelity: float | torch.Tensor,
-    strength: float = 1.0,
-    scale: float | None = None,
-    floor: float = 0.0,
-) -> torch.Tensor:
-    """Per-block factors: clamp(1 + strength * fidelity * score / scale, floor, 2), scale = max |score| by default.
-
-    >>> knob_law(torch.tensor([2.0, -1.0, 0.0]), -0.5)
-    tensor([0.5000, 1.2500, 1.0000])
-
-    Pure and shape-preserving (`scores` may be `(n_blocks,)` or `(n_blocks, n_levels)`); fidelity < 0 shrinks
-    memorization-heavy blocks (score > 0) and boosts generalization-heavy ones; fidelity 0 gives exactly 1.0.
-    `floor` < 0 is for the condition lever, whose factor s pulls memorized tokens by 1 - s: past the general
-    conditioning for s < 0.
-    """
-    if scale is None:
-        m = scores.abs().max()
-        norm = scores / torch.where(m > 0, m, torch.ones_like(m))
-    else:
-        norm = scores / (scale if scale > 0 else 1.0)
-    return (1 + strength * fidelity * norm).clamp(floor, 2)
-
-
-class _KnobState:
-    """What `apply_knob` put on one denoiser; its `on_timestep` is the clock hook's callback."""
-
-    def __init__(self, bmap, component, strength, start, stop, scale, groups, timestep_scale, mode="guidance"):
-        self.bmap, self.component, self.fidelity_mode = bmap, component, mode
-        self.strength, self.start, self.stop, self.scale = strength, start, stop, scale
-        self.groups: list[list[ResidualScaleHook]] = groups
-        self.timestep_scale = timestep_scale
-        self.passes = "both"  # or "cond": the conditional pass only (set by _install)
-        self.positive_gain = float(bmap.meta.get("positive_gain", 1.0))  # fidelity > 0 acts this much weaker
-        # condition lever: fidelity > 0 guides toward the memorized component (memctl.guidance), one extra pass
-        self.guidance_gain = float(bmap.meta.get("fidelity_guidance", 0.0)) if bmap.lever == "condition" else 0.0
-        if mode == "attention" and bmap.lever == "condition":  # inside the units (memctl.attention_guidance)
-            self.guidance_gain = float(bmap.meta.get("attention_guidance", self.guidance_gain))
-        self.guide: GuidanceHook | AttentionGuide | None = None
-        # condition lever, fidelity < 0: memorized tokens pulled up to `pull_max` times the way to the general ones
-        self.floor = 1.0 - float(bmap.meta.get("pull_max", 1.0)) if bmap.lever == "condition" else 0.0
-        self.pull: torch.Tensor | None = None  # (n_groups,) the lever's factors at fidelity -1 for this call
-        self.fidelity = 0.0
-
-    def on_timestep(self, module: torch.nn.Module, t: torch.Tensor) -> None:
-        f = module._memctl_knob_fidelity.float()
-        now = self._factors(module, torch.where(f > 0, f * self.positive_gain, f), t)
-        if self.guide is not None and self.guide.on:  # guidance contrasts with the prompt made general (no overshoot)
-            self.pull = self._factors(module, -torch.ones_like(f), t, floor=0.0)
-            if isinstance(self.guide, AttentionGuide):
-                self.guide.set_pull(self.pull)
-        for i, hooks in enumerate(self.groups):
-            for hook in hooks:
-                hook.scale.copy_(now[i])
-
-    def _factors(self, module: torch.nn.Module, f: torch.Tensor, t: torch.Tensor, floor: float | None = None):
-        """Per-block factors `(n_blocks,)` at fidelity `f` and noise level `t`, 1 outside the window."""
-        scores = module._memctl_knob_scores.float()  # (n_blocks, n_levels); float32 whatever the model's dtype
-        t = t.to(scores.device, torch.float32)
-        factors = knob_law(scores, f, self.strength, self.scale, self.floor if floor is None else floor)
-        if factors.shape[1] == 1:
-            now = factors[:, 0]
-        else:  # piecewise linear in t between recorded levels, constant beyond them
-            levels = module._memctl_knob_levels.float()
-            tc = t.clamp(levels[0], levels[-1])
-            i = torch.searchsorted(levels, tc.reshape(1)).clamp(1, levels.shape[0] - 1)
-            lo, hi = levels[i - 1], levels[i]
-            w = ((tc - lo) / (hi - lo)).reshape(())
-            a, b = factors.index_select(1, i - 1)[:, 0], factors.index_select(1, i)[:, 0]
-            now = a + w * (b - a)
-        inside = (t >= self.start) & (t <= self.stop)
-        return torch.where(inside, now, torch.ones_like(now))
-
-
-@dataclass(frozen=True)
-class KnobInfo:
-    """The knob's state on a pipeline, for metadata: `get_knob(pipe).to_dict()`."""
-
-    block_map: BlockMap
-    fidelity: float
-    strength: float
-    start: float
-    stop: float
-    components: tuple[str, ...]
-    passes: str = "both"
-
-    def to_dict(self) -> dict[str, Any]:
-        m = self.block_map
-        return {
-            "fidelity": self.fidelity,
-            "strength": self.strength,
-            "window": [self.start, self.stop],
-            "components": list(self.components),
-            "passes": self.passes,
-            "block_map": {"method": m.method, "granularity": m.granularity, "n_blocks": m.n_blocks,
-                          "per_level": m.per_level, "fingerprints": m.fingerprints, "meta": m.meta},
-        }  # fmt: skip
 
 
 def _check_real(name: str, value: Any, lo: float, hi: float) -> float:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import memctl.knob
+import memctl.knob_state
 from memctl.blockmap import BlockMap
 from memctl.blocks import find_blocks
 from memctl.hooks import list_hooks, scaled
@@ -230,8 +231,9 @@ def test_knob_survives_from_pipe():
     assert _pristine(pipe.unet)
 
 
-def test_docstring_examples(tmp_path):
-    result = doctest.testmod(memctl.knob, extraglobs=doc_globs(tmp_path))
+@pytest.mark.parametrize("module", [memctl.knob, memctl.knob_state], ids=lambda m: m.__name__)
+def test_docstring_examples(tmp_path, module):
+    result = doctest.testmod(module, extraglobs=doc_globs(tmp_path))
     assert result.failed == 0
     assert result.attempted > 0
 
