@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import memctl.blockmap
+import memctl.fingerprints
 from memctl.blockmap import BlockMap, fingerprint
 from memctl.blocks import find_blocks
 from tests.tiny import build, doc_globs
@@ -151,8 +152,9 @@ def test_combine_and_select_for_two_experts():
         BlockMap.combine(ma, ma)
 
 
-def test_docstring_examples(tmp_path):
-    result = doctest.testmod(memctl.blockmap, extraglobs=doc_globs(tmp_path))
+@pytest.mark.parametrize("module", [memctl.blockmap, memctl.fingerprints], ids=lambda m: m.__name__)
+def test_docstring_examples(tmp_path, module):
+    result = doctest.testmod(module, extraglobs=doc_globs(tmp_path))
     assert result.failed == 0
     assert result.attempted > 0
 
