@@ -114,3 +114,25 @@ def test_decoys_and_unseen_prompts_are_never_trained(spec):
     assert len(decoys) == 40 and not set(decoys) & trained
     assert set(tb.unseen_prompts()) <= set(decoys)
     assert all(tb.combo_of(tb.prompt(c)) == (c, tb.seen_combos[c][0]) for c in range(10))
+
+
+def test_shipped_moving_digits_is_a_wan_pipeline_with_the_testbed_interface():
+    import memctl
+    from memctl.zoo import load_testbed
+
+    tb = load_testbed("moving-digits")
+    assert type(tb).__name__ == "VideoTestbed"
+    assert tuple(tb.train_images.shape[1:]) == (9, 1, 16, 16)
+    prompt, clip, exposure, c = tb.canaries[0]
+    assert tuple(clip.shape) == (9, 1, 16, 16) and exposure in (1, 4, 16) and prompt.startswith("a ")
+    clips, classes = tb.held_out
+    assert clips.shape[1:] == tb.train_images.shape[1:] and len(clips) == len(classes)
+    assert (tb.classify(clips) == classes).float().mean() > 0.8  # the frame classifier reads real clips
+    pipe = tb.pipeline()
+    assert type(pipe).__name__ == "WanPipeline" and type(pipe.transformer).__name__ == "WanTransformer3DModel"
+    out = pipe([prompt, tb.prompt(3)], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="pt", **tb.call_kwargs)  # fmt: skip
+    assert tuple(out.frames.shape) == (2, 9, 1, 16, 16)  # .frames[i] is clip i
+    again = memctl.load_pipeline(tb.path)([prompt, tb.prompt(3)], num_inference_steps=2, output_type="pt",
+                                          generator=torch.Generator().manual_seed(0), **tb.call_kwargs)  # fmt: skip
+    assert torch.equal(again.frames, out.frames)  # memctl.load_pipeline gives the same WanPipeline

@@ -27,6 +27,8 @@ TESTBEDS = {
     "digits-attr-s0": "digits-attr-s0",
     "digits-attr-s1": "digits-attr-s1",
     "digits-s2": "digits-s2",
+    "moving-digits": "moving-digits-s0",
+    "moving-digits-s0": "moving-digits-s0",
 }
 
 
@@ -41,8 +43,8 @@ def assets_dir() -> Path:
 
 def load_testbed(name: str | Path = "digits") -> Testbed:
     """A testbed by name ("digits" = "digits-s0", "digits-s1", "digits-s2", "digits-attr" = "digits-attr-s0",
-    "digits-attr-s1") or by the path of a folder holding testbed.json; the folder's testbed.json says which kind it
-    is ("moving-digits" folders load as `memctl.zoo.video_testbed.VideoTestbed`)."""
+    "digits-attr-s1", "moving-digits" = "moving-digits-s0", a `memctl.zoo.video_testbed.VideoTestbed`) or by the
+    path of a folder holding testbed.json; the folder's testbed.json says which kind it is."""
     path = Path(name)
     if not (path / "testbed.json").is_file():
         if name not in TESTBEDS:
