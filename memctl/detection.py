@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from memctl.blocks import pipeline_denoisers
+from memctl.blocks import require_denoisers
 from memctl.defaults import THRESHOLD  # default risk above which a prompt is flagged (re-exported here)
 from memctl.hooks import attached
 from memctl.passes import CondRows, PassHook
@@ -202,9 +202,7 @@ def noise_differences(
     pipeline is stopped after the recorded steps, so nothing downstream sees it); `uncond`, a list, receives the
     unconditional outputs of the recorded steps."""
     arg = condition_argument(pipe, prompts)
-    found = pipeline_denoisers(pipe)
-    if not found:
-        raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but got {type(pipe).__name__}.")
+    found = require_denoisers(pipe)
     sink: list[torch.Tensor] = []
     gens = [torch.Generator().manual_seed(seed) for _ in prompts]
     recorders = [_Recorder(pipe, m, sink, steps, edit, uncond) for m in found.values()]

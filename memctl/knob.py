@@ -16,6 +16,11 @@ share the knob. A condition-lever map (method "condition" or "prompt") pulls mem
 fidelity < 0 and, at fidelity > 0, adds memorization guidance: one extra denoiser pass per step (`memctl.guidance`).
 `passes="cond"` steers the conditional pass of classifier-free guidance only (`memctl.passes`);
 `temporary_knob` is the one-call form the custom pipelines' `fidelity=` / `block_map=` arguments use.
+
+The window of noise levels where the knob acts, [start, stop] in normalized noise level, is one setting with three
+spellings, each in the vocabulary of its place: `start=` / `stop=` here (and in `GenerationOptions`),
+`fidelity_start=` / `fidelity_stop=` on a pipeline call (beside the pipeline's own arguments), `window: [start,
+stop]` in a render job file.
 """
 
 from __future__ import annotations
@@ -287,6 +292,7 @@ def temporary_knob(
     block_map: BlockMap | None = None,
     start: float | None = None,
     stop: float | None = None,
+    strength: float | None = None,
 ) -> Iterator[None]:
     """For one call: apply `block_map` (if given), set `fidelity` and the window; afterwards restore what was there.
 
@@ -297,7 +303,8 @@ def temporary_knob(
 
     Without `block_map` it uses the knob already applied (a clear error if there is none); a map equal to the
     applied one is not re-applied, so a compiled denoiser does not recompile. A new map keeps the applied knob's
-    strength and passes (else 1.0, "both") and starts from its fidelity (else 0). All None: nothing happens.
+    strength and passes (else 1.0, "both"; `strength` given with a map: that one) and starts from its fidelity
+    (else 0). All None: nothing happens. This is the one-call knob: the custom pipelines and the app use it.
     """
     if fidelity is None and block_map is None and start is None and stop is None:
         yield
@@ -314,11 +321,14 @@ def temporary_knob(
         )
     saved = [(m, s, s.fidelity, s.start, s.stop) for m, s in before]
     first = before[0][1] if before else None
-    replace = block_map is not None and (first is None or not block_map == first.bmap)
+    new_strength = block_map is not None and strength is not None and (first is None or strength != first.strength)
+    replace = block_map is not None and (first is None or not block_map == first.bmap or new_strength)
     try:
         if replace:
             kw = {} if first is None else {"strength": first.strength, "passes": first.passes,
                                             "timestep_scale": first.timestep_scale}  # fmt: skip
+            if strength is not None:
+                kw["strength"] = strength
             apply_knob(pipe, block_map, **kw)
         states = _knobbed(pipe)
         lo = states[0][1].start if start is None else _check_real("fidelity_start", start, 0.0, 1.0)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from memctl.blocks import pipeline_denoisers
+from memctl.blocks import require_denoisers
 
 
 def load_default(name: str = "digits", **kwargs):
@@ -106,20 +106,24 @@ def _load_pixel(path: Path, torch_dtype):
     return pipe
 
 
-def load_model_and_testbed(name_or_path: str):
-    """(pipeline, testbed or None): a testbed name / folder gives both, any other pipeline folder only the first."""
-    from memctl.zoo.testbed import TESTBEDS, load_testbed
+def is_testbed(name_or_path: str | Path) -> bool:
+    """A testbed name (`memctl.zoo.testbed.TESTBEDS`) or a testbed folder (it has `testbed.json`)."""
+    from memctl.zoo.testbed import TESTBEDS
 
-    if name_or_path in TESTBEDS or (Path(name_or_path) / "testbed.json").is_file():
+    return str(name_or_path) in TESTBEDS or (Path(name_or_path).expanduser() / "testbed.json").is_file()
+
+
+def load_model_and_testbed(name_or_path: str | Path, **kwargs):
+    """(pipeline, testbed or None): a testbed name / folder gives both, any other pipeline folder or hub id only the
+    first. The one model resolution of the CLI, the renderer and the app; `kwargs` go to the pipeline's loading."""
+    from memctl.zoo.testbed import load_testbed
+
+    if is_testbed(name_or_path):
         tb = load_testbed(name_or_path)
-        return tb.pipeline(), tb
-    return load_pipeline(name_or_path), None
+        return tb.pipeline(**kwargs), tb
+    return load_pipeline(name_or_path, **kwargs), None
 
 
 def load_denoisers(name_or_path: str) -> dict:
     """{component: denoiser} of a testbed or pipeline folder (`unet`, `transformer`, `transformer_2`)."""
-    pipe, _ = load_model_and_testbed(name_or_path)
-    found = pipeline_denoisers(pipe)
-    if not found:
-        raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but got {type(pipe).__name__}.")
-    return found
+    return require_denoisers(load_model_and_testbed(name_or_path)[0])

@@ -18,11 +18,13 @@ from memctl.blockmap import BlockMap, fingerprint
 from memctl.blocks import require_denoisers
 from memctl.jobs import Job, JobError, Output
 from memctl.knob import apply_knob, fidelity, get_knob, remove_knob
+from memctl.loading import is_testbed, load_model_and_testbed
 from memctl.metadata import provenance, save_png
 from memctl.options import short_repr
 from memctl.pipelines import call_parameters
 from memctl.signals import screen
 from memctl.video import as_uint8_frames, encode_mp4
+from memctl.zoo.testbed import TESTBEDS, load_testbed
 
 
 class Renderer:
@@ -66,39 +68,34 @@ class Renderer:
         fid = self.job.guard_fidelity if flagged else o.options.fidelity
         return {**self.guarded[o.options.prompt], "rendered_fidelity": fid}
 
-    def _named_testbed(self):
-        from memctl.zoo.testbed import TESTBEDS, load_testbed
+    def _model_spec(self) -> str:
+        """The job's `model` as `load_model_and_testbed` takes it: a testbed name, a folder (relative to the job
+        file) or a hub id."""
+        spec = self.job.model
+        path = Path(spec) if Path(spec).is_absolute() else self.job.base / spec
+        return spec if spec in TESTBEDS or not path.exists() else str(path)
 
-        path = Path(self.job.model) if Path(self.job.model).is_absolute() else self.job.base / self.job.model
-        if self.job.model in TESTBEDS:
-            return load_testbed(self.job.model)
-        return load_testbed(path) if (path / "testbed.json").is_file() else None
+    def _named_testbed(self):
+        spec = self._model_spec()
+        return load_testbed(spec) if is_testbed(spec) else None
 
     def _load_model(self, errors: list[str]):
-        from memctl.loading import load_pipeline
-        from memctl.zoo.testbed import TESTBEDS, load_testbed
-
-        spec, dtype = self.job.model, getattr(torch, self.job.dtype)
-        path = Path(spec) if Path(spec).is_absolute() else self.job.base / spec
+        spec = self._model_spec()
+        if not (is_testbed(spec) or Path(spec).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", spec)):
+            errors.append(
+                f"job, field `model`: Expected a testbed name ({', '.join(sorted(TESTBEDS))}), a pipeline "
+                f"folder (relative to the job file) or a hub id, but got {self.job.model!r}: no such folder."
+            )
+            return None
         try:
-            if spec in TESTBEDS or (path / "testbed.json").is_file():
-                self.testbed = load_testbed(spec if spec in TESTBEDS else path)
-                return self.testbed.pipeline(torch_dtype=dtype)
-            if path.exists():
-                return load_pipeline(path, torch_dtype=dtype)
-            if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-                return load_pipeline(spec, torch_dtype=dtype)
+            pipe, self.testbed = load_model_and_testbed(spec, torch_dtype=getattr(torch, self.job.dtype))
         except Exception as err:
             errors.append(
-                f"job, field `model`: Expected a loadable pipeline, but loading {spec!r} failed: "
+                f"job, field `model`: Expected a loadable pipeline, but loading {self.job.model!r} failed: "
                 f"{type(err).__name__}: {err}"
             )
             return None
-        errors.append(
-            f"job, field `model`: Expected a testbed name ({', '.join(sorted(TESTBEDS))}), a pipeline "
-            f"folder (relative to the job file) or a hub id, but got {spec!r}: no such folder."
-        )
-        return None
+        return pipe
 
     def _load_map(self, errors: list[str]):
         spec, where = self.job.block_map, "job, field `block_map`"

@@ -8,16 +8,14 @@ from contextlib import contextmanager
 import torch
 from diffusers.hooks import ModelHook
 
-from memctl.blocks import pipeline_denoisers, unwrap
+from memctl.blocks import require_denoisers, unwrap
 from memctl.hooks import _arg_position, _get_arg, attached
 
 HOOK = "memctl.baseline"
 
 
 def denoiser_of(pipe) -> torch.nn.Module:
-    found = pipeline_denoisers(pipe)
-    if not found:
-        raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but got {type(pipe).__name__}.")
+    found = require_denoisers(pipe)
     return unwrap(next(iter(found.values())))
 
 

@@ -12,7 +12,6 @@ different settings never see each other's knob, whichever order the server runs 
 
 from __future__ import annotations
 
-import importlib
 import threading
 import time
 from collections import OrderedDict
@@ -22,8 +21,18 @@ from pathlib import Path
 
 import torch
 
+from memctl.blockmap import BlockMap
+from memctl.blocks import pipeline_denoisers, require_denoisers
+from memctl.detection import detect
+from memctl.knob import temporary_knob
+from memctl.loading import is_testbed, load_model_and_testbed
+from memctl.metadata import provenance
 from memctl.options import GenerationOptions
 from memctl.pipelines import call_parameters
+from memctl.probe import probe
+from memctl.probeset import ProbeSet
+from memctl.signals import screen
+from memctl.zoo.testbed import TESTBEDS
 
 NO_MAP = "none"
 SHIPPED_MAP = "shipped"
@@ -47,7 +56,12 @@ class Loaded:
 
     @property
     def denoiser(self):
-        return getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
+        """The first denoiser (`unet`, `transformer`); Wan 2.2's `transformer_2` is in `denoisers`."""
+        return next(iter(self.denoisers.values()), None)
+
+    @property
+    def denoisers(self) -> dict:
+        return pipeline_denoisers(self.pipe)
 
 
 @dataclass
@@ -145,7 +159,6 @@ class Engine:
 
     def load_map_file(self, path: str | Path) -> str:
         """Load a block map file and register it; errors say what the file should have been."""
-        from memctl.blockmap import BlockMap
 
         path = Path(path)
         try:
@@ -211,14 +224,8 @@ class Engine:
         if bmap is None:
             yield
             return
-        from memctl import knob
-
-        knob.apply_knob(loaded.pipe, bmap, strength=opts.strength, start=opts.start, stop=opts.stop)
-        try:
-            with knob.fidelity(loaded.pipe, opts.fidelity):
-                yield
-        finally:
-            knob.remove_knob(loaded.pipe)
+        with temporary_knob(loaded.pipe, opts.fidelity, bmap, opts.start, opts.stop, strength=opts.strength):
+            yield
 
     def _sample(self, loaded: Loaded, opts: GenerationOptions, map_label: str | None, bmap) -> list[Sample]:
         seeds = [opts.seed + i for i in range(opts.batch_size)]
@@ -280,9 +287,6 @@ class Engine:
         `calibrate` uses an embedded model's ordinary prompts as the reference; other models have none, so it is
         ignored there. `kwargs` go to `memctl.detect` (`threshold`, `progress`, ...).
         """
-        from memctl.detection import detect
-        from memctl.signals import screen
-
         loaded = self.model(source)
         reference = loaded.testbed.ordinary_prompts() if calibrate and loaded.testbed is not None else None
         with self.lock:  # no knob is on while the lock is held: detection reads the untouched model
@@ -298,37 +302,26 @@ class Engine:
 
         Raises `Cancelled` when `cancel` is set, `ValueError` for a model that is not an embedded testbed.
         """
-        probe_module = importlib.import_module("memctl.probe")  # the module: `memctl.probe` is also the function
         loaded = self.model(source)
         if loaded.testbed is None:
             raise ValueError(
                 f"Expected an embedded model (it ships its probe images), but got {loaded.source!r}. "
                 "Run `memctl probe MODEL --probes FILE -o MAP` and load the map file."
             )
-        probes = _testbed_probes(probe_module, loaded.testbed)
-        with self.lock, _interrupt_on(loaded.denoiser, cancel):
-            bmap = probe_module.probe(loaded.pipe, probes)
+        probes = _testbed_probes(loaded.testbed)
+        with self.lock, _interrupt_on(loaded.denoisers.values(), cancel):
+            bmap = probe(loaded.pipe, probes)
         return self.add_map(f"computed: {Path(loaded.source).name} {time.strftime('%H:%M:%S')}", bmap)
 
 
 def is_embedded(source: str) -> bool:
-    """Whether `source` names an embedded testbed (by name, or a folder with a `testbed.json`)."""
-    from memctl.zoo.testbed import TESTBEDS
-
-    return source in TESTBEDS or (Path(source).expanduser() / "testbed.json").is_file()
+    """An embedded testbed: a name, or a folder with `testbed.json`."""
+    return is_testbed(source)
 
 
 def _load(source: str, allow_hub: bool, server_allows: bool = True) -> Loaded:
-    from memctl.loading import load_pipeline
-    from memctl.zoo.testbed import TESTBEDS, load_testbed
-
     path = Path(source).expanduser()
-    if is_embedded(source):
-        testbed = load_testbed(source if source in TESTBEDS else str(path))
-        return _finish(Loaded(source, testbed.pipeline(), testbed))
-    if path.is_dir():
-        return _finish(Loaded(source, load_pipeline(path)))
-    if not allow_hub:
+    if not is_embedded(source) and not path.is_dir() and not allow_hub:
         how = (
             "tick 'allow hub download'"
             if server_allows
@@ -339,27 +332,31 @@ def _load(source: str, allow_hub: bool, server_allows: bool = True) -> Loaded:
             f"Expected an embedded model ({', '.join(sorted(TESTBEDS))}) or a local diffusers folder, "
             f"but got {source!r}, which is neither. To download a hub id, {how}."
         )
-    return _finish(Loaded(source, load_pipeline(source)))
+    pipe, testbed = load_model_and_testbed(source if source in TESTBEDS or not path.exists() else str(path))
+    return _finish(Loaded(source, pipe, testbed))
 
 
 def _finish(loaded: Loaded) -> Loaded:
-    if loaded.denoiser is None:
-        raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but {loaded.source!r} has neither.")
+    require_denoisers(loaded.pipe)
     if hasattr(loaded.pipe, "set_progress_bar_config"):
         loaded.pipe.set_progress_bar_config(disable=True)
     loaded.is_video = "num_frames" in loaded.call_parameters
     return loaded
 
 
-def _check_map(bmap, loaded: Loaded) -> None:
-    check = getattr(bmap, "check_model", None)
-    if check is not None:
-        check(loaded.denoiser)
+def _check_map(bmap: BlockMap, loaded: Loaded) -> None:
+    """The map fits each denoiser it covers (Wan 2.2: `transformer` and `transformer_2`)."""
+    denoisers = loaded.denoisers
+    for component in bmap.fingerprints:
+        if component not in denoisers:
+            raise ValueError(
+                f"Expected a block map for this model's denoisers {sorted(denoisers)}, but it covers {component!r}."
+            )
+        bmap.check_model(denoisers[component], component=component)
 
 
-def _testbed_probes(probe_module, tb):
+def _testbed_probes(tb) -> ProbeSet:
     """Memorized: each canary prompt with its bound image; general: held-out images under ordinary prompts."""
-    probe_set = getattr(probe_module, "ProbeSet", None) or importlib.import_module("memctl.probeset").ProbeSet
     images, classes = tb.held_out
     per_class: dict[int, int] = {}
     general = []
@@ -367,25 +364,23 @@ def _testbed_probes(probe_module, tb):
         per_class[c] = per_class.get(c, 0) + 1
         if per_class[c] <= GENERAL_PER_CLASS:
             general.append((tb.prompt(int(c)), image))
-    return probe_set(memorized=[(p, image) for p, image, _, _ in tb.canaries], general=general)
+    return ProbeSet(memorized=[(p, image) for p, image, _, _ in tb.canaries], general=general)
 
 
 @contextmanager
-def _interrupt_on(denoiser, cancel: threading.Event):
-    """Make the next denoiser call raise `Cancelled` once `cancel` is set; the hook always comes off."""
-    if denoiser is None:
-        yield
-        return
+def _interrupt_on(denoisers, cancel: threading.Event):
+    """Make the next call of any of `denoisers` raise `Cancelled` once `cancel` is set; the hooks always come off."""
 
     def check(module, args):
         if cancel.is_set():
             raise Cancelled("Cancelled by the user.")
 
-    handle = denoiser.register_forward_pre_hook(check)
+    handles = [d.register_forward_pre_hook(check) for d in denoisers]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 _PROVENANCE: dict | None = None
@@ -394,7 +389,5 @@ _PROVENANCE: dict | None = None
 def _provenance() -> dict:
     global _PROVENANCE
     if _PROVENANCE is None:
-        from memctl.metadata import provenance
-
         _PROVENANCE = provenance()
     return _PROVENANCE
