@@ -66,3 +66,27 @@ def test_stopped_app_removes_its_temporary_folder(tmp_path: Path, stop):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_docstring_examples_of_controls_and_views():
+    import doctest
+
+    import memctl.ui.controls
+    import memctl.ui.views
+
+    for module in (memctl.ui.controls, memctl.ui.views):
+        result = doctest.testmod(module)
+        assert result.failed == 0, module.__name__
+        assert result.attempted > 0, module.__name__
+
+
+def test_handlers_keep_the_flat_signature_gradio_names_the_api_after():
+    import inspect
+
+    from memctl.ui.handlers import Handlers
+
+    controls = ["prompt", "negative", "fidelity", "strength", "start", "stop", "seed", "steps", "guidance", "batch"]
+    controls += ["frames", "fps"]
+    for name, extra in [("generate", "map_label"), ("sweep", "map_label"), ("compare", "map_label")]:
+        assert list(inspect.signature(getattr(Handlers, name)).parameters) == ["self", *controls, "model", extra]
+    assert list(inspect.signature(Handlers.save_preset).parameters)[-2:] == ["model", "seed_used"]

@@ -9,19 +9,24 @@ From the shell: `memctl ui [--model digits] [--host 127.0.0.1] [--port 7860] [--
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import gradio as gr
 
 from memctl.defaults import HOST, PORT
-from memctl.options import GenerationOptions
-from memctl.ui.canaries import Opening
-from memctl.ui.detect import DATATYPES, EMPTY_TABLE, MAX_SEEDS
-from memctl.ui.engine import NO_MAP, SHIPPED_MAP, Engine
-from memctl.ui.handlers import LIMITS, MAX_UPLOAD, Handlers
-from memctl.zoo.testbed import TESTBEDS
+from memctl.ui.components import (
+    bound_view,
+    defaults,
+    examples_view,
+    hidden,
+    map_controls,
+    model_controls,
+    outputs,
+    prompt_controls,
+    sampling_controls,
+    shown,
+)
+from memctl.ui.engine import Engine
+from memctl.ui.handlers import MAX_UPLOAD, Handlers
 
-DEFAULTS = GenerationOptions(prompt="a seven")
 HEADER = (
     "# memctl: copy or invent\nSome prompts make a model reproduce a training image. Slide left for a new "
     "image, right for a faithful copy."
@@ -49,22 +54,6 @@ CSS = """
 """
 
 
-def _slider(*args, **kwargs) -> gr.Slider:
-    """A `gr.Slider` that leaves range checks to `GenerationOptions`, whose errors name the field."""
-    return _unchecked(gr.Slider(*args, **kwargs))
-
-
-def _unchecked(component):
-    """`component` passing its value on as it came, for the handler to check (and name the field in its error).
-
-    Gradio's own check answers an API call with only "Value 2 is greater than maximum value 1", and `gr.Number`
-    rounds to its precision without a word. (Overriding `preprocess` on the instance, not in a subclass: Gradio
-    writes a .pyi file next to any component subclass.)
-    """
-    component.preprocess = lambda payload: payload
-    return component
-
-
 def create_demo(engine: Engine | None = None, out_dir: str | None = None) -> gr.Blocks:
     """The app's layout and wiring; `engine` holds the models (default: the embedded "digits")."""
     engine = engine or Engine()
@@ -76,18 +65,18 @@ def create_demo(engine: Engine | None = None, out_dir: str | None = None) -> gr.
             gr.Markdown(HOW)
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
-                model, allow_hub, load_btn, model_info = _model_controls(engine)
-                map_choice, map_file, compute_btn, cancel_btn, map_status = _map_controls(engine)
+                model, allow_hub, load_btn, model_info = model_controls(engine)
+                map_choice, map_file, compute_btn, cancel_btn, map_status = map_controls(engine)
             with gr.Column(scale=2, min_width=360):
-                d = _defaults(first)
-                c = _prompt_controls(d)
-                examples = _examples()  # right under the prompt: the canaries are what the knob is for
-                c.update(_sampling_controls(d))
+                d = defaults(first)
+                c = prompt_controls(d)
+                examples = examples_view()  # right under the prompt: the canaries are what the knob is for
+                c.update(sampling_controls(d))
             with gr.Column(scale=3, min_width=420):
                 with gr.Row(equal_height=False):
-                    bound_col, bound, bound_kind = _bound(h, first)
+                    bound_col, bound, bound_kind = bound_view(h, first)
                     with gr.Column(scale=1, min_width=360):
-                        out = _outputs(first)
+                        out = outputs(first)
 
         controls = [
             c["prompt"],
@@ -132,14 +121,14 @@ def create_demo(engine: Engine | None = None, out_dir: str | None = None) -> gr.
 
         map_choice.change(h.map_view, [map_choice, model], map_outputs, api_name="select_map")
         map_file.upload(h.upload_map, [map_file, model], [map_choice, *map_outputs], api_name="load_map")
-        compute = compute_btn.click(_shown, None, cancel_btn, api_name=False, queue=False).then(
+        compute = compute_btn.click(shown, None, cancel_btn, api_name=False, queue=False).then(
             h.compute_map,
             [model],
             [map_choice, map_status, out["heatmap"], out["table"]],
             api_name="compute_map",
             concurrency_limit=1,
         )
-        compute.then(_hidden, None, cancel_btn, api_name=False, queue=False)  # Cancel shows only while it runs
+        compute.then(hidden, None, cancel_btn, api_name=False, queue=False)  # Cancel shows only while it runs
         # no `cancels=`: the computation stops at its next denoiser call and says so itself (a cancelled event
         # would drop that message and leave "Cancelling…" showing)
         cancel_btn.click(h.cancel_compute, None, [map_status], api_name="cancel_compute", queue=False)
@@ -180,251 +169,6 @@ def create_demo(engine: Engine | None = None, out_dir: str | None = None) -> gr.
         )
         c["preset_load"].upload(h.load_preset, c["preset_load"], controls, api_name="load_preset")
     return demo
-
-
-def _model_controls(engine: Engine):
-    with gr.Group():
-        names = [n for n in TESTBEDS if n != "digits-s0"]
-        choices = names if engine.default_model in names else [engine.default_model, *names]
-        model = gr.Dropdown(
-            choices,
-            value=engine.default_model,
-            allow_custom_value=True,
-            label="Model",
-            info="An embedded model, or type the path of a local diffusers folder.",
-        )
-        allow_hub = gr.Checkbox(
-            False,
-            label="Allow hub download (for a hub id)",
-            interactive=engine.allow_hub,
-            info=None if engine.allow_hub else "Off: the app was started without --allow-hub.",
-        )
-        load_btn = gr.Button("Load model", size="sm")
-        model_info = gr.Markdown(elem_id="model-info")
-    return model, allow_hub, load_btn, model_info
-
-
-def _map_controls(engine: Engine):
-    with gr.Group():
-        map_choice = gr.Dropdown(
-            engine.map_labels(),
-            value=NO_MAP,
-            allow_custom_value=True,
-            label="Block map",
-            elem_id="block-map",
-            info=f"'{SHIPPED_MAP}' = the embedded model's own map",
-        )
-        map_file = gr.File(label="Load a block map file", file_types=[".safetensors"], height=80, elem_id="map-file")
-        with gr.Row():
-            compute_btn = gr.Button("Compute a map here", size="sm")
-            cancel_btn = gr.Button("Cancel", size="sm", variant="stop", visible=False)  # shown while computing
-        map_status = gr.Markdown(elem_id="map-status")
-    return map_choice, map_file, compute_btn, cancel_btn, map_status
-
-
-def _defaults(first: Opening | None) -> GenerationOptions:
-    """The controls' first values: the opening canary at its fixed seeds, else `DEFAULTS`."""
-    if first is None:
-        return DEFAULTS
-    return replace(DEFAULTS, prompt=first.prompt, seed=first.seed, batch_size=first.batch_size)
-
-
-def _prompt_controls(d: GenerationOptions) -> dict:
-    c = {}
-    c["prompt"] = gr.Textbox(d.prompt, label="Prompt", lines=1, elem_id="prompt")
-    c["fidelity"] = _slider(
-        -1,
-        1,
-        d.fidelity,
-        step=0.05,
-        label="Fidelity",
-        elem_id="fidelity",
-        info="−1 = a new image … 0 = the model untouched … +1 = a faithful copy",
-    )
-    with gr.Row():
-        c["generate"] = gr.Button("Generate", variant="primary", elem_id="generate")
-        c["sweep"] = gr.Button("Sweep −1 … +1", elem_id="sweep")
-        c["ab"] = gr.Button("A/B: 0 vs current", elem_id="ab")
-    return c
-
-
-def _sampling_controls(d: GenerationOptions) -> dict:
-    c = {}
-    c["negative"] = gr.Textbox(d.negative_prompt, label="Negative prompt", lines=1)
-    with gr.Accordion("Knob: strength and noise-level window", open=False):
-        c["strength"] = _slider(0, 4, d.strength, step=0.05, label="Strength")
-        with gr.Row():
-            c["start"] = _slider(0, 1, d.start, step=0.05, label="Window start (noise level)")
-            c["stop"] = _slider(0, 1, d.stop, step=0.05, label="Window stop (noise level)")
-    with gr.Row():
-        c["seed"] = gr.Number(d.seed, label="Seed (−1 = random)", precision=None, elem_id="seed", scale=3)
-        c["random"] = gr.Button("random", size="sm", scale=0, min_width=70)
-        c["reuse"] = gr.Button("reuse", size="sm", scale=0, min_width=70)
-        c["seed_used"] = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used", scale=2)
-    with gr.Row():
-        c["steps"] = _slider(*LIMITS["steps"], d.steps, step=1, label="Steps", elem_id="steps")
-        c["guidance"] = _slider(*LIMITS["guidance"], d.guidance, step=0.5, label="Guidance")
-        c["batch"] = _slider(*LIMITS["batch_size"], d.batch_size, step=1, label="Batch size", elem_id="batch")
-    with gr.Row():
-        c["frames"] = _slider(*LIMITS["frames"], 16, step=1, label="Frames (video models)", visible=False)
-        c["fps"] = _slider(*LIMITS["fps"], 8, step=1, label="FPS (video models)", visible=False)
-    with gr.Accordion("Presets (JSON)", open=False):
-        with gr.Row():
-            c["preset_save"] = gr.Button("Save preset", size="sm")
-            c["preset_load"] = gr.UploadButton("Load preset", file_types=[".json"], size="sm")
-        c["preset_file"] = gr.File(label="Saved preset", interactive=False, height=80)
-    return c
-
-
-def _examples():
-    with gr.Accordion("Example prompts: canaries (memorized on purpose) first", open=True):
-        examples = gr.Dataset(
-            components=["textbox", "textbox", "image"],
-            headers=["prompt", "kind", "bound training image"],
-            samples=[["", "", None]],
-            type="index",
-            label="Click one",
-            samples_per_page=8,
-            layout="table",
-            elem_id="examples",
-        )
-    return examples
-
-
-def _bound(h: Handlers, first: Opening | None):
-    """Beside the results: the canary's bound training image, to compare with (hidden for other prompts)."""
-    shown, path, text = h.bound_view(first.prompt, None) if first is not None else ({"visible": False}, None, "")
-    with gr.Column(scale=0, min_width=150, visible=shown["visible"]) as column:
-        bound = gr.Image(
-            path,
-            label="Training image",
-            height=140,
-            interactive=False,
-            format="png",
-            buttons=[],
-            elem_classes="memctl-pixels",
-            elem_id="bound",
-        )
-        bound_kind = gr.Markdown(text, elem_id="bound-kind", elem_classes="memctl-caption")
-    return column, bound, bound_kind
-
-
-def _outputs(first: Opening | None) -> dict:
-    o = {}
-    with gr.Tabs(selected="sweep" if first is not None else "images"):
-        with gr.Tab("Images", id="images"):
-            # square cells whatever the batch (one image stretched to the full width overflowed a fixed height)
-            o["gallery"] = gr.Gallery(
-                label="Images (PNG with settings)",
-                show_label=False,
-                format="png",
-                columns=4,
-                height="auto",
-                fit_columns=False,
-                object_fit="contain",
-                elem_id="gallery",
-                elem_classes="memctl-pixels",
-                buttons=["download", "fullscreen"],
-            )
-            o["badges"] = gr.HTML(elem_id="badges")
-            o["video"] = gr.Image(label="Video (first clip)", visible=False, format="gif", height=200)
-        with gr.Tab("Sweep", id="sweep"):
-            gr.Markdown(
-                "The same seeds at five fidelity values, from a new image (left) to a faithful copy "
-                "(right). Frames: red = a copy of a training image, green = a new, valid image, none = "
-                "neither."
-            )
-            o["sweep_sheet"] = gr.Image(
-                label="Sweep",
-                show_label=False,
-                format="png",
-                interactive=False,
-                buttons=[],
-                elem_id="sweep-sheet",
-                elem_classes="memctl-pixels",
-            )
-            o["sweep_badges"] = gr.HTML(elem_id="sweep-badges")
-            o["sweep"] = gr.Gallery(
-                label="PNG files",
-                show_label=False,
-                format="png",
-                columns=5,
-                height="auto",
-                object_fit="contain",
-                elem_classes="memctl-pixels",
-                elem_id="sweep-gallery",
-                buttons=["download", "fullscreen"],
-            )
-        with gr.Tab("A/B", id="ab"):
-            o["ab"] = gr.ImageSlider(
-                label="A: fidelity 0 | B: current", format="png", elem_classes="memctl-pixels", elem_id="ab-slider"
-            )
-            o["ab_badges"] = gr.HTML(elem_id="ab-badges")
-        with gr.Tab("Block map", id="map"):
-            gr.Markdown(
-                "Block scores: a row per block, a column per noise level. Click a row (here or in the "
-                "table) to see the block's name and scores."
-            )
-            o["heatmap"] = gr.Image(
-                label="Block map", show_label=False, format="png", interactive=False, elem_id="heatmap"
-            )
-            o["block_info"] = gr.Markdown(elem_id="block-info")
-            o["table"] = gr.Dataframe(label="Scores", interactive=False, max_height=300, elem_id="block-table")
-        o.update(_detect_tab())
-    return o
-
-
-def _detect_tab() -> dict:
-    d = {}
-    with gr.Tab("Detect", id="detect"):
-        gr.Markdown(
-            "Which prompts make the model copy a training image? Scored from the first denoising steps, no "
-            "training data needed: the first-step magnitude (`memctl.detect`), the default signals of "
-            "`memctl.signals` and their verdict (memorized / unusual / ordinary)."
-        )
-        d["detect_prompts"] = gr.Textbox(
-            label="Prompts (one per line)",
-            lines=6,
-            max_lines=16,
-            placeholder="a suspected prompt\nan ordinary prompt\n# comments and blank lines are skipped",
-            elem_id="detect-prompts",
-        )
-        with gr.Row():
-            d["calibrate"] = gr.Checkbox(
-                True, label="Calibrate against the model's ordinary prompts", scale=3, elem_id="calibrate"
-            )
-            d["seeds"] = _unchecked(
-                gr.Number(
-                    4,
-                    label="Seeds",
-                    minimum=2,
-                    maximum=MAX_SEEDS,
-                    step=1,
-                    precision=0,
-                    scale=1,
-                    min_width=100,
-                    elem_id="detect-seeds",
-                )
-            )
-        d["score"] = gr.Button("Score prompts", variant="primary", elem_id="score")
-        d["detect_summary"] = gr.Markdown(elem_id="detect-summary")
-        d["scores"] = gr.Dataframe(
-            EMPTY_TABLE,
-            label="Memorization risk, highest first",
-            interactive=False,
-            datatype=DATATYPES,
-            max_height=400,
-            elem_id="detect-table",
-        )
-    return d
-
-
-def _shown():
-    return gr.update(visible=True)
-
-
-def _hidden():
-    return gr.update(visible=False)
 
 
 def launch(

@@ -13,39 +13,30 @@ them.
 from __future__ import annotations
 
 import functools
-import html
 import itertools
 import json
-import math
 import os
-import random
 import shutil
 import tempfile
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
-from PIL import Image
 
 from memctl.detection import THRESHOLD  # risk above which `memctl.detect` flags a prompt
-from memctl.grid import make_grid
 from memctl.metadata import save_png
-from memctl.options import GenerationOptions, short_repr
+from memctl.options import GenerationOptions
 from memctl.ui import badges as badge_lib
 from memctl.ui import canaries
 from memctl.ui import detect as detect_view
+from memctl.ui.controls import Controls, fail, integer, is_random, takes_controls
 from memctl.ui.engine import DEFAULT_FRAMES, NO_MAP, SHIPPED_MAP, Cancelled, Engine, Loaded, Sample, is_embedded
 from memctl.ui.heatmap import draw_heatmap, from_block_map
+from memctl.ui.views import SWEEP, badges_html, enlarge, fidelity_label, model_info, sweep_sheet
+from memctl.video import export_gif
 
-SWEEP = (-1.0, -0.5, 0.0, 0.5, 1.0)
 DEFAULT_FPS = 8
-RANDOM_SEED = -1
-SHEET_LABEL_WIDTH = 90  # pixels for "seed" over "4294967295" left of a sweep row
-VIEW = 256  # display size of tiny images in the A/B slider and the example thumbnails
-# The app's ranges (its sliders stop here; the server holds requests to them too: one request holds the engine's
-# lock, so `GenerationOptions`' wider ranges, meant for batch renders, would let one client stall everyone).
-LIMITS = {"steps": (1, 100), "batch_size": (1, 16), "guidance": (0, 20), "frames": (1, 64), "fps": (1, 60)}
-MAX_PROMPT = 2000  # characters: far past any text encoder's reach, and no megabyte messages back
 MAX_MAP_BYTES = 512 * 2**20  # an uploaded block map (a condition map of a large model is tens of MB)
 MAX_PRESET_BYTES = 2**20
 MAX_UPLOAD = "512mb"  # Gradio's own cap on any upload (`launch(max_file_size=...)`)
@@ -100,126 +91,29 @@ class Handlers:
     # ------------------------------------------------------------------------------------------------------------
     # options
 
-    def options(
-        self,
-        prompt,
-        negative,
-        fidelity,
-        strength,
-        start,
-        stop,
-        seed,
-        steps,
-        guidance,
-        batch,
-        frames=None,
-        fps=None,
-        video: bool = False,
-    ) -> GenerationOptions:
-        """Validated options within the app's `LIMITS`; seed -1 (or empty) draws a random seed."""
-        for name, text in (("prompt", prompt), ("negative_prompt", negative)):
-            if isinstance(text, str) and len(text) > MAX_PROMPT:
-                raise ValueError(f"Expected `{name}` of at most {MAX_PROMPT} characters, but got {short_repr(text)}.")
-        opts = GenerationOptions(
-            prompt=prompt if isinstance(prompt, str) else _fail("prompt", "a str", prompt),
-            negative_prompt=negative or "",
-            seed=_seed(seed),
-            steps=_integer(steps, "steps"),
-            guidance=_number(guidance),
-            fidelity=_number(fidelity),
-            strength=_number(strength),
-            start=_number(start),
-            stop=_number(stop),
-            batch_size=_integer(batch, "batch_size"),
-            frames=_integer(frames, "frames") if video and frames is not None else None,
-            fps=_integer(fps, "fps") if video and fps is not None else None,
-        )
-        for name, (low, high) in LIMITS.items():
-            value = getattr(opts, name)
-            if value is not None and not low <= value <= high:
-                raise ValueError(
-                    f"Expected `{name}` in [{low}, {high}] (the app's range; `memctl render` takes "
-                    f"more), but got {value!r}."
-                )
-        return opts
+    def options(self, *values, video: bool = False) -> GenerationOptions:
+        """Validated options within the app's `LIMITS` from the control values in order (see `Controls`)."""
+        return Controls(*values).options(video)
 
     # ------------------------------------------------------------------------------------------------------------
     # sampling
 
     @user_errors
-    def generate(
-        self,
-        prompt,
-        negative,
-        fidelity,
-        strength,
-        start,
-        stop,
-        seed,
-        steps,
-        guidance,
-        batch,
-        frames,
-        fps,
-        model,
-        map_label,
-    ):
+    @takes_controls("model", "map_label")
+    def generate(self, c: Controls, model, map_label):
         """Gallery of (png path, caption), badges html, seed used, video path (video models)."""
-        opts = self.options(
-            prompt,
-            negative,
-            fidelity,
-            strength,
-            start,
-            stop,
-            seed,
-            steps,
-            guidance,
-            batch,
-            frames,
-            fps,
-            self._is_video(model),
-        )
+        opts = c.options(self._is_video(model))
         run = self.engine.render(opts, model, map_label)[0]
         loaded = self.engine.model(model)
         captions = self._captions(loaded, opts.prompt, run.images, [f"seed {s.seed}" for s in run.images])
         gallery = [(self._save(s), text) for s, (text, _) in zip(run.images, captions, strict=True)]
-        return gallery, _badges_html(captions), str(opts.seed), self._video(run.images, opts)
+        return gallery, badges_html(captions), str(opts.seed), self._video(run.images, opts)
 
     @user_errors
-    def sweep(
-        self,
-        prompt,
-        negative,
-        fidelity,
-        strength,
-        start,
-        stop,
-        seed,
-        steps,
-        guidance,
-        batch,
-        frames,
-        fps,
-        model,
-        map_label,
-    ):
+    @takes_controls("model", "map_label")
+    def sweep(self, c: Controls, model, map_label):
         """The same seeds at fidelity −1, −0.5, 0, 0.5, 1: one row per seed, one column per fidelity."""
-        opts = self.options(
-            prompt,
-            negative,
-            fidelity,
-            strength,
-            start,
-            stop,
-            seed,
-            steps,
-            guidance,
-            batch,
-            frames,
-            fps,
-            self._is_video(model),
-        )
+        opts = c.options(self._is_video(model))
         runs = self.engine.render(opts, model, map_label, fidelities=SWEEP)
         loaded = self.engine.model(model)
         rows = [[run.images[i] for run in runs] for i in range(opts.batch_size)]  # (seeds, fidelities)
@@ -228,49 +122,20 @@ class Handlers:
             loaded, opts.prompt, cells, [f"fidelity {s.fidelity:+.1f} · seed {s.seed}" for s in cells]
         )
         gallery = [(self._save(s), fidelity_label(s.fidelity)) for s in cells]  # short: a gallery cell is narrow
-        return _sweep_sheet(rows, captions), gallery, _badges_html(captions), str(opts.seed)
+        return sweep_sheet(rows, captions), gallery, badges_html(captions), str(opts.seed)
 
     @user_errors
-    def compare(
-        self,
-        prompt,
-        negative,
-        fidelity,
-        strength,
-        start,
-        stop,
-        seed,
-        steps,
-        guidance,
-        batch,
-        frames,
-        fps,
-        model,
-        map_label,
-    ):
+    @takes_controls("model", "map_label")
+    def compare(self, c: Controls, model, map_label):
         """A/B: the first seed at fidelity 0 (left) and at the current fidelity (right)."""
-        opts = self.options(
-            prompt,
-            negative,
-            fidelity,
-            strength,
-            start,
-            stop,
-            seed,
-            steps,
-            guidance,
-            1,
-            frames,
-            fps,
-            self._is_video(model),
-        )
+        opts = replace(c, batch=1).options(self._is_video(model))
         base, current = self.engine.render(opts, model, map_label, fidelities=(0.0, opts.fidelity))
         loaded = self.engine.model(model)
         pair = [base.images[0], current.images[0]]
         captions = self._captions(loaded, opts.prompt, pair, ["A: fidelity 0", f"B: fidelity {opts.fidelity:+.2f}"])
         for s in pair:
             self._save(s)
-        return (_enlarge(pair[0].image), _enlarge(pair[1].image)), _badges_html(captions), str(opts.seed)
+        return (enlarge(pair[0].image), enlarge(pair[1].image)), badges_html(captions), str(opts.seed)
 
     def _captions(self, loaded: Loaded, prompt: str, samples: list[Sample], heads: list[str]) -> list[tuple]:
         """Per sample: (caption, badge or None); an embedded model's captions add the copy / novelty badge."""
@@ -287,11 +152,9 @@ class Handlers:
     def _video(self, samples: list[Sample], opts: GenerationOptions) -> str | None:
         if not samples or samples[0].frames is None:
             return None
-        from diffusers.utils import export_to_gif
-
         path = self.out_dir / f"{next(self._counter):05d}-seed{samples[0].seed}.gif"
-        frames = [_enlarge(f) for f in samples[0].frames]  # display copy; the PNG keeps the native first frame
-        return self._serve(export_to_gif(frames, str(path), fps=opts.fps or DEFAULT_FPS))
+        frames = [enlarge(f) for f in samples[0].frames]  # display copy; the PNG keeps the native first frame
+        return self._serve(export_gif(frames, path, fps=opts.fps or DEFAULT_FPS))
 
     def _is_video(self, model) -> bool:
         try:
@@ -310,7 +173,7 @@ class Handlers:
         picture, table, info = self.map_view(label, model)
         video = gr.update(visible=loaded.is_video)
         return (
-            _model_info(loaded),
+            model_info(loaded),
             gr.Dataset(samples=self.examples(loaded)),
             video,
             video,
@@ -434,9 +297,9 @@ class Handlers:
         """Score the prompts (one per line) for memorization risk: a table, highest risk first, and a summary."""
         prompts = detect_view.parse_prompts(prompts)
         expected = f"an int in [2, {detect_view.MAX_SEEDS}] (consistency compares seeds)"
-        n_seeds = _integer(seeds, "seeds", expected)
+        n_seeds = integer(seeds, "seeds", expected)
         if not 2 <= n_seeds <= detect_view.MAX_SEEDS:
-            _fail("seeds", expected, seeds)
+            fail("seeds", expected, seeds)
         progress(0, desc="scoring prompts")
         scores, reference, screened = self.engine.detect(
             prompts, model, n_seeds, calibrate=bool(calibrate), threshold=THRESHOLD, progress=True
@@ -470,46 +333,17 @@ class Handlers:
     # presets
 
     @user_errors
-    def save_preset(
-        self,
-        prompt,
-        negative,
-        fidelity,
-        strength,
-        start,
-        stop,
-        seed,
-        steps,
-        guidance,
-        batch,
-        frames,
-        fps,
-        model,
-        seed_used,
-    ):
+    @takes_controls("model", "seed_used")
+    def save_preset(self, c: Controls, model, seed_used):
         """A JSON file of `GenerationOptions.to_dict()`; a random seed is saved as the seed last used."""
-        if _is_random(seed):
+        if is_random(c.seed):
             if not str(seed_used or "").strip():
                 raise ValueError(
                     "Expected a fixed seed in a preset (presets reproduce images), but the seed is "
                     "random and nothing was generated yet. Set a seed or generate once."
                 )
-            seed = int(seed_used)
-        opts = self.options(
-            prompt,
-            negative,
-            fidelity,
-            strength,
-            start,
-            stop,
-            seed,
-            steps,
-            guidance,
-            batch,
-            frames,
-            fps,
-            self._is_video(model),
-        )
+            c = replace(c, seed=int(seed_used))
+        opts = c.options(self._is_video(model))
         path = self.out_dir / f"preset-{next(self._counter):05d}.json"
         path.write_text(json.dumps(opts.to_dict(), indent=1))
         return self._serve(path)
@@ -527,99 +361,11 @@ class Handlers:
         if not isinstance(data, dict):
             raise ValueError(f"Expected a JSON object of generation options, but got {type(data).__name__}.")
         o = GenerationOptions.from_dict(data)
-        return [
-            o.prompt,
-            o.negative_prompt,
-            o.fidelity,
-            o.strength,
-            o.start,
-            o.stop,
-            o.seed,
-            o.steps,
-            o.guidance,
-            o.batch_size,
-            o.frames or DEFAULT_FRAMES,
-            o.fps or DEFAULT_FPS,
-        ]
+        return Controls.showing(o, DEFAULT_FRAMES, DEFAULT_FPS).values()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # small helpers
-
-
-def _fail(field, expected, got):
-    raise ValueError(f"Expected `{field}` to be {expected}, but got {got!r}.")
-
-
-def _is_random(seed) -> bool:
-    return seed is None or (isinstance(seed, str) and not seed.strip()) or seed == RANDOM_SEED
-
-
-def _seed(seed) -> int:
-    if _is_random(seed):
-        return random.SystemRandom().randrange(2**32)
-    return _integer(seed, "seed", "an int in [0, 2**63), or -1 for a random seed")
-
-
-def _integer(x, field, expected="an int"):
-    if isinstance(x, str):
-        try:
-            x = float(x)
-        except ValueError:
-            _fail(field, expected, x)
-    if isinstance(x, float) and math.isfinite(x) and x == int(x):
-        return int(x)
-    if isinstance(x, int) and not isinstance(x, bool):
-        return x
-    _fail(field, expected, x)
-
-
-def _number(x):
-    return float(x) if isinstance(x, str) and x.strip() else x
-
-
-def _enlarge(image: Image.Image, size: int = VIEW) -> Image.Image:
-    scale = max(1, size // max(image.size))
-    return image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
-
-
-def _badges_html(captions: list[tuple]) -> str:
-    """One line per image: a coloured pill (red = copy, green = novel, grey = neither, brown = invalid)."""
-    style = "color:white;border-radius:8px;padding:1px 8px;display:inline-block"
-    lines = []
-    for text, badge in captions:
-        inner = html.escape(text)
-        if badge is not None:
-            inner = f'<span style="background:{badge.colour};{style}">{inner}</span>'
-        lines.append(f'<div class="memctl-caption">{inner}</div>')
-    return "".join(lines)
-
-
-def _sweep_sheet(rows: list[list[Sample]], captions: list[tuple]) -> Image.Image:
-    """One picture of the sweep: a row per seed, a column per fidelity; red frame = copy, green = novel."""
-    frames = [badge.frame if badge is not None else None for _, badge in captions]
-    n = len(SWEEP)
-    sheet_rows = [
-        (f"seed\n{row[0].seed}", [badge_lib.image_tensor(s.image) for s in row], frames[i * n : (i + 1) * n])
-        for i, row in enumerate(rows)
-    ]
-    header = [fidelity_label(f).replace("\u2212", "-") for f in SWEEP]  # the sheet's font has no minus sign
-    return make_grid(sheet_rows, header=header, label_width=SHEET_LABEL_WIDTH, axis=(0, "new", "faithful"))
-
-
-def fidelity_label(fidelity: float) -> str:
-    """A fidelity as a column caption: "−1.0", "−0.5", "0", "+0.5", "+1.0" (a true minus sign)."""
-    return "0" if fidelity == 0 else f"{fidelity:+.1f}".replace("-", "\u2212")
-
-
-def _model_info(loaded: Loaded) -> str:
-    den = loaded.denoiser
-    kind = "embedded testbed" if loaded.testbed is not None else "diffusers pipeline"
-    extra = f", {len(loaded.testbed.canaries)} canaries" if loaded.testbed is not None else ""
-    return (
-        f"**{loaded.source}** — {kind}{extra}; {type(loaded.pipe).__name__} with {type(den).__name__}"
-        f"{' (video)' if loaded.is_video else ''}"
-    )
 
 
 def _has_shipped_map(loaded: Loaded) -> bool:
