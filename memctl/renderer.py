@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from memctl import signals
 from memctl.blockmap import BlockMap, fingerprint
 from memctl.blocks import require_denoisers
 from memctl.jobs import Job, JobError, Output
@@ -22,7 +23,6 @@ from memctl.loading import is_testbed, load_model_and_testbed
 from memctl.metadata import provenance, save_png
 from memctl.options import short_repr
 from memctl.pipelines import call_parameters
-from memctl.signals import screen
 from memctl.video import as_uint8_frames, encode_mp4
 from memctl.zoo.testbed import TESTBEDS, load_testbed
 
@@ -57,7 +57,7 @@ class Renderer:
         ordinary prompts, else the job's prompts)."""
         prompts = sorted({o.options.prompt for o in self.job.outputs()})
         reference = self.testbed.ordinary_prompts() if self.testbed is not None else prompts
-        scores = screen(self.pipe, prompts, reference)
+        scores = signals.screen(self.pipe, prompts, reference)
         return {s.prompt: {"flagged": s.flagged, "risk": round(s.risk, 4), "p_value": s.p_value} for s in scores}
 
     def guard_info(self, o: Output) -> dict | None:
