@@ -79,7 +79,8 @@ def test_package_names_load_on_first_use():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["memctl.probe", "probe", "module", "True"]
-    assert sorted(memctl.__all__) == memctl.__all__ and all(hasattr(memctl, n) for n in memctl.__all__)
+    assert sorted(memctl.__all__) == memctl.__all__
+    assert all(hasattr(memctl, n) for n in memctl.__all__)
     assert set(memctl.__all__) <= set(dir(memctl))
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         memctl.nope  # noqa: B018

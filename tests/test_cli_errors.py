@@ -45,14 +45,16 @@ def test_bad_probe_files(tmp_path: Path, capsys, make, words: str):
     out = tmp_path / "map.safetensors"
     rc, err = run(capsys, "probe", "digits", "--probes", probes_file(tmp_path, make(tmp_path)), "-o", str(out))
     assert rc == 2 and err.startswith("memctl probe: error: Expected") and words in err, err  # before any loading
-    assert "Traceback" not in err and not out.exists()
+    assert "Traceback" not in err
+    assert not out.exists()
 
 
 def test_probe_output_that_is_a_folder_fails_before_probing(tmp_path: Path, capsys, monkeypatch):
     loads = []
     monkeypatch.setattr(memctl.loading, "load_model_and_testbed", lambda *a: loads.append(a))
     rc, err = run(capsys, "probe", "digits", "--probes", "testbed", "-o", str(tmp_path))
-    assert rc == 2 and f"Expected -o to be a file to write, but {tmp_path} is a folder" in err
+    assert rc == 2
+    assert f"Expected -o to be a file to write, but {tmp_path} is a folder" in err
     rc, err = run(
         capsys,
         "probe",
@@ -64,7 +66,8 @@ def test_probe_output_that_is_a_folder_fails_before_probing(tmp_path: Path, caps
         "--heatmap",
         str(tmp_path),
     )
-    assert rc == 2 and "Expected --heatmap to be a file to write" in err
+    assert rc == 2
+    assert "Expected --heatmap to be a file to write" in err
     assert loads == []  # nothing was loaded or probed
 
 
@@ -73,12 +76,15 @@ def test_model_folders_and_hub_ids(tmp_path: Path, capsys, monkeypatch):
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}))
     rc, err = run(capsys, "blocks", str(folder))
-    assert rc == 2 and "model_index.json to have a `_class_name` (the pipeline class" in err
+    assert rc == 2
+    assert "model_index.json to have a `_class_name` (the pipeline class" in err
     (folder / "model_index.json").write_text("[1, 2]")
     rc, err = run(capsys, "blocks", str(folder))
-    assert rc == 2 and "to be a JSON object naming the pipeline class" in err
+    assert rc == 2
+    assert "to be a JSON object naming the pipeline class" in err
     rc, err = run(capsys, "blocks", str(tmp_path / "nowhere"))
-    assert rc == 2 and "is neither: no such folder, and not of the form org/name" in err
+    assert rc == 2
+    assert "is neither: no such folder, and not of the form org/name" in err
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load this model.\nmore details")
@@ -87,7 +93,8 @@ def test_model_folders_and_hub_ids(tmp_path: Path, capsys, monkeypatch):
 
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", offline)
     rc, err = run(capsys, "blocks", "missing/model")
-    assert rc == 2 and "there is no folder 'missing/model' and the hub did not give it: We couldn't connect" in err
+    assert rc == 2
+    assert "there is no folder 'missing/model' and the hub did not give it: We couldn't connect" in err
     assert "more details" not in err
 
 
@@ -99,7 +106,8 @@ def test_detect_counts_must_be_positive(tmp_path: Path, capsys, flag: str, value
     prompts.write_text("a seven\n")
     with pytest.raises(SystemExit) as info:
         main(["detect", str(prompts), flag, value])
-    assert info.value.code == 2 and f"{flag}: expected an int >= 1, but got '{value}'" in capsys.readouterr().err
+    assert info.value.code == 2
+    assert f"{flag}: expected an int >= 1, but got '{value}'" in capsys.readouterr().err
 
 
 def test_detect_limit_scores_the_first_n_and_says_so(tmp_path: Path, capsys):
@@ -125,9 +133,12 @@ def test_disk_errors_are_messages(tmp_path: Path, capsys, monkeypatch):
     job.write_text("model: digits\ncpu_threads: 1\nshots: [{id: s, prompt: a seven, seeds: [0], steps: 1}]\n")
     (tmp_path / "out").write_text("a file")
     rc, err = run(capsys, "render", str(job), "--out", str(tmp_path / "out"))
-    assert rc == 2 and "to be a folder, but it is a file" in err
+    assert rc == 2
+    assert "to be a folder, but it is a file" in err
     monkeypatch.setattr(render, "_write_bytes", full)
     monkeypatch.setattr(memctl.atomic, "_write", full)  # the manifest and contact sheets too
     rc = main(["render", str(job), "--out", str(tmp_path / "o2")])
     captured = capsys.readouterr()
-    assert rc == 1 and "No space left on device" in captured.out and "Traceback" not in captured.err
+    assert rc == 1
+    assert "No space left on device" in captured.out
+    assert "Traceback" not in captured.err

@@ -37,11 +37,13 @@ def test_neighbours_by_hand():
     changed = perturb("a two, tag hkb", counts, random.Random(0))
     words, before = changed.split(), "a two, tag hkb".split()
     diff = [i for i, (a, b) in enumerate(zip(words, before, strict=True)) if a != b]
-    assert len(diff) == 1 and before[diff[0]] in ("tag", "hkb")  # a word the reference never uses
+    assert len(diff) == 1
+    assert before[diff[0]] in ("tag", "hkb")  # a word the reference never uses
     assert sum(x != y for x, y in zip(words[diff[0]], before[diff[0]], strict=True)) == 1  # one letter
     assert sorted(shuffle("a two, tag hkb", random.Random(1)).split()) == sorted(["a", "two", "tag", "hkb"])
     made = auto_decoys(["a two", "a seven"])
-    assert made and not set(made) & {"a two", "a seven"}
+    assert made
+    assert not set(made) & {"a two", "a seven"}
 
 
 def test_p_values_and_combine_by_hand():
@@ -61,7 +63,9 @@ def test_tpr_at_one_percent_fpr_and_the_ordinary_split():
     neg = torch.arange(200.0)  # 2 of 200 may pass: threshold 197
     assert tpr_at_fpr(torch.tensor([197.5, 197.0]), neg) == 0.5
     ref, held = split_ordinary([f"p{i}" for i in range(7)])
-    assert len(ref) == 3 and len(held) == 4 and not set(ref) & set(held)
+    assert len(ref) == 3
+    assert len(held) == 4
+    assert not set(ref) & set(held)
 
 
 def test_contrast_reads_the_neighbour_as_the_negative_prompt():
@@ -95,7 +99,8 @@ def test_the_combination_alternates_seeds():
     both = read_signals(pipe, ["ab", "ba"], COMBINED, seeds=[0, 1, 2, 3], **CALL)
     even = read_signals(pipe, ["ab", "ba"], (COMBINED[0],), seeds=[0, 2], **CALL)
     odd = read_signals(pipe, ["ab", "ba"], (COMBINED[1],), seeds=[1, 3], **CALL)
-    assert torch.equal(both[COMBINED[0]], even[COMBINED[0]]) and torch.equal(both[COMBINED[1]], odd[COMBINED[1]])
+    assert torch.equal(both[COMBINED[0]], even[COMBINED[0]])
+    assert torch.equal(both[COMBINED[1]], odd[COMBINED[1]])
     assert sum(EVALS[n] for n in COMBINED) / len(COMBINED) <= 4
     with pytest.raises(ValueError, match="signals from"):
         read_signals(pipe, ["ab"], ("loudness",), seeds=2, **CALL)
@@ -105,7 +110,8 @@ def test_the_combination_alternates_seeds():
 
 def test_screen_docstring_and_cli(tmp_path, capsys):
     result = doctest.testmod(memctl.signals, extraglobs={"memctl": memctl})
-    assert result.attempted > 0 and result.failed == 0
+    assert result.attempted > 0
+    assert result.failed == 0
     from memctl.cli import main
 
     prompts = tmp_path / "prompts.txt"
@@ -113,9 +119,12 @@ def test_screen_docstring_and_cli(tmp_path, capsys):
     assert main(["detect", str(prompts), "--seeds", "2", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["prompt"] for r in rows] == ["a two, tag hkb", "a two"]
-    assert set(rows[0]["signals"]) == set(COMBINED) and 0 < rows[0]["p_value"] <= 1
+    assert set(rows[0]["signals"]) == set(COMBINED)
+    assert 0 < rows[0]["p_value"] <= 1
     assert main(["detect", str(prompts), "--seeds", "2"]) == 0
     table = capsys.readouterr().out
-    assert "magnitude2" in table and "contrast2" in table and "flagged (p <= 0.01" in table
+    assert "magnitude2" in table
+    assert "contrast2" in table
+    assert "flagged (p <= 0.01" in table
     assert main(["detect", str(prompts), "--seeds", "2", "--signals", "magnitude", "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)[0]) == {"prompt", "magnitude", "consistency", "risk", "flagged"}

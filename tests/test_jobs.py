@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import memctl.job_outputs
+import memctl.jobfile
 import memctl.jobs
 from memctl.jobs import JobError, load_job, name_problem, parse_job
 
@@ -25,8 +27,9 @@ def errors_of(data) -> list[str]:
     return info.value.errors
 
 
-def test_doctest():
-    result = doctest.testmod(memctl.jobs)
+@pytest.mark.parametrize("module", [memctl.jobs, memctl.jobfile, memctl.job_outputs], ids=lambda m: m.__name__)
+def test_doctest(module):
+    result = doctest.testmod(module)
     assert result.failed == 0
     assert result.attempted > 0
 

@@ -13,7 +13,9 @@ def test_round_trip_and_a1111_text():
     opts = GenerationOptions(prompt="a seven", negative_prompt="a one", seed=5, fidelity=-0.5)
     assert GenerationOptions.from_dict(opts.to_dict()) == opts
     text = opts.a1111_parameters(model="digits")
-    assert text.startswith("a seven\nNegative prompt: a one\n") and "Seed: 5" in text and "Fidelity: -0.5" in text
+    assert text.startswith("a seven\nNegative prompt: a one\n")
+    assert "Seed: 5" in text
+    assert "Fidelity: -0.5" in text
 
 
 @pytest.mark.parametrize(
@@ -46,7 +48,8 @@ def test_png_settings_round_trip_and_atomic(tmp_path):
     dest = tmp_path / "x.png"
     save_png(Image.new("L", (8, 8), 3), dest, {"seed": 9, "fidelity": -1.0}, parameters="a seven\nSeed: 9")
     back = read_png_settings(dest)
-    assert back["memctl"] == {"seed": 9, "fidelity": -1.0} and back["parameters"].endswith("Seed: 9")
+    assert back["memctl"] == {"seed": 9, "fidelity": -1.0}
+    assert back["parameters"].endswith("Seed: 9")
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]  # no temp file left behind
 
 

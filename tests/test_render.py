@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import errno
 import hashlib
 import json
@@ -21,7 +22,9 @@ from PIL import Image
 
 import memctl.atomic
 import memctl.grid as grid
+import memctl.manifest
 import memctl.render as render
+import memctl.sheets
 from memctl.jobs import JobError, load_job
 from memctl.metadata import read_png_settings
 from memctl.render import encode_mp4, read_mp4_comment, render_job
@@ -571,3 +574,20 @@ def test_fuzzed_jobs_never_touch_what_memctl_did_not_write(tmp_path: Path, pipe)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs", "out", "outside.txt"], k
     assert outcomes["error"] >= 5, outcomes
     assert outcomes["rendered"] >= 5, outcomes
+
+
+@pytest.mark.parametrize("module", [memctl.atomic, memctl.manifest, memctl.sheets], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    result = doctest.testmod(module)
+    assert result.failed == 0
+    assert result.attempted > 0
+
+
+def test_atomic_write_failure_leaves_nothing(tmp_path: Path):
+    def half_then_fail(f, data: bytes) -> None:
+        f.write(data[:2])
+        raise OSError(errno.EIO, "simulated")
+
+    with pytest.raises(OSError, match="simulated"):
+        memctl.atomic.atomic_write(tmp_path / "a" / "b" / "c.bin", b"abcdef", write=half_then_fail)
+    assert list(tmp_path.iterdir()) == []  # no temp file, and the folders this call made are gone

@@ -390,7 +390,8 @@ def test_detect_ranks_the_canary_first_and_flags_it(app):
     assert table["headers"] == ["risk", "flagged", "magnitude", "consistency", "magnitude2", "contrast2", "p",
                                 "verdict", "prompt"]  # fmt: skip
     (risk_c, flagged_c, *_, first), (risk_o, flagged_o, *_, second) = table["data"]
-    assert table["data"][0][7] in ("memorized", "unusual") and table["data"][1][7] == "ordinary"
+    assert table["data"][0][7] in ("memorized", "unusual")
+    assert table["data"][1][7] == "ordinary"
     assert (first, flagged_c, second, flagged_o) == (canary, True, ordinary, False)
     assert risk_c > 3 > risk_o
     assert "1 of 2" in summary

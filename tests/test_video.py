@@ -34,7 +34,8 @@ def test_pipeline_frames_export_and_read_back(name, output_type, tmp_path):
     frames = pipe(**{**call, "output_type": output_type}, generator=torch.Generator().manual_seed(0)).frames[0]
     n, size = call["num_frames"], (call["width"], call["height"])
     video = as_uint8_frames(frames)
-    assert video.shape == (n, size[1], size[0], 3) and video.dtype == np.uint8
+    assert video.shape == (n, size[1], size[0], 3)
+    assert video.dtype == np.uint8
     assert all((video[i] != video[i + 1]).any() for i in range(n - 1))  # distinct frames: GIF keeps them all
     export_mp4(frames, tmp_path / "clip.mp4", fps=8, comment="fidelity=-0.5")
     export_gif(frames, tmp_path / "clip.gif", fps=8, comment="fidelity=-0.5")
@@ -56,7 +57,9 @@ def test_metadata_comment(tmp_path):
         b"memctl fidelity=-0.5" in export_mp4(frames, tmp_path / "a.mp4", comment="memctl fidelity=-0.5").read_bytes()
     )
     with Image.open(export_gif(frames, tmp_path / "a.gif", fps=4, comment="memctl")) as im:
-        assert im.info["comment"] == b"memctl" and im.info["duration"] == 250 and im.info["loop"] == 0
+        assert im.info["comment"] == b"memctl"
+        assert im.info["duration"] == 250
+        assert im.info["loop"] == 0
 
 
 def test_frame_formats_agree():
@@ -104,7 +107,8 @@ def test_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     monkeypatch.setattr(imageio_ffmpeg, "write_frames", broken)
     with pytest.raises(OSError, match="disk full"):
         export_mp4(np.zeros((2, 4, 4, 3)), path)
-    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.mp4"]
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.mp4"]
 
 
 def test_missing_ffmpeg_is_a_clear_error(tmp_path, monkeypatch):
