@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+
 from PIL import Image, ImageDraw
 
 from memctl.grid import _font, wrap
@@ -17,8 +19,15 @@ from memctl.grid import _font, wrap
 CELL_W, CELL_H, LABEL_W, TOP = 64, 20, 250, 56
 
 
-def _colour(v: float) -> tuple[int, int, int]:
-    """Diverging: red = memorization-heavy (v > 0), blue = generalization-heavy (v < 0), white = 0; v in [-1, 1]."""
+def score_colour(v: float) -> tuple[int, int, int]:
+    """The one block-map palette (these pictures and the app's): diverging, red = memorization-heavy (v > 0), blue =
+    generalization-heavy (v < 0), white = 0, grey = not a number; v in [-1, 1] (score / max |score|).
+
+    >>> score_colour(1.0), score_colour(-0.5), score_colour(0.0)
+    ((255, 0, 0), (127, 127, 255), (255, 255, 255))
+    """
+    if not math.isfinite(v):
+        return (200, 200, 200)
     v = max(-1.0, min(1.0, v))
     fade = int(255 * (1 - abs(v)))
     return (255, fade, fade) if v >= 0 else (fade, fade, 255)
@@ -73,7 +82,7 @@ def heatmap(bmap, title: str | None = None) -> Image.Image:
         for j in range(len(levels)):
             v = float(scores[i, j])
             x = LABEL_W + j * CELL_W
-            draw.rectangle((x, y, x + CELL_W - 2, y + CELL_H - 2), fill=_colour(v / scale))
+            draw.rectangle((x, y, x + CELL_W - 2, y + CELL_H - 2), fill=score_colour(v / scale))
             draw.text((x + 6, y + 3), f"{v:+.3f}", fill="black", font=font)
     for k, line in enumerate(lines):
         draw.text((6, TOP + CELL_H * bmap.n_blocks + 8 + 16 * k), line, fill="dimgray", font=font)

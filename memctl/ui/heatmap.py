@@ -7,7 +7,8 @@
 0
 
 Red cells are memorization-heavy (positive score), blue cells generalization-heavy (negative), white neutral;
-colours are scaled by the largest |score| in the map, which the legend states.
+colours (`memctl.plots.score_colour`, the palette of `memctl.plots.heatmap` too) are scaled by the largest
+|score| in the map, which the legend states.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from memctl.grid import _font
+from memctl.plots import score_colour
 
 ROW = 16  # pixels per block row
 CELL = 48  # pixels per noise-level column
@@ -85,7 +89,7 @@ def draw_heatmap(grid: ScoreGrid, selected: int | None = None) -> Image.Image:
         for j, value in enumerate(row):
             left = label_w + j * CELL
             draw.rectangle(
-                [left, top, left + CELL - 1, top + ROW - 1], fill=_colour(value / scale), outline=(230, 230, 230)
+                [left, top, left + CELL - 1, top + ROW - 1], fill=score_colour(value / scale), outline=(230, 230, 230)
             )
     if selected is not None and 0 <= selected < len(grid.names):
         top = HEADER + selected * ROW
@@ -93,25 +97,9 @@ def draw_heatmap(grid: ScoreGrid, selected: int | None = None) -> Image.Image:
     return picture
 
 
-def _colour(x: float) -> tuple[int, int, int]:
-    """Diverging white-centred colour for x in [-1, 1]: red for positive, blue for negative, grey for nan."""
-    if not math.isfinite(x):
-        return (200, 200, 200)
-    x = max(-1.0, min(1.0, x))
-    fade = int(round(255 * (1 - abs(x))))
-    return (255, fade, fade) if x > 0 else (fade, fade, 255)
-
-
 def _mean(row: list[float]) -> float:
     finite = [v for v in row if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
 
 
 def _text_width(font, text: str) -> int:
