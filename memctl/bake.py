@@ -86,8 +86,8 @@ def unit_factors(bmap: BlockMap, fidelity: float, strength: float = 1.0) -> torc
     """Each block's knob factor `(n_blocks,)` at `fidelity`, averaged over the map's noise levels."""
     from memctl.knob import knob_law
 
-    scale = float(bmap.meta.get("knob_scale") or (bmap.scores.abs().max() if bmap.n_blocks else 1.0))
-    floor = 1.0 - float(bmap.meta.get("pull_max", 1.0)) if bmap.lever == "condition" else 0.0
+    scale = bmap.lever_config.knob_scale or float(bmap.scores.abs().max() if bmap.n_blocks else 1.0)
+    floor = 1.0 - bmap.lever_config.pull_max if bmap.lever == "condition" else 0.0
     return knob_law(bmap.scores.float(), fidelity, strength, scale, floor).mean(1)
 
 

@@ -15,6 +15,7 @@ of Wan 2.2 (`BlockMap.combine`). Files are safetensors with JSON metadata: no pi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 from memctl.atomic import atomic_path
 from memctl.blocks import find_blocks, unwrap
 from memctl.fingerprints import _fingerprint_and_sample, _same_up_to_cast, default_component, fingerprint
+from memctl.lever_config import LeverConfig
 
 __all__ = ["BlockMap", "fingerprint", "default_component"]
 
@@ -52,7 +54,7 @@ class BlockMap:
     fingerprints: dict[str, str]  # component -> fingerprint(denoiser)
     granularity: str = "unit"  # "unit" | "stage" | "mixed"
     method: str = "manual"  # how the scores were made ("ablation", ...)
-    meta: dict = field(default_factory=dict)  # JSON-able probe summary
+    meta: dict = field(default_factory=dict)  # JSON-able probe summary, and the lever's settings (`lever_config`)
     samples: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # component -> weight sample
     lever: str = "residual"  # "residual": scale residual updates; "condition": pull memorized conditioning tokens
     lever_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # e.g. subspace read/write
@@ -106,6 +108,19 @@ class BlockMap:
             raise ValueError(
                 f"Expected meta to be JSON-serialisable (str, numbers, lists, dicts), but got: {e}"
             ) from e
+        LeverConfig.from_meta(self.meta)  # the lever's settings in meta are valid
+
+    @property
+    def lever_config(self) -> LeverConfig:
+        """How this map's lever acts (gains, pull, scale, fidelity mode), validated; stored in `meta`."""
+        return LeverConfig.from_meta(self.meta)
+
+    def with_lever(self, **changes) -> BlockMap:
+        """A copy whose lever settings are changed, e.g. `bmap.with_lever(pull_max=2.0)` (validated)."""
+        config = LeverConfig.from_dict({**self.lever_config.to_dict(), **changes})
+        return dataclasses.replace(
+            self, meta={**self.meta, **{k: v for k, v in config.to_dict().items() if v is not None}}
+        )
 
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod

@@ -82,8 +82,8 @@ class TextEdit:
         model = pipe_or_denoiser if isinstance(pipe_or_denoiser, torch.nn.Module) else denoiser_of(pipe_or_denoiser)
         self.model, self.bmap, self.fidelity = unwrap(model), bmap, float(fidelity)
         row = _top_row(bmap, _cross_attention_rows(self.model, bmap))
-        scale = float(bmap.meta.get("knob_scale") or bmap.scores.abs().max())
-        floor = 1.0 - float(bmap.meta.get("pull_max", 1.0))
+        scale = bmap.lever_config.knob_scale or float(bmap.scores.abs().max())
+        floor = 1.0 - bmap.lever_config.pull_max
         self.alpha = (1 - knob_law(row, self.fidelity, 1.0, scale, floor)).numpy()  # (n_levels,)
         self.levels = bmap.levels.numpy() if bmap.levels is not None else np.zeros(1)
         self.cache = PullCache()  # the text states stay one tensor for every step of a call

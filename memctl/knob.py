@@ -44,19 +44,17 @@ from memctl.hooks import (
     PullCache,
     ResidualScaleHook,
     TimestepHook,
-    attach,
     cross_attentions,
-    detach,
     module_device,
 )
-from memctl.knob_state import KnobInfo, _KnobState, knob_law
+from memctl.knob_state import STATE_ATTR, KnobInfo, _KnobState, knob_law
 from memctl.passes import PASS_MODES, PASSES, CondRows, CondRowsHook, PassHook
 
 __all__ = [
     "knob_law", "apply_knob", "set_fidelity", "fidelity", "temporary_knob", "remove_knob", "get_knob", "KnobInfo"
 ]  # fmt: skip
 
-_ATTR = "_memctl_knob"
+_ATTR = STATE_ATTR
 _BUFFERS = ("_memctl_knob_scores", "_memctl_knob_levels", "_memctl_knob_fidelity")
 # Denoisers whose pipelines pass timestep / 1000 (already a normalized noise level).
 _UNIT_TIMESTEP = {
@@ -139,7 +137,7 @@ def apply_knob(
         raise ValueError(
             f"Expected a finite strength >= 0 (use a negative fidelity to reverse), but got {strength!r}."
         )
-    mode = fidelity_mode if fidelity_mode is not None else bmap.meta.get("fidelity_mode", "guidance")
+    mode = fidelity_mode if fidelity_mode is not None else (bmap.lever_config.fidelity_mode or "guidance")
     if mode not in FIDELITY_MODES:
         raise ValueError(f"Expected fidelity_mode in {FIDELITY_MODES}, but got {mode!r}.")
     start, stop = _check_real("start", start, 0.0, 1.0), _check_real("stop", stop, 0.0, 1.0)
@@ -152,7 +150,7 @@ def apply_knob(
                 f"Expected the weights of {component} in memory, but they are offloaded (meta device), as "
                 f"enable_sequential_cpu_offload leaves them: apply the knob before enabling sequential offload."
             )
-    scale = float(bmap.meta.get("knob_scale") or (bmap.scores.abs().max() if bmap.n_blocks else 1.0))
+    scale = bmap.lever_config.knob_scale or float(bmap.scores.abs().max() if bmap.n_blocks else 1.0)
     remove_knob(pipe_or_denoiser)  # every denoiser, including ones this map does not cover
     for component, module in pairs:
         try:
@@ -219,22 +217,22 @@ def _install(
             group.append(hooks[leaf.target])
         groups.append(group)
     cache.size = max(cache.size, 2 * sum(isinstance(h, ConditionHook) for h in hooks.values()))
-    module.register_buffer(_BUFFERS[0], part.scores.to(device), persistent=False)
+    module.__dict__[_ATTR] = state  # from here on, a failure's remove_knob finds what to take off
+    state.register(module, _BUFFERS[0], part.scores.to(device))
     levels = part.levels if part.levels is not None else torch.zeros(1)
-    module.register_buffer(_BUFFERS[1], levels.to(device), persistent=False)
-    module.register_buffer(_BUFFERS[2], torch.tensor(0.0, device=device), persistent=False)
-    module.__dict__[_ATTR] = state
-    attach(module, hooks, KNOB)
+    state.register(module, _BUFFERS[1], levels.to(device))
+    state.register(module, _BUFFERS[2], torch.tensor(0.0, device=device))
+    state.attach(module, hooks, KNOB)
     if inside:
         state.guide = guide
     elif state.guidance_gain > 0:  # innermost root hook: the clock (outside it) sets the factors first
         state.guide = GuidanceHook(state)
-        attach(module, {"": state.guide}, GUIDE)
-    attach(module, {"": TimestepHook(state.on_timestep, timestep_scale)}, CLOCK)
+        state.attach(module, {"": state.guide}, GUIDE)
+    state.attach(module, {"": TimestepHook(state.on_timestep, timestep_scale)}, CLOCK)
     if passes == "cond":
         state.passes = passes
         rows = [h for h in hooks.values() if isinstance(h, CondRowsHook)]
-        attach(module, {"": PassHook(CondRows(pipe, module, rows))}, PASSES)
+        state.attach(module, {"": PassHook(CondRows(pipe, module, rows))}, PASSES)
 
 
 def _knobbed(target: Any) -> list[tuple[torch.nn.Module, _KnobState]]:
@@ -364,13 +362,9 @@ def temporary_knob(
 def remove_knob(pipe_or_denoiser: Any) -> None:
     """Remove the knob's hooks, buffers and state: the model is untouched again (no-op without a knob)."""
     for _, module in _denoisers(pipe_or_denoiser):
-        detach(module, PASSES)
-        detach(module, CLOCK)
-        detach(module, GUIDE)
-        detach(module, KNOB)
-        for name in _BUFFERS:
-            module._buffers.pop(name, None)
-        module.__dict__.pop(_ATTR, None)
+        state = module.__dict__.get(_ATTR)
+        if state is not None:
+            state.remove(module)
 
 
 def get_knob(pipe: Any) -> KnobInfo | None:

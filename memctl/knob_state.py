@@ -7,17 +7,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers.hooks import ModelHook
 
 from memctl.attention_guidance import AttentionGuide
 from memctl.blockmap import BlockMap
 from memctl.guidance import GuidanceHook
 from memctl.hooks import ResidualScaleHook
+from memctl.registry import attach, detach
 
 __all__ = ["KnobInfo", "knob_law"]
+
+STATE_ATTR = "_memctl_knob"  # the `_KnobState` on a knobbed denoiser (pipelines sharing the module share it)
 
 
 def knob_law(
@@ -45,25 +50,54 @@ def knob_law(
     return (1 + strength * fidelity * norm).clamp(floor, 2)
 
 
+@dataclass(eq=False)
 class _KnobState:
-    """What `apply_knob` put on one denoiser; its `on_timestep` is the clock hook's callback."""
+    """What `apply_knob` put on one denoiser: its settings, the hooks it attached and the buffers it registered,
+    which `remove` takes off again; its `on_timestep` is the clock hook's callback."""
 
-    def __init__(self, bmap, component, strength, start, stop, scale, groups, timestep_scale, mode="guidance"):
-        self.bmap, self.component, self.fidelity_mode = bmap, component, mode
-        self.strength, self.start, self.stop, self.scale = strength, start, stop, scale
-        self.groups: list[list[ResidualScaleHook]] = groups
-        self.timestep_scale = timestep_scale
-        self.passes = "both"  # or "cond": the conditional pass only (set by _install)
-        self.positive_gain = float(bmap.meta.get("positive_gain", 1.0))  # fidelity > 0 acts this much weaker
+    bmap: BlockMap
+    component: str
+    strength: float
+    start: float
+    stop: float
+    scale: float | None
+    groups: list[list[ResidualScaleHook]]  # per block of the map, its hooks (their scales are set together)
+    timestep_scale: float
+    fidelity_mode: str = "guidance"
+    passes: str = "both"  # or "cond": the conditional pass only (set by _install)
+    fidelity: float = 0.0
+    guide: GuidanceHook | AttentionGuide | None = None
+    pull: torch.Tensor | None = None  # (n_groups,) the lever's factors at fidelity -1 for this call
+    attached: list[tuple[str, str]] = field(default_factory=list)  # (module path, hook name), in attach order
+    buffers: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        config, condition = self.bmap.lever_config, self.bmap.lever == "condition"
+        self.positive_gain = config.positive_gain  # fidelity > 0 acts this much weaker
         # condition lever: fidelity > 0 guides toward the memorized component (memctl.guidance), one extra pass
-        self.guidance_gain = float(bmap.meta.get("fidelity_guidance", 0.0)) if bmap.lever == "condition" else 0.0
-        if mode == "attention" and bmap.lever == "condition":  # inside the units (memctl.attention_guidance)
-            self.guidance_gain = float(bmap.meta.get("attention_guidance", self.guidance_gain))
-        self.guide: GuidanceHook | AttentionGuide | None = None
+        self.guidance_gain = config.fidelity_guidance if condition else 0.0
+        if self.fidelity_mode == "attention" and condition and config.attention_guidance is not None:
+            self.guidance_gain = config.attention_guidance  # inside the units (memctl.attention_guidance)
         # condition lever, fidelity < 0: memorized tokens pulled up to `pull_max` times the way to the general ones
-        self.floor = 1.0 - float(bmap.meta.get("pull_max", 1.0)) if bmap.lever == "condition" else 0.0
-        self.pull: torch.Tensor | None = None  # (n_groups,) the lever's factors at fidelity -1 for this call
-        self.fidelity = 0.0
+        self.floor = 1.0 - config.pull_max if condition else 0.0
+
+    def attach(self, module: torch.nn.Module, hooks: Mapping[str, ModelHook], name: str) -> None:
+        """`memctl.registry.attach`, remembered for `remove`."""
+        self.attached += attach(module, hooks, name)
+
+    def register(self, module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+        """A non-persistent buffer on `module`, remembered for `remove`."""
+        module.register_buffer(name, tensor, persistent=False)
+        self.buffers.append(name)
+
+    def remove(self, module: torch.nn.Module) -> None:
+        """Take off what this state put on `module`: its hooks newest first, its buffers, itself."""
+        detach(module, "", only=self.attached)
+        self.attached = []
+        for name in self.buffers:
+            module._buffers.pop(name, None)
+        self.buffers = []
+        module.__dict__.pop(STATE_ATTR, None)
 
     def on_timestep(self, module: torch.nn.Module, t: torch.Tensor) -> None:
         f = module._memctl_knob_fidelity.float()

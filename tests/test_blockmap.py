@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 import memctl.blockmap
 import memctl.fingerprints
+import memctl.lever_config
 from memctl.blockmap import BlockMap, fingerprint
 from memctl.blocks import find_blocks
 from tests.tiny import build, doc_globs
@@ -152,7 +153,9 @@ def test_combine_and_select_for_two_experts():
         BlockMap.combine(ma, ma)
 
 
-@pytest.mark.parametrize("module", [memctl.blockmap, memctl.fingerprints], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "module", [memctl.blockmap, memctl.fingerprints, memctl.lever_config], ids=lambda m: m.__name__
+)
 def test_docstring_examples(tmp_path, module):
     result = doctest.testmod(module, extraglobs=doc_globs(tmp_path))
     assert result.failed == 0
@@ -292,3 +295,35 @@ def test_fuzzed_map_files_give_clean_errors_or_sound_maps(tmp_path, unet, bmap):
             assert m.lever_tensors["g_inv_half"].shape == (d, d), k
     assert outcomes["error"] > 100, outcomes
     assert outcomes["loaded"] > 5, outcomes
+
+
+def test_lever_config_defaults_changes_and_round_trip(bmap, tmp_path):
+    from memctl.lever_config import LeverConfig
+
+    assert bmap.lever_config == LeverConfig()  # a map without lever settings: the defaults
+    changed = bmap.with_lever(positive_gain=0.0, pull_max=2.0, knob_scale=0.5)
+    assert changed.lever_config.pull_max == 2.0
+    assert changed.lever_config.knob_scale == 0.5
+    assert changed.meta["probes"] == 3  # the probe's summary is kept
+    assert bmap.lever_config == LeverConfig()  # the original is unchanged
+    changed.save(tmp_path / "m.safetensors")
+    assert BlockMap.load(tmp_path / "m.safetensors").lever_config == changed.lever_config
+    with pytest.raises(ValueError, match="Expected lever settings among"):
+        bmap.with_lever(pull_maks=2.0)
+
+
+def test_shipped_map_files_load_their_lever_settings():
+    from memctl.zoo import load_testbed
+
+    config = load_testbed("digits").block_map().lever_config
+    assert config.pull_max == 2.0  # as the shipped file's meta says
+    assert config.positive_gain == 0.0
+    assert config.fidelity_guidance > 0
+
+
+def test_bad_lever_settings_are_refused(unet):
+    scores = {b.name: 1.0 for b in find_blocks(unet)}
+    with pytest.raises(ValueError, match="Expected pull_max to be a finite number >= 0, but got -1.0"):
+        BlockMap.from_scores(unet, scores, meta={"pull_max": -1.0})
+    with pytest.raises(ValueError, match="Expected fidelity_mode in"):
+        BlockMap.from_scores(unet, scores, meta={"fidelity_mode": "pass"})
