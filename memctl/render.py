@@ -43,7 +43,7 @@ from memctl.video import encode_mp4, read_mp4_comment
 
 __all__ = [
     "LOCK", "MANIFEST", "SHEET_CELL", "SHEET_MAX", "STATE_DIR", "Renderer", "Summary", "atomic_write",
-    "contact_sheet", "encode_mp4", "lock_out", "main", "read_mp4_comment", "render_job", "write_contact_sheets",
+    "contact_sheet", "encode_mp4", "lock_out", "read_mp4_comment", "render_job", "write_contact_sheets",
 ]  # fmt: skip
 
 LOCK = "lock"  # in STATE_DIR: held (fcntl.flock) by the main process for the whole run
@@ -207,16 +207,3 @@ def _save(
         return reason if err.errno in _FATAL else None
     summary.done.append(o.name)
     return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`memctl render JOB ...` as a function that returns the exit code (`python -m memctl.render` runs it too).
-
-    Under accelerate the documented command is `accelerate launch ... -m memctl render JOB ...`."""
-    from memctl.cli import main as cli_main
-
-    return cli_main(["render", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -25,6 +25,7 @@ import memctl.grid as grid
 import memctl.manifest
 import memctl.render as render
 import memctl.sheets
+from memctl.cli import main as cli_main
 from memctl.jobs import JobError, load_job
 from memctl.metadata import read_png_settings
 from memctl.render import encode_mp4, read_mp4_comment, render_job
@@ -156,7 +157,8 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted(reference, tmp_path: Pat
         "        print('blocked', flush=True)\n"
         "        threading.Event().wait()\n"
         "r._append_line = blocking\n"
-        f"sys.exit(r.main([{str(job)!r}, '--out', {str(out)!r}]))\n"
+        "from memctl.cli import main\n"
+        f"sys.exit(main(['render', {str(job)!r}, '--out', {str(out)!r}]))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)  # fmt: skip
@@ -211,7 +213,7 @@ def test_failing_shot_does_not_stop_the_others(tmp_path: Path, capsys, monkeypat
     monkeypatch.setattr(render.Renderer, "encode", fail_on_shot_broken)
     shots = [{"id": "broken", "prompt": "a seven", "seeds": [0]}, JOB["shots"][0]]
     job = write_job(tmp_path, {**JOB, "shots": shots})
-    assert render.main([str(job), "--out", str(tmp_path / "out")]) == 1
+    assert cli_main(["render", str(job), "--out", str(tmp_path / "out")]) == 1
     text = capsys.readouterr().out
     assert "8 done, 0 skipped (already done), 1 failed" in text
     assert "failed broken/f+0.00_s0.png: ValueError: Expected a working shot" in text
@@ -293,7 +295,7 @@ WORDS = {"missing field": "field `prompt`", "wrong type": "but got 'four'", "unk
 def test_bad_job_is_a_clear_error_and_writes_nothing(case: str, tmp_path: Path, capsys):
     job = write_job(tmp_path, BAD[case](tmp_path))
     out = tmp_path / "out"
-    assert render.main([str(job), "--out", str(out)]) == 2
+    assert cli_main(["render", str(job), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"memctl render: error: {job} is not a valid job" in err, err
     assert WORDS[case] in err, err
@@ -431,7 +433,7 @@ SMALL_NAMES = ["seven/f+0.00_s0.png", "seven/f+0.00_s1.png"]
 def test_out_that_is_a_file_or_unwritable_is_a_clear_error(tmp_path: Path, monkeypatch, capsys):
     job = write_job(tmp_path, SMALL)
     (tmp_path / "file").write_text("mine")
-    assert render.main([str(job), "--out", str(tmp_path / "file")]) == 2
+    assert cli_main(["render", str(job), "--out", str(tmp_path / "file")]) == 2
     assert (
         f"memctl render: error: Expected --out {tmp_path / 'file'} to be a folder, but it is a file."
         in capsys.readouterr().err
@@ -445,7 +447,7 @@ def test_out_that_is_a_file_or_unwritable_is_a_clear_error(tmp_path: Path, monke
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", read_only)
-    assert render.main([str(job), "--out", str(tmp_path / "ro")]) == 2
+    assert cli_main(["render", str(job), "--out", str(tmp_path / "ro")]) == 2
     assert "Expected a writable output folder at" in capsys.readouterr().err
 
 
