@@ -57,9 +57,13 @@ from typing import Any
 
 import torch
 
+from memctl.atomic import file_mode
 from memctl.blockmap import BlockMap, fingerprint
 from memctl.blocks import find_blocks, unwrap
 from memctl.hooks import cross_attentions, list_hooks
+from memctl.knob import _check_real, _pairs, knob_law
+from memctl.pipeline import PixelPipeline
+from memctl.subspace import pull_to_general
 
 __all__ = ["bake", "BAKE_KEY", "condition_edit"]
 
@@ -84,8 +88,6 @@ def _check_fidelity(fidelity: Any) -> float:
 
 def unit_factors(bmap: BlockMap, fidelity: float, strength: float = 1.0) -> torch.Tensor:
     """Each block's knob factor `(n_blocks,)` at `fidelity`, averaged over the map's noise levels."""
-    from memctl.knob import knob_law
-
     scale = bmap.lever_config.knob_scale or float(bmap.scores.abs().max() if bmap.n_blocks else 1.0)
     floor = 1.0 - bmap.lever_config.pull_max if bmap.lever == "condition" else 0.0
     return knob_law(bmap.scores.float(), fidelity, strength, scale, floor).mean(1)
@@ -118,8 +120,6 @@ def condition_edit(
     >>> torch.allclose(m, torch.eye(m.shape[0], dtype=m.dtype))
     True
     """
-    from memctl.subspace import pull_to_general
-
     bank = tensors["bank"].double()  # (P, L, D)
     mem = _memorized_states(tensors, memorized)  # (N, L, D)
     pulled = pull_to_general(mem, tensors["read"].double(), tensors["tau"].double(), bank, torch.tensor(alpha))
@@ -204,8 +204,6 @@ def _stock_class(pipe) -> type:
     """The nearest class of `pipe` a plain diffusers (or memctl, for PixelPipeline) install knows."""
     from diffusers import DiffusionPipeline
 
-    from memctl.pipeline import PixelPipeline
-
     for cls in type(pipe).__mro__:
         if cls is PixelPipeline or (cls.__module__.startswith("diffusers.") and cls is not DiffusionPipeline):
             return cls
@@ -247,8 +245,6 @@ def _prepare_out(out_dir: str | os.PathLike) -> tuple[Path, Path]:
 def _save(baked, component: str, provenance: dict, out_dir) -> Path:
     from safetensors.torch import save_file
 
-    from memctl.metadata import file_mode
-
     out, tmp = _prepare_out(out_dir)
     try:
         baked.save_pretrained(tmp, safe_serialization=True)
@@ -285,8 +281,6 @@ def bake(
     `prompts`: memorized prompts whose text states the condition edit fits (default: stand-ins made from the
     map). `lam`: weight of the general states against the memorized ones. `strength` as in `apply_knob`.
     """
-    from memctl.knob import _check_real, _pairs
-
     fidelity = _check_fidelity(fidelity)
     strength = _check_real("strength", strength, 0.0, math.inf)
     lam = _check_real("lam", lam, 0.0, math.inf)

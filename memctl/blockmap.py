@@ -29,6 +29,7 @@ from memctl.atomic import atomic_path
 from memctl.blocks import find_blocks, unwrap
 from memctl.fingerprints import _fingerprint_and_sample, _same_up_to_cast, default_component, fingerprint
 from memctl.lever_config import LeverConfig
+from memctl.subspace import weight_threshold
 
 __all__ = ["BlockMap", "fingerprint", "default_component"]
 
@@ -211,8 +212,6 @@ class BlockMap:
         meta = {**self.meta, "control": {"shuffled_seed": seed, "permutation": perm.tolist()}}
         tensors = dict(self.lever_tensors)
         if self.lever == "condition":
-            from memctl.subspace import weight_threshold
-
             d, k = tensors["read"].shape
             q, _ = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))
             tensors["read"] = (tensors["g_inv_half"].double() @ q).float()

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from diffusers.hooks import ModelHook
 
+from memctl import subspace
 from memctl.blocks import Block, unwrap
 from memctl.registry import attach, attached, detach, list_hooks
 
@@ -185,15 +186,13 @@ class PullCache:
         self.size, self.entries = int(size), {}  # key -> (input kept alive, w, g)
 
     def parts(self, e, read, tau, bank) -> tuple[torch.Tensor, torch.Tensor]:
-        from memctl.subspace import pull_parts
-
         tensors = (e, read, tau, bank)
         if torch.compiler.is_compiling() or e.requires_grad or any(t.is_inference() for t in tensors):
-            return pull_parts(e, read, tau, bank)  # inference tensors have no version counter to key on
+            return subspace.pull_parts(e, read, tau, bank)  # inference tensors have no version counter to key on
         key = tuple(_tensor_key(t) for t in tensors)
         hit = self.entries.pop(key, None)
         if hit is None:
-            hit = (e, *pull_parts(e, read, tau, bank))
+            hit = (e, *subspace.pull_parts(e, read, tau, bank))
             while len(self.entries) >= self.size:
                 self.entries.pop(next(iter(self.entries)))
         self.entries[key] = hit  # most recent last
@@ -244,14 +243,12 @@ class ConditionHook(ModelHook):
         return getattr(self._module, self.buffer)
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        from memctl.subspace import pull_with
-
         e = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         if e is None:
             return args, kwargs
         read, tau, bank = (getattr(module, f"{self.buffer}_{k}") for k in self._TENSORS)
         w, g = self.cache.parts(e, read, tau, bank)
-        new = pull_with(e, w, g, 1 - getattr(module, self.buffer))
+        new = subspace.pull_with(e, w, g, 1 - getattr(module, self.buffer))
         if "encoder_hidden_states" in kwargs or len(args) < 2:
             kwargs["encoder_hidden_states"] = new
         else:

@@ -22,6 +22,7 @@ With `memctl.signals.screen` scores beside them, the table adds the default sign
 
 from __future__ import annotations
 
+from memctl.defaults import ALPHA
 from memctl.detection import prompt_lines
 
 MAX_PROMPTS = 200  # one request holds the model's lock; more prompts belong in `memctl detect PROMPTS.txt`
@@ -96,8 +97,6 @@ def summary(scores, reference: int | None, threshold: float, note: str = "", scr
 
 
 def _screen_note(screened) -> str:
-    from memctl.defaults import ALPHA
-
     n = sum(s.flagged for s in screened)
     return (
         f" **Verdict: {n} of {len(screened)} memorized** (p <= {ALPHA:g}). magnitude2 = the pull over the first two "
