@@ -32,6 +32,7 @@ generalization-heavy. Probe noise comes from `seed` (below 10,000; evaluations u
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ from memctl.blocks import find_blocks, pipeline_denoisers
 from memctl.calibrate import fidelity_gain
 from memctl.guidance import DEFAULT_GAIN
 from memctl.hooks import ConditionHook, attached, cross_attentions, scaled
-from memctl.probeset import ProbeSet
+from memctl.probeset import ProbeSet, default_method
 from memctl.quiet import quiet
 from memctl.subspace import fit_subspace, weight_threshold
 
@@ -79,8 +80,6 @@ def text_states(pipe, prompts: list[str]) -> torch.Tensor:
     """What the denoiser's cross-attention reads for each prompt: `(P, L, D)`. PixelPipeline, SD 1.x/2.x, SDXL and
     AnimateDiff: the `encode_prompt` states. Wan 2.1/2.2: those states through the transformer's text projection
     (`condition_embedder.text_embedder`), which every block's `attn2` reads."""
-    import inspect
-
     params = inspect.signature(pipe.encode_prompt).parameters if hasattr(pipe, "encode_prompt") else {}
     if list(params) == ["prompts"]:  # memctl.PixelPipeline
         return pipe.encode_prompt(prompts)
@@ -330,7 +329,7 @@ def attribute_prompt(
 def probe(
     pipe,
     probes: ProbeSet,
-    method: str = "ablation",
+    method: str | None = None,
     noise_levels=NOISE_LEVELS,
     granularity: str = "unit",
     seed: int = 0,
@@ -339,13 +338,15 @@ def probe(
 ):
     """Attribute memorization vs generalization to the blocks of `pipe`'s denoiser; returns a `BlockMap`.
 
-    `noise_levels` (methods "ablation" and "condition"): the noise levels the probes are scored at; method
-    "prompt" samples from pure noise and takes none. `call_kwargs` (method "prompt" only): extra arguments of the
-    pipeline calls that read the signal, e.g. `{"height": 512, "width": 512}` or `{"num_frames": 16}`."""
+    `method` None (default): the best measured lever, `memctl.probeset.default_method`. `noise_levels` (methods
+    "ablation" and "condition"): the noise levels the probes are scored at; method "prompt" takes none.
+    `call_kwargs` (method "prompt" only): extra arguments of the pipeline calls that read the signal, e.g.
+    `{"height": 512, "width": 512}` or `{"num_frames": 16}`."""
     from memctl.blockmap import BlockMap
 
     if not isinstance(probes, ProbeSet):
         raise ValueError(f"Expected a memctl.ProbeSet, but got {type(probes).__name__}.")
+    method = default_method(pipe, probes, granularity) if method is None else method
     if not 0 <= seed < 10_000:
         raise ValueError(f"Expected a probe seed in [0, 10000) (evaluation seeds start at 10000), but got {seed}.")
     if call_kwargs and method != "prompt":

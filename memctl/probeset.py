@@ -106,3 +106,19 @@ class ProbeSet:
             "images": self.has_images(),
             "sha256": h.hexdigest()[:16],
         }
+
+
+def default_method(pipe, probes: ProbeSet, granularity: str = "unit") -> str:
+    """The probe method `memctl.probe` takes when none is given: the best measured lever (README, Results).
+
+    "condition" for (prompt, image) probes of a pixel-space text-to-image pipeline (its condition lever de-copies
+    canaries where ablation maps do not); "prompt" for probes without images (the condition lever where the denoiser
+    cross-attends to the prompt, else the residual one); "ablation" otherwise, and for any `granularity` but "unit".
+    """
+    if granularity != "unit":
+        return "ablation"
+    if not probes.has_images():
+        return "prompt"
+    text = all(isinstance(c, str) for c in probes.conditions("memorized") + probes.conditions("general"))
+    pixel = text and getattr(pipe, "vae", None) is None and hasattr(pipe, "encode_prompt")
+    return "condition" if pixel else "ablation"

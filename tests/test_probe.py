@@ -440,3 +440,23 @@ def test_fidelity_gain_is_the_denoising_optimal_step():
     assert _largest_within(1.0, 0.0, 0.0, 0.05) == math.inf
     # a probe error a = -2 d is fixed best by g = 2
     assert abs(_largest_within(4.0, -2.0, 1.0, 0.0) - 4.0) < 1e-12
+
+
+def test_the_default_method_is_the_best_measured_lever(pipe, probes):
+    """No method given: the condition lever for (prompt, image) probes of a pixel pipeline, "prompt" without
+    images, "ablation" for latent pipelines, class labels or another granularity."""
+    from tiny import tiny_pipeline
+
+    from memctl.probeset import default_method
+
+    prompts_only = ProbeSet(
+        memorized=[(p, None) for p, _ in probes.memorized], general=[(p, None) for p, _ in probes.general]
+    )
+    assert default_method(pipe, probes) == "condition"
+    assert default_method(pipe, prompts_only) == "prompt"
+    assert default_method(pipe, probes, granularity="stage") == "ablation"
+    assert default_method(tiny_pipeline("sd"), probes) == "ablation"  # latent: the condition method needs pixels
+    labels = ProbeSet(memorized=[(1, _im())], general=[(2, _im())])
+    assert default_method(pipe, labels) == "ablation"
+    bmap = memctl.probe(pipe, probes, noise_levels=(0.5,), progress=False)
+    assert bmap.method == "condition" and bmap.lever == "condition"
