@@ -113,7 +113,7 @@ def test_first_screen_shows_a_canary_sweep(page, app):
 
     FIRST_SCREEN.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(FIRST_SCREEN))
-    if os.environ.get("MEMCTL_UPDATE_DOCS") == "1":  # the picture in ui/README.md: a small palette PNG
+    if os.environ.get("MEMCTL_UPDATE_DOCS") == "1":  # the picture in memctl/ui/README.md: a small palette PNG
         Image.open(FIRST_SCREEN).convert("RGB").quantize(64).save(DOCS_FIRST_SCREEN, optimize=True)
 
 
