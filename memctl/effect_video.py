@@ -20,7 +20,15 @@ from tqdm.auto import tqdm
 from memctl.baselines import BASELINES
 from memctl.blocks import pipeline_denoisers
 from memctl.controls import TextEdit, control_maps
-from memctl.effect import BASELINE_SETTINGS, CONTROL_FIDELITIES, CONTROL_SEEDS, KNOB_FIDELITIES, _measure, bars
+from memctl.effect import (
+    BASELINE_SETTINGS,
+    CONTROL_FIDELITIES,
+    CONTROL_SEEDS,
+    KNOB_FIDELITIES,
+    _headline,
+    _measure,
+    bars,
+)
 from memctl.evaluate import EvalSpec
 from memctl.knob import apply_knob, fidelity, remove_knob
 from memctl.probe import probe
@@ -80,7 +88,8 @@ def effect_for_video(
 ) -> dict:
     """The effect rows of `families` (default: the knob and the controls, one setting or control seed each; the
     baselines with `families=None`) on a video testbed; with `partial`, the record so far is written there after
-    every row, so a long CPU run keeps what it measured."""
+    every row, so a long CPU run keeps what it measured, and a run that finds one there resumes from it (its plain
+    row must come out the same)."""
     from memctl.zoo import load_testbed
 
     tb = load_testbed(name)
@@ -92,6 +101,11 @@ def effect_for_video(
     probe_seconds = round(time.perf_counter() - t0, 1)
     plain, ref = _measure(tb, pipe, spec, None, nullcontext)
     rows, errors = {"plain": {"0": plain}}, {}
+    earlier = json.loads(Path(partial).read_text()) if partial is not None and Path(partial).is_file() else None
+    if earlier is not None:  # resume: keep rows measured before, once the plain row is seen to be the same
+        if earlier["eval"] != spec.to_dict() or _headline(tb, earlier["rows"]["plain"]["0"]) != _headline(tb, plain):
+            raise ValueError(f"Expected {partial} to hold rows of this model and spec, but its plain row differs.")
+        rows.update({f: dict(by) for f, by in earlier["rows"].items() if f != "plain"})
     denoiser = next(iter(pipeline_denoisers(pipe).values()))
     plan = [("memctl map", f"{f:+.1f}", _knob(pipe, bmap, f)) for f in KNOB_FIDELITIES]
     controls = control_maps(denoiser, bmap, seeds=CONTROL_SEEDS)
@@ -106,6 +120,9 @@ def effect_for_video(
         plan = [p for p in plan if p[0] in families and p[1] in ("-1.0", "-0.5", "+1.0", "seed 0, -1.0")]
         plan = [p for p in plan if p[0] == "memctl map" or p[1] != "-0.5"]
 
+    plan = [p for p in plan if p[1] not in rows.get(p[0], {})]
+    need = {"memctl map": 3, "uniform": 1, "text edit": 1}
+
     def record() -> dict:
         done = {k: v for k, v in rows.items() if v}
         return {
@@ -117,7 +134,7 @@ def effect_for_video(
             "rows": done,
             "not_run": [f"{f} {s}" for f, s, _ in plan if s not in rows.get(f, {})],
             "errors": errors,
-            "bars": bars(tb, done, seeds) if "memctl map" in done and len(done["memctl map"]) == 3 else None,
+            "bars": bars(tb, done, seeds) if all(len(done.get(f, {})) >= n for f, n in need.items()) else None,
         }
 
     for family, setting, setup in tqdm(plan, desc=f"{name}: effect", unit="row", disable=not progress):
