@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from memctl.atomic import atomic_path
 from memctl.blocks import find_blocks, unwrap
 from memctl.fingerprints import _fingerprint_and_sample, _same_up_to_cast, default_component, fingerprint
+from memctl.lever_config import KEYS as LEVER_KEYS
 from memctl.lever_config import LeverConfig
 from memctl.subspace import weight_threshold
 
@@ -117,11 +118,13 @@ class BlockMap:
         return LeverConfig.from_meta(self.meta)
 
     def with_lever(self, **changes) -> BlockMap:
-        """A copy whose lever settings are changed, e.g. `bmap.with_lever(pull_max=2.0)` (validated)."""
-        config = LeverConfig.from_dict({**self.lever_config.to_dict(), **changes})
-        return dataclasses.replace(
-            self, meta={**self.meta, **{k: v for k, v in config.to_dict().items() if v is not None}}
-        )
+        """A copy whose lever settings are changed, e.g. `bmap.with_lever(pull_max=2.0)` (validated; None: the
+        default again). Works on a map whose meta holds a bad setting too, to fix it."""
+        unknown = sorted(set(changes) - set(LEVER_KEYS))
+        if unknown:
+            raise ValueError(f"Expected lever settings among {list(LEVER_KEYS)}, but got unknown {unknown}.")
+        meta = {k: v for k, v in {**self.meta, **changes}.items() if not (k in LEVER_KEYS and v is None)}
+        return dataclasses.replace(self, meta=meta)  # __post_init__ validates the settings
 
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod

@@ -73,7 +73,8 @@ class LeverConfig:
         found = {k: meta[k] for k in KEYS if meta.get(k) is not None}
         if found.get("knob_scale") == 0:
             del found["knob_scale"]
-        return cls(**{k: float(v) if k != "fidelity_mode" else v for k, v in found.items()})
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        return cls(**{k: float(v) if k != "fidelity_mode" and number(v) else v for k, v in found.items()})
 
 
 KEYS = tuple(f.name for f in fields(LeverConfig))

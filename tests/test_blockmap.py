@@ -327,3 +327,13 @@ def test_bad_lever_settings_are_refused(unet):
         BlockMap.from_scores(unet, scores, meta={"pull_max": -1.0})
     with pytest.raises(ValueError, match="Expected fidelity_mode in"):
         BlockMap.from_scores(unet, scores, meta={"fidelity_mode": "pass"})
+
+
+def test_with_lever_fixes_a_bad_setting_and_none_restores_the_default(bmap):
+    broken = bmap.with_lever(pull_max=2.0)
+    broken.meta["pull_max"] = -1.0  # meta edited by hand after construction
+    with pytest.raises(ValueError, match="Expected pull_max to be a finite number >= 0"):
+        _ = broken.lever_config
+    fixed = broken.with_lever(pull_max=3.0)
+    assert fixed.lever_config.pull_max == 3.0
+    assert fixed.with_lever(pull_max=None).lever_config.pull_max == 1.0
