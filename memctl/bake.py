@@ -122,7 +122,9 @@ def condition_edit(
     """
     bank = tensors["bank"].double()  # (P, L, D)
     mem = _memorized_states(tensors, memorized)  # (N, L, D)
-    pulled = pull_to_general(mem, tensors["read"].double(), tensors["tau"].double(), bank, torch.tensor(alpha))
+    read, tau = tensors["read"].double(), tensors["tau"].double()
+    # in chunks: the nearest-general search holds (rows, P, L, D) at once, 27 GB for all 2k·P stand-ins at SD's size
+    pulled = torch.cat([pull_to_general(m, read, tau, bank, torch.tensor(alpha)) for m in mem.split(8)])
     d = bank.shape[-1]
     e_m, t_m, e_g = mem.reshape(-1, d), pulled.reshape(-1, d), bank.reshape(-1, d)
     cov = e_m.T @ e_m + lam * e_g.T @ e_g  # (D, D)
