@@ -136,3 +136,13 @@ def test_shipped_moving_digits_is_a_wan_pipeline_with_the_testbed_interface():
     again = memctl.load_pipeline(tb.path)([prompt, tb.prompt(3)], num_inference_steps=2, output_type="pt",
                                           generator=torch.Generator().manual_seed(0), **tb.call_kwargs)  # fmt: skip
     assert torch.equal(again.frames, out.frames)  # memctl.load_pipeline gives the same WanPipeline
+
+
+@pytest.mark.parametrize("name", ["moving", "framepack", "video_testbed"])
+def test_doctests(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"memctl.zoo.{name}")
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0

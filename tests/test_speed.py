@@ -82,5 +82,9 @@ def test_speed_is_a_bench_suite():
 def test_docstring_examples():
     import doctest
 
-    result = doctest.testmod(speed)
-    assert result.failed == 0 and result.attempted > 0
+    import memctl.speed_setup
+
+    for module in (speed, memctl.speed_setup):
+        result = doctest.testmod(module)
+        assert result.failed == 0
+        assert result.attempted > 0
