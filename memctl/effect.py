@@ -101,32 +101,44 @@ def _measure(tb, pipe, spec, ref, setup) -> tuple[dict, object]:
     return row, samples
 
 
+def knob_setup(pipe, bmap, f: float):
+    """A row's setup: the knob of `bmap` at fidelity `f`, removed afterwards."""
+
+    @contextmanager
+    def setup():
+        apply_knob(pipe, bmap)
+        try:
+            with fidelity(pipe, f):
+                yield None
+        finally:
+            remove_knob(pipe)
+
+    return setup
+
+
+def baseline_setup(pipe, name: str, kw: dict, probes):
+    """A row's setup: baseline `name` with settings `kw`, fit on `probes`, removed afterwards."""
+
+    @contextmanager
+    def setup():
+        b = BASELINES[name](pipe, **kw).fit(probes)
+        with b.applied():
+            yield b
+
+    return setup
+
+
 def _plan(pipe, bmap, prompt_map, probes, attention_map=None) -> list[tuple[str, str, object]]:
     """(family, setting, setup) for every row after the plain model."""
 
     def knob(m, f):
-        @contextmanager
-        def setup():
-            apply_knob(pipe, m)
-            try:
-                with fidelity(pipe, f):
-                    yield None
-            finally:
-                remove_knob(pipe)
-
-        return setup
+        return knob_setup(pipe, m, f)
 
     def text_edit(f):
         return lambda: TextEdit(pipe, bmap, f).applied()
 
     def baseline(name, kw):
-        @contextmanager
-        def setup():
-            b = BASELINES[name](pipe, **kw).fit(probes)
-            with b.applied():
-                yield b
-
-        return setup
+        return baseline_setup(pipe, name, kw, probes)
 
     plan = [("memctl map", f"{f:+.1f}", knob(bmap, f)) for f in KNOB_FIDELITIES]
     if attention_map is not None:  # fidelity > 0 inside the cross-attention units, γ calibrated on the probes

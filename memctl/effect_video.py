@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from memctl.baselines import BASELINES
 from memctl.blocks import pipeline_denoisers
 from memctl.controls import TextEdit, control_maps
 from memctl.effect import (
@@ -28,9 +27,10 @@ from memctl.effect import (
     _headline,
     _measure,
     bars,
+    baseline_setup,
+    knob_setup,
 )
 from memctl.evaluate import EvalSpec
-from memctl.knob import apply_knob, fidelity, remove_knob
 from memctl.probe import probe
 from memctl.probeset import ProbeSet
 
@@ -38,29 +38,6 @@ from memctl.probeset import ProbeSet
 def video_probes(tb) -> ProbeSet:
     """The canary captions (memorized) and every seen caption (general), without clips."""
     return ProbeSet(memorized=[(c[0], None) for c in tb.canaries], general=[(p, None) for p in tb.ordinary_prompts()])
-
-
-def _knob(pipe, m, f):
-    @contextmanager
-    def setup():
-        apply_knob(pipe, m)
-        try:
-            with fidelity(pipe, f):
-                yield None
-        finally:
-            remove_knob(pipe)
-
-    return setup
-
-
-def _baseline(pipe, name, kw, probes):
-    @contextmanager
-    def setup():
-        b = BASELINES[name](pipe, **kw).fit(probes)
-        with b.applied():
-            yield b
-
-    return setup
 
 
 VIDEO_STEPS = 10  # denoising steps per clip in the bench (the testbed's own default is 20): CPU time
@@ -107,15 +84,17 @@ def effect_for_video(
             raise ValueError(f"Expected {partial} to hold rows of this model and spec, but its plain row differs.")
         rows.update({f: dict(by) for f, by in earlier["rows"].items() if f != "plain"})
     denoiser = next(iter(pipeline_denoisers(pipe).values()))
-    plan = [("memctl map", f"{f:+.1f}", _knob(pipe, bmap, f)) for f in KNOB_FIDELITIES]
+    plan = [("memctl map", f"{f:+.1f}", knob_setup(pipe, bmap, f)) for f in KNOB_FIDELITIES]
     controls = control_maps(denoiser, bmap, seeds=CONTROL_SEEDS)
-    plan += [("uniform", f"{f:+.1f}", _knob(pipe, controls["uniform"], f)) for f in CONTROL_FIDELITIES]
+    plan += [("uniform", f"{f:+.1f}", knob_setup(pipe, controls["uniform"], f)) for f in CONTROL_FIDELITIES]
     plan += [("text edit", f"{f:+.1f}", lambda f=f: TextEdit(pipe, bmap, f).applied()) for f in CONTROL_FIDELITIES]
     for kind in ("placement shuffled", "random subspace"):
-        plan += [(kind, f"seed {s}, -1.0", _knob(pipe, controls[f"{kind} {s}"], -1.0)) for s in range(CONTROL_SEEDS)]
+        plan += [
+            (kind, f"seed {s}, -1.0", knob_setup(pipe, controls[f"{kind} {s}"], -1.0)) for s in range(CONTROL_SEEDS)
+        ]
     for bname, settings in BASELINE_SETTINGS.items():
         for kw in settings:
-            plan.append((bname, ", ".join(f"{k} {v}" for k, v in kw.items()), _baseline(pipe, bname, kw, probes)))
+            plan.append((bname, ", ".join(f"{k} {v}" for k, v in kw.items()), baseline_setup(pipe, bname, kw, probes)))
     if families is not None:
         plan = [p for p in plan if p[0] in families and p[1] in ("-1.0", "-0.5", "+1.0", "seed 0, -1.0")]
         plan = [p for p in plan if p[0] == "memctl map" or p[1] != "-0.5"]

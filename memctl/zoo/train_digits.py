@@ -204,6 +204,44 @@ def _load_state(path: Path, models: dict, ema: dict, opt: torch.optim.Optimizer,
     return int(meta["step"]), [rng[0], tuple(rng[1]), rng[2]]
 
 
+def _set_lr(opt: torch.optim.Optimizer, lr: float, step: int, steps: int) -> None:
+    """200 warm-up steps, then a cosine from `lr` down to 0 at `steps`."""
+    for group in opt.param_groups:
+        group["lr"] = lr * min(1.0, (step + 1) / 200) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
+
+
+def _optimizer_step(loss, opt, params, models: dict, ema: dict, step: int, ema_decay: float) -> int:
+    """Backward, clip to norm 1, AdamW step, and the EMA of every weight (warming up its decay); the next step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    step += 1
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for n, m in models.items():
+            for k, v in m.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[f"{n}.{k}"].lerp_(v, 1 - decay)
+                else:
+                    ema[f"{n}.{k}"].copy_(v)
+    return step
+
+
+def _log(log, step: int, loss: torch.Tensor, start: float) -> None:
+    rec = {"step": step, "loss": round(loss.item(), 5), "minutes": round((time.time() - start) / 60, 2)}
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    print(rec, flush=True)
+
+
+def _load_ema(models: dict, ema: dict) -> None:
+    """Put the EMA weights into the models, on the CPU."""
+    for n, m in models.items():
+        m.load_state_dict({k: ema[f"{n}.{k}"] for k in m.state_dict()})
+        m.to("cpu")
+
+
 def train(
     seed: int,
     out: Path,
@@ -246,8 +284,7 @@ def train(
     start, x_all = time.time(), images * 2 - 1  # (N, 1, R, R) in [-1, 1]
     # noise and timesteps come from a CPU generator, so a GPU run draws the same random stream as a CPU run
     while step < steps and time.time() - start < max_minutes * 60:
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 200) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
+        _set_lr(opt, lr, step, steps)
         indices, prompts = sampler.draw(batch_size)
         x0 = x_all[indices]
         noise = torch.randn(x0.shape, generator=gen)
@@ -255,30 +292,13 @@ def train(
         xt, noise, t = train_sched.add_noise(x0, noise, t).to(device), noise.to(device), t.to(device)
         cond = _encode(text_encoder, tokenizer, prompts)
         loss = F.mse_loss(unet(xt, t, cond).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for n, m in models.items():
-                for k, v in m.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        ema[f"{n}.{k}"].lerp_(v, 1 - decay)
-                    else:
-                        ema[f"{n}.{k}"].copy_(v)
+        step = _optimizer_step(loss, opt, params, models, ema, step, ema_decay)
         if step % log_every == 0:
-            rec = {"step": step, "loss": round(loss.item(), 5), "minutes": round((time.time() - start) / 60, 2)}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            print(rec, flush=True)
+            _log(log, step, loss, start)
         if step % ckpt_every == 0:
             _save_state(ckpt, step, models, ema, opt, rng.getstate(), gen)
     _save_state(ckpt, step, models, ema, opt, rng.getstate(), gen)
-    for n, m in models.items():
-        m.load_state_dict({k: ema[f"{n}.{k}"] for k in m.state_dict()})
-        m.to("cpu")
+    _load_ema(models, ema)
     classifier, accuracy = ds.train_classifier()
     info = {
         "seed": seed,

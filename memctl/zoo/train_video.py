@@ -11,7 +11,6 @@ a fixed number of steps and a wall-clock cap, AdamW, EMA, checkpoints as it goes
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from memctl.zoo import moving
-from memctl.zoo.train_digits import _load_state, _Sampler, _save_state
+from memctl.zoo.train_digits import _load_ema, _load_state, _log, _optimizer_step, _Sampler, _save_state, _set_lr
 
 TRANSFORMER_CONFIG = dict(
     patch_size=(1, 2, 2),
@@ -211,8 +210,7 @@ def train(
     start, padded = time.time(), PaddedCrossAttention(transformer)
     # noise and noise levels come from a CPU generator, so a GPU run draws the same random stream as a CPU run
     while step < steps and time.time() - start < max_minutes * 60:
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 200) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
+        _set_lr(opt, lr, step, steps)
         indices, prompts = sampler.draw(batch_size)
         x0 = z_all[indices]
         noise = torch.randn(x0.shape, generator=gen)
@@ -224,30 +222,13 @@ def train(
         with padded:
             pred = transformer(hidden_states=xt, timestep=(s * 1000).to(device), encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for n, m in models.items():
-                for k, v in m.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        ema[f"{n}.{k}"].lerp_(v, 1 - decay)
-                    else:
-                        ema[f"{n}.{k}"].copy_(v)
+        step = _optimizer_step(loss, opt, params, models, ema, step, ema_decay)
         if step % log_every == 0:
-            rec = {"step": step, "loss": round(loss.item(), 5), "minutes": round((time.time() - start) / 60, 2)}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            print(rec, flush=True)
+            _log(log, step, loss, start)
         if step % ckpt_every == 0:
             _save_state(ckpt, step, models, ema, opt, rng.getstate(), gen)
     _save_state(ckpt, step, models, ema, opt, rng.getstate(), gen)
-    for n, m in models.items():
-        m.load_state_dict({k: ema[f"{n}.{k}"] for k in m.state_dict()})
-        m.to("cpu")
+    _load_ema(models, ema)
     from memctl.zoo.video_classifier import train_frame_classifier
 
     classifier, accuracy = train_frame_classifier(spec, seed=seed)
