@@ -161,10 +161,9 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False, see
         from memctl.effect import effect_for_model
         from memctl.effect_video import effect_for_video, is_video
 
-        results = {}
+        results, per_model = {}, out / ("effect-quick" if quick else "effect")
+        per_model.mkdir(parents=True, exist_ok=True)
         for name in models:  # one file per model as it finishes, so a long run keeps what it measured
-            per_model = out / ("effect-quick" if quick else "effect")
-            per_model.mkdir(parents=True, exist_ok=True)
             if is_video(name):  # clips: the knob and the controls, rows written as they come (memctl.effect_video)
                 results[name] = effect_for_video(name, seeds=seeds, partial=per_model / f"{name}.partial.json")
             else:
@@ -195,7 +194,9 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False, see
     name = suite + ("-quick" if quick else "")
     _write_json(out / f"{name}.json", report)
     md = [f"# memctl bench {suite}\n", f"`{report['command']}`, {seeds} seeds per prompt, one CPU thread.\n"]
-    if suite == "effect":
+    if suite == "effect":  # the table merges every model's file: each was made by its own command
+        md[1] = "".join(f"- {m}: `{r.get('command', '?')}`, {r.get('seeds_per_prompt', '?')} seeds per prompt, one "
+                        "CPU thread\n" for m, r in results.items())  # fmt: skip
         md += ["\nSummary: most-exposed canaries copied / canary novel-valid (attribute-correct on digits-attr) / "
                "compositional (digits-attr) / ordinary valid (denoiser evaluations per image).\n\n",
                effect_summary(results)]  # fmt: skip

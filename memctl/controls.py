@@ -98,5 +98,21 @@ class TextEdit:
 
     @contextmanager
     def applied(self) -> Iterator[None]:
-        with attached(self.model, {"": InputsHook(self._edit)}, HOOK):
-            yield
+        project = getattr(getattr(self.model, "condition_embedder", None), "text_embedder", None)
+        if project is None:  # UNets: the cross-attentions read the denoiser's text input itself
+            with attached(self.model, {"": InputsHook(self._edit)}, HOOK):
+                yield
+            return
+        # Wan: every attn2 reads the text projection's output, where the map's lever tensors live
+        seen = {}
+
+        def keep(hook, x, t, e):
+            seen["t"] = t
+            return e
+
+        handle = project.register_forward_hook(lambda m, args, out: self._edit(None, None, seen["t"], out))
+        try:
+            with attached(self.model, {"": InputsHook(keep)}, HOOK):
+                yield
+        finally:
+            handle.remove()

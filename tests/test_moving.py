@@ -146,3 +146,33 @@ def test_doctests(name):
     module = importlib.import_module(f"memctl.zoo.{name}")
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_text_edit_control_acts_on_wans_projected_text():
+    """The text-edit control pulls what Wan's attn2 reads (the text projection's output, where the lever tensors
+    live): exact at 0, changes at -1, and leaves no hook behind."""
+    from tiny import PIPELINE_FAMILIES, tiny_pipeline
+
+    import memctl
+    from memctl.controls import TextEdit
+
+    family = PIPELINE_FAMILIES["wan"]
+    pipe = tiny_pipeline("wan")
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    call = {k: v for k, v in family.call.items() if k in ("num_frames", "height", "width", "max_sequence_length")}
+    probes = memctl.ProbeSet(memorized=[("ab", None)], general=[("ba", None), ("aa", None)])
+    bmap = memctl.probe(pipe, probes, method="prompt", call_kwargs=call, progress=False)
+
+    def run():
+        return pipe(**family.call, generator=torch.Generator().manual_seed(0), output_type="pt").frames
+
+    plain = run()
+    with TextEdit(pipe, bmap, 0.0).applied():
+        assert torch.equal(run(), plain)
+    with TextEdit(pipe, bmap, -1.0).applied():
+        assert not torch.equal(run(), plain)
+    assert memctl.list_hooks(pipe.transformer) == []
+    assert not pipe.transformer.condition_embedder.text_embedder._forward_hooks
+    assert torch.equal(run(), plain)
