@@ -119,7 +119,7 @@ def effect_for_video(
     for family, setting, setup in tqdm(plan, desc=f"{name}: effect", unit="row", disable=not progress):
         try:
             rows.setdefault(family, {})[setting], _ = _measure(tb, pipe, spec, ref, setup)
-        except (ValueError, TypeError, NotImplementedError) as e:  # a baseline built for UNets: say so, go on
+        except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:  # built for UNets: say so, go on
             rows[family].pop(setting, None)
             errors[f"{family} {setting}"] = f"{type(e).__name__}: {e}"
         if partial is not None:
