@@ -73,7 +73,7 @@ def _effect_md(results: dict) -> list[str]:
     md = []
     for model, r in results.items():
         bars = r["bars"]
-        attr = r.get("testbed") == "digits-attr"
+        attr = r.get("testbed") in ("digits-attr", "moving-digits")  # captions with attributes (motion on clips)
         md.append(f"\n## {model}: bars {'PASS' if bars['pass'] else 'FAIL'} (condition probe {r['probe_seconds']} s, "
                   f"prompt-only detect + probe {r['prompt_map']['seconds']} s)\n\n")  # fmt: skip
         md += [f"- {'PASS' if ok else 'FAIL'}: {name}\n" for name, ok in bars["checks"].items()]
