@@ -32,6 +32,16 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
+def make_parent(path: Path, what: str) -> None:
+    """Make `path`'s folder (and its parents), or a ValueError naming `what` and why the folder cannot be made."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"Expected {what} in a folder that can be made, but {Path(path).parent}: {err.strerror or err}."
+        ) from None
+
+
 def remove_empty(folders: list[Path]) -> None:
     """Remove these folders, deepest last in the list first, where they are empty."""
     for folder in reversed(folders):

@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from memctl.atomic import file_mode
+from memctl.atomic import file_mode, make_parent
 from memctl.blockmap import BlockMap, fingerprint
 from memctl.blocks import find_blocks, unwrap
 from memctl.hooks import cross_attentions, list_hooks
@@ -235,12 +235,7 @@ def _prepare_out(out_dir: str | os.PathLike) -> tuple[Path, Path]:
             f"Expected OUT to be a new or empty folder, but {out} {'is a file' if not out.is_dir() else 'has files'}."
             f" Remove it or choose another folder."
         )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(
-            f"Expected OUT in a folder that can be made, but {out.parent}: {err.strerror or err}."
-        ) from None
+    make_parent(out, "OUT")
     return out, Path(tempfile.mkdtemp(prefix=f".{out.name}.bake-", dir=out.parent))
 
 

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from memctl.atomic import make_parent
+
 
 def _cmd_demo(args) -> int:
     from memctl.demo import run_demo
@@ -153,12 +155,7 @@ def _check_writable_file(file: Path, flag: str) -> None:
             f"Expected {flag} to be a file to write, but {file} is a folder. Name a file in it, e.g. "
             f"{file / 'map.safetensors'}."
         )
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(
-            f"Expected {flag} in a folder that can be made, but {file.parent}: {err.strerror or err}."
-        ) from None
+    make_parent(file, flag)
 
 
 def _read_prompts(path: str) -> list[str]:
