@@ -204,6 +204,24 @@ def _load_state(path: Path, models: dict, ema: dict, opt: torch.optim.Optimizer,
     return int(meta["step"]), [rng[0], tuple(rng[1]), rng[2]]
 
 
+def _start(out: Path, models: dict, seed: int, items, ordinary_prompt, lr: float, resume: bool):
+    """A run's state: parameters, AdamW, EMA copies, the caption sampler and its RNG, the noise generator, the step
+    and checkpoint (restored from `<out>.work/state.safetensors` with `resume`), and the open log."""
+    work = out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    params = [p for m in models.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ema = {f"{n}.{k}": v.detach().clone() for n, m in models.items() for k, v in m.state_dict().items()}
+    rng = random.Random(seed)
+    sampler = _Sampler(items, ordinary_prompt, rng, p_uncond=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    step, ckpt = 0, work / "state.safetensors"
+    if resume and ckpt.exists():
+        step, rng_state = _load_state(ckpt, models, ema, opt, gen)
+        rng.setstate(rng_state)
+    return params, opt, ema, rng, sampler, gen, step, ckpt, open(work / "log.jsonl", "a")
+
+
 def _set_lr(opt: torch.optim.Optimizer, lr: float, step: int, steps: int) -> None:
     """200 warm-up steps, then a cosine from `lr` down to 0 at `steps`."""
     for group in opt.param_groups:
@@ -262,25 +280,15 @@ def train(
         raise ValueError(f"Expected testbed in {sorted(DATASETS)}, but got {testbed!r}.")
     torch.set_num_threads(1)
     out = Path(out)
-    work = out.with_name(out.name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
     ds = DATASETS[testbed](seed)
     spec, images = ds.spec, ds.images
     tokenizer = data.build_tokenizer(ds.words)
     text_encoder, unet, train_sched, sample_sched = build_models(tokenizer, seed)
     text_encoder, unet = text_encoder.to(device), unet.to(device)
     models = {"unet": unet, "text_encoder": text_encoder}
-    params = [p for m in models.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    ema = {f"{n}.{k}": v.detach().clone() for n, m in models.items() for k, v in m.state_dict().items()}
-    rng = random.Random(seed)
-    sampler = _Sampler(ds.items, ds.ordinary_prompt, rng, p_uncond=0.1)
-    gen = torch.Generator().manual_seed(seed)
-    step, ckpt = 0, work / "state.safetensors"
-    if resume and ckpt.exists():
-        step, rng_state = _load_state(ckpt, models, ema, opt, gen)
-        rng.setstate(rng_state)
-    log = open(work / "log.jsonl", "a")
+    params, opt, ema, rng, sampler, gen, step, ckpt, log = _start(
+        out, models, seed, ds.items, ds.ordinary_prompt, lr, resume
+    )
     start, x_all = time.time(), images * 2 - 1  # (N, 1, R, R) in [-1, 1]
     # noise and timesteps come from a CPU generator, so a GPU run draws the same random stream as a CPU run
     while step < steps and time.time() - start < max_minutes * 60:

@@ -11,7 +11,6 @@ a fixed number of steps and a wall-clock cap, AdamW, EMA, checkpoints as it goes
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from memctl.zoo import moving
-from memctl.zoo.train_digits import _load_ema, _load_state, _log, _optimizer_step, _Sampler, _save_state, _set_lr
+from memctl.zoo.train_digits import _load_ema, _log, _optimizer_step, _save_state, _set_lr, _start
 
 TRANSFORMER_CONFIG = dict(
     patch_size=(1, 2, 2),
@@ -184,8 +183,6 @@ def train(
     phase with a fresh optimizer and schedule; its training record is kept under `"phases"`."""
     torch.set_num_threads(1)
     out = Path(out)
-    work = out.with_name(out.name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
     spec, clips, items, ordinary_prompt = dataset(seed)
     tokenizer = build_tokenizer(moving.vocabulary_words(spec))
     text_encoder, transformer, vae, scheduler = build_models(tokenizer, seed, width, layers)
@@ -194,17 +191,9 @@ def train(
         phases = _init_from(Path(init_from), seed, transformer, text_encoder)
     text_encoder, transformer = text_encoder.to(device), transformer.to(device)
     models = {"transformer": transformer, "text_encoder": text_encoder}
-    params = [p for m in models.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    ema = {f"{n}.{k}": v.detach().clone() for n, m in models.items() for k, v in m.state_dict().items()}
-    rng = random.Random(seed)
-    sampler = _Sampler(items, ordinary_prompt, rng, p_uncond=0.1)
-    gen = torch.Generator().manual_seed(seed)
-    step, ckpt = 0, work / "state.safetensors"
-    if resume and ckpt.exists():
-        step, rng_state = _load_state(ckpt, models, ema, opt, gen)
-        rng.setstate(rng_state)
-    log = open(work / "log.jsonl", "a")
+    params, opt, ema, rng, sampler, gen, step, ckpt, log = _start(
+        out, models, seed, items, ordinary_prompt, lr, resume
+    )
     with torch.no_grad():
         z_all = vae.encode((clips * 2 - 1).transpose(1, 2)).latents  # (N, 2, 5, H, W)
     start, padded = time.time(), PaddedCrossAttention(transformer)
