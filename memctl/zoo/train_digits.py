@@ -12,6 +12,8 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -322,26 +324,34 @@ def train(
     return info
 
 
-def _export(out: Path, name: str, spec, tokenizer, text_encoder, unet, scheduler, classifier, info) -> None:
-    """Write the model in diffusers layout plus the testbed files, atomically (temp folder + rename)."""
+@contextmanager
+def _staged(out: Path, testbed: dict, classifier) -> Iterator[Path]:
+    """A temp folder beside `out` for a model's files; on exit the testbed spec and classifier join them and the
+    folder replaces `out` (a run that fails leaves `out` as it was)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tokenizer.save_pretrained(tmp / "tokenizer")
-    text_encoder.save_pretrained(tmp / "text_encoder")
-    unet.save_pretrained(tmp / "unet")
-    scheduler.save_pretrained(tmp / "scheduler")
-    model_index = {
-        "_class_name": "PixelPipeline",
-        "_diffusers_version": __import__("diffusers").__version__,
-        "tokenizer": ["transformers", type(tokenizer).__name__],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", type(scheduler).__name__],
-    }
-    (tmp / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
-    (tmp / "testbed.json").write_text(json.dumps({"name": name, **spec, "training": info}, indent=1) + "\n")
+    yield tmp
+    (tmp / "testbed.json").write_text(json.dumps(testbed, indent=1) + "\n")
     save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(tmp / "classifier.safetensors"))
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)
+
+
+def _export(out: Path, name: str, spec, tokenizer, text_encoder, unet, scheduler, classifier, info) -> None:
+    """Write the model in diffusers layout plus the testbed files, atomically (temp folder + rename)."""
+    with _staged(out, {"name": name, **spec, "training": info}, classifier) as tmp:
+        tmp.mkdir(parents=True)
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        text_encoder.save_pretrained(tmp / "text_encoder")
+        unet.save_pretrained(tmp / "unet")
+        scheduler.save_pretrained(tmp / "scheduler")
+        model_index = {
+            "_class_name": "PixelPipeline",
+            "_diffusers_version": __import__("diffusers").__version__,
+            "tokenizer": ["transformers", type(tokenizer).__name__],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "scheduler": ["diffusers", type(scheduler).__name__],
+        }
+        (tmp / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")

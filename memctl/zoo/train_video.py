@@ -11,16 +11,14 @@ a fixed number of steps and a wall-clock cap, AdamW, EMA, checkpoints as it goes
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from memctl.zoo import moving
-from memctl.zoo.train_digits import _load_ema, _log, _optimizer_step, _save_state, _set_lr, _start
+from memctl.zoo.train_digits import _load_ema, _log, _optimizer_step, _save_state, _set_lr, _staged, _start
 
 TRANSFORMER_CONFIG = dict(
     patch_size=(1, 2, 2),
@@ -261,17 +259,10 @@ def _export(out: Path, spec, tokenizer, text_encoder, transformer, vae, schedule
     """Write the model as a `WanPipeline` folder plus the testbed files, atomically (temp folder + rename)."""
     from diffusers import WanPipeline
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe = WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder.eval(), transformer=transformer.eval(), vae=vae.eval(),
-        scheduler=scheduler,
-    )  # fmt: skip
-    pipe.save_pretrained(tmp)
     sampling = {**SAMPLING, "num_inference_steps": 20, "guidance_scale": 5.0}
-    spec = {"name": "moving-digits", **spec, "sampling": sampling, "training": info}
-    (tmp / "testbed.json").write_text(json.dumps(spec, indent=1) + "\n")
-    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(tmp / "classifier.safetensors"))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
+    with _staged(out, {"name": "moving-digits", **spec, "sampling": sampling, "training": info}, classifier) as tmp:
+        pipe = WanPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder.eval(), transformer=transformer.eval(), vae=vae.eval(),
+            scheduler=scheduler,
+        )  # fmt: skip
+        pipe.save_pretrained(tmp)
