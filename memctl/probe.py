@@ -45,7 +45,7 @@ from memctl.guidance import DEFAULT_GAIN
 from memctl.hooks import ConditionHook, attached, cross_attentions, scaled
 from memctl.probeset import ProbeSet, default_method
 from memctl.quiet import quiet
-from memctl.subspace import fit_subspace, weight_threshold
+from memctl.subspace import fit_subspace, trim_bank, weight_threshold
 
 NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
 # Condition lever. Fidelity > 0: no push on the tokens (it did not raise recall, see memctl.guidance) but guidance
@@ -198,7 +198,7 @@ def condition_tensors(pipe, probes: ProbeSet, k: int = 8, encode=None) -> tuple[
     tensors = {
         "read": sub.read,
         "tau": weight_threshold(bank, sub.read),
-        "bank": bank.float().contiguous(),
+        "bank": trim_bank(bank.float()),  # a constant padding tail kept as one token (exact: nearest_general)
         "g_inv_half": sub.g_inv_half,
     }
     return tensors, [round(x, 2) for x in sub.ratios.tolist()]

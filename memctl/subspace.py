@@ -83,6 +83,23 @@ def nearest_general(states: torch.Tensor, bank: torch.Tensor, weight: torch.Tens
     return bank[d.argmin(1)]  # (B, L, D)
 
 
+def trim_bank(bank: torch.Tensor) -> torch.Tensor:
+    """`bank` `(P, L, D)` cut after the first token from which every prompt's tail repeats its own last state, with
+    one such token kept: `nearest_general` extends it back to any length exactly. T5-encoded prompts (Wan) are
+    zero-padded to 512 tokens, so a bank of 61 prompts shrinks from 512 tokens to the longest prompt's + 1; banks
+    without a constant tail (CLIP: padding states differ) are returned as they are.
+
+    >>> bank = torch.cat([torch.randn(3, 4, 2), torch.ones(3, 6, 2)], 1)
+    >>> tuple(trim_bank(bank).shape), torch.equal(nearest_general(bank, trim_bank(bank), torch.zeros(3, 10)), bank)
+    ((3, 5, 2), True)
+    """
+    same = (bank == bank[:, -1:]).all(-1).all(0)  # (L,): token equals the last one in every prompt
+    keep = len(same)
+    while keep > 1 and same[keep - 2]:
+        keep -= 1
+    return bank[:, :keep].contiguous()
+
+
 def pull_parts(states, read, tau, bank) -> tuple[torch.Tensor, torch.Tensor]:
     """The α-independent parts of the pull: token weights `w` `(B, L)` and nearest general conditioning `g`."""
     w = memorization_weight(states, read, tau)

@@ -176,3 +176,32 @@ def test_text_edit_control_acts_on_wans_projected_text():
     assert memctl.list_hooks(pipe.transformer) == []
     assert not pipe.transformer.condition_embedder.text_embedder._forward_hooks
     assert torch.equal(run(), plain)
+
+
+def test_wan_bank_keeps_one_padding_token_and_steers_as_the_full_one():
+    """Wan's T5 states are zero-padded to 512 tokens: the shipped bank keeps the prompts' tokens and one padding
+    token, and the knob at -1 samples the same clip as with the whole 512-token bank."""
+    import dataclasses
+
+    from tiny import PIPELINE_FAMILIES, tiny_pipeline
+
+    import memctl
+
+    family = PIPELINE_FAMILIES["wan"]
+    pipe = tiny_pipeline("wan")
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    call = {k: v for k, v in family.call.items() if k in ("num_frames", "height", "width", "max_sequence_length")}
+    probes = memctl.ProbeSet(memorized=[("ab", None)], general=[("ba", None), ("aa b", None)])
+    bmap = memctl.probe(pipe, probes, method="prompt", call_kwargs=call, progress=False)
+    bank = bmap.lever_tensors["bank"]
+    assert 1 < bank.shape[1] < 512
+    full = torch.cat([bank, bank[:, -1:].expand(-1, 512 - bank.shape[1], -1)], 1)
+    wide = dataclasses.replace(bmap, lever_tensors={**bmap.lever_tensors, "bank": full})
+
+    def run(m):
+        with memctl.temporary_knob(pipe, -1.0, m):
+            return pipe(**family.call, generator=torch.Generator().manual_seed(0), output_type="pt").frames
+
+    assert torch.equal(run(bmap), run(wide))
