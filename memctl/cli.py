@@ -72,13 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
         "render the embedded default's fidelity sweep, samples and metrics to out/demo",
         "Render the embedded model's fidelity sweep (-1 new ... +1 faithful) for canary and ordinary "
         "prompts, each canary beside its bound training image, with the metrics table and the block map's "
-        "heat-map.",
+        "heat-map; then the embedded video model's fidelity sweep (video-sweep.png/.gif/.mp4: the most-exposed "
+        "canaries beside their bound training clips).",
     )
     p.add_argument("--model", default="digits", help="testbed name or folder")
     p.add_argument("--out", default="out/demo", help="output folder")
     p.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
     p.add_argument("--steps", type=int, default=25, help="denoising steps")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the testbed's own)")
+    p.add_argument(
+        "--video", default="moving-digits", help="video testbed whose sweep is rendered too; 'none' for no video"
+    )
     p.set_defaults(func=_cmd_demo)
 
     p = _command(

@@ -16,7 +16,8 @@ from memctl.atomic import make_parent
 def _cmd_demo(args) -> int:
     from memctl.demo import run_demo
 
-    run_demo(args.model, Path(args.out), seeds=args.seeds, steps=args.steps, guidance=args.guidance)
+    video = None if args.video == "none" else args.video
+    run_demo(args.model, Path(args.out), seeds=args.seeds, steps=args.steps, guidance=args.guidance, video=video)
     return 0
 
 

@@ -3,7 +3,8 @@
 Writes to the output folder: `fidelity0-seeds.png` (the untouched model: each canary beside its bound training
 image, then ordinary prompts, each over `seeds` seeds), `sweep.png` when a block map ships with the model (one seed
 across fidelity -1 "new" ... +1 "faithful"), `heatmap.png` (that block map), `metrics.json` and `metrics.md`; prints
-the metrics table. Frames mean what `FRAMES` says, and the pictures say it too.
+the metrics table. Frames mean what `FRAMES` says, and the pictures say it too. With `video` (the CLI's default:
+"moving-digits"), also the video testbed's fidelity sweep: `video-sweep.png/.gif/.mp4/.json` (`memctl.video_sweep`).
 """
 
 from __future__ import annotations
@@ -103,10 +104,15 @@ def _with_prompts(pipe, tb, spec: EvalSpec, samples: Samples, prompts: list[str]
     return replace(samples, ordinary=ordinary)
 
 
-def run_demo(model: str, out: Path, seeds: int = 8, steps: int = 25, guidance: float | None = None) -> dict:
+def run_demo(
+    model: str, out: Path, seeds: int = 8, steps: int = 25, guidance: float | None = None, video: str | None = None
+) -> dict:
     from memctl.zoo import load_testbed
 
     tb = load_testbed(model)
+    vtb = load_testbed(video) if video is not None else None  # a wrong name fails before minutes of sampling
+    if vtb is not None and not hasattr(vtb, "frames"):
+        raise ValueError(f"Expected a video testbed for video (e.g. 'moving-digits'), but {video!r} holds images.")
     pipe = tb.pipeline()
     spec = EvalSpec(seeds=seeds, steps=steps, guidance=tb.guidance if guidance is None else guidance)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,5 +140,10 @@ def run_demo(model: str, out: Path, seeds: int = 8, steps: int = 25, guidance: f
     (out / "metrics.json").write_text(json.dumps({"model": tb.name, "rows": rows}, indent=1) + "\n")
     (out / "metrics.md").write_text(table + "\n")
     print(table)
+    if vtb is not None:
+        from memctl.video_sweep import render_video_sweep
+
+        print(f"\nsampling the video sweep of {vtb.name} ...")
+        render_video_sweep(out, str(vtb.path))
     print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}/")
     return rows
