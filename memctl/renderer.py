@@ -162,6 +162,9 @@ class Renderer:
             kwargs["negative_prompt"] = [o.negative_prompt] * len(batch)
         if batch[0].size is not None and self.sizable:
             kwargs["width"], kwargs["height"] = batch[0].size
+        elif self.sizable and self.testbed is not None:  # size null: the testbed's own (moving-digits: 16x16)
+            own = getattr(self.testbed, "call_kwargs", {})
+            kwargs.update({k: v for k, v in own.items() if k in ("height", "width")})
         if self.video:
             kwargs.update(num_frames=o.frames, output_type="np")
         with self._knob(batch[0]):  # a batch is one shot and fidelity: one prompt, one guard reading

@@ -593,3 +593,22 @@ def test_atomic_write_failure_leaves_nothing(tmp_path: Path):
     with pytest.raises(OSError, match="simulated"):
         memctl.atomic.atomic_write(tmp_path / "a" / "b" / "c.bin", b"abcdef", write=half_then_fail)
     assert list(tmp_path.iterdir()) == []  # no temp file, and the folders this call made are gone
+
+
+def test_example_video_job_renders_clips_at_the_testbeds_size(tmp_path: Path):
+    """assets/example-video-job.yaml on the shipped moving-digits (steps cut to 2, one seed per shot): MP4s of
+    9 frames at 16x16 (size null: the testbed's own, not the pipeline's default), settings in each comment."""
+    import imageio.v3 as iio
+
+    from memctl.video import read_mp4_comment
+
+    data = yaml.safe_load((ROOT / "assets" / "example-video-job.yaml").read_text())
+    data["defaults"]["steps"] = 2
+    for shot in data["shots"]:
+        shot["seeds"] = [0]
+    summary = render_job(write_job(tmp_path, data), tmp_path / "out")
+    assert summary.ok and len(summary.done) == 6  # 2 shots x 3 fidelities
+    clip = tmp_path / "out" / "canary-six" / "f-1.00_s0.mp4"
+    assert iio.imread(clip).shape[:3] == (9, 16, 16)
+    comment = read_mp4_comment(clip)
+    assert comment["fidelity"] == -1.0 and comment["prompt"] == "a six moving up, fast"
