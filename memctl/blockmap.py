@@ -369,15 +369,27 @@ def _check_tensors(lever: str | None, tensors: dict[str, torch.Tensor], prefix: 
         return
     if lever != "condition":
         return
-    read, tau, bank, g = (tensors[k] for k in ("read", "tau", "bank", "g_inv_half"))
+    g = tensors["g_inv_half"]
+    units = {k.partition("@")[2] for k in tensors if "@" in k}  # per-block tensors (memctl.joint): read@<path>, ...
+    for unit in ("", *sorted(units)):
+        _check_condition(tensors, prefix, f"@{unit}" if unit else "", g if not unit else None)
+
+
+def _check_condition(tensors, prefix: str, at: str, g: torch.Tensor | None) -> None:
+    missing = [f"{k}{at}" for k in ("read", "tau", "bank") if f"{k}{at}" not in tensors]
+    if missing:
+        raise ValueError(f"Expected tensors {', '.join(prefix + k for k in missing)} beside the others of {at[1:]}.")
+    read, tau, bank = (tensors[f"{k}{at}"] for k in ("read", "tau", "bank"))
     d = read.shape[0] if read.ndim == 2 else None
     checks = [
         ("read", read.ndim == 2 and 1 <= read.shape[1] <= read.shape[0], "(D, k) with 1 <= k <= D"),
         ("tau", tau.ndim == 0 and float(tau) > 0, "() holding a number > 0"),
         ("bank", bank.ndim == 3 and bank.shape[-1] == d and bank.shape[0] >= 1, f"(P, L, D={d}) with P >= 1"),
-        ("g_inv_half", g.shape == (d, d), f"(D, D) = ({d}, {d})"),
     ]
+    if g is not None:
+        checks.append(("g_inv_half", g.shape == (d, d), f"(D, D) = ({d}, {d})"))
     for key, ok, expected in checks:
+        key = key + at if key != "g_inv_half" else key
         if not ok:
             t = tensors[key]
             got = f"{tuple(t.shape)}" + (f" holding {float(t)}" if t.ndim == 0 else "")

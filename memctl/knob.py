@@ -44,9 +44,9 @@ from memctl.hooks import (
     PullCache,
     ResidualScaleHook,
     TimestepHook,
-    cross_attentions,
     module_device,
 )
+from memctl.joint import lever_paths, unit_tensors
 from memctl.knob_state import STATE_ATTR, KnobInfo, _KnobState, knob_law
 from memctl.passes import PASS_MODES, PASSES, CondRows, CondRowsHook, PassHook
 
@@ -201,14 +201,14 @@ def _install(
     guide = AttentionGuide(groups) if inside else None
     for block in blocks:
         group = []
-        paths = cross_attentions(module, block) if part.lever == "condition" else []
+        paths = lever_paths(module, block) if part.lever == "condition" else []
         for path in paths:  # condition lever: pull memorized conditioning tokens in this block's cross-attention
-            if inside:  # and guide inside the unit at fidelity > 0
+            if inside:  # and guide inside the unit at fidelity > 0       (or entering its joint block: memctl.joint)
                 check_processor(module.get_submodule(path))
-                hooks[path] = AttentionGuidanceHook(KNOB, tensors, 1.0, cache, guide)
+                hooks[path] = AttentionGuidanceHook(KNOB, unit_tensors(tensors, path), 1.0, cache, guide)
                 hooks.update(hooks[path].subhooks(path))
             else:
-                hooks[path] = ConditionHook(KNOB, tensors, 1.0, cache)
+                hooks[path] = ConditionHook(KNOB, unit_tensors(tensors, path), 1.0, cache)
             group.append(hooks[path])
         for leaf in () if paths else block.leaves():
             if leaf.target in hooks:

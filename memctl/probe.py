@@ -43,6 +43,7 @@ from memctl.blocks import find_blocks, pipeline_denoisers
 from memctl.calibrate import fidelity_gain
 from memctl.guidance import DEFAULT_GAIN
 from memctl.hooks import ConditionHook, attached, cross_attentions, scaled
+from memctl.joint import joint_denoiser, joint_tensors, lever_paths, unit_tensors
 from memctl.probeset import ProbeSet, default_method
 from memctl.quiet import quiet
 from memctl.subspace import fit_subspace, trim_bank, weight_threshold
@@ -234,7 +235,7 @@ def attribute_condition(
 def _condition_scores(denoiser, blocks, tensors, method: str, progress: bool, measure) -> torch.Tensor:
     """`(n_blocks, n_levels)`: `measure()` (one score per level) with the memorized tokens replaced in one unit's
     cross-attention at a time. Units without cross-attention carry no such lever and score 0."""
-    units = [(i, paths) for i, b in enumerate(blocks) if (paths := cross_attentions(denoiser, b))]
+    units = [(i, paths) for i, b in enumerate(blocks) if (paths := lever_paths(denoiser, b))]
     if not units:
         raise ValueError(
             f"Expected a denoiser with cross-attention for method {method!r}, but "
@@ -242,7 +243,8 @@ def _condition_scores(denoiser, blocks, tensors, method: str, progress: bool, me
         )
     rows = {}
     for i, paths in tqdm(units, desc=f"probing ({method})", unit="block", disable=not progress):
-        with attached(denoiser, {p: ConditionHook("memctl.probe", tensors, 0.0) for p in paths}, "memctl.probe"):
+        hooks = {p: ConditionHook("memctl.probe", unit_tensors(tensors, p), 0.0) for p in paths}
+        with attached(denoiser, hooks, "memctl.probe"):
             rows[i] = measure()
     scores = torch.zeros(len(blocks), len(next(iter(rows.values()))))
     for i, row in rows.items():
@@ -285,10 +287,10 @@ def attribute_prompt(
 ) -> tuple[list[tuple[str, torch.nn.Module, list, torch.Tensor]], dict, dict, str]:
     """Per-unit selectivity `(n_blocks, 1)` on the prompt-only memorization signal, per denoiser.
 
-    Where a UNet cross-attends to the prompt encoding (PixelPipeline, SD, SDXL, AnimateDiff): the condition lever,
-    memorized tokens pulled in one unit at a time. Elsewhere (SD3, Flux, CogVideoX, Wan, DiT with class labels):
-    the residual lever, one unit of every denoiser zeroed at a time. Returns `(parts, extra, tensors, lever)`,
-    `parts` = `[(component, denoiser, blocks, scores)]`."""
+    The condition lever, memorized tokens pulled in one unit at a time: in the cross-attention of PixelPipeline, SD,
+    SDXL, AnimateDiff, Wan 2.1; entering each joint block of SD3, Flux, CogVideoX (`memctl.joint`, fitted per
+    block). Else (class labels, Wan 2.2's two experts): the residual lever, one unit of every denoiser zeroed at a
+    time. Returns `(parts, extra, tensors, lever)`, `parts` = `[(component, denoiser, blocks, scores)]`."""
     from memctl.detection import condition_argument, signals
 
     mem, gen = probes.conditions("memorized"), probes.conditions("general")
@@ -307,7 +309,12 @@ def attribute_prompt(
         "base_signal": {"memorized": base[0], "general": base[1]},
         "signal": {"seeds": kw["seeds"], "steps": steps, "guidance_scale": guidance_scale},
     }
-    if not _reads_text_states(pipe, probes):
+    joint = joint_denoiser(pipe, mem + gen)
+    if joint is not None:  # SD3, Flux, CogVideoX: the text stream entering each block (memctl.joint)
+        component, denoiser = joint
+        blocks = find_blocks(denoiser, granularity="unit")
+        tensors, ratios = joint_tensors(pipe, denoiser, blocks, probes, k, seed, **call_kwargs)
+    elif not _reads_text_states(pipe, probes):
         parts = []
         for component, module in pipeline_denoisers(pipe).items():
             blocks = find_blocks(module, granularity="unit")
@@ -318,9 +325,10 @@ def attribute_prompt(
                     scores[i, 0] = selectivity()
             parts.append((component, module, blocks, scores))
         return parts, extra, {}, "residual"
-    component, denoiser = next(iter(pipeline_denoisers(pipe).items()))
-    blocks = find_blocks(denoiser, granularity="unit")
-    tensors, ratios = condition_tensors(pipe, probes, k, encode=text_states)
+    else:
+        component, denoiser = next(iter(pipeline_denoisers(pipe).items()))
+        blocks = find_blocks(denoiser, granularity="unit")
+        tensors, ratios = condition_tensors(pipe, probes, k, encode=text_states)
     scores = _condition_scores(denoiser, blocks, tensors, "prompt", progress, lambda: [selectivity()])
     extra.update(subspace_ratios=ratios, **LEVER_META, knob_scale=_knob_scale(scores))
     return [(component, denoiser, blocks, scores)], extra, tensors, "condition"

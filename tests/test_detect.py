@@ -180,9 +180,10 @@ def test_prompt_only_probe_uses_the_condition_lever(name):
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux", "dit", "cogvideox", "wan22"])
-def test_prompt_only_probe_falls_back_to_the_residual_lever(name):
-    """No prompt encoding to fit the condition lever from (joint attention, class labels, or Wan 2.2's two experts,
-    each with its own text projection): each unit of every denoiser is ablated on the signal."""
+def test_prompt_only_probe_picks_the_lever_each_family_has(name):
+    """Joint attention (SD3, Flux, CogVideoX): the condition lever on each block's text stream (memctl.joint). No
+    text to pull (class labels) or two experts, each with its own text projection (Wan 2.2): the residual lever,
+    each unit of every denoiser ablated on the signal."""
     pipe = tiny_pipeline(name)
     call = {k: v for k, v in PIPELINE_FAMILIES[name].call.items()
             if k not in ("prompt", "guidance_scale", "class_labels", "output_type")}  # fmt: skip
@@ -190,7 +191,7 @@ def test_prompt_only_probe_falls_back_to_the_residual_lever(name):
     probes = memctl.ProbeSet(memorized=[(c, None) for c in conds[0]], general=[(c, None) for c in conds[1]])
     bmap = memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=call)
     found = {c: m for c, m in ((c, getattr(pipe, c, None)) for c in ("unet", "transformer", "transformer_2")) if m}
-    assert bmap.lever == "residual"
+    assert bmap.lever == ("condition" if name in ("sd3", "flux", "cogvideox") else "residual")
     assert sorted(bmap.fingerprints) == sorted(found)
     assert len(bmap.names) == sum(len(memctl.find_blocks(m)) for m in found.values())
     assert bool(torch.isfinite(bmap.scores).all())
