@@ -3,26 +3,19 @@ fits lever tensors per block on that block's own text-stream input, is exact at 
 
 import pytest
 import torch
-from tiny import PIPELINE_FAMILIES, tiny_pipeline
+from tiny import PIPELINE_FAMILIES, PROMPT_CALL_KEYS, prompt_mapped
 
 import memctl
 from memctl.blocks import find_blocks
 from memctl.joint import JOINT_BLOCKS, joint_paths, text_stream_states
 
 FAMILIES = ["sd3", "flux", "cogvideox"]
-KEEP = ("num_frames", "height", "width", "max_sequence_length", "negative_prompt", "true_cfg_scale")
 
 
 def _setup(name):
     torch.set_num_threads(1)
     family = PIPELINE_FAMILIES[name]
-    pipe = tiny_pipeline(name)
-    with torch.no_grad():  # tiny random weights barely react to the text: larger ones do
-        for p in pipe.transformer.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    call = {k: v for k, v in family.call.items() if k in KEEP}
-    probes = memctl.ProbeSet(memorized=[("ab", None)], general=[("ba", None), ("aa b", None)])
-    bmap = memctl.probe(pipe, probes, method="prompt", call_kwargs=call, progress=False)
+    pipe, bmap = prompt_mapped(name, general=("ba", "aa b"))
 
     def run():
         out = pipe(**family.call, generator=torch.Generator().manual_seed(0), output_type="pt")
@@ -64,7 +57,7 @@ def test_prompt_map_uses_the_condition_lever_per_block(name, tmp_path):
 
 def test_text_stream_states_differ_from_block_to_block():
     pipe, _, _ = _setup("sd3")
-    call = {k: v for k, v in PIPELINE_FAMILIES["sd3"].call.items() if k in KEEP and k != "negative_prompt"}
+    call = {k: v for k, v in PIPELINE_FAMILIES["sd3"].call.items() if k in PROMPT_CALL_KEYS and k != "negative_prompt"}
     paths = [p for b in find_blocks(pipe.transformer) for p in joint_paths(pipe.transformer, b)]
     states = text_stream_states(pipe, pipe.transformer, paths, ["ab", "ba"], **call)
     first, second = (states[p] for p in paths[:2])

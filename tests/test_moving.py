@@ -148,22 +148,19 @@ def test_doctests(name):
     assert result.attempted > 0 and result.failed == 0
 
 
+WAN_CALL_KEYS = ("num_frames", "height", "width", "max_sequence_length")
+
+
 def test_text_edit_control_acts_on_wans_projected_text():
     """The text-edit control pulls what Wan's attn2 reads (the text projection's output, where the lever tensors
     live): exact at 0, changes at -1, and leaves no hook behind."""
-    from tiny import PIPELINE_FAMILIES, tiny_pipeline
+    from tiny import PIPELINE_FAMILIES, prompt_mapped
 
     import memctl
     from memctl.controls import TextEdit
 
     family = PIPELINE_FAMILIES["wan"]
-    pipe = tiny_pipeline("wan")
-    with torch.no_grad():
-        for p in pipe.transformer.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    call = {k: v for k, v in family.call.items() if k in ("num_frames", "height", "width", "max_sequence_length")}
-    probes = memctl.ProbeSet(memorized=[("ab", None)], general=[("ba", None), ("aa", None)])
-    bmap = memctl.probe(pipe, probes, method="prompt", call_kwargs=call, progress=False)
+    pipe, bmap = prompt_mapped("wan", keys=WAN_CALL_KEYS)
 
     def run():
         return pipe(**family.call, generator=torch.Generator().manual_seed(0), output_type="pt").frames
@@ -183,18 +180,12 @@ def test_wan_bank_keeps_one_padding_token_and_steers_as_the_full_one():
     token, and the knob at -1 samples the same clip as with the whole 512-token bank."""
     import dataclasses
 
-    from tiny import PIPELINE_FAMILIES, tiny_pipeline
+    from tiny import PIPELINE_FAMILIES, prompt_mapped
 
     import memctl
 
     family = PIPELINE_FAMILIES["wan"]
-    pipe = tiny_pipeline("wan")
-    with torch.no_grad():
-        for p in pipe.transformer.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    call = {k: v for k, v in family.call.items() if k in ("num_frames", "height", "width", "max_sequence_length")}
-    probes = memctl.ProbeSet(memorized=[("ab", None)], general=[("ba", None), ("aa b", None)])
-    bmap = memctl.probe(pipe, probes, method="prompt", call_kwargs=call, progress=False)
+    pipe, bmap = prompt_mapped("wan", general=("ba", "aa b"), keys=WAN_CALL_KEYS)
     bank = bmap.lever_tensors["bank"]
     assert 1 < bank.shape[1] < 512
     full = torch.cat([bank, bank[:, -1:].expand(-1, 512 - bank.shape[1], -1)], 1)

@@ -506,6 +506,24 @@ def tiny_pipeline(name: str, seed: int = 0):
     return pipe
 
 
+PROMPT_CALL_KEYS = ("num_frames", "height", "width", "max_sequence_length", "negative_prompt", "true_cfg_scale")
+
+
+def prompt_mapped(name: str, general=("ba", "aa"), keys=PROMPT_CALL_KEYS):
+    """`(pipe, bmap)`: the tiny pipeline of `name` with larger seeded transformer weights (the tiny ones barely react
+    to the text) and its prompt-only map from memorized "ab" and `general`, probed with the family call's `keys`."""
+    import memctl
+
+    family = PIPELINE_FAMILIES[name]
+    pipe = tiny_pipeline(name)
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    call = {k: v for k, v in family.call.items() if k in keys}
+    probes = memctl.ProbeSet(memorized=[("ab", None)], general=[(g, None) for g in general])
+    return pipe, memctl.probe(pipe, probes, method="prompt", call_kwargs=call, progress=False)
+
+
 def sample(pipe, name: str, seed: int = 0, **overrides) -> torch.Tensor:
     """The family's small call on `pipe` with a seeded generator, as a float tensor (images or frames)."""
     family = PIPELINE_FAMILIES[name]
