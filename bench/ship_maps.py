@@ -21,9 +21,9 @@ for name in sys.argv[1:] or ["digits-s0", "digits-s1"]:
         bmap = memctl.probe(
             tb.pipeline(), video_probes(tb), method="prompt", call_kwargs=tb.call_kwargs, progress=False
         )
-        bmap.save(tb.path / "blockmap.safetensors")
-        print(name, "lever", bmap.lever, "bank", tuple(bmap.lever_tensors["bank"].shape), flush=True)
-        continue
-    bmap = memctl.probe(tb.pipeline(), testbed_probes(tb), method="condition", progress=False)
+        said = ("bank", tuple(bmap.lever_tensors["bank"].shape))
+    else:
+        bmap = memctl.probe(tb.pipeline(), testbed_probes(tb), method="condition", progress=False)
+        said = ("fidelity gain", bmap.meta["fidelity_guidance"], bmap.meta["fidelity_calibration"])
     bmap.save(tb.path / "blockmap.safetensors")
-    print(name, "fidelity gain", bmap.meta["fidelity_guidance"], bmap.meta["fidelity_calibration"], flush=True)
+    print(name, *said, flush=True)

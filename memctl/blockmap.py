@@ -382,14 +382,13 @@ def _check_condition(tensors, prefix: str, at: str, g: torch.Tensor | None) -> N
     read, tau, bank = (tensors[f"{k}{at}"] for k in ("read", "tau", "bank"))
     d = read.shape[0] if read.ndim == 2 else None
     checks = [
-        ("read", read.ndim == 2 and 1 <= read.shape[1] <= read.shape[0], "(D, k) with 1 <= k <= D"),
-        ("tau", tau.ndim == 0 and float(tau) > 0, "() holding a number > 0"),
-        ("bank", bank.ndim == 3 and bank.shape[-1] == d and bank.shape[0] >= 1, f"(P, L, D={d}) with P >= 1"),
+        (f"read{at}", read.ndim == 2 and 1 <= read.shape[1] <= read.shape[0], "(D, k) with 1 <= k <= D"),
+        (f"tau{at}", tau.ndim == 0 and float(tau) > 0, "() holding a number > 0"),
+        (f"bank{at}", bank.ndim == 3 and bank.shape[-1] == d and bank.shape[0] >= 1, f"(P, L, D={d}) with P >= 1"),
     ]
     if g is not None:
         checks.append(("g_inv_half", g.shape == (d, d), f"(D, D) = ({d}, {d})"))
     for key, ok, expected in checks:
-        key = key + at if key != "g_inv_half" else key
         if not ok:
             t = tensors[key]
             got = f"{tuple(t.shape)}" + (f" holding {float(t)}" if t.ndim == 0 else "")

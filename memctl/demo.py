@@ -110,9 +110,10 @@ def run_demo(
     from memctl.zoo import load_testbed
 
     tb = load_testbed(model)
-    vtb = load_testbed(video) if video is not None else None  # a wrong name fails before minutes of sampling
-    if vtb is not None and not hasattr(vtb, "frames"):
-        raise ValueError(f"Expected a video testbed for video (e.g. 'moving-digits'), but {video!r} holds images.")
+    if video is not None:  # a wrong name fails before minutes of sampling
+        from memctl.video_sweep import render_video_sweep, video_testbed
+
+        vtb = video_testbed(video)
     pipe = tb.pipeline()
     spec = EvalSpec(seeds=seeds, steps=steps, guidance=tb.guidance if guidance is None else guidance)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,10 +141,8 @@ def run_demo(
     (out / "metrics.json").write_text(json.dumps({"model": tb.name, "rows": rows}, indent=1) + "\n")
     (out / "metrics.md").write_text(table + "\n")
     print(table)
-    if vtb is not None:
-        from memctl.video_sweep import render_video_sweep
-
+    if video is not None:
         print(f"\nsampling the video sweep of {vtb.name} ...")
-        render_video_sweep(out, str(vtb.path))
+        render_video_sweep(out, vtb)
     print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}/")
     return rows

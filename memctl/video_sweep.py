@@ -60,16 +60,24 @@ def _grid(most, columns, fidelities, shown) -> Image.Image:
     return img
 
 
-def render_video_sweep(
-    out: str | Path, model: str = "moving-digits", bmap=None, seed: int = 10_000, fidelities=FIDELITIES
-) -> list[Path]:
-    """Write `video-sweep.png`, `.gif`, `.mp4` and `.json` (settings) to `out`; returns their paths."""
-    from memctl.video import export_gif, export_mp4
+def video_testbed(model: str | Path):
+    """The video testbed `model` (name or folder); a clear error for an image testbed."""
     from memctl.zoo import load_testbed
 
     tb = load_testbed(model)
     if not hasattr(tb, "frames"):
-        raise ValueError(f"Expected a video testbed (e.g. 'moving-digits'), but {model!r} holds images.")
+        raise ValueError(f"Expected a video testbed (e.g. 'moving-digits'), but {str(model)!r} holds images.")
+    return tb
+
+
+def render_video_sweep(
+    out: str | Path, model="moving-digits", bmap=None, seed: int = 10_000, fidelities=FIDELITIES
+) -> list[Path]:
+    """Write `video-sweep.png`, `.gif`, `.mp4` and `.json` (settings) to `out`; returns their paths. `model`: a
+    video testbed's name or folder, or the testbed itself (`video_testbed`)."""
+    from memctl.video import export_gif, export_mp4
+
+    tb = video_testbed(model) if isinstance(model, (str, Path)) else model
     if bmap is None:
         if (tb.path / "blockmap.safetensors").is_file():
             bmap = tb.block_map()

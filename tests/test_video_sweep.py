@@ -32,3 +32,12 @@ def test_video_sweep_columns_and_files(tmp_path):
     assert Image.open(png).size[0] > Image.open(gif).size[0]  # the strip shows 5 frames per column, the GIF one
     assert read_mp4_comment(mp4)["fidelities"] == [0.0]
     assert json.loads(settings.read_text())["rows"][0]["prompt"] == most[0][0]
+
+
+def test_an_image_testbed_is_refused_before_any_sampling():
+    import pytest
+
+    from memctl.video_sweep import video_testbed
+
+    with pytest.raises(ValueError, match="Expected a video testbed .*'digits' holds images"):
+        video_testbed("digits")
