@@ -65,7 +65,7 @@ from memctl.knob import _check_real, _pairs, knob_law
 from memctl.pipeline import PixelPipeline
 from memctl.subspace import pull_to_general
 
-__all__ = ["bake", "BAKE_KEY", "condition_edit"]
+__all__ = ["bake", "BAKE_KEY", "condition_edit", "fit_prompts", "map_sha256", "matches", "prompts_sha256"]
 
 BAKE_KEY = "_memctl_bake"  # key of the provenance in the baked denoiser's config.json
 _FORMAT, _VERSION = "memctl.bake", 1
@@ -84,6 +84,29 @@ def _check_fidelity(fidelity: Any) -> float:
     if fidelity < -1:
         raise ValueError(f"Expected a fidelity in [-1, 0], but got {fidelity}.")
     return float(fidelity)
+
+
+def fit_prompts(bmap: BlockMap, testbed=None, prompts: list[str] | None = None) -> list[str] | None:
+    """The memorized prompts a bake of `bmap` fits its edit on: `prompts` if given, else a testbed's canary prompts
+    (what its maps are probed with) for a condition map, else None (stand-ins made from the map)."""
+    if prompts is None and testbed is not None and bmap.lever == "condition":
+        return [c[0] for c in testbed.canaries]
+    return prompts
+
+
+def prompts_sha256(prompts: list[str] | None) -> str | None:
+    """The fingerprint of the memorized prompts a bake was fit on (None: stand-ins)."""
+    return None if prompts is None else hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+
+
+def matches(folder: str | os.PathLike, expected: dict) -> bool:
+    """Whether `folder` holds a bake whose provenance (`bake.json`) has every item of `expected`."""
+    path = Path(folder) / "bake.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and all(info.get(k) == v for k, v in expected.items())
 
 
 def unit_factors(bmap: BlockMap, fidelity: float, strength: float = 1.0) -> torch.Tensor:
@@ -195,7 +218,7 @@ def _bake_denoiser(module, part: BlockMap, fidelity, strength, states, lam) -> l
     return done
 
 
-def _map_sha256(bmap: BlockMap) -> str:
+def map_sha256(bmap: BlockMap) -> str:
     h = hashlib.sha256(json.dumps(bmap.to_dict(), sort_keys=True).encode())
     for k in sorted(bmap.lever_tensors):
         h.update(k.encode() + bmap.lever_tensors[k].detach().cpu().contiguous().numpy().tobytes())
@@ -322,11 +345,12 @@ def bake(
         "source_fingerprint": fingerprint(module),
         "baked_fingerprint": fingerprint(baked_module),
         "map_fingerprint": part.fingerprint,
-        "map_sha256": _map_sha256(bmap),
+        "map_sha256": map_sha256(bmap),
         "map_method": bmap.method,
         "lever": part.lever,
         "noise_levels": "factors averaged over the map's levels" if part.per_level else "one level",
         "memorized_states": memorized,
+        "prompts_sha256": prompts_sha256(prompts),
         "lambda": float(lam),
         "edits": done,
     }

@@ -224,7 +224,7 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_bake(args) -> int:
-    from memctl.bake import bake
+    from memctl.bake import bake, fit_prompts
     from memctl.blockmap import BlockMap
     from memctl.loading import load_model_and_testbed
 
@@ -243,9 +243,7 @@ def _cmd_bake(args) -> int:
                 f"Expected --map FILE for a model that is not a testbed, but got 'testbed' for {args.model}."
             )
         bmap = tb.block_map()
-    if prompts is None and tb is not None and bmap.lever == "condition":
-        prompts = [c[0] for c in tb.canaries]  # what the testbed's maps are probed with
-    baked = bake(pipe, bmap, args.fidelity, out, strength=args.strength, prompts=prompts)
+    baked = bake(pipe, bmap, args.fidelity, out, strength=args.strength, prompts=fit_prompts(bmap, tb, prompts))
     info = baked._memctl_bake
     if args.json:
         print(json.dumps(info, indent=1))

@@ -53,7 +53,7 @@ SHOT_FIELDS = (
     "name",
 )
 JOB_FIELDS = ("version", "model", "block_map", "dtype", "batch_size", "cpu_threads", "guard", "guard_fidelity",
-              "defaults", "shots")  # fmt: skip
+              "bake", "bake_prompts", "defaults", "shots")  # fmt: skip
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_PROMPT_CHARS = 10_000  # far above any text encoder's reach; the renderer checks the model's own token limit
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -90,6 +90,8 @@ class Job:
     cpu_threads: int | None = None
     guard: str | None = None  # "detect": prompts `memctl.signals.screen` flags render at `guard_fidelity`
     guard_fidelity: float = -1.0
+    bake: bool = False  # also save a baked copy (memctl.bake) of the model per fidelity < 0 and strength rendered
+    bake_prompts: str | None = None  # text file of memorized prompts the bake's key/value edit is fit on
     shots: tuple[Shot, ...] = field(default=())
     base: Path = Path(".")  # relative model and map paths are read from here (the job file's folder)
 
@@ -102,6 +104,16 @@ class Job:
         The grouping depends on the job alone, so a resumed or multi-process run samples the same batches
         (results on CPU change in the last float bits with the batch's composition)."""
         return [tuple(b) for shot in self.shots for b in _shot_batches(shot, self.batch_size)]
+
+    def bake_settings(self) -> list[tuple[float, float]]:
+        """(fidelity, strength) of each baked copy `bake: true` saves: every fidelity below 0 a shot renders at
+        (and `guard_fidelity` with a guard), with that shot's strength; none without `bake`."""
+        if not self.bake:
+            return []
+        pairs = {(float(f), float(s.values["strength"])) for s in self.shots for f in s.values["fidelity"] if f < 0}
+        if self.guard is not None and self.guard_fidelity < 0:
+            pairs |= {(float(self.guard_fidelity), float(s.values["strength"])) for s in self.shots}
+        return sorted(pairs)
 
 
 def load_job(path: str | Path) -> Job:
@@ -135,9 +147,36 @@ def parse_job(data: Any, source: str = "<job>", base: Path = Path(".")) -> Job:
     shots = _shots(data.get("shots"), defaults, top, errors)
     if not errors:
         _check_names(shots, errors)
+        _check_bake(top, shots, errors)
     if errors:
         raise JobError(source, errors)
     return Job(source=source, shots=tuple(shots), base=base, **top)
+
+
+def _check_bake(top: dict, shots: list[Shot], errors: list[str]) -> None:
+    """`bake: true` needs a block map and a fidelity below 0 to bake; a baked copy acts at every noise level, so a
+    shot it covers cannot have a narrower `window`."""
+    if not top["bake"]:
+        if top["bake_prompts"] is not None:
+            errors.append("job, field `bake_prompts`: Expected it only with `bake: true`, but got no bake.")
+        return
+    if top["block_map"] is None:
+        errors.append("job, field `bake`: Expected a job with a `block_map` (the map is baked), but got no block_map.")
+        return
+    fids = sorted({f for s in shots for f in s.values["fidelity"]})
+    guarded = top["guard"] is not None and top["guard_fidelity"] < 0
+    if not guarded and not any(f < 0 for f in fids):
+        errors.append(
+            f"job, field `bake`: Expected a shot (or guard_fidelity) with a fidelity below 0 to bake (fidelity > 0 is "
+            f"guidance, an extra pass per step, not a weight edit; 0 is the model itself), but got fidelities {fids}."
+        )
+    for s in shots:
+        window = tuple(s.values["window"])
+        if window != (0.0, 1.0) and (guarded or any(f < 0 for f in s.values["fidelity"])):
+            errors.append(
+                f"{s.where()}, field `window`: Expected [0, 1] with `bake: true` (a baked copy acts at every noise "
+                f"level), but got {list(window)}. Leave out the window or the bake."
+            )
 
 
 def _top_fields(data: dict, errors: list[str]) -> dict:
@@ -172,6 +211,13 @@ def _top_fields(data: dict, errors: list[str]) -> dict:
             -1.0,
         ),
     }
+    top["bake"] = check("bake", lambda v: isinstance(v, bool), "true or false", False)
+    top["bake_prompts"] = check(
+        "bake_prompts",
+        lambda v: v is None or (isinstance(v, str) and v.strip()),
+        "null or a path to a text file of memorized prompts, one per line",
+        None,
+    )
     if top["guard"] is not None and top["block_map"] is None:
         errors.append("job, field `guard`: Expected a job with a `block_map` (the guard renders flagged prompts at "
                       "`guard_fidelity`), but got no block_map.")  # fmt: skip

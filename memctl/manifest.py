@@ -35,6 +35,7 @@ class Summary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     manifest: Path | None = None
     sheets: list[Path] = field(default_factory=list)  # contact sheets, one per shot of images
+    baked: list[Path] = field(default_factory=list)  # `bake: true`: baked copies of the model (diffusers folders)
 
     @property
     def ok(self) -> bool:
@@ -54,6 +55,10 @@ class Summary:
             lines.append(
                 f"contact sheets (seeds x fidelities): {', '.join(str(p) for p in self.sheets[:3])}"
                 + (f" and {len(self.sheets) - 3} more" if len(self.sheets) > 3 else "")
+            )
+        if self.baked:
+            lines.append(
+                f"baked copies (pipeline folders, provenance in bake.json): {', '.join(map(str, self.baked))}"
             )
         return "\n".join(lines)
 

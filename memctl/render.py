@@ -76,8 +76,10 @@ def _render_locked(job: Job, out: Path, force: bool, pipeline, state) -> Summary
     _check_inside(out, names)
     state_dir = out / STATE_DIR
     _check_manifest(out / MANIFEST)  # on every process (it only reads): all stop together on a foreign manifest
+    baked = []
     if state.is_main_process:
         _remove_stale(out, names)
+        baked = renderer.bake_copies(out)  # before any knob is applied, and before rendering
     state.wait_for_everyone()
     records = _read_records(out)
     verified = set() if force else {o.name for b in batches for o in b if _is_verified(out, records, o, renderer)}
@@ -103,6 +105,7 @@ def _render_locked(job: Job, out: Path, force: bool, pipeline, state) -> Summary
     whole = _merge(out, mine, state.num_processes)
     whole.skipped = sorted(o.name for b in batches for o in b if o.name in verified)
     whole.sheets = write_contact_sheets(out, job)
+    whole.baked = baked
     print(whole.text(), flush=True)
     return whole
 

@@ -9,14 +9,17 @@ import hashlib
 import io
 import json
 import re
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from memctl import signals
+from memctl.bake import bake, fit_prompts, map_sha256, matches, prompts_sha256
 from memctl.blockmap import BlockMap, fingerprint
 from memctl.blocks import require_denoisers
+from memctl.detection import prompt_lines
 from memctl.jobs import Job, JobError, Output
 from memctl.knob import apply_knob, fidelity, get_knob, remove_knob
 from memctl.loading import is_testbed, load_model_and_testbed
@@ -44,6 +47,7 @@ class Renderer:
             self._check_shots(errors)
             if job.block_map is not None:
                 self.bmap = self._load_map(errors)
+            self.bake_prompts = self._bake_prompts(errors)
         if errors:
             raise JobError(job.source, errors)
         prints = {c: fingerprint(m) for c, m in require_denoisers(self.pipe).items()}
@@ -59,6 +63,53 @@ class Renderer:
         reference = self.testbed.ordinary_prompts() if self.testbed is not None else prompts
         scores = signals.screen(self.pipe, prompts, reference)
         return {s.prompt: {"flagged": s.flagged, "risk": round(s.risk, 4), "p_value": s.p_value} for s in scores}
+
+    def _bake_prompts(self, errors: list[str]) -> list[str] | None:
+        """`bake_prompts` read (relative to the job file), else the default of `memctl bake` (a testbed's canaries)."""
+        if not self.job.bake or self.bmap is None:
+            return None
+        prompts = None
+        if self.job.bake_prompts is not None:
+            path = Path(self.job.bake_prompts)
+            path = path if path.is_absolute() else self.job.base / path
+            try:
+                prompts = prompt_lines(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as err:
+                errors.append(f"job, field `bake_prompts`: Expected a readable UTF-8 text file, but got {err}")
+                return None
+            if not prompts:
+                errors.append(f"job, field `bake_prompts`: Expected at least one prompt in {path}, but it has none.")
+                return None
+        if len(self.bmap.fingerprints) != 1:
+            errors.append(
+                f"job, field `bake`: Expected a block map of one denoiser to bake, but it covers "
+                f"{sorted(self.bmap.fingerprints)}."
+            )
+        return fit_prompts(self.bmap, self.testbed, prompts)
+
+    def bake_copies(self, out: Path) -> list[Path]:
+        """`bake: true`: a hook-free copy of the model with the knob in its weights (`memctl.bake`) per (fidelity,
+        strength) of `job.bake_settings()`, in `out/baked/f-1.00_strength1.00/`. A folder whose `bake.json` already
+        matches is kept (a rerun), a stale bake is replaced; a folder that is not a bake is an error. Call before
+        rendering: the bake copies the plain weights."""
+        settings, folders = self.job.bake_settings(), []
+        if not settings:
+            return folders
+        (component,) = self.bmap.fingerprints
+        for f, k in settings:
+            folder = out / "baked" / f"f{f:+.2f}_strength{k:.2f}"
+            expected = {"fidelity": f, "strength": k, "map_sha256": map_sha256(self.bmap),
+                        "source_fingerprint": self.model_info["fingerprints"][component],
+                        "prompts_sha256": prompts_sha256(self.bake_prompts)}  # fmt: skip
+            if not matches(folder, expected):
+                if folder.exists() and not (folder / "bake.json").is_file() and any(folder.iterdir()):
+                    raise ValueError(
+                        f"Expected {folder} to be a bake of this job or absent, but it holds other files. Move them."
+                    )
+                shutil.rmtree(folder, ignore_errors=True)
+                bake(self.pipe, self.bmap, f, folder, strength=k, prompts=self.bake_prompts)
+            folders.append(folder)
+        return folders
 
     def guard_info(self, o: Output) -> dict | None:
         """The guard's reading of this output's prompt and the fidelity it is rendered at (None without a guard)."""
