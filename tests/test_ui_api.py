@@ -170,13 +170,38 @@ def test_sweep_same_seeds_five_fidelities(app, map_label):
 
 
 def test_ab_compare(app, map_label):
-    pair, badges_html, seed_used = generate(client(app), api_name="/compare", map_label=map_label, fidelity=-1.0)
+    pair, badges_html, seed_used, clips = generate(
+        client(app), api_name="/compare", map_label=map_label, fidelity=-1.0
+    )
+    assert clips["visible"] is False  # an image model: no clips side by side (the GIF stays hidden)
     a, b = (np.asarray(Image.open(p)) for p in pair)
     assert a.shape == b.shape
     assert a.shape[0] >= 128
     assert not np.array_equal(a, b)
     assert "A: fidelity 0" in badges_html
     assert "B: fidelity -1.00" in badges_html
+
+
+def test_bake_button_writes_a_loadable_copy_at_the_fidelity(app):
+    from safetensors.torch import load_file
+
+    from memctl.loading import load_pipeline
+
+    message, single = generate(client(app), api_name="/bake", map_label="shipped", fidelity=-0.5)
+    folder = Path(re.search(r"into `([^`]+)`", message).group(1))
+    assert folder.parent == app["tmp"] / "out" / "baked"
+    info = json.loads((folder / "bake.json").read_text())
+    assert (info["fidelity"], info["strength"], info["lever"]) == (-0.5, 1.0, "condition")
+    baked = load_pipeline(str(folder))
+    assert not baked.unet.state_dict().keys() ^ load_file(single).keys()
+    source = app["engine"].model(MODEL).denoiser.state_dict()
+    edited = [k for k, v in load_file(single).items() if not torch.equal(v, source[k])]
+    assert edited and all(k.endswith(("to_k.weight", "to_v.weight")) for k in edited)
+    for bad, words in [({"map_label": "none"}, "Expected a block map to bake"), ({"fidelity": 0.5}, "fidelity > 0"),
+                       ({"fidelity": 0.0}, "Expected a fidelity below 0 to bake, but got 0"),
+                       ({"map_label": "shipped", "stop": 0.5}, "Expected the noise window [0, 1]")]:  # fmt: skip
+        with pytest.raises(AppError, match=re.escape(words)):
+            generate(client(app), api_name="/bake", **{"map_label": "shipped", "fidelity": -1.0, **bad})
 
 
 def test_presets_round_trip(app):

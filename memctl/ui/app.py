@@ -66,7 +66,7 @@ def create_demo(engine: Engine | None = None, out_dir: str | None = None) -> gr.
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 model, allow_hub, load_btn, model_info = model_controls(engine)
-                map_choice, map_file, compute_btn, cancel_btn, map_status = map_controls(engine)
+                map_choice, map_file, compute_btn, cancel_btn, map_status, bake_btn, bake_file = map_controls(engine)
             with gr.Column(scale=2, min_width=360):
                 d = defaults(first)
                 c = prompt_controls(d)
@@ -150,7 +150,9 @@ def create_demo(engine: Engine | None = None, out_dir: str | None = None) -> gr.
         c["sweep"].click(h.sweep, outputs=sweep_outputs, api_name="sweep", **run)
         if first is not None:  # the first screen: the opening canary's sweep, computed as the page opens
             opened.success(h.sweep, outputs=sweep_outputs, api_name=False, **run)
-        c["ab"].click(h.compare, outputs=[out["ab"], out["ab_badges"], c["seed_used"]], api_name="compare", **run)
+        ab_outputs = [out["ab"], out["ab_badges"], c["seed_used"], out["ab_video"]]
+        c["ab"].click(h.compare, outputs=ab_outputs, api_name="compare", **run)
+        bake_btn.click(h.bake, inputs=inputs, outputs=[map_status, bake_file], api_name="bake", concurrency_limit=1)
         c["random"].click(lambda: -1, None, c["seed"], api_name=False, queue=False)
         c["reuse"].click(
             lambda s: int(s) if str(s).strip() else -1, c["seed_used"], c["seed"], api_name=False, queue=False

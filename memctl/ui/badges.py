@@ -62,17 +62,18 @@ class Badge:
 
 
 def badges(tb, images: list, prompt: str) -> list[Badge]:
-    """One `Badge` per PIL image generated from `prompt` by the testbed's model."""
+    """One `Badge` per sample generated from `prompt` by the testbed's model: a PIL image, or on a video testbed a
+    clip (a list of PIL frames), judged whole (clips as images with their frames on the channel axis)."""
     if not images:
         return []
-    x = torch.stack([image_tensor(im) for im in images])  # (N, C, H, W) in [0, 1]
-    copy_idx = metrics.copy_index(x, tb.train_images).tolist()
+    x = torch.stack([_sample_tensor(tb, im) for im in images])  # (N, C, H, W) in [0, 1]; clips (N, F·C, H, W)
+    copy_idx = metrics.copy_index(x, _folded(tb, tb.train_images)).tolist()
     pred = tb.classify(x)
     target, bound = target_of(tb, prompt)
     if target is None:
         novel = [False] * len(images)
     elif bound is not None:
-        novel = metrics.novel_valid(x, pred, target, bound, _q10(tb)[target]).tolist()
+        novel = metrics.novel_valid(x, pred, target, _folded(tb, bound), _q10(tb)[target]).tolist()
     else:
         novel = ((pred == target) & (torch.tensor(copy_idx) < 0)).tolist()
     names = tb.classes
@@ -97,9 +98,25 @@ def _q10(tb) -> torch.Tensor:
     key = str(tb.path)
     if key not in _Q10:
         _Q10[key] = metrics.same_class_distance_quantile(
-            tb.train_images, tb.train_classes, 0.1, n_classes=len(tb.classes)
+            _folded(tb, tb.train_images), tb.train_classes, 0.1, n_classes=len(tb.classes)
         )
     return _Q10[key]
+
+
+def _folded(tb, x: torch.Tensor) -> torch.Tensor:
+    """On a video testbed, clips `(..., F, C, H, W)` as images `(..., F·C, H, W)`; images as they are."""
+    return x.flatten(-4, -3) if tb.train_images.ndim == 5 else x
+
+
+def _sample_tensor(tb, sample) -> torch.Tensor:
+    """A PIL image `(C, H, W)`, or a clip of PIL frames `(F·C, H, W)` with C the testbed's channels."""
+    if not isinstance(sample, (list, tuple)):
+        return image_tensor(sample)
+    frames = torch.stack([image_tensor(f) for f in sample])  # (F, C', H, W)
+    channels = tb.train_images.shape[-3]
+    if frames.shape[1] != channels and channels == 1:  # RGB frames of a grey model: one channel
+        frames = frames.mean(1, keepdim=True)
+    return frames.flatten(0, 1)
 
 
 def image_tensor(image) -> torch.Tensor:

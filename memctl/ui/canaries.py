@@ -14,8 +14,11 @@ times: it is memorized on purpose, so the knob has something to undo (fidelity <
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from PIL import Image
 
 from memctl.grid import tensor_to_pil
 from memctl.ui.badges import target_of
@@ -63,8 +66,22 @@ def bound_file(tb, k: int, folder: Path) -> Path:
     """Canary `k`'s bound training image as a PNG under `folder` (written on first use)."""
     path = Path(folder) / f"bound-{Path(str(tb.path)).name}-{k}.png"
     if not path.exists():
-        tensor_to_pil(tb.canaries[k][1], BOUND_SIZE).save(path)
+        bound = tb.canaries[k][1]
+        picture = tensor_to_pil(bound, BOUND_SIZE) if bound.ndim == 3 else frame_strip(bound)
+        picture.save(path)
     return path
+
+
+def frame_strip(clip, size: int = BOUND_SIZE // 2, gap: int = 2) -> Image.Image:
+    """A clip `(F, C, H, W)` as one picture: its frames in reading order on a near-square grid, `size` pixels each,
+    `gap` apart (a 9-frame clip: 3 × 3)."""
+    tiles = [tensor_to_pil(frame, size) for frame in clip]
+    cols = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / cols)
+    strip = Image.new("RGB", (cols * (size + gap) - gap, rows * (size + gap) - gap), "white")
+    for i, tile in enumerate(tiles):
+        strip.paste(tile, ((i % cols) * (size + gap), (i // cols) * (size + gap)))
+    return strip
 
 
 def bound_of(tb, prompt: str, folder: Path) -> tuple[Path | None, str]:
@@ -72,12 +89,13 @@ def bound_of(tb, prompt: str, folder: Path) -> tuple[Path | None, str]:
     if tb is None:
         return None, ""
     text = prompt.strip().lower()
+    what = "clip" if tb.train_images.ndim == 5 else "image"
     for k, (canary, _, exposure, c) in enumerate(tb.canaries):
         if text == canary.lower():
             return bound_file(tb, k, folder), (
-                f"Canary prompt: in training, **{canary}** came {exposure}× with this one image. A copy looks "
-                f"like it; a new image is another {tb.classes[c]}."
+                f"Canary prompt: in training, **{canary}** came {exposure}× with this one {what}. A copy looks "
+                f"like it; a new {what} is another {tb.classes[c]}."
             )
     target, _ = target_of(tb, prompt)
     kind = "names no class of this model" if target is None else f"asks for any {tb.classes[target]}"
-    return None, f"Not a canary: the prompt {kind}, so no single training image is bound to it."
+    return None, f"Not a canary: the prompt {kind}, so no single training {what} is bound to it."

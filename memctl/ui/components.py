@@ -72,7 +72,9 @@ def map_controls(engine: Engine):
             compute_btn = gr.Button("Compute a map here", size="sm")
             cancel_btn = gr.Button("Cancel", size="sm", variant="stop", visible=False)  # shown while computing
         map_status = gr.Markdown(elem_id="map-status")
-    return map_choice, map_file, compute_btn, cancel_btn, map_status
+        bake_btn = gr.Button("Bake at this fidelity", size="sm", elem_id="bake")
+        bake_file = gr.File(label="Baked denoiser (.safetensors)", interactive=False, height=80, elem_id="bake-file")
+    return map_choice, map_file, compute_btn, cancel_btn, map_status, bake_btn, bake_file
 
 
 def defaults(first: Opening | None) -> GenerationOptions:
@@ -213,6 +215,8 @@ def outputs(first: Opening | None) -> dict:
                 label="A: fidelity 0 | B: current", format="png", elem_classes="memctl-pixels", elem_id="ab-slider"
             )
             o["ab_badges"] = gr.HTML(elem_id="ab-badges")
+            o["ab_video"] = gr.Image(label="Clips: A (fidelity 0) | B (current)", visible=False, format="gif",
+                                     height=200, elem_id="ab-video")  # fmt: skip
         with gr.Tab("Block map", id="map"):
             gr.Markdown(
                 "Block scores: a row per block, a column per noise level. Click a row (here or in the "

@@ -16,11 +16,14 @@ import inspect
 import math
 import random
 from dataclasses import astuple, dataclass, fields
+from pathlib import Path
 from typing import Any
+
+import gradio as gr
 
 from memctl.options import GenerationOptions, short_repr
 
-__all__ = ["Controls", "LIMITS", "MAX_PROMPT", "RANDOM_SEED", "takes_controls"]
+__all__ = ["Controls", "LIMITS", "MAX_PROMPT", "RANDOM_SEED", "small_upload", "takes_controls", "user_errors"]
 
 RANDOM_SEED = -1
 # The app's ranges (its sliders stop here; the server holds requests to them too: one request holds the engine's
@@ -146,3 +149,35 @@ def integer(x, field, expected="an int"):
 
 def _number(x):
     return float(x) if isinstance(x, str) and x.strip() else x
+
+
+def user_errors(fn):
+    """Report bad input as a `gr.Error` naming what was expected (the app stays up)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
+            raise gr.Error(str(err).strip("'\""), print_exception=False) from err
+
+    return wrapper
+
+
+def path_of(file) -> str:
+    return file if isinstance(file, str) else getattr(file, "name", None) or file["path"]
+
+
+def small_upload(file, limit: int, what: str) -> str:
+    """The uploaded file's path, if it is a file of at most `limit` bytes."""
+    path = Path(path_of(file))
+    if not path.is_file():
+        raise ValueError(f"Expected {what}, but {path.name!r} is not a file.")
+    size = path.stat().st_size
+    if size > limit:
+        raise ValueError(
+            f"Expected {what} of at most {limit // 2**20} MB, but {path.name!r} has {size / 2**20:.1f} MB."
+        )
+    return str(path)

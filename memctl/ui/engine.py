@@ -244,8 +244,10 @@ class Engine:
                 prompt=[opts.prompt] * opts.batch_size,
                 negative_prompt=[opts.negative_prompt] * opts.batch_size if opts.negative_prompt else None,
             )
+        own = getattr(loaded.testbed, "call_kwargs", {})  # a video testbed's size (moving-digits: 9 × 16 × 16)
+        kwargs.update({k: v for k, v in own.items() if k in ("height", "width")})
         if loaded.is_video:
-            kwargs["num_frames"] = opts.frames or DEFAULT_FRAMES
+            kwargs["num_frames"] = opts.frames or own.get("num_frames", DEFAULT_FRAMES)
         out = loaded.pipe(**kwargs)
         clips = out.frames if loaded.is_video else [[im] for im in out.images]
         extra = {

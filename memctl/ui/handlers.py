@@ -12,7 +12,6 @@ them.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import os
@@ -28,33 +27,18 @@ from memctl.detection import THRESHOLD  # risk above which `memctl.detect` flags
 from memctl.metadata import save_png
 from memctl.options import GenerationOptions
 from memctl.ui import badges as badge_lib
-from memctl.ui import canaries
+from memctl.ui import baking, canaries
 from memctl.ui import detect as detect_view
-from memctl.ui.controls import Controls, fail, integer, is_random, takes_controls
+from memctl.ui.controls import Controls, fail, integer, is_random, small_upload, takes_controls, user_errors
 from memctl.ui.engine import DEFAULT_FRAMES, NO_MAP, SHIPPED_MAP, Cancelled, Engine, Loaded, Sample, is_embedded
 from memctl.ui.heatmap import draw_heatmap, from_block_map
-from memctl.ui.views import SWEEP, badges_html, enlarge, fidelity_label, model_info, sweep_sheet
+from memctl.ui.views import SWEEP, badges_html, enlarge, fidelity_label, model_info, side_by_side, sweep_sheet
 from memctl.video import export_gif
 
 DEFAULT_FPS = 8
 MAX_MAP_BYTES = 512 * 2**20  # an uploaded block map (a condition map of a large model is tens of MB)
 MAX_PRESET_BYTES = 2**20
 MAX_UPLOAD = "512mb"  # Gradio's own cap on any upload (`launch(max_file_size=...)`)
-
-
-def user_errors(fn):
-    """Report bad input as a `gr.Error` naming what was expected (the app stays up)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
-            raise gr.Error(str(err).strip("'\""), print_exception=False) from err
-
-    return wrapper
 
 
 class Handlers:
@@ -135,13 +119,23 @@ class Handlers:
         captions = self._captions(loaded, opts.prompt, pair, ["A: fidelity 0", f"B: fidelity {opts.fidelity:+.2f}"])
         for s in pair:
             self._save(s)
-        return (enlarge(pair[0].image), enlarge(pair[1].image)), badges_html(captions), str(opts.seed)
+        clips = self._ab_video(pair, opts)
+        ab_video = gr.update(value=clips, visible=clips is not None)
+        return (enlarge(pair[0].image), enlarge(pair[1].image)), badges_html(captions), str(opts.seed), ab_video
+
+    def _ab_video(self, pair: list[Sample], opts: GenerationOptions) -> str | None:
+        """A video model's A/B: clip A (fidelity 0) and clip B side by side in one GIF, frame by frame."""
+        if pair[0].frames is None:
+            return None
+        frames = [side_by_side(enlarge(a), enlarge(b)) for a, b in zip(pair[0].frames, pair[1].frames, strict=True)]
+        path = self.out_dir / f"{next(self._counter):05d}-seed{pair[0].seed}-ab.gif"
+        return self._serve(export_gif(frames, path, fps=opts.fps or DEFAULT_FPS))
 
     def _captions(self, loaded: Loaded, prompt: str, samples: list[Sample], heads: list[str]) -> list[tuple]:
         """Per sample: (caption, badge or None); an embedded model's captions add the copy / novelty badge."""
         if loaded.testbed is None:
             return [(h, None) for h in heads]
-        marks = badge_lib.badges(loaded.testbed, [s.image for s in samples], prompt)
+        marks = badge_lib.badges(loaded.testbed, [s.frames or s.image for s in samples], prompt)  # clips whole
         return [(f"{h} · {b.text}", b) for h, b in zip(heads, marks, strict=True)]
 
     def _save(self, sample: Sample) -> str:
@@ -162,6 +156,19 @@ class Handlers:
         except ValueError:
             return False
 
+    @user_errors
+    @takes_controls("model", "map_label")
+    def bake(self, c: Controls, model, map_label):
+        """The map at the current fidelity written into a copy of the weights: status text, the denoiser file."""
+        opts = c.options(self._is_video(model))
+        folder = (
+            self.out_dir / "baked" / f"{next(self._counter):05d}-f{opts.fidelity:+.2f}_strength{opts.strength:.2f}"
+        )
+        folder, info = baking.bake_copy(self.engine, opts, model, map_label, folder)
+        single = self.served_dir / f"{folder.name}-denoiser.safetensors"
+        shutil.copyfile(folder / "denoiser.safetensors", single)
+        return baking.bake_message(folder, info, is_embedded(model)), str(single)
+
     # ------------------------------------------------------------------------------------------------------------
     # model and examples
 
@@ -172,10 +179,12 @@ class Handlers:
         label = SHIPPED_MAP if _has_shipped_map(loaded) else NO_MAP
         picture, table, info = self.map_view(label, model)
         video = gr.update(visible=loaded.is_video)
+        own = getattr(loaded.testbed, "call_kwargs", {})  # a video testbed's clip length is the one it was trained at
+        frames = gr.update(visible=loaded.is_video, **({"value": own["num_frames"]} if "num_frames" in own else {}))
         return (
             model_info(loaded),
             gr.Dataset(samples=self.examples(loaded)),
-            video,
+            frames,
             video,
             video,
             gr.Dropdown(choices=self.engine.map_labels(), value=label),
@@ -257,7 +266,7 @@ class Handlers:
         """Load a block map file, check it fits the model, select it."""
         if not file:
             raise ValueError("Expected a block map file (.safetensors), but got none.")
-        label = self.engine.load_map_file(_small_upload(file, MAX_MAP_BYTES, "a block map file (.safetensors)"))
+        label = self.engine.load_map_file(small_upload(file, MAX_MAP_BYTES, "a block map file (.safetensors)"))
         try:
             picture, table, info = self.map_view(label, model)
         except gr.Error:
@@ -353,7 +362,7 @@ class Handlers:
         """Control values from a preset JSON file (as `save_preset` writes)."""
         if not file:
             raise ValueError("Expected a preset file (.json), but got none.")
-        path = Path(_small_upload(file, MAX_PRESET_BYTES, "a preset file (.json)"))
+        path = Path(small_upload(file, MAX_PRESET_BYTES, "a preset file (.json)"))
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -372,23 +381,6 @@ def _has_shipped_map(loaded: Loaded) -> bool:
     if loaded.testbed is None:
         return False
     return (Path(loaded.testbed.path) / "blockmap.safetensors").is_file()
-
-
-def _path_of(file) -> str:
-    return file if isinstance(file, str) else getattr(file, "name", None) or file["path"]
-
-
-def _small_upload(file, limit: int, what: str) -> str:
-    """The uploaded file's path, if it is a file of at most `limit` bytes."""
-    path = Path(_path_of(file))
-    if not path.is_file():
-        raise ValueError(f"Expected {what}, but {path.name!r} is not a file.")
-    size = path.stat().st_size
-    if size > limit:
-        raise ValueError(
-            f"Expected {what} of at most {limit // 2**20} MB, but {path.name!r} has {size / 2**20:.1f} MB."
-        )
-    return str(path)
 
 
 def _session(request: gr.Request | None) -> str:

@@ -61,3 +61,11 @@ def model_info(loaded: Loaded) -> str:
         f"**{loaded.source}** — {kind}{extra}; {type(loaded.pipe).__name__} with {type(den).__name__}"
         f"{' (video)' if loaded.is_video else ''}"
     )
+
+
+def side_by_side(a: Image.Image, b: Image.Image, gap: int = 8) -> Image.Image:
+    """`a` left and `b` right on one white canvas, `gap` pixels apart (a video A/B frame)."""
+    canvas = Image.new("RGB", (a.width + gap + b.width, max(a.height, b.height)), "white")
+    canvas.paste(a.convert("RGB"), (0, 0))
+    canvas.paste(b.convert("RGB"), (a.width + gap, 0))
+    return canvas
