@@ -4,7 +4,8 @@
 
 Each model's record (`bench/results/effect/MODEL.json`) gets the family's rows measured now by `memctl.effect.add_rows`
 (same probe set, map and seeds as the record; the plain row is re-sampled and must match), then `effect.json` and
-`effect.md` are rebuilt from all records by the bench's own table code (the md keeps its first two lines).
+`effect.md` are rebuilt from all records by the bench's own table code (the md keeps its header, and says which rows
+were added by which command).
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ def main(family: str, models: list[str]) -> None:
         added = record.setdefault("added_rows", {})
         added[family] = f"python bench/effect_add_rows.py {json.dumps(family)} {name}"
         _write_json(path, record)
-        print(name, json.dumps(record["bars"].get("in_attention_fidelity_checks")), flush=True)
+        print(name, json.dumps({k: v for k, v in record["bars"].items() if k.endswith("_checks")}), flush=True)
     results = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "effect").glob("*.json"))}
     report = json.loads((OUT / "effect.json").read_text())
     report["models"] = results
     _write_json(OUT / "effect.json", report)
-    head = (OUT / "effect.md").read_text().splitlines(keepends=True)[:2]
+    lines = (OUT / "effect.md").read_text().splitlines(keepends=True)
+    head = lines[: lines.index("\n")]  # the title and one line per model's command, up to the first blank line
+    note = f"- added rows `{family}`: `python bench/effect_add_rows.py {json.dumps(family)} {' '.join(models)}`\n"
+    head = [line for line in head if line != note] + [note]
     md = [*head, "\nSummary: most-exposed canaries copied / canary novel-valid (attribute-correct on digits-attr) / "
           "compositional (digits-attr) / ordinary valid (denoiser evaluations per image).\n\n",
           effect_summary(results), *_effect_md(results)]  # fmt: skip

@@ -79,6 +79,8 @@ def _effect_md(results: dict) -> list[str]:
         md += [f"- {'PASS' if ok else 'FAIL'}: {name}\n" for name, ok in bars["checks"].items()]
         md += [f"- {'PASS' if ok else 'FAIL'}: fidelity in-attention (not in the bars above): {name}\n"
                for name, ok in bars.get("in_attention_fidelity_checks", {}).items()]  # fmt: skip
+        md += [f"- {'PASS' if ok else 'FAIL'}: baked (not in the bars above): {name}\n"
+               for name, ok in bars.get("bake_checks", {}).items()]  # fmt: skip
         if r["prompt_map"].get("error"):
             md.append(f"- no prompt-only map rows: {r['prompt_map']['error']}\n")
         if bars.get("trivial_fidelity_check"):
@@ -122,6 +124,7 @@ def effect_summary(results: dict) -> str:
 
     models = list(results)
     picks = [("plain", "0"), ("memctl map", "-1.0"), ("memctl map", "+1.0"), ("memctl map in-attention", "+1.0"),
+             ("memctl map baked", "-1.0"),
              ("memctl prompt map", "-1.0"),
              ("uniform", "-1.0"), ("text edit", "-1.0"), ("placement shuffled", None), ("random subspace", None),
              ("wen", "quantile 0.5"), ("ren", "c 1.25"), ("jain", "transition 0.6"),

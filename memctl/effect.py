@@ -5,7 +5,8 @@ For each embedded model: probe a condition map from its canaries and held-out im
 canary prompts `memctl.detect` flags, then sample every canary, ordinary and (on attribute testbeds) never-shown
 combination prompt at evaluation seeds (10,000 on; probes use seeds below) for:
 
-- memctl's knob (both maps) at fidelity −1 … +1;
+- memctl's knob (both maps) at fidelity −1 … +1, and the condition map baked into the weights at −1 (`memctl.bake`,
+  its edit fit on the probe set's memorized prompts);
 - the controls of `memctl.controls`: uniform, text edit, placement shuffled, random subspace;
 - the baselines of `memctl.baselines` (Wen, Ren, Jain, NeMo), each calibrated from the probe set only.
 
@@ -22,15 +23,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from memctl.attention_calibrate import attention_map
+from memctl.bake import bake
 from memctl.baselines import BASELINES
 from memctl.controls import TextEdit, control_maps
 from memctl.evaluate import EvalSpec, sample_testbed, score_samples
-from memctl.knob import apply_knob, fidelity, remove_knob
+from memctl.knob import _pairs, apply_knob, fidelity, remove_knob
 from memctl.probe import probe
 from memctl.probeset import ProbeSet
 
 KNOB_FIDELITIES = (-1.0, -0.5, 1.0)
 ATTENTION_FIDELITIES = (0.5, 1.0)  # memctl.attention_guidance (fidelity <= 0 is the same lever as "memctl map")
+BAKE_FIDELITIES = (-1.0,)  # memctl.bake: fidelity <= 0 only
 CONTROL_FIDELITIES = (-1.0, -0.5)
 CONTROL_SEEDS = 2
 # one setting each: the published defaults (Ren's C = 1.25), and for the thresholds a rule fixed before measuring
@@ -116,6 +119,23 @@ def knob_setup(pipe, bmap, f: float):
     return setup
 
 
+def bake_setup(pipe, bmap, f: float, prompts: list[str]):
+    """A row's setup: the knob of `bmap` at fidelity `f` baked into a copy of the denoiser (`memctl.bake`, its
+    key/value edit fit on `prompts`), swapped in for the row and swapped back afterwards; no hooks."""
+
+    @contextmanager
+    def setup():
+        ((component, _),) = _pairs(pipe, bmap)
+        baked, original = getattr(bake(pipe, bmap, f, prompts=prompts), component), getattr(pipe, component)
+        setattr(pipe, component, baked)
+        try:
+            yield None
+        finally:
+            setattr(pipe, component, original)
+
+    return setup
+
+
 def baseline_setup(pipe, name: str, kw: dict, probes):
     """A row's setup: baseline `name` with settings `kw`, fit on `probes`, removed afterwards."""
 
@@ -143,6 +163,9 @@ def _plan(pipe, bmap, prompt_map, probes, attention_map=None) -> list[tuple[str,
     plan = [("memctl map", f"{f:+.1f}", knob(bmap, f)) for f in KNOB_FIDELITIES]
     if attention_map is not None:  # fidelity > 0 inside the cross-attention units, γ calibrated on the probes
         plan += [("memctl map in-attention", f"{f:+.1f}", knob(attention_map, f)) for f in ATTENTION_FIDELITIES]
+    if bmap.lever == "condition":  # the same map written into the key/value weights, fit on the probes' prompts
+        memorized = [str(c) for c in probes.conditions("memorized")]
+        plan += [("memctl map baked", f"{f:+.1f}", bake_setup(pipe, bmap, f, memorized)) for f in BAKE_FIDELITIES]
     if prompt_map is not None:
         plan += [("memctl prompt map", f"{f:+.1f}", knob(prompt_map, f)) for f in (-1.0, 1.0)]
     controls = control_maps(pipe.unet, bmap, seeds=CONTROL_SEEDS)
@@ -271,9 +294,17 @@ def bars(tb, rows: dict, seeds: int) -> dict:
             "most-exposed copy_1/3 at +1 >= plain": att["most_copy"] >= plain["most_copy"],
             "ordinary valid at +1 >= 0.95 x plain": att["ordinary_valid"] >= 0.95 * plain["ordinary_valid"],
         }
+    baked = {}
+    if "memctl map baked" in head:  # issue: a baked checkpoint; within 5 points of the hooked knob (not in "pass")
+        b = head["memctl map baked"]["-1.0"]
+        baked = {
+            f"{k} within 0.05 of the hooked knob at -1": abs(b[k] - ext[k]) <= 0.05
+            for k in ("most_copy", "novel_valid")
+        }
     return {
         "checks": checks,
         **({"in_attention_fidelity_checks": attention} if "memctl map in-attention" in head else {}),
+        **({"bake_checks": baked} if baked else {}),
         "pass": all(checks.values()),
         "map_at_-1": ext,
         "controls_at_map_copy": controls,

@@ -282,3 +282,20 @@ def test_cli_bakes_a_testbed(tmp_path, capsys):
                      "-o", str(tmp_path / "x")]) == 2  # fmt: skip
     assert "Expected a block map file" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_effect_bench_baked_row_swaps_the_baked_denoiser_in_and_back(digits):
+    from memctl.effect import bake_setup
+
+    tb, pipe, bmap = digits
+    prompts = [c[0] for c in tb.canaries]
+    original = pipe.unet
+    plain = _outputs(pipe, prompts[:2])
+    with bake_setup(pipe, bmap, -1.0, prompts)():
+        assert pipe.unet is not original
+        assert memctl.list_hooks(pipe.unet) == []
+        baked = _outputs(pipe, prompts[:2])
+    assert pipe.unet is original
+    assert not torch.equal(baked, plain)
+    assert torch.equal(_outputs(pipe, prompts[:2]), plain)
+    assert torch.equal(baked, _outputs(bake(pipe, bmap, -1.0, prompts=prompts), prompts[:2]))

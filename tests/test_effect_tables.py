@@ -70,3 +70,18 @@ def test_tables_show_every_row_with_its_cost():
     summary = effect_summary(results)
     assert "memctl map -1.0 | 0% / 80% / 100% (25) | 0% / 80% / 30% / 100% (25)" in summary
     assert "| –" in summary  # rows a model lacks (no Ren here) say so
+
+
+def test_baked_row_is_checked_against_the_hooked_knob_within_five_points():
+    near, far = _rows(0.75), _rows(0.75)
+    near["memctl map baked"] = {"-1.0": _row(0.04, 0.0, 0.71)}
+    far["memctl map baked"] = {"-1.0": _row(0.16, 0.0, 0.31)}
+    assert all(bars(TB, near, 8)["bake_checks"].values())
+    assert not any(bars(TB, far, 8)["bake_checks"].values())
+    assert "bake_checks" not in bars(TB, _rows(0.75), 8)
+    assert bars(TB, far, 8)["pass"] == bars(TB, _rows(0.75), 8)["pass"]  # reported beside the bars, not in them
+    md = "".join(
+        _effect_md({"m": {"bars": bars(TB, far, 8), "rows": far, "probe_seconds": 1, "prompt_map": {"seconds": 1}}})
+    )
+    assert "FAIL: baked (not in the bars above): most_copy within 0.05 of the hooked knob at -1" in md
+    assert "memctl map baked -1.0 | 16% / 31%" in effect_summary({"m": {"bars": bars(TB, far, 8), "rows": far}})
