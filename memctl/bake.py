@@ -26,7 +26,9 @@ is only 29% / 35%. Give the memorized prompts when you have them.
 
 Residual lever: a unit whose residual branch ends in one linear layer (a resnet's `conv2`, a UNet attention's
 `proj_out`, an `Attention`'s `to_out.0`) gets that layer's weight and bias times its factor, which is exact. A
-transformer block returning `input + update` (DiT, SD3, Flux, Wan) has no such layer: an error says so.
+transformer block returning `input + update` (DiT, SD3, Flux, Wan) has no such layer: an error says so. Condition maps
+bake where the lever acts on cross-attentions (UNets, Wan's `attn2`); a joint-attention condition map (SD3, Flux,
+CogVideoX) is refused with an error, since its pull acts before a timestep-modulated norm.
 
 The knob's factors depend on the noise level (per-level maps); one set of weights cannot, so the bake uses each
 unit's factor averaged over the map's levels (for the condition lever that is also the least-squares optimum over
@@ -204,6 +206,13 @@ def _bake_denoiser(module, part: BlockMap, fidelity, strength, states, lam) -> l
                 _edit_cross_attention(module.get_submodule(path), edits[alpha], path)
             done.append({"block": block.name, "lever": "condition", "factor": s, "pull": alpha, "modules": paths})
             continue
+        if part.lever == "condition":
+            raise ValueError(
+                f"Expected a condition map over cross-attention units (whose to_k/to_v read the prompt's states), but "
+                f"{block.name!r} is a joint-attention block (SD3, Flux, CogVideoX): its text tokens pass a "
+                f"timestep-modulated norm before their projections, so no weight edit equals the pull. Use the "
+                f"hooked knob (memctl.apply_knob) for this map."
+            )
         targets = []
         for leaf in block.leaves():
             if leaf.mode != "branch":

@@ -13,7 +13,7 @@ from memctl.bake import BAKE_KEY, bake, condition_edit
 from memctl.blockmap import BlockMap
 from memctl.blocks import find_blocks
 from memctl.knob import apply_knob, remove_knob, set_fidelity
-from tests.tiny import PIPELINE_FAMILIES, build, denoisers, sample, tiny_pipeline
+from tests.tiny import PIPELINE_FAMILIES, build, denoisers, prompt_mapped, sample, tiny_pipeline
 
 LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -159,16 +159,23 @@ assert not [m for m in sys.modules if m.split(".")[0] == "memctl"], "memctl was 
 """
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl", "animatediff"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "animatediff", "wan"])
 def test_tiny_cross_attention_families_bake_into_stock_folders(family, tmp_path):
-    """Every tiny family whose UNet cross-attends to the prompt: a condition map baked at -1 changes the samples,
-    and the folder loads and samples with plain diffusers, in a process that never imports memctl."""
-    pipe = tiny_pipeline(family)
-    bmap = _condition_map(pipe)
+    """Every tiny family whose denoiser cross-attends to the prompt (UNets, Wan's attn2): a condition map baked at
+    -1 changes the samples, and the folder loads and samples with plain diffusers, in a process that never imports
+    memctl."""
+    if family == "wan":  # Wan's map: probed on its projected text states (memorized "ab")
+        pipe, bmap = prompt_mapped("wan")
+        prompt, memorized = "ab", ["ab"]
+    else:
+        pipe, prompt, memorized = tiny_pipeline(family), "zqx ab", ["zqx", "qzx", "xqz"]
+        bmap = _condition_map(pipe)
     fam = PIPELINE_FAMILIES[family]
-    call = {**fam.call, "prompt": "zqx ab"}
+    call = {**fam.call, "prompt": prompt}
     plain = sample(pipe, family, prompt=call["prompt"])
-    baked = bake(pipe, bmap, -1.0, tmp_path / "out", prompts=["zqx", "qzx", "xqz"])
+    baked = bake(pipe, bmap, -1.0, tmp_path / "out", prompts=memorized)
+    edited = [m for e in baked._memctl_bake["edits"] for m in e["modules"]]
+    assert edited and all(m.endswith("attn2") for m in edited)  # the cross-attentions only
     assert type(baked) is type(pipe)
     ours = sample(baked, family, prompt=call["prompt"])
     assert not torch.equal(ours, plain)
@@ -299,3 +306,11 @@ def test_effect_bench_baked_row_swaps_the_baked_denoiser_in_and_back(digits):
     assert not torch.equal(baked, plain)
     assert torch.equal(_outputs(pipe, prompts[:2]), plain)
     assert torch.equal(baked, _outputs(bake(pipe, bmap, -1.0, prompts=prompts), prompts[:2]))
+
+
+@pytest.mark.parametrize("family", ["sd3", "cogvideox"])
+def test_joint_attention_condition_maps_are_refused_clearly(family):
+    pipe, bmap = prompt_mapped(family)
+    assert bmap.lever == "condition"
+    with pytest.raises(ValueError, match="is a joint-attention block"):
+        bake(pipe, bmap, -1.0)
