@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from memctl.atomic import atomic_path
 from memctl.blocks import find_blocks, unwrap
+from memctl.experts import SEP, for_component, qualifiers
 from memctl.fingerprints import _fingerprint_and_sample, _same_up_to_cast, default_component, fingerprint
 from memctl.lever_config import KEYS as LEVER_KEYS
 from memctl.lever_config import LeverConfig
@@ -201,7 +202,7 @@ class BlockMap:
         return BlockMap([self.names[i] for i in rows], self.scores[rows], self.levels, [self.kinds[i] for i in rows],
                         [component] * len(rows), {component: self.fingerprints[component]}, self.granularity,
                         self.method, self.meta, {k: v for k, v in self.samples.items() if k == component},
-                        self.lever, dict(self.lever_tensors))  # fmt: skip
+                        self.lever, for_component(self.lever_tensors, component))  # fmt: skip
 
     def shuffled(self, seed: int = 0) -> BlockMap:
         """A control: the same blocks and scores, with the scores' rows permuted across blocks by `seed`.
@@ -369,6 +370,15 @@ def _check_tensors(lever: str | None, tensors: dict[str, torch.Tensor], prefix: 
         return
     if lever != "condition":
         return
+    for component in sorted(qualifiers(tensors)):  # per-denoiser tensors (memctl.experts): read/<component>, ...
+        own = for_component(tensors, component)
+        if not _CONDITION_TENSORS <= {k.rpartition(SEP)[0] for k in tensors if k.endswith(SEP + component)}:
+            raise ValueError(
+                f"Expected tensors {', '.join(prefix + k + SEP + component for k in sorted(_CONDITION_TENSORS))} "
+                f"together, but got {sorted(k for k in tensors if k.endswith(SEP + component))}."
+            )
+        _check_condition(own, prefix, "", own["g_inv_half"])
+    tensors = {k: v for k, v in tensors.items() if SEP not in k}
     g = tensors["g_inv_half"]
     units = {k.partition("@")[2] for k in tensors if "@" in k}  # per-block tensors (memctl.joint): read@<path>, ...
     for unit in ("", *sorted(units)):

@@ -32,6 +32,7 @@ generalization-heavy. Probe noise comes from `seed` (below 10,000; evaluations u
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 
 from memctl.blocks import find_blocks, pipeline_denoisers
 from memctl.calibrate import fidelity_gain
+from memctl.experts import qualified
 from memctl.guidance import DEFAULT_GAIN
 from memctl.hooks import ConditionHook, attached, cross_attentions, scaled
 from memctl.joint import joint_denoiser, joint_tensors, lever_paths, unit_tensors
@@ -77,10 +79,10 @@ def _denoiser(pipe):
 WAN_TOKENS = 512  # WanPipeline.__call__'s default max_sequence_length
 
 
-def text_states(pipe, prompts: list[str]) -> torch.Tensor:
+def text_states(pipe, prompts: list[str], component: str = "transformer") -> torch.Tensor:
     """What the denoiser's cross-attention reads for each prompt: `(P, L, D)`. PixelPipeline, SD 1.x/2.x, SDXL and
-    AnimateDiff: the `encode_prompt` states. Wan 2.1/2.2: those states through the transformer's text projection
-    (`condition_embedder.text_embedder`), which every block's `attn2` reads."""
+    AnimateDiff: the `encode_prompt` states. Wan 2.1/2.2: those states through the text projection of `component`
+    (`condition_embedder.text_embedder`; Wan 2.2's experts each have their own), which every block's `attn2` reads."""
     params = inspect.signature(pipe.encode_prompt).parameters if hasattr(pipe, "encode_prompt") else {}
     if list(params) == ["prompts"]:  # memctl.PixelPipeline
         return pipe.encode_prompt(prompts)
@@ -89,7 +91,7 @@ def text_states(pipe, prompts: list[str]) -> torch.Tensor:
             prompts, device=pipe._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
         return out[0]
-    denoiser = getattr(pipe, "transformer", None)
+    denoiser = getattr(pipe, component, None)
     project = getattr(getattr(denoiser, "condition_embedder", None), "text_embedder", None)
     if "do_classifier_free_guidance" in params and project is not None and type(denoiser).__name__.startswith("Wan"):
         states = pipe.encode_prompt(
@@ -267,11 +269,8 @@ def _reads_text_states(pipe, probes: ProbeSet) -> bool:
         text_states(pipe, conds[:1])
     except ValueError:
         return False
-    found = pipeline_denoisers(pipe)
-    if len(found) != 1:  # Wan 2.2: each expert projects the text its own way; one set of lever tensors fits one
-        return False
-    denoiser = next(iter(found.values()))
-    return any(cross_attentions(denoiser, b) for b in find_blocks(denoiser))
+    found = pipeline_denoisers(pipe)  # Wan 2.2: two experts, each with its own tensors (memctl.experts)
+    return all(any(cross_attentions(d, b) for b in find_blocks(d)) for d in found.values())
 
 
 def attribute_prompt(
@@ -288,9 +287,10 @@ def attribute_prompt(
     """Per-unit selectivity `(n_blocks, 1)` on the prompt-only memorization signal, per denoiser.
 
     The condition lever, memorized tokens pulled in one unit at a time: in the cross-attention of PixelPipeline, SD,
-    SDXL, AnimateDiff, Wan 2.1; entering each joint block of SD3, Flux, CogVideoX (`memctl.joint`, fitted per
-    block). Else (class labels, Wan 2.2's two experts): the residual lever, one unit of every denoiser zeroed at a
-    time. Returns `(parts, extra, tensors, lever)`, `parts` = `[(component, denoiser, blocks, scores)]`."""
+    SDXL, AnimateDiff, Wan 2.1, and Wan 2.2's two experts (fitted per expert, `memctl.experts`); entering each joint
+    block of SD3, Flux, CogVideoX (`memctl.joint`, fitted per block). Else (class labels): the residual lever, one
+    unit of every denoiser zeroed at a time. Returns `(parts, extra, tensors, lever)`, `parts` =
+    `[(component, denoiser, blocks, scores)]`."""
     from memctl.detection import condition_argument, signals
 
     mem, gen = probes.conditions("memorized"), probes.conditions("general")
@@ -314,6 +314,7 @@ def attribute_prompt(
         component, denoiser = joint
         blocks = find_blocks(denoiser, granularity="unit")
         tensors, ratios = joint_tensors(pipe, denoiser, blocks, probes, k, seed, **call_kwargs)
+        fitted = [(component, denoiser, blocks, tensors)]
     elif not _reads_text_states(pipe, probes):
         parts = []
         for component, module in pipeline_denoisers(pipe).items():
@@ -325,13 +326,19 @@ def attribute_prompt(
                     scores[i, 0] = selectivity()
             parts.append((component, module, blocks, scores))
         return parts, extra, {}, "residual"
-    else:
-        component, denoiser = next(iter(pipeline_denoisers(pipe).items()))
-        blocks = find_blocks(denoiser, granularity="unit")
-        tensors, ratios = condition_tensors(pipe, probes, k, encode=text_states)
-    scores = _condition_scores(denoiser, blocks, tensors, "prompt", progress, lambda: [selectivity()])
-    extra.update(subspace_ratios=ratios, **LEVER_META, knob_scale=_knob_scale(scores))
-    return [(component, denoiser, blocks, scores)], extra, tensors, "condition"
+    else:  # cross-attention, per denoiser (Wan 2.2's second expert under names of its own: memctl.experts)
+        fitted, tensors, ratios = [], {}, []
+        for i, (component, denoiser) in enumerate(pipeline_denoisers(pipe).items()):
+            encode = functools.partial(text_states, component=component)
+            own, own_ratios = condition_tensors(pipe, probes, k, encode=encode)
+            tensors.update(own if i == 0 else qualified(own, component))
+            ratios = ratios or own_ratios
+            fitted.append((component, denoiser, find_blocks(denoiser, granularity="unit"), own))
+    parts = [
+        (c, d, b, _condition_scores(d, b, t, "prompt", progress, lambda: [selectivity()])) for c, d, b, t in fitted
+    ]
+    extra.update(subspace_ratios=ratios, **LEVER_META, knob_scale=_knob_scale(torch.cat([p[3] for p in parts])))
+    return parts, extra, tensors, "condition"
 
 
 def probe(

@@ -181,9 +181,9 @@ def test_prompt_only_probe_uses_the_condition_lever(name):
 
 @pytest.mark.parametrize("name", ["sd3", "flux", "dit", "cogvideox", "wan22"])
 def test_prompt_only_probe_picks_the_lever_each_family_has(name):
-    """Joint attention (SD3, Flux, CogVideoX): the condition lever on each block's text stream (memctl.joint). No
-    text to pull (class labels) or two experts, each with its own text projection (Wan 2.2): the residual lever,
-    each unit of every denoiser ablated on the signal."""
+    """Joint attention (SD3, Flux, CogVideoX): the condition lever on each block's text stream (memctl.joint). Two
+    experts, each with its own text projection (Wan 2.2): the condition lever with each expert's own tensors
+    (memctl.experts). No text to pull (class labels): the residual lever, each unit ablated on the signal."""
     pipe = tiny_pipeline(name)
     call = {k: v for k, v in PIPELINE_FAMILIES[name].call.items()
             if k not in ("prompt", "guidance_scale", "class_labels", "output_type")}  # fmt: skip
@@ -191,7 +191,7 @@ def test_prompt_only_probe_picks_the_lever_each_family_has(name):
     probes = memctl.ProbeSet(memorized=[(c, None) for c in conds[0]], general=[(c, None) for c in conds[1]])
     bmap = memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=call)
     found = {c: m for c, m in ((c, getattr(pipe, c, None)) for c in ("unet", "transformer", "transformer_2")) if m}
-    assert bmap.lever == ("condition" if name in ("sd3", "flux", "cogvideox") else "residual")
+    assert bmap.lever == ("residual" if name == "dit" else "condition")
     assert sorted(bmap.fingerprints) == sorted(found)
     assert len(bmap.names) == sum(len(memctl.find_blocks(m)) for m in found.values())
     assert bool(torch.isfinite(bmap.scores).all())
@@ -349,3 +349,32 @@ def test_module_docstring_examples(digits):
     assert result.failed == 0
     assert result.attempted == 3
     assert memctl.list_hooks(pipe.unet) == []
+
+
+def test_wan22_experts_get_their_own_condition_tensors(tmp_path):
+    """Each Wan 2.2 expert's subspace, threshold and bank are fitted on what its own attn2 reads (its own text
+    projection), stored under `<name>/transformer_2`, handed to each expert by `select`, kept by save/load; a map
+    missing one of them is refused."""
+    from memctl.probe import text_states
+
+    pipe = tiny_pipeline("wan22")
+    with torch.no_grad():  # the two experts' text projections differ (as in the released weights)
+        for p in pipe.transformer_2.condition_embedder.text_embedder.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    call = {k: v for k, v in PIPELINE_FAMILIES["wan22"].call.items() if k in ("num_frames", "height", "width")}
+    probes = memctl.ProbeSet(memorized=[("ab", None)], general=[("ba", None), ("aa", None)])
+    bmap = memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=call)
+    assert bmap.lever == "condition"
+    high, low = bmap.select("transformer").lever_tensors, bmap.select("transformer_2").lever_tensors
+    assert set(high) == set(low) == {"read", "tau", "bank", "g_inv_half"}
+    assert not torch.equal(high["bank"], low["bank"])
+    states = text_states(pipe, ["ba"], component="transformer_2")
+    length = low["bank"].shape[1]  # the bank keeps the prompts' tokens and one of the padding tail
+    assert torch.allclose(low["bank"][0], states[0, :length], atol=1e-5)  # "ba" as transformer_2's attn2 reads it
+    bmap.save(tmp_path / "m.safetensors")
+    again = memctl.BlockMap.load(tmp_path / "m.safetensors")
+    assert all(torch.equal(v, again.lever_tensors[k]) for k, v in bmap.lever_tensors.items())
+    broken = {k: v for k, v in bmap.lever_tensors.items() if k != "tau/transformer_2"}
+    with pytest.raises(ValueError, match="together"):
+        memctl.BlockMap(bmap.names, bmap.scores, bmap.levels, bmap.kinds, bmap.components, bmap.fingerprints,
+                        bmap.granularity, bmap.method, bmap.meta, bmap.samples, "condition", broken)  # fmt: skip
