@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import memctl.blockmap
+import memctl.experts
 import memctl.fingerprints
 import memctl.lever_config
 from memctl.blockmap import BlockMap, fingerprint
@@ -154,7 +155,7 @@ def test_combine_and_select_for_two_experts():
 
 
 @pytest.mark.parametrize(
-    "module", [memctl.blockmap, memctl.fingerprints, memctl.lever_config], ids=lambda m: m.__name__
+    "module", [memctl.blockmap, memctl.experts, memctl.fingerprints, memctl.lever_config], ids=lambda m: m.__name__
 )
 def test_docstring_examples(tmp_path, module):
     result = doctest.testmod(module, extraglobs=doc_globs(tmp_path))
