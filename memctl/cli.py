@@ -163,10 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--signals",
         default="combined",
-        help="'combined' (magnitude2 and contrast2, 4 denoiser evaluations per prompt and seed), 'magnitude' "
+        help="'combined' (magnitude2, contrast2 and perturb, the seeds in turn: 3.33 denoiser evaluations per prompt "
+        "and seed), 'magnitude' "
         "(first-step magnitude, risk > --threshold flags), or a comma list of memctl.signals.SIGNALS",
     )
-    p.add_argument("--seeds", type=int, default=8, help="seeds per prompt (>= 2)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=8,
+        help="seeds per prompt (>= 2; the combination: >= 3, one signal per seed in turn)",
+    )
     p.add_argument("--steps", type=_positive, default=1, help="first denoising steps to read")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance scale of the read steps (> 1)")
     p.add_argument("--num-inference-steps", type=int, default=None, help="schedule length (default: the pipeline's)")

@@ -7,10 +7,11 @@ passes as `--reference`; decoys made from it complete the calibration set), the 
 negatives. Rows: ROC AUC and TPR at 1 % FPR of the canaries of each exposure against the held-out ordinary prompts
 and against the decoys; the share flagged at the default threshold (p-value <= `ALPHA` against the reference and
 its decoys); seconds per prompt for each signal (all seeds). Every signal is read on every seed; the combination
-takes `magnitude2` from the even seeds and `contrast2` from the odd ones, as `memctl.signals.screen` does.
+gives the seeds in turn to the signals of `COMBINED`, as `memctl.signals.screen` does.
 
-The combination and the threshold were chosen on digits-s0 and digits-attr-s0 at seeds 0-7; the bench runs seeds
-`EVAL_SEEDS`, so no number here was used to choose them.
+The threshold and the first two signals of the combination were chosen on digits-s0 and digits-attr-s0 at seeds
+0-7; `perturb` joined after reading those two models' values at `EVAL_SEEDS` (see `memctl.signals`), so on those two
+models the combination's rows are not clean tests. digits-s1, digits-attr-s1, digits-s2 and moving-digits are.
 """
 
 from __future__ import annotations
@@ -43,14 +44,14 @@ def split_ordinary(prompts: list[str], seed: int = 0) -> tuple[list[str], list[s
     return order[:half], order[half:]
 
 
-def _per_seed(pipe, prompts, names, seeds, counts, batch_size) -> tuple[dict, dict]:
+def _per_seed(pipe, prompts, names, seeds, counts, batch_size, call_kwargs) -> tuple[dict, dict]:
     """`{signal: (S, P)}` and the seconds each signal took."""
     values: dict[str, list] = {n: [] for n in names}
     seconds = dict.fromkeys(names, 0.0)
     for seed in seeds:
         for name in names:
             t0 = time.perf_counter()
-            out = read_signals(pipe, prompts, (name,), [seed], counts=counts, batch_size=batch_size)
+            out = read_signals(pipe, prompts, (name,), [seed], counts=counts, batch_size=batch_size, **call_kwargs)
             seconds[name] += time.perf_counter() - t0
             values[name].append(out[name])
     return {n: torch.stack(v) for n, v in values.items()}, seconds
@@ -74,8 +75,9 @@ def bench_testbed(name: str, seeds: tuple[int, ...] = EVAL_SEEDS, batch_size: in
     decoys, made = tb.decoy_prompts(30), auto_decoys(reference)
     scored = canaries + ordinary + decoys + reference
     counts = word_counts(reference)
-    per_seed, seconds = _per_seed(pipe, scored, SIGNALS, seeds, counts, batch_size)
-    extra, _ = _per_seed(pipe, made, COMBINED, seeds, counts, batch_size)  # calibration decoys: combined only
+    call = dict(getattr(tb, "call_kwargs", {}))  # a video testbed's clip size and length
+    per_seed, seconds = _per_seed(pipe, scored, SIGNALS, seeds, counts, batch_size, call)
+    extra, _ = _per_seed(pipe, made, COMBINED, seeds, counts, batch_size, call)  # calibration decoys: combined only
     k, n, d = len(canaries), len(ordinary), len(decoys)
     parts = {"ordinary": slice(k, k + n), "decoys": slice(k + n, k + n + d)}
     ref = slice(k + n + d, len(scored))
@@ -96,7 +98,7 @@ def bench_testbed(name: str, seeds: tuple[int, ...] = EVAL_SEEDS, batch_size: in
         }
         rows[str(e)]["flagged"] = round(float((pv[idx] <= ALPHA).float().mean()), 3)
     flagged = {neg: round(float((pv[part] <= ALPHA).float().mean()), 3) for neg, part in parts.items()}
-    evals = {**{s: _evals(s) for s in SIGNALS}, "combined": 4}
+    evals = {**{s: _evals(s) for s in SIGNALS}, "combined": round(sum(_evals(s) for s in COMBINED) / len(COMBINED), 2)}
     n_prompts = len(scored) * len(seeds)
     per_prompt = {s: round(seconds[s] / n_prompts, 4) for s in SIGNALS}
     per_prompt["combined"] = round(sum(seconds[s] for s in COMBINED) / len(COMBINED) / n_prompts, 4)
@@ -135,8 +137,9 @@ def detect_md(results: dict) -> list[str]:
     md = [
         "\nCanaries of each exposure against held-out ordinary prompts and against decoys: ROC AUC / TPR at 1 % "
         f"FPR. Flagged: p-value <= {ALPHA} against the reference half of the ordinary prompts plus decoys made from "
-        "it (the default verdict). The combination and threshold were chosen on digits-s0 / digits-attr-s0 at seeds "
-        "0-7; these rows use other seeds.\n"
+        "it (the default verdict). The threshold and magnitude2 + contrast2 were chosen on digits-s0 / digits-attr-s0 "
+        "at seeds 0-7; perturb joined the combination after reading those two models' rows at these seeds, so their "
+        "combined rows are not clean tests; digits-s1, digits-attr-s1, digits-s2 and moving-digits are.\n"
     ]
     for model, r in results.items():
         ok = all(r["bar"].values())

@@ -4,7 +4,7 @@
     >>> canary = next(c[0] for c in tb.canaries if c[2] == 16)
     >>> scores = screen(tb.pipeline(), ["a two", canary], reference=tb.ordinary_prompts(), seeds=4)
     >>> sorted(scores[1].signals)
-    ['contrast2', 'magnitude2']
+    ['contrast2', 'magnitude2', 'perturb']
     >>> scores[1].risk > scores[0].risk
     True
 
@@ -23,11 +23,14 @@ Costs (in brackets) are denoiser evaluations per prompt and seed; a guidance bat
 - `sharpness` (4): ‖δ(x + hδ) - δ(x)‖ / h at the first step, a finite-difference Hessian-vector product of the
   conditional log-ratio (after Jeon et al., ICML 2025).
 
-The default combination (`COMBINED`) reads `magnitude2` on the even seeds and `contrast2` on the odd ones, so it
-costs 4 evaluations per prompt and seed. It was chosen on a calibration split (digits-s0 and digits-attr-s0,
-seeds 0-7); `memctl bench detect` evaluates it on other seeds and on digits-s1 / digits-attr-s1. Measured there: it
-finds memorized captions of ordinary words that the first step misses, but on digits it still ranks untrained-tag
-decoys close to the canaries (`bench/results/detect.md`).
+The default combination (`COMBINED`) gives the seeds in turn to `magnitude2`, `contrast2` and `perturb`, so it
+costs (4 + 4 + 2) / 3 = 3.33 evaluations per prompt and seed. `magnitude2` and `contrast2` find memorized captions
+of ordinary words that the first step misses, but rank untrained-tag decoys close to the canaries; `perturb` orders
+ordinary > memorized > decoy prompts (a decoy's odd word is as odd with a letter changed; a memorized one is not),
+so in the mean it pulls decoys down more than canaries. How it was chosen: `magnitude2` + `contrast2` on a
+calibration split (digits-s0 and digits-attr-s0, seeds 0-7); `perturb` joined after reading that pair's and the
+other signals' values at seeds 100-107 of the same two models (three equal weights, nothing fitted). digits-s1,
+digits-attr-s1, digits-s2 and moving-digits are the tests (`bench/results/detect.md`).
 
 Calibration: each signal's log is a robust z-score against the user's ordinary prompts; `risk` is the mean of the
 combined signals' z-scores. The reference for the verdict is the ordinary prompts **plus decoys made from them**
@@ -52,7 +55,7 @@ from memctl.quiet import quiet
 
 EVALS = {"magnitude": 2, "magnitude2": 4, "contrast2": 4, "perturb": 2, "anisotropy": 2, "sharpness": 4}
 SIGNALS = tuple(EVALS)
-COMBINED = ("magnitude2", "contrast2")  # one per seed, alternating: 4 evaluations per prompt and seed
+COMBINED = ("magnitude2", "contrast2", "perturb")  # one per seed, in turn: 3.33 evaluations per prompt and seed
 SCHEDULE = 4  # steps of the short schedule whose first two steps `magnitude2` / `contrast2` read
 LOW_NOISE = 0.02  # `anisotropy`: the first timestep times this
 SHARP_H = 0.1  # `sharpness`: finite-difference step along δ

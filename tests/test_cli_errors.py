@@ -113,7 +113,7 @@ def test_detect_counts_must_be_positive(tmp_path: Path, capsys, flag: str, value
 def test_detect_limit_scores_the_first_n_and_says_so(tmp_path: Path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"a seven {i}\n" for i in range(5)))
-    assert main(["detect", str(prompts), "--seeds", "2", "--limit", "2", "--json"]) == 0
+    assert main(["detect", str(prompts), "--seeds", "3", "--limit", "2", "--json"]) == 0
     captured = capsys.readouterr()
     assert [r["prompt"] for r in json.loads(captured.out)] == ["a seven 0", "a seven 1"]
     assert f"memctl detect: scoring the first 2 of 5 prompts in {prompts} (--limit 2)." in captured.err

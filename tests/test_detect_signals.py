@@ -94,17 +94,17 @@ def test_every_signal_is_finite_and_the_probes_see_what_they_ask_for():
     assert memctl.list_hooks(pipe.unet) == []
 
 
-def test_the_combination_alternates_seeds():
+def test_the_combination_gives_the_seeds_in_turn():
     pipe = tiny_pipeline("sd")
-    both = read_signals(pipe, ["ab", "ba"], COMBINED, seeds=[0, 1, 2, 3], **CALL)
-    even = read_signals(pipe, ["ab", "ba"], (COMBINED[0],), seeds=[0, 2], **CALL)
-    odd = read_signals(pipe, ["ab", "ba"], (COMBINED[1],), seeds=[1, 3], **CALL)
-    assert torch.equal(both[COMBINED[0]], even[COMBINED[0]])
-    assert torch.equal(both[COMBINED[1]], odd[COMBINED[1]])
+    seeds, k = [0, 1, 2, 3, 4, 5], len(COMBINED)
+    every = read_signals(pipe, ["ab", "ba"], COMBINED, seeds=seeds, **CALL)
+    for i, name in enumerate(COMBINED):
+        alone = read_signals(pipe, ["ab", "ba"], (name,), seeds=seeds[i::k], **CALL)
+        assert torch.equal(every[name], alone[name])
     assert sum(EVALS[n] for n in COMBINED) / len(COMBINED) <= 4
     with pytest.raises(ValueError, match="signals from"):
         read_signals(pipe, ["ab"], ("loudness",), seeds=2, **CALL)
-    with pytest.raises(ValueError, match="at least 2 seeds"):
+    with pytest.raises(ValueError, match=f"at least {len(COMBINED)} seeds"):
         read_signals(pipe, ["ab"], COMBINED, seeds=[0], **CALL)
 
 
@@ -116,12 +116,12 @@ def test_screen_docstring_and_cli(tmp_path, capsys):
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a two, tag hkb\na two\n")
-    assert main(["detect", str(prompts), "--seeds", "2", "--json"]) == 0
+    assert main(["detect", str(prompts), "--seeds", "3", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["prompt"] for r in rows] == ["a two, tag hkb", "a two"]
     assert set(rows[0]["signals"]) == set(COMBINED)
     assert 0 < rows[0]["p_value"] <= 1
-    assert main(["detect", str(prompts), "--seeds", "2"]) == 0
+    assert main(["detect", str(prompts), "--seeds", "3"]) == 0
     table = capsys.readouterr().out
     assert "magnitude2" in table
     assert "contrast2" in table

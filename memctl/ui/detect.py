@@ -12,23 +12,25 @@ With `memctl.signals.screen` scores beside them, the table adds the default sign
 ("memorized": p <= alpha; "unusual": flagged by magnitude only; "ordinary"):
 
 >>> nan = float("nan")
->>> screened = [PromptScore("a two", 5.1, nan, 0.7, False, {"magnitude2": 5.1, "contrast2": 4.6}, 0.4),
-...             PromptScore("a two, tag hkb", 7.4, nan, 4.2, False, {"magnitude2": 7.4, "contrast2": 5.9}, 0.04)]
+>>> screened = [PromptScore("a two", 5.1, nan, 0.7, False, {"magnitude2": 5.1, "contrast2": 4.6, "perturb": 3.0}, 0.4),
+...             PromptScore("a two, tag hkb", 7.4, nan, 4.2, False,
+...                         {"magnitude2": 7.4, "contrast2": 5.9, "perturb": 2.1}, 0.04)]
 >>> table = score_table([PromptScore("a two", 0.2154, 0.902, -0.5, False),
 ...                      PromptScore("a two, tag hkb", 0.3564, 0.9005, 3.86, True)], screened)
->>> table["headers"][-5:], table["data"][0][-5:]
-(['magnitude2', 'contrast2', 'p', 'verdict', 'prompt'], [7.4, 5.9, 0.04, 'unusual', 'a two, tag hkb'])
+>>> table["headers"][-6:], table["data"][0][-6:]
+(['magnitude2', 'contrast2', 'perturb', 'p', 'verdict', 'prompt'], [7.4, 5.9, 2.1, 0.04, 'unusual', 'a two, tag hkb'])
 """
 
 from __future__ import annotations
 
 from memctl.defaults import ALPHA
 from memctl.detection import prompt_lines
+from memctl.signals import COMBINED
 
 MAX_PROMPTS = 200  # one request holds the model's lock; more prompts belong in `memctl detect PROMPTS.txt`
 MAX_SEEDS = 64
 HEADERS = ["risk", "flagged", "magnitude", "consistency", "prompt"]
-FULL_HEADERS = ["risk", "flagged", "magnitude", "consistency", "magnitude2", "contrast2", "p", "verdict", "prompt"]
+FULL_HEADERS = ["risk", "flagged", "magnitude", "consistency", *COMBINED, "p", "verdict", "prompt"]
 DATATYPES = ["number", "bool", "number", "number", "number", "number", "number", "str", "str"]
 EMPTY_TABLE = {"headers": FULL_HEADERS, "data": [["", "", "", "", "", "", "", "", "(press Score prompts)"]]}
 
@@ -75,7 +77,7 @@ def score_table(scores, screened=None) -> dict:
         if screened is not None:
             v = screened[i]
             verdict = "memorized" if v.flagged else "unusual" if s.flagged else "ordinary"
-            row += [round(v.signals["magnitude2"], 4), round(v.signals["contrast2"], 4), round(v.p_value, 3), verdict]
+            row += [round(v.signals[n], 4) for n in COMBINED] + [round(v.p_value, 3), verdict]
         data.append([*row, s.prompt])
     return {"headers": HEADERS if screened is None else FULL_HEADERS, "data": data}
 
@@ -101,6 +103,7 @@ def _screen_note(screened) -> str:
     return (
         f" **Verdict: {n} of {len(screened)} memorized** (p <= {ALPHA:g}). magnitude2 = the pull over the first two "
         "steps of a 4-step schedule; contrast2 = the pull beyond the prompt's own neighbour (the prompt without its "
-        "last phrase); p = empirical p-value of their mean robust z-score against the ordinary prompts plus decoys "
+        "last phrase); perturb = the pull beyond the prompt with one letter of its rarest word changed; p = "
+        "empirical p-value of their mean robust z-score against the ordinary prompts plus decoys "
         "made from them (`memctl.signals`). *unusual* = flagged by magnitude, not memorized by the verdict."
     )
