@@ -33,7 +33,6 @@ generalization-heavy. Probe noise comes from `seed` (below 10,000; evaluations u
 from __future__ import annotations
 
 import functools
-import inspect
 import time
 from dataclasses import dataclass
 
@@ -49,6 +48,7 @@ from memctl.joint import joint_denoiser, joint_tensors, lever_paths, unit_tensor
 from memctl.probeset import ProbeSet, default_method
 from memctl.quiet import quiet
 from memctl.subspace import fit_subspace, trim_bank, weight_threshold
+from memctl.text_states import WAN_TOKENS, text_states  # noqa: F401  (public here too)
 
 NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
 # Condition lever. Fidelity > 0: no push on the tokens (it did not raise recall, see memctl.guidance) but guidance
@@ -74,34 +74,6 @@ def _denoiser(pipe):
     if found:
         return next(iter(found.values()))
     raise ValueError(f"Expected a pipeline with a `unet` or `transformer`, but got {type(pipe).__name__}.")
-
-
-WAN_TOKENS = 512  # WanPipeline.__call__'s default max_sequence_length
-
-
-def text_states(pipe, prompts: list[str], component: str = "transformer") -> torch.Tensor:
-    """What the denoiser's cross-attention reads for each prompt: `(P, L, D)`. PixelPipeline, SD 1.x/2.x, SDXL and
-    AnimateDiff: the `encode_prompt` states. Wan 2.1/2.2: those states through the text projection of `component`
-    (`condition_embedder.text_embedder`; Wan 2.2's experts each have their own), which every block's `attn2` reads."""
-    params = inspect.signature(pipe.encode_prompt).parameters if hasattr(pipe, "encode_prompt") else {}
-    if list(params) == ["prompts"]:  # memctl.PixelPipeline
-        return pipe.encode_prompt(prompts)
-    if "do_classifier_free_guidance" in params and "device" in params and hasattr(pipe, "unet"):
-        out = pipe.encode_prompt(
-            prompts, device=pipe._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-        return out[0]
-    denoiser = getattr(pipe, component, None)
-    project = getattr(getattr(denoiser, "condition_embedder", None), "text_embedder", None)
-    if "do_classifier_free_guidance" in params and project is not None and type(denoiser).__name__.startswith("Wan"):
-        states = pipe.encode_prompt(
-            prompts, do_classifier_free_guidance=False, device=pipe._execution_device, max_sequence_length=WAN_TOKENS
-        )[0]  # zero-padded to the call's default length: the lever's bank then matches a plain call
-        return project(states.to(next(project.parameters()).dtype))
-    raise ValueError(
-        f"Expected a pipeline whose denoiser cross-attends to its encode_prompt states (memctl.PixelPipeline, "
-        f"StableDiffusion 1.x/2.x, SDXL, AnimateDiff, Wan) for method 'prompt', but got {type(pipe).__name__}."
-    )
 
 
 def _encode_conditions(pipe, conds: list) -> torch.Tensor:
