@@ -115,7 +115,8 @@ def baked_unet(unet: torch.nn.Module, bmap: BlockMap, fidelity: float = -1.0, se
     the memorized conditionings of `condition_map(unet, seed)` (as `bake(..., prompts=...)` fits on prompts)."""
     from memctl.bake import _bake_denoiser
 
-    memorized = _conditionings(unet.config.cross_attention_dim, torch.Generator().manual_seed(seed))[1]
+    tokens = bmap.lever_tensors["bank"].shape[1]  # Wan: the call's text length, at the inner dim
+    memorized = _conditionings(_state_dim(unet), torch.Generator().manual_seed(seed), tokens)[1]
     baked = copy.deepcopy(unet)
     _bake_denoiser(baked, bmap.select(next(iter(bmap.fingerprints))), fidelity, 1.0, memorized, 1.0)
     return baked

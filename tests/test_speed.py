@@ -31,6 +31,18 @@ def test_interleaved_rows_have_ratios_to_plain():
     assert rows["knob +1, condition map, extra-pass guidance"]["ratio"]["median"] > 1.5
 
 
+def test_wan_rows_include_the_baked_condition_map():
+    torch.set_num_threads(1)
+    wan = speed.build_wan(tiny=True)
+    inputs = speed.wan_inputs(wan, frames=1, height=8, width=8, text=32)
+    rmap, cmap = speed.residual_map(wan), speed.condition_map(wan, tokens=32)
+    baked = speed.baked_unet(wan, cmap)
+    edited = [k for k, v in baked.state_dict().items() if not torch.equal(v, wan.state_dict()[k])]
+    assert edited and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in edited)
+    rows = speed.time_cases(speed.wan_cases(wan, inputs, rmap, cmap, baked), repeats=1)
+    assert "baked (condition map at -1, no hooks)" in rows and "baked" not in speed.WAN_NOT_MEASURED
+
+
 def test_maps_have_realistic_shape():
     unet, _, cmap, rmap = _unet()
     assert cmap.lever == "condition" and cmap.lever_tensors["bank"].shape == (60, 77, 32)
