@@ -412,11 +412,11 @@ def test_detect_ranks_the_canary_first_and_flags_it(app):
     canary, _, _, c = max(tb.canaries, key=lambda k: k[2])  # the most exposed canary
     ordinary = tb.prompt(c)
     table, summary = score(client(app), f"# its class's ordinary prompt, then the canary\n{ordinary}\n\n {canary}\n")
-    assert table["headers"] == ["risk", "flagged", "magnitude", "consistency", "magnitude2", "contrast2", "p",
-                                "verdict", "prompt"]  # fmt: skip
+    assert table["headers"] == ["risk", "flagged", "magnitude", "consistency", "magnitude2", "contrast2", "perturb",
+                                "p", "verdict", "prompt"]  # fmt: skip
     (risk_c, flagged_c, *_, first), (risk_o, flagged_o, *_, second) = table["data"]
-    assert table["data"][0][7] in ("memorized", "unusual")
-    assert table["data"][1][7] == "ordinary"
+    assert table["data"][0][8] in ("memorized", "unusual")
+    assert table["data"][1][8] == "ordinary"
     assert (first, flagged_c, second, flagged_o) == (canary, True, ordinary, False)
     assert risk_c > 3 > risk_o
     assert "1 of 2" in summary
@@ -426,7 +426,7 @@ def test_detect_ranks_the_canary_first_and_flags_it(app):
 def test_detect_without_ordinary_prompts_notes_it(app, tmp_path):
     plain = tmp_path / "plain"  # not a testbed: no ordinary prompts to calibrate against
     shutil.copytree(app["engine"].model(MODEL).testbed.path, plain, ignore=shutil.ignore_patterns("testbed.json"))
-    table, summary = score(client(app), "a two\na five\na seven", calibrate=True, seeds=2, model=str(plain))
+    table, summary = score(client(app), "a two\na five\na seven", calibrate=True, seeds=3, model=str(plain))
     assert len(table["data"]) == 3
     assert "Calibration was ignored" in summary
     assert "scored prompts" in summary
@@ -436,12 +436,12 @@ BAD_DETECT = [
     (dict(prompts=""), "Expected at least one prompt"),
     (dict(prompts="# only a comment\n\n"), "Expected at least one prompt"),
     (dict(prompts="a two\n" * 201), "Expected at most 200 prompts per request, but got 201"),
-    (dict(seeds=1), "Expected `seeds`"),
+    (dict(seeds=2), "Expected `seeds`"),
     (dict(seeds=2.5), "Expected `seeds`"),
 ]
 
 
-@pytest.mark.parametrize("overrides, words", BAD_DETECT, ids=["empty", "comments", "too-many", "seeds-1", "seeds-2.5"])
+@pytest.mark.parametrize("overrides, words", BAD_DETECT, ids=["empty", "comments", "too-many", "seeds-2", "seeds-2.5"])
 def test_detect_bad_input_clear_message(app, overrides, words):
     c = client(app)
     with pytest.raises(AppError, match=words):

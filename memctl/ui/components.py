@@ -11,7 +11,7 @@ import gradio as gr
 from memctl.options import GenerationOptions
 from memctl.ui.canaries import Opening
 from memctl.ui.controls import LIMITS
-from memctl.ui.detect import DATATYPES, EMPTY_TABLE, MAX_SEEDS
+from memctl.ui.detect import DATATYPES, EMPTY_TABLE, MAX_SEEDS, MIN_SEEDS
 from memctl.ui.engine import NO_MAP, SHIPPED_MAP, Engine
 from memctl.ui.handlers import Handlers
 from memctl.zoo.testbed import TESTBEDS
@@ -254,7 +254,7 @@ def detect_tab() -> dict:
                 gr.Number(
                     4,
                     label="Seeds",
-                    minimum=2,
+                    minimum=MIN_SEEDS,
                     maximum=MAX_SEEDS,
                     step=1,
                     precision=0,

@@ -29,10 +29,11 @@ from memctl.signals import COMBINED
 
 MAX_PROMPTS = 200  # one request holds the model's lock; more prompts belong in `memctl detect PROMPTS.txt`
 MAX_SEEDS = 64
+MIN_SEEDS = len(COMBINED)  # the verdict's signals take one seed each, in turn
 HEADERS = ["risk", "flagged", "magnitude", "consistency", "prompt"]
 FULL_HEADERS = ["risk", "flagged", "magnitude", "consistency", *COMBINED, "p", "verdict", "prompt"]
-DATATYPES = ["number", "bool", "number", "number", "number", "number", "number", "str", "str"]
-EMPTY_TABLE = {"headers": FULL_HEADERS, "data": [["", "", "", "", "", "", "", "", "(press Score prompts)"]]}
+DATATYPES = ["number", "bool", "number", "number", *["number"] * len(COMBINED), "number", "str", "str"]
+EMPTY_TABLE = {"headers": FULL_HEADERS, "data": [[""] * (len(FULL_HEADERS) - 1) + ["(press Score prompts)"]]}
 
 
 def parse_prompts(text) -> list[str]:

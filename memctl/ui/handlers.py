@@ -305,9 +305,10 @@ class Handlers:
     def detect(self, prompts, calibrate, seeds, model, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         """Score the prompts (one per line) for memorization risk: a table, highest risk first, and a summary."""
         prompts = detect_view.parse_prompts(prompts)
-        expected = f"an int in [2, {detect_view.MAX_SEEDS}] (consistency compares seeds)"
+        low, high = detect_view.MIN_SEEDS, detect_view.MAX_SEEDS
+        expected = f"an int in [{low}, {high}] (the verdict's {low} signals take one seed each, in turn)"
         n_seeds = integer(seeds, "seeds", expected)
-        if not 2 <= n_seeds <= detect_view.MAX_SEEDS:
+        if not low <= n_seeds <= high:
             fail("seeds", expected, seeds)
         progress(0, desc="scoring prompts")
         scores, reference, screened = self.engine.detect(
