@@ -18,15 +18,25 @@ import torch
 
 from memctl.bench import _effect_md, _write_json, effect_summary
 from memctl.effect import add_rows
+from memctl.effect_video import CPU_ROWS, effect_for_video, is_video
 
 OUT = Path(__file__).parent / "results"
 
 
 def main(family: str, models: list[str]) -> None:
+    """`family`: one row family, or several separated by commas ("wen,ren,jain,nemo")."""
     torch.set_num_threads(1)
+    families = tuple(f.strip() for f in family.split(","))
     for name in models:
         path = OUT / "effect" / f"{name}.json"
-        record = add_rows(json.loads(path.read_text()), name, (family,))
+        if is_video(name):  # resume the video bench from its record with the family added (rows kept as measured)
+            partial = path.with_suffix(".partial.json")
+            partial.write_text(path.read_text())
+            seeds = json.loads(path.read_text())["eval"]["seeds"]
+            record = effect_for_video(name, seeds=seeds, families=(*CPU_ROWS, *families), partial=partial)
+            partial.unlink()
+        else:
+            record = add_rows(json.loads(path.read_text()), name, families)
         added = record.setdefault("added_rows", {})
         added[family] = f"python bench/effect_add_rows.py {json.dumps(family)} {name}"
         _write_json(path, record)

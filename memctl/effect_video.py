@@ -20,12 +20,14 @@ from tqdm.auto import tqdm
 from memctl.blocks import pipeline_denoisers
 from memctl.controls import TextEdit, control_maps
 from memctl.effect import (
+    BAKE_FIDELITIES,
     BASELINE_SETTINGS,
     CONTROL_FIDELITIES,
     CONTROL_SEEDS,
     KNOB_FIDELITIES,
     _headline,
     _measure,
+    bake_setup,
     bars,
     baseline_setup,
     knob_setup,
@@ -41,7 +43,7 @@ def video_probes(tb) -> ProbeSet:
 
 
 VIDEO_STEPS = 10  # denoising steps per clip in the bench (the testbed's own default is 20): CPU time
-CPU_ROWS = ("plain", "memctl map", "uniform", "text edit", "placement shuffled", "random subspace")
+CPU_ROWS = ("plain", "memctl map", "memctl map baked", "uniform", "text edit", "placement shuffled", "random subspace")
 
 
 def is_video(name: str) -> bool:
@@ -85,6 +87,8 @@ def effect_for_video(
         rows.update({f: dict(by) for f, by in earlier["rows"].items() if f != "plain"})
     denoiser = next(iter(pipeline_denoisers(pipe).values()))
     plan = [("memctl map", f"{f:+.1f}", knob_setup(pipe, bmap, f)) for f in KNOB_FIDELITIES]
+    memorized = [str(c) for c in probes.conditions("memorized")]  # the bake's edit is fit on the probes' prompts
+    plan += [("memctl map baked", f"{f:+.1f}", bake_setup(pipe, bmap, f, memorized)) for f in BAKE_FIDELITIES]
     controls = control_maps(denoiser, bmap, seeds=CONTROL_SEEDS)
     plan += [("uniform", f"{f:+.1f}", knob_setup(pipe, controls["uniform"], f)) for f in CONTROL_FIDELITIES]
     plan += [("text edit", f"{f:+.1f}", lambda f=f: TextEdit(pipe, bmap, f).applied()) for f in CONTROL_FIDELITIES]
@@ -96,7 +100,8 @@ def effect_for_video(
         for kw in settings:
             plan.append((bname, ", ".join(f"{k} {v}" for k, v in kw.items()), baseline_setup(pipe, bname, kw, probes)))
     if families is not None:
-        plan = [p for p in plan if p[0] in families and p[1] in ("-1.0", "-0.5", "+1.0", "seed 0, -1.0")]
+        one = ("-1.0", "-0.5", "+1.0", "seed 0, -1.0")  # one setting or control seed each; baselines their own
+        plan = [p for p in plan if p[0] in families and (p[0] in BASELINE_SETTINGS or p[1] in one)]
         plan = [p for p in plan if p[0] == "memctl map" or p[1] != "-0.5"]
 
     plan = [p for p in plan if p[1] not in rows.get(p[0], {})]

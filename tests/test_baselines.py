@@ -68,6 +68,13 @@ def test_wen_reoptimizes_for_every_sample(pipe, probes):
     assert wen.extra_rows == 2 * first
 
 
+def test_wen_on_a_video_transformer_says_what_it_needs(probes):
+    from tests.tiny import tiny_pipeline
+
+    with pytest.raises(ValueError, match="latent size"):  # Wan takes its size per call: no calibration noise
+        Wen(tiny_pipeline("wan")).fit(probes)
+
+
 def test_ren_masks_summary_tokens_of_encoded_prompts(pipe):
     ren = Ren(pipe)
     with ren.applied():

@@ -35,6 +35,11 @@ class Wen(Baseline):
         general = prompt_states(self.pipe, general_prompts(probes))
         cfg = self.denoiser.config
         gen = torch.Generator().manual_seed(seed)
+        if getattr(cfg, "sample_size", None) is None:
+            raise ValueError(
+                f"Expected a denoiser whose config gives its latent size (sample_size: UNets) for Wen's calibration "
+                f"noise, but {type(self.denoiser).__name__} has none (video transformers take their size per call)."
+            )
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         x = torch.randn(len(general) * seeds, cfg.in_channels, size, size, generator=gen)
         e = general.repeat_interleave(seeds, 0)
