@@ -31,7 +31,8 @@ def main(family: str, models: list[str]) -> None:
         path = OUT / "effect" / f"{name}.json"
         if is_video(name):  # resume the video bench from its record with the family added (rows kept as measured)
             partial = path.with_suffix(".partial.json")
-            partial.write_text(path.read_text())
+            if not partial.is_file():  # else: a run that stopped left its rows there, and this one resumes them
+                partial.write_text(path.read_text())
             seeds = json.loads(path.read_text())["eval"]["seeds"]
             record = effect_for_video(name, seeds=seeds, families=(*CPU_ROWS, *families), partial=partial)
             partial.unlink()

@@ -125,7 +125,7 @@ def effect_for_video(
         try:
             rows.setdefault(family, {})[setting], _ = _measure(tb, pipe, spec, ref, setup)
         except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:  # built for UNets: say so, go on
-            rows[family].pop(setting, None)
+            rows.get(family, {}).pop(setting, None)  # the row may not exist yet: its measure failed first
             errors[f"{family} {setting}"] = f"{type(e).__name__}: {e}"
         if partial is not None:
             Path(partial).write_text(json.dumps(record(), indent=1) + "\n")
