@@ -81,6 +81,7 @@ def _effect_md(results: dict) -> list[str]:
                for name, ok in bars.get("in_attention_fidelity_checks", {}).items()]  # fmt: skip
         md += [f"- {'PASS' if ok else 'FAIL'}: baked (not in the bars above): {name}\n"
                for name, ok in bars.get("bake_checks", {}).items()]  # fmt: skip
+        md += [f"- not measured, {row}: {err}\n" for row, err in r.get("errors", {}).items()]
         if r["prompt_map"].get("error"):
             md.append(f"- no prompt-only map rows: {r['prompt_map']['error']}\n")
         if bars.get("trivial_fidelity_check"):
