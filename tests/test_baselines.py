@@ -68,6 +68,20 @@ def test_wen_reoptimizes_for_every_sample(pipe, probes):
     assert wen.extra_rows == 2 * first
 
 
+def test_jain_on_wan_swaps_in_the_empty_prompt_as_the_transformer_takes_it(probes):
+    from tests.tiny import sample, tiny_pipeline
+
+    pipe = tiny_pipeline("wan")
+    ref = sample(pipe, "wan", prompt="ab")
+    b = Jain(pipe, transition=0.5).fit(probes)
+    with b.applied() as p:
+        out = sample(p, "wan", prompt="ab")
+    assert not torch.equal(out, ref)
+    assert torch.equal(sample(pipe, "wan", prompt="ab"), ref)  # no trace
+    with Jain(pipe, transition=1.0).fit(probes).applied() as p:  # never above its transition: plain
+        assert torch.equal(sample(p, "wan", prompt="ab"), ref)
+
+
 def test_wen_on_a_video_transformer_says_what_it_needs(probes):
     from tests.tiny import tiny_pipeline
 

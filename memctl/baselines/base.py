@@ -27,6 +27,32 @@ def prompt_states(pipe, prompts: list[str]) -> torch.Tensor:
         return text_states(pipe, list(prompts))
 
 
+def input_states(pipe, prompts: list[str]) -> torch.Tensor:
+    """`(P, L, D)` text states as the denoiser takes them in (`encoder_hidden_states`), for hooks at its input: Wan's
+    before its own text projection (zero-padded to the call's 512 tokens); else the states it cross-attends to."""
+    from memctl.text_states import WAN_TOKENS
+
+    if not type(denoiser_of(pipe)).__name__.startswith("Wan"):
+        return prompt_states(pipe, prompts)
+    with torch.no_grad():
+        return pipe.encode_prompt(
+            list(prompts),
+            do_classifier_free_guidance=False,
+            device=pipe._execution_device,
+            max_sequence_length=WAN_TOKENS,
+        )[0]
+
+
+def like(states: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """One prompt's `states` `(1, L, D)` in the shape, dtype and device of a call's `e` `(B, L', D)`: cut to L', or
+    extended by its last token (the padding state: T5's zero padding in Wan), then repeated over the batch."""
+    s = states.to(e)
+    length = e.shape[1]
+    if s.shape[1] < length:
+        s = torch.cat([s, s[:, -1:].expand(-1, length - s.shape[1], -1)], dim=1)
+    return s[:, :length].expand_as(e)
+
+
 def cfg_rows(x: torch.Tensor) -> int:
     """Rows at the start of a batch that are the unconditional pass: half the batch when it splits into two
     identical halves (classifier-free guidance in one batch, unconditional first), else 0."""

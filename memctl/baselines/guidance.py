@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from memctl.baselines.base import Baseline, InputsHook, cfg_rows, general_prompts, prompt_states
+from memctl.baselines.base import Baseline, InputsHook, cfg_rows, general_prompts, input_states, like
 
 
 def _first_step_magnitude(denoiser, x, t, e, null) -> torch.Tensor:
@@ -25,14 +25,14 @@ class Wen(Baseline):
         if steps < 1 or lr <= 0 or not 0 < quantile < 1:
             raise ValueError(f"Expected steps >= 1, lr > 0, 0 < quantile < 1, but got {steps}, {lr}, {quantile}.")
         self.steps, self.lr, self.quantile, self.target = int(steps), float(lr), float(quantile), target
-        self.null = prompt_states(pipe, [""])
+        self.null = input_states(pipe, [""])
         self._last_t: float | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (original rows, optimized rows)
         self.extra_rows = 0  # rows × denoiser evaluations spent optimizing (a forward and a backward count 1 each)
 
     def fit(self, probes, seeds: int = 4, seed: int = 0) -> Wen:
         """`target` = the `quantile` of the general probe prompts' first-step magnitudes, at probe noise."""
-        general = prompt_states(self.pipe, general_prompts(probes))
+        general = input_states(self.pipe, general_prompts(probes))
         cfg = self.denoiser.config
         gen = torch.Generator().manual_seed(seed)
         if getattr(cfg, "sample_size", None) is None:
@@ -45,7 +45,7 @@ class Wen(Baseline):
         e = general.repeat_interleave(seeds, 0)
         t = torch.full((len(x),), self._first_timestep(), dtype=torch.long)
         with torch.no_grad():
-            m = _first_step_magnitude(self.denoiser, x, t, e, self.null.expand_as(e))
+            m = _first_step_magnitude(self.denoiser, x, t, e, like(self.null, e))
         self.target = float(m.quantile(self.quantile))
         return self
 
@@ -74,7 +74,7 @@ class Wen(Baseline):
         forward = hook.fn_ref.forward  # the denoiser below this hook
         t = t[: len(x)] if isinstance(t, torch.Tensor) and t.ndim == 1 and len(t) > len(x) else t
         with torch.no_grad():
-            uncond = forward(x, t, encoder_hidden_states=self.null.to(e).expand_as(e)).sample
+            uncond = forward(x, t, encoder_hidden_states=like(self.null, e)).sample
         self.extra_rows += len(x)
         z = e.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=self.lr)
@@ -109,7 +109,7 @@ class Jain(Baseline):
         if not 0 <= transition <= 1:
             raise ValueError(f"Expected a transition noise level in [0, 1], but got {transition!r}.")
         self.transition = float(transition)
-        self.null = prompt_states(pipe, [""])
+        self.null = input_states(pipe, [""])
         sched = getattr(pipe, "scheduler", None)
         self.scale = float(getattr(getattr(sched, "config", None), "num_train_timesteps", 1000))
 
@@ -120,7 +120,7 @@ class Jain(Baseline):
         level = (t.float().max() if isinstance(t, torch.Tensor) else torch.tensor(float(t))) / self.scale
         if float(level) <= self.transition:
             return e
-        return self.null.to(e).expand_as(e)
+        return like(self.null, e)
 
     def hooks(self):
         return {"": InputsHook(self._edit)}
