@@ -75,12 +75,18 @@ def nearest_general(states: torch.Tensor, bank: torch.Tensor, weight: torch.Tens
 
     A bank of another length `L` than the states' is cut, or extended with its last token: T5-encoded prompts (Wan)
     are zero-padded to the call's `max_sequence_length`, so their tail tokens are all the same padding state."""
-    bank = bank.to(states.dtype)
-    if bank.shape[1] != states.shape[1]:
-        extra = states.shape[1] - bank.shape[1]
-        bank = bank[:, : states.shape[1]] if extra < 0 else torch.cat([bank, bank[:, -1:].expand(-1, extra, -1)], 1)
+    bank = fit_length(bank.to(states.dtype), states.shape[1])
     d = ((states[:, None] - bank[None]).pow(2).sum(-1) * (1 - weight)[:, None]).sum(-1)  # (B, P)
     return bank[d.argmin(1)]  # (B, L, D)
+
+
+def fit_length(states: torch.Tensor, length: int) -> torch.Tensor:
+    """`states` `(N, L, D)` at `length` tokens: cut, or extended with each sequence's last token (the padding state
+    of T5-encoded prompts, which Wan zero-pads to the call's `max_sequence_length`)."""
+    extra = length - states.shape[1]
+    if extra <= 0:
+        return states[:, :length]
+    return torch.cat([states, states[:, -1:].expand(-1, extra, -1)], 1)
 
 
 def trim_bank(bank: torch.Tensor) -> torch.Tensor:

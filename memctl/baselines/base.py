@@ -10,6 +10,7 @@ from diffusers.hooks import ModelHook
 
 from memctl.blocks import require_denoisers, unwrap
 from memctl.hooks import _arg_position, _get_arg, attached
+from memctl.subspace import fit_length
 
 HOOK = "memctl.baseline"
 
@@ -46,11 +47,7 @@ def input_states(pipe, prompts: list[str]) -> torch.Tensor:
 def like(states: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """One prompt's `states` `(1, L, D)` in the shape, dtype and device of a call's `e` `(B, L', D)`: cut to L', or
     extended by its last token (the padding state: T5's zero padding in Wan), then repeated over the batch."""
-    s = states.to(e)
-    length = e.shape[1]
-    if s.shape[1] < length:
-        s = torch.cat([s, s[:, -1:].expand(-1, length - s.shape[1], -1)], dim=1)
-    return s[:, :length].expand_as(e)
+    return fit_length(states.to(e), e.shape[1]).expand_as(e)
 
 
 def cfg_rows(x: torch.Tensor) -> int:
