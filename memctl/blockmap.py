@@ -216,10 +216,16 @@ class BlockMap:
         meta = {**self.meta, "control": {"shuffled_seed": seed, "permutation": perm.tolist()}}
         tensors = dict(self.lever_tensors)
         if self.lever == "condition":
-            d, k = tensors["read"].shape
-            q, _ = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))
-            tensors["read"] = (tensors["g_inv_half"].double() @ q).float()
-            tensors["tau"] = weight_threshold(tensors["bank"], tensors["read"])
+            if any("@" in k for k in tensors):
+                raise ValueError(
+                    "Expected a condition map with one subspace per denoiser for a random-subspace control, but this "
+                    "one has a subspace per joint-attention block (memctl.joint), whose whitening the map lacks."
+                )
+            for own in ("", *(SEP + c for c in sorted(qualifiers(tensors)))):  # each denoiser's in its own space
+                d, k = tensors["read" + own].shape
+                q, _ = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))
+                tensors["read" + own] = (tensors["g_inv_half" + own].double() @ q).float()
+                tensors["tau" + own] = weight_threshold(tensors["bank" + own], tensors["read" + own])
         return BlockMap(self.names, self.scores[perm], self.levels, self.kinds, self.components,
                         dict(self.fingerprints), self.granularity, self.method, meta, dict(self.samples),
                         self.lever, tensors)  # fmt: skip

@@ -374,6 +374,10 @@ def test_wan22_experts_get_their_own_condition_tensors(tmp_path):
     bmap.save(tmp_path / "m.safetensors")
     again = memctl.BlockMap.load(tmp_path / "m.safetensors")
     assert all(torch.equal(v, again.lever_tensors[k]) for k, v in bmap.lever_tensors.items())
+    control = bmap.shuffled(seed=1)  # the random-subspace control replaces each expert's subspace, in its own space
+    for own in ("", "/transformer_2"):
+        assert not torch.equal(control.lever_tensors["read" + own], bmap.lever_tensors["read" + own])
+        assert torch.equal(control.lever_tensors["bank" + own], bmap.lever_tensors["bank" + own])
     broken = {k: v for k, v in bmap.lever_tensors.items() if k != "tau/transformer_2"}
     with pytest.raises(ValueError, match="together"):
         memctl.BlockMap(bmap.names, bmap.scores, bmap.levels, bmap.kinds, bmap.components, bmap.fingerprints,

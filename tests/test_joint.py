@@ -102,3 +102,10 @@ def test_compiled_joint_lever_does_not_recompile_when_fidelity_changes(name):
     finally:
         memctl.remove_knob(pipe)
         torch._dynamo.reset()
+
+
+def test_random_subspace_control_of_a_joint_map_is_refused():
+    """Per-block subspaces keep no per-block whitening: a random-subspace control would silently keep them."""
+    _, bmap = prompt_mapped("sd3")
+    with pytest.raises(ValueError, match="a subspace per joint-attention block"):
+        bmap.shuffled(seed=0)
