@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from memctl import metrics
+from memctl.zoo.video_testbed import fold
 
 _Q10: dict[str, torch.Tensor] = {}  # testbed path -> (n_classes,) same-class distance 10th percentiles
 
@@ -105,7 +106,7 @@ def _q10(tb) -> torch.Tensor:
 
 def _folded(tb, x: torch.Tensor) -> torch.Tensor:
     """On a video testbed, clips `(..., F, C, H, W)` as images `(..., F·C, H, W)`; images as they are."""
-    return x.flatten(-4, -3) if tb.train_images.ndim == 5 else x
+    return fold(x) if tb.train_images.ndim == 5 else x
 
 
 def _sample_tensor(tb, sample) -> torch.Tensor:

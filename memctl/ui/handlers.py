@@ -57,15 +57,16 @@ class Handlers:
         """Remove the app's temporary folder (the files under `out_dir`, if one was given, stay)."""
         self._served.cleanup()
 
-    def _serve(self, path: Path) -> str:
-        """`path` (written under `out_dir`) as a file Gradio may serve: a link to it in the app's temporary folder.
+    def _serve(self, path: Path, name: str | None = None) -> str:
+        """`path` (written under `out_dir`) as a file Gradio may serve: a link to it in the app's temporary folder,
+        named `name` (default: its own name).
 
         Gradio then serves its cached copy, so `launch()` needs no `allowed_paths` and nothing else under `--out`
         can be downloaded."""
         path = Path(path)
         if path.parent == self.served_dir:
             return str(path)
-        served = self.served_dir / path.name
+        served = self.served_dir / (name or path.name)
         try:
             os.link(path, served)
         except OSError:  # another file system
@@ -165,9 +166,8 @@ class Handlers:
             self.out_dir / "baked" / f"{next(self._counter):05d}-f{opts.fidelity:+.2f}_strength{opts.strength:.2f}"
         )
         folder, info = baking.bake_copy(self.engine, opts, model, map_label, folder)
-        single = self.served_dir / f"{folder.name}-denoiser.safetensors"
-        shutil.copyfile(folder / "denoiser.safetensors", single)
-        return baking.bake_message(folder, info, is_embedded(model)), str(single)
+        single = self._serve(folder / "denoiser.safetensors", f"{folder.name}-denoiser.safetensors")
+        return baking.bake_message(folder, info, is_embedded(model)), single
 
     # ------------------------------------------------------------------------------------------------------------
     # model and examples
