@@ -34,7 +34,8 @@ from memctl.hooks import ConditionHook, PullCache
 
 __all__ = ["FIDELITY_MODES", "SUPPORTED_PROCESSORS", "AttentionGuide", "AttentionGuidanceHook", "check_processor"]
 
-FIDELITY_MODES = ("guidance", "attention")  # extra denoiser pass (memctl.guidance) | inside cross-attention units
+FIDELITY_MODES = ("guidance", "cached", "attention")  # extra pass every step | every 10th (memctl.guidance) | inside
+DEFAULT_FIDELITY_MODE = "cached"  # chosen on digits-s0 / digits-attr-s0 at probe-side seeds (memctl.guidance)
 # processors that call to_q, to_k, to_v (or Wan's fused to_kv) and to_out[0] once each and take the batch size from
 # the conditioning (diffusers' Attention) or from the query (WanAttention)
 SUPPORTED_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "WanAttnProcessor", "WanAttnProcessor2_0")

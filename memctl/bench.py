@@ -79,6 +79,8 @@ def _effect_md(results: dict) -> list[str]:
         md += [f"- {'PASS' if ok else 'FAIL'}: {name}\n" for name, ok in bars["checks"].items()]
         md += [f"- {'PASS' if ok else 'FAIL'}: fidelity in-attention (not in the bars above): {name}\n"
                for name, ok in bars.get("in_attention_fidelity_checks", {}).items()]  # fmt: skip
+        md += [f"- {'PASS' if ok else 'FAIL'}: fidelity cached (not in the bars above): {name}\n"
+               for name, ok in bars.get("cached_fidelity_checks", {}).items()]  # fmt: skip
         md += [f"- {'PASS' if ok else 'FAIL'}: baked (not in the bars above): {name}\n"
                for name, ok in bars.get("bake_checks", {}).items()]  # fmt: skip
         md += [f"- not measured, {row}: {err}\n" for row, err in r.get("errors", {}).items()]
@@ -125,7 +127,7 @@ def effect_summary(results: dict) -> str:
 
     models = list(results)
     picks = [("plain", "0"), ("memctl map", "-1.0"), ("memctl map", "+1.0"), ("memctl map in-attention", "+1.0"),
-             ("memctl map baked", "-1.0"),
+             ("memctl map cached", "+1.0"), ("memctl map baked", "-1.0"),
              ("memctl prompt map", "-1.0"),
              ("uniform", "-1.0"), ("text edit", "-1.0"), ("placement shuffled", None), ("random subspace", None),
              ("wen", "quantile 0.5"), ("ren", "c 1.25"), ("jain", "transition 0.6"),

@@ -33,6 +33,7 @@ from memctl.probeset import ProbeSet
 
 KNOB_FIDELITIES = (-1.0, -0.5, 1.0)
 ATTENTION_FIDELITIES = (0.5, 1.0)  # memctl.attention_guidance (fidelity <= 0 is the same lever as "memctl map")
+CACHED_FIDELITIES = (1.0,)  # fidelity_mode="cached" (memctl.guidance): the contrast on every 10th step
 BAKE_FIDELITIES = (-1.0,)  # memctl.bake: fidelity <= 0 only
 CONTROL_FIDELITIES = (-1.0, -0.5)
 CONTROL_SEEDS = 2
@@ -65,23 +66,25 @@ def prompt_only_probes(tb, pipe) -> tuple[ProbeSet, list[str]]:
 
 @contextmanager
 def _cost(pipe):
-    """Counts denoiser rows evaluated (a guided knob's extra pass included) while the block runs."""
+    """Counts denoiser rows evaluated (a guided knob's extra passes included) while the block runs."""
     from memctl.baselines.base import denoiser_of
     from memctl.guidance import GuidanceHook
 
     model, count = denoiser_of(pipe), {"rows": 0}
+    state = model.__dict__.get("_memctl_knob")
+    guide = state.guide if state is not None and isinstance(state.guide, GuidanceHook) else None
+    before = guide.extra_rows if guide is not None else 0
 
     def pre(module, args, kwargs):
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        state = module.__dict__.get("_memctl_knob")
-        guided = state is not None and isinstance(state.guide, GuidanceHook) and state.guide.on  # an extra pass
-        count["rows"] += int(x.shape[0]) * (2 if guided else 1)
+        count["rows"] += int(x.shape[0])
 
     handle = model.register_forward_pre_hook(pre, with_kwargs=True)
     try:
         yield count
     finally:
         handle.remove()
+        count["rows"] += (guide.extra_rows - before) if guide is not None else 0
 
 
 def _n_images(samples) -> int:
@@ -104,12 +107,12 @@ def _measure(tb, pipe, spec, ref, setup) -> tuple[dict, object]:
     return row, samples
 
 
-def knob_setup(pipe, bmap, f: float):
-    """A row's setup: the knob of `bmap` at fidelity `f`, removed afterwards."""
+def knob_setup(pipe, bmap, f: float, mode: str | None = None):
+    """A row's setup: the knob of `bmap` at fidelity `f` (fidelity_mode `mode`), removed afterwards."""
 
     @contextmanager
     def setup():
-        apply_knob(pipe, bmap)
+        apply_knob(pipe, bmap, fidelity_mode=mode)
         try:
             with fidelity(pipe, f):
                 yield None
@@ -151,8 +154,8 @@ def baseline_setup(pipe, name: str, kw: dict, probes):
 def _plan(pipe, bmap, prompt_map, probes, attention_map=None) -> list[tuple[str, str, object]]:
     """(family, setting, setup) for every row after the plain model."""
 
-    def knob(m, f):
-        return knob_setup(pipe, m, f)
+    def knob(m, f, mode=None):
+        return knob_setup(pipe, m, f, mode)
 
     def text_edit(f):
         return lambda: TextEdit(pipe, bmap, f).applied()
@@ -160,14 +163,16 @@ def _plan(pipe, bmap, prompt_map, probes, attention_map=None) -> list[tuple[str,
     def baseline(name, kw):
         return baseline_setup(pipe, name, kw, probes)
 
-    plan = [("memctl map", f"{f:+.1f}", knob(bmap, f)) for f in KNOB_FIDELITIES]
+    plan = [("memctl map", f"{f:+.1f}", knob(bmap, f, "guidance")) for f in KNOB_FIDELITIES]  # (+: extra pass)
     if attention_map is not None:  # fidelity > 0 inside the cross-attention units, γ calibrated on the probes
         plan += [("memctl map in-attention", f"{f:+.1f}", knob(attention_map, f)) for f in ATTENTION_FIDELITIES]
+    if bmap.meta.get("fidelity_guidance"):  # the extra pass's contrast computed on every 10th step, reused between
+        plan += [("memctl map cached", f"{f:+.1f}", knob(bmap, f, "cached")) for f in CACHED_FIDELITIES]
     if bmap.lever == "condition":  # the same map written into the key/value weights, fit on the probes' prompts
         memorized = [str(c) for c in probes.conditions("memorized")]
         plan += [("memctl map baked", f"{f:+.1f}", bake_setup(pipe, bmap, f, memorized)) for f in BAKE_FIDELITIES]
     if prompt_map is not None:
-        plan += [("memctl prompt map", f"{f:+.1f}", knob(prompt_map, f)) for f in (-1.0, 1.0)]
+        plan += [("memctl prompt map", f"{f:+.1f}", knob(prompt_map, f, "guidance")) for f in (-1.0, 1.0)]
     controls = control_maps(pipe.unet, bmap, seeds=CONTROL_SEEDS)
     plan += [("uniform", f"{f:+.1f}", knob(controls["uniform"], f)) for f in CONTROL_FIDELITIES]
     plan += [("text edit", f"{f:+.1f}", text_edit(f)) for f in CONTROL_FIDELITIES]
@@ -287,13 +292,16 @@ def bars(tb, rows: dict, seeds: int) -> dict:
         "fidelity: most-exposed copy_1/3 at +1 >= plain": fid["most_copy"] >= plain["most_copy"],
         "fidelity: ordinary valid at +1 >= 0.95 x plain": fid["ordinary_valid"] >= 0.95 * plain["ordinary_valid"],
     }
-    if "memctl map in-attention" in head:  # the same fidelity checks for in-attention guidance (not in "pass")
-        att = head["memctl map in-attention"]["+1.0"]
-        attention = {
-            "least-exposed copy_1/3 at +1 >= 1.5 x plain": att["least_copy"] >= 1.5 * plain["least_copy"],
-            "most-exposed copy_1/3 at +1 >= plain": att["most_copy"] >= plain["most_copy"],
-            "ordinary valid at +1 >= 0.95 x plain": att["ordinary_valid"] >= 0.95 * plain["ordinary_valid"],
-        }
+    other_modes = {}  # the same fidelity checks for the cheaper fidelity modes (not in "pass")
+    for fam, key in (("memctl map in-attention", "in_attention_fidelity_checks"),
+                     ("memctl map cached", "cached_fidelity_checks")):  # fmt: skip
+        if "+1.0" in head.get(fam, {}):
+            g = head[fam]["+1.0"]
+            other_modes[key] = {
+                "least-exposed copy_1/3 at +1 >= 1.5 x plain": g["least_copy"] >= 1.5 * plain["least_copy"],
+                "most-exposed copy_1/3 at +1 >= plain": g["most_copy"] >= plain["most_copy"],
+                "ordinary valid at +1 >= 0.95 x plain": g["ordinary_valid"] >= 0.95 * plain["ordinary_valid"],
+            }
     baked = {}
     if "memctl map baked" in head:  # issue: a baked checkpoint; within 5 points of the hooked knob (not in "pass")
         b = head["memctl map baked"]["-1.0"]
@@ -303,7 +311,7 @@ def bars(tb, rows: dict, seeds: int) -> dict:
         }
     return {
         "checks": checks,
-        **({"in_attention_fidelity_checks": attention} if "memctl map in-attention" in head else {}),
+        **other_modes,
         **({"bake_checks": baked} if baked else {}),
         "pass": all(checks.values()),
         "map_at_-1": ext,

@@ -86,7 +86,7 @@ def effect_for_video(
             raise ValueError(f"Expected {partial} to hold rows of this model and spec, but its plain row differs.")
         rows.update({f: dict(by) for f, by in earlier["rows"].items() if f != "plain"})
     denoiser = next(iter(pipeline_denoisers(pipe).values()))
-    plan = [("memctl map", f"{f:+.1f}", knob_setup(pipe, bmap, f)) for f in KNOB_FIDELITIES]
+    plan = [("memctl map", f"{f:+.1f}", knob_setup(pipe, bmap, f, "guidance")) for f in KNOB_FIDELITIES]
     memorized = [str(c) for c in probes.conditions("memorized")]  # the bake's edit is fit on the probes' prompts
     plan += [("memctl map baked", f"{f:+.1f}", bake_setup(pipe, bmap, f, memorized)) for f in BAKE_FIDELITIES]
     controls = control_maps(denoiser, bmap, seeds=CONTROL_SEEDS)

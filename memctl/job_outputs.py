@@ -91,7 +91,7 @@ def _output(shot: Shot, index: int, seed: int, fid: float, batch_size: int) -> O
         prompt=v["prompt"], negative_prompt=v["negative_prompt"], seed=seed, steps=v["steps"], guidance=v["guidance"],
         fidelity=fid, strength=v["strength"], start=v["window"][0], stop=v["window"][1], batch_size=batch_size,
         frames=v["frames"],
-        fps=(v["fps"] or 8) if v["frames"] is not None else None,
+        fps=(v["fps"] or 8) if v["frames"] is not None else None, fidelity_mode=v.get("fidelity_mode"),
     )  # fmt: skip
     fields = {
         "shot": shot.id,

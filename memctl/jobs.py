@@ -50,6 +50,7 @@ SHOT_FIELDS = (
     "size",
     "frames",
     "fps",
+    "fidelity_mode",
     "name",
 )
 JOB_FIELDS = ("version", "model", "block_map", "dtype", "batch_size", "cpu_threads", "guard", "guard_fidelity",
@@ -274,7 +275,7 @@ def _shot_values(merged: dict, where: str, errors: list[str]) -> dict:
                 f"{where}, field `{name}`: Expected at most {MAX_PROMPT_CHARS} characters, but got "
                 f"{short_repr(v[name])}."
             )
-    for name in ("strength", "steps", "guidance", "frames", "fps"):
+    for name in ("strength", "steps", "guidance", "frames", "fps", "fidelity_mode"):
         v[name] = _option(merged, name, where, errors, getattr(GenerationOptions, name))
     v["seeds"] = _seeds(merged["seeds"], where, errors) if "seeds" in merged else ()  # missing: reported above
     v["fidelity"] = _fidelities(merged.get("fidelity", 0.0), where, errors)

@@ -33,10 +33,16 @@ from typing import Any
 
 import torch
 
-from memctl.attention_guidance import FIDELITY_MODES, AttentionGuidanceHook, AttentionGuide, check_processor
+from memctl.attention_guidance import (
+    DEFAULT_FIDELITY_MODE,
+    FIDELITY_MODES,
+    AttentionGuidanceHook,
+    AttentionGuide,
+    check_processor,
+)
 from memctl.blockmap import BlockMap
 from memctl.blocks import DENOISER_ATTRS, find_blocks, pipeline_denoisers, unwrap
-from memctl.guidance import GUIDE, GuidanceHook
+from memctl.guidance import GUIDANCE_EVERY, GUIDE, GuidanceHook
 from memctl.hooks import (
     CLOCK,
     KNOB,
@@ -115,9 +121,10 @@ def apply_knob(
     scheduler's, else 1000; `timestep_scale=` overrides). Outside it all factors are 1. `passes="cond"` acts on the
     conditional pass of classifier-free guidance only and leaves the unconditional prediction exactly as it was
     (see `memctl.passes` for how each pipeline's passes are told apart); the default "both" acts on every call.
-    `fidelity_mode` (condition maps, fidelity > 0): "guidance", one extra denoiser pass per step (`memctl.guidance`),
-    or "attention", the same contrast inside the hooked cross-attention units (`memctl.attention_guidance`); None
-    takes the map's `meta["fidelity_mode"]`, else "guidance".
+    `fidelity_mode` (condition maps, fidelity > 0): "guidance", one extra denoiser pass per step (`memctl.guidance`);
+    "cached", the same contrast computed on every 10th step and reused between (1.1 passes per step); or
+    "attention", the same contrast inside the hooked cross-attention units (`memctl.attention_guidance`). None takes
+    the map's `meta["fidelity_mode"]`, else `DEFAULT_FIDELITY_MODE` ("cached").
     """
     if not isinstance(bmap, BlockMap):
         raise TypeError(f"Expected a memctl.BlockMap, but got {type(bmap).__name__}.")
@@ -137,7 +144,7 @@ def apply_knob(
         raise ValueError(
             f"Expected a finite strength >= 0 (use a negative fidelity to reverse), but got {strength!r}."
         )
-    mode = fidelity_mode if fidelity_mode is not None else (bmap.lever_config.fidelity_mode or "guidance")
+    mode = fidelity_mode if fidelity_mode is not None else (bmap.lever_config.fidelity_mode or DEFAULT_FIDELITY_MODE)
     if mode not in FIDELITY_MODES:
         raise ValueError(f"Expected fidelity_mode in {FIDELITY_MODES}, but got {mode!r}.")
     start, stop = _check_real("start", start, 0.0, 1.0), _check_real("stop", stop, 0.0, 1.0)
@@ -226,7 +233,7 @@ def _install(
     if inside:
         state.guide = guide
     elif state.guidance_gain > 0:  # innermost root hook: the clock (outside it) sets the factors first
-        state.guide = GuidanceHook(state)
+        state.guide = GuidanceHook(state, GUIDANCE_EVERY if mode == "cached" else 1)
         state.attach(module, {"": state.guide}, GUIDE)
     state.attach(module, {"": TimestepHook(state.on_timestep, timestep_scale)}, CLOCK)
     if passes == "cond":
@@ -291,6 +298,7 @@ def temporary_knob(
     start: float | None = None,
     stop: float | None = None,
     strength: float | None = None,
+    fidelity_mode: str | None = None,
 ) -> Iterator[None]:
     """For one call: apply `block_map` (if given), set `fidelity` and the window; afterwards restore what was there.
 
@@ -302,9 +310,12 @@ def temporary_knob(
     Without `block_map` it uses the knob already applied (a clear error if there is none); a map equal to the
     applied one is not re-applied, so a compiled denoiser does not recompile. A new map keeps the applied knob's
     strength and passes (else 1.0, "both"; `strength` given with a map: that one) and starts from its fidelity
-    (else 0). All None: nothing happens. This is the one-call knob: the custom pipelines and the app use it.
+    (else 0). `fidelity_mode` other than the applied knob's re-applies it in that mode for the call. All None: nothing
+    happens. This is the one-call knob: the custom pipelines and the app use it.
     """
-    if fidelity is None and block_map is None and start is None and stop is None:
+    if fidelity_mode is not None and fidelity_mode not in FIDELITY_MODES:
+        raise ValueError(f"Expected fidelity_mode in {FIDELITY_MODES} or None, but got {fidelity_mode!r}.")
+    if fidelity is None and block_map is None and start is None and stop is None and fidelity_mode is None:
         yield
         return
     if fidelity is not None:
@@ -320,14 +331,18 @@ def temporary_knob(
     saved = [(m, s, s.fidelity, s.start, s.stop) for m, s in before]
     first = before[0][1] if before else None
     new_strength = block_map is not None and strength is not None and (first is None or strength != first.strength)
-    replace = block_map is not None and (first is None or not block_map == first.bmap or new_strength)
+    new_mode = fidelity_mode is not None and (first is None or fidelity_mode != first.fidelity_mode)
+    replace = (block_map is not None and (first is None or not block_map == first.bmap or new_strength)) or new_mode
     try:
         if replace:
             kw = {} if first is None else {"strength": first.strength, "passes": first.passes,
-                                            "timestep_scale": first.timestep_scale}  # fmt: skip
+                                            "timestep_scale": first.timestep_scale,
+                                            "fidelity_mode": first.fidelity_mode}  # fmt: skip
             if strength is not None:
                 kw["strength"] = strength
-            apply_knob(pipe, block_map, **kw)
+            if fidelity_mode is not None:
+                kw["fidelity_mode"] = fidelity_mode
+            apply_knob(pipe, block_map if block_map is not None else first.bmap, **kw)
         states = _knobbed(pipe)
         lo = states[0][1].start if start is None else _check_real("fidelity_start", start, 0.0, 1.0)
         hi = states[0][1].stop if stop is None else _check_real("fidelity_stop", stop, 0.0, 1.0)
@@ -378,4 +393,7 @@ def get_knob(pipe: Any) -> KnobInfo | None:
     if not states:
         return None
     s = states[0]
-    return KnobInfo(s.bmap, s.fidelity, s.strength, s.start, s.stop, tuple(st.component for st in states), s.passes)
+    mode = s.fidelity_mode if s.bmap.lever == "condition" else None
+    return KnobInfo(
+        s.bmap, s.fidelity, s.strength, s.start, s.stop, tuple(st.component for st in states), s.passes, mode
+    )

@@ -140,6 +140,7 @@ class KnobInfo:
     stop: float
     components: tuple[str, ...]
     passes: str = "both"
+    fidelity_mode: str | None = None  # how fidelity > 0 is computed (condition maps; None: the lever has no such side)
 
     def to_dict(self) -> dict[str, Any]:
         m = self.block_map
@@ -149,6 +150,7 @@ class KnobInfo:
             "window": [self.start, self.stop],
             "components": list(self.components),
             "passes": self.passes,
+            **({"fidelity_mode": self.fidelity_mode} if self.fidelity_mode is not None else {}),
             "block_map": {"method": m.method, "granularity": m.granularity, "n_blocks": m.n_blocks,
                           "per_level": m.per_level, "fingerprints": m.fingerprints, "meta": m.meta},
         }  # fmt: skip

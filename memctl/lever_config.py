@@ -34,7 +34,8 @@ class LeverConfig:
     - `attention_guidance`: the gain of in-attention guidance (`fidelity_mode="attention"`); None: `fidelity_guidance`.
     - `pull_max`: condition lever, fidelity -1 pulls memorized tokens this many times the way to the general ones.
     - `knob_scale`: what scores are divided by before the knob's law; None: the map's largest |score|.
-    - `fidelity_mode`: "guidance" (extra pass) or "attention" (inside the cross-attention units); None: "guidance".
+    - `fidelity_mode`: "guidance" (extra pass), "cached" (its contrast reused for 10 steps) or "attention" (inside
+      the cross-attention units); None: "guidance".
     """
 
     positive_gain: float = 1.0

@@ -28,6 +28,7 @@ class GenerationOptions:
     batch_size: int = 1
     frames: int | None = None
     fps: int | None = None
+    fidelity_mode: str | None = None  # fidelity > 0: "cached", "guidance", "attention" (None: the map's, else cached)
 
     def __post_init__(self):
         _expect(isinstance(self.prompt, str), "prompt", "a str", self.prompt)
@@ -50,6 +51,14 @@ class GenerationOptions:
         for name in ("frames", "fps"):
             value = getattr(self, name)
             _expect(value is None or (_is_int(value) and value >= 1), name, "None or a positive int", value)
+        from memctl.attention_guidance import FIDELITY_MODES
+
+        _expect(
+            self.fidelity_mode is None or self.fidelity_mode in FIDELITY_MODES,
+            "fidelity_mode",
+            f"None or one of {FIDELITY_MODES}",
+            self.fidelity_mode,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,6 +82,8 @@ class GenerationOptions:
             ("Fidelity strength", self.strength),
             ("Fidelity window", f"{self.start}-{self.stop}"),
         ]
+        if self.fidelity_mode is not None:
+            pairs.append(("Fidelity mode", self.fidelity_mode))
         if model:
             pairs.append(("Model", model))
         if block_map:

@@ -95,7 +95,8 @@ class FidelityMixin:
     """Adds the fidelity knob's per-call arguments to a diffusers pipeline (put it first among the bases).
 
     `fidelity` in [-1, 1] with the map already applied (`memctl.apply_knob`) or passed as `block_map`;
-    `fidelity_start` / `fidelity_stop` narrow the window of noise levels for this call. Everything is restored
+    `fidelity_start` / `fidelity_stop` narrow the window of noise levels for this call; `fidelity_mode` picks how
+    fidelity > 0 is computed ("cached", "guidance", "attention": `memctl.apply_knob`). Everything is restored
     after the call. Without any of them the call is the plain diffusers call.
     """
 
@@ -106,9 +107,10 @@ class FidelityMixin:
         block_map: Any = None,
         fidelity_start: float | None = None,
         fidelity_stop: float | None = None,
+        fidelity_mode: str | None = None,
         **kwargs: Any,
     ):
-        with temporary_knob(self, fidelity, block_map, fidelity_start, fidelity_stop):
+        with temporary_knob(self, fidelity, block_map, fidelity_start, fidelity_stop, fidelity_mode=fidelity_mode):
             return super().__call__(*args, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:

@@ -228,14 +228,15 @@ class Renderer:
         return [self._png(image, x) for image, x in zip(result.images, batch, strict=True)]
 
     def _knob(self, x: Output):
-        """The knob at this output's fidelity (applied once per strength and window); 0 is the untouched model.
+        """The knob at this output's fidelity (applied once per strength, window and mode); 0 is the untouched model.
         With `guard: detect`, a flagged prompt's outputs are rendered at the job's `guard_fidelity` instead."""
         o = x.options
         if self.bmap is None:  # a knob someone else applied to a given pipeline must not act
             return fidelity(self.pipe, 0.0) if get_knob(self.pipe) is not None else contextlib.nullcontext()
-        if self._applied != (o.strength, o.start, o.stop):
-            apply_knob(self.pipe, self.bmap, strength=o.strength, start=o.start, stop=o.stop)
-            self._applied = (o.strength, o.start, o.stop)
+        if self._applied != (o.strength, o.start, o.stop, o.fidelity_mode):
+            apply_knob(self.pipe, self.bmap, strength=o.strength, start=o.start, stop=o.stop,
+                       fidelity_mode=o.fidelity_mode)  # fmt: skip
+            self._applied = (o.strength, o.start, o.stop, o.fidelity_mode)
         return fidelity(self.pipe, self.guard_info(x)["rendered_fidelity"] if self.guarded else o.fidelity)
 
     def close(self) -> None:

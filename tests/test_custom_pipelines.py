@@ -224,7 +224,7 @@ def test_call_parameters_see_through_the_mixin():
             return image
 
     assert list(call_parameters(Custom())) == ["fidelity", "block_map", "fidelity_start", "fidelity_stop",
-                                               "prompt", "height"]  # fmt: skip
+                                               "fidelity_mode", "prompt", "height"]  # fmt: skip
     assert list(call_parameters(Closed())) == ["image"]
     with pytest.raises(ValueError, match=r"takes neither: \(image\)"):
         condition_argument(Closed(), ["ab"])

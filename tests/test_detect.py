@@ -276,11 +276,12 @@ def test_pull_past_the_general_conditioning_at_negative_fidelity_only(digits, co
     assert torch.equal(factors, torch.tensor([-1.0, 0.0, 0.5]))
 
 
-def test_the_extra_pass_runs_only_above_fidelity_zero(digits, condition_map):
+@pytest.mark.parametrize(("mode", "passes"), [("guidance", 6), (None, 4)])  # the default, "cached": step 1 only
+def test_the_extra_pass_runs_only_above_fidelity_zero(digits, condition_map, mode, passes):
     tb, pipe = digits
     calls = []
     handle = pipe.unet.conv_in.register_forward_hook(lambda *a: calls.append(1))
-    memctl.apply_knob(pipe, condition_map)
+    memctl.apply_knob(pipe, condition_map, fidelity_mode=mode)
     try:
         counts = {}
         for f in (-1.0, 0.0, 0.5):
@@ -288,7 +289,7 @@ def test_the_extra_pass_runs_only_above_fidelity_zero(digits, condition_map):
             with memctl.fidelity(pipe, f):
                 pipe(tb.canaries[0][0], num_inference_steps=3, output_type="pt")
             counts[f] = len(calls)
-        assert counts == {-1.0: 3, 0.0: 3, 0.5: 6}
+        assert counts == {-1.0: 3, 0.0: 3, 0.5: passes}
     finally:
         handle.remove()
         memctl.remove_knob(pipe)

@@ -44,6 +44,7 @@ DEFAULTS = dict(
     batch=2,
     frames=16,
     fps=8,
+    fidelity_mode="cached",
     model=MODEL,
     map_label="none",
 )
@@ -228,6 +229,7 @@ def test_presets_round_trip(app):
         start=0.2,
         stop=0.8,
         batch_size=2,
+        fidelity_mode="cached",
     )
     values = c.predict(handle_file(path), api_name="/load_preset")
     assert list(values[:10]) == ["a seven", "a one", -0.35, 1.5, 0.2, 0.8, 123, STEPS, 1.0, 2]

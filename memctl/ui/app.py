@@ -91,6 +91,7 @@ def create_demo(engine: Engine | None = None, out_dir: str | None = None) -> gr.
             c["batch"],
             c["frames"],
             c["fps"],
+            c["fidelity_mode"],
         ]
         inputs = [*controls, model, map_choice]
         map_outputs = [out["heatmap"], out["table"], out["block_info"]]

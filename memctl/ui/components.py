@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import gradio as gr
 
+from memctl.attention_guidance import DEFAULT_FIDELITY_MODE, FIDELITY_MODES
 from memctl.options import GenerationOptions
 from memctl.ui.canaries import Opening
 from memctl.ui.controls import LIMITS
@@ -106,11 +107,18 @@ def prompt_controls(d: GenerationOptions) -> dict:
 def sampling_controls(d: GenerationOptions) -> dict:
     c = {}
     c["negative"] = gr.Textbox(d.negative_prompt, label="Negative prompt", lines=1)
-    with gr.Accordion("Knob: strength and noise-level window", open=False):
+    with gr.Accordion("Knob: strength, noise-level window, fidelity (+) mode", open=False):
         c["strength"] = slider(0, 4, d.strength, step=0.05, label="Strength")
         with gr.Row():
             c["start"] = slider(0, 1, d.start, step=0.05, label="Window start (noise level)")
             c["stop"] = slider(0, 1, d.stop, step=0.05, label="Window stop (noise level)")
+        c["fidelity_mode"] = gr.Dropdown(
+            list(FIDELITY_MODES),
+            value=d.fidelity_mode or DEFAULT_FIDELITY_MODE,
+            label="Fidelity (+) mode",
+            info="cached: 1.1 denoiser passes per step; guidance: 2 (exact); attention: about 1, weaker",
+            elem_id="fidelity-mode",
+        )
     with gr.Row():
         c["seed"] = gr.Number(d.seed, label="Seed (−1 = random)", precision=None, elem_id="seed", scale=3)
         c["random"] = gr.Button("random", size="sm", scale=0, min_width=70)

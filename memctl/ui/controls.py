@@ -21,6 +21,7 @@ from typing import Any
 
 import gradio as gr
 
+from memctl.attention_guidance import DEFAULT_FIDELITY_MODE
 from memctl.options import GenerationOptions, short_repr
 
 __all__ = ["Controls", "LIMITS", "MAX_PROMPT", "RANDOM_SEED", "small_upload", "takes_controls", "user_errors"]
@@ -48,6 +49,7 @@ class Controls:
     batch: Any
     frames: Any = None
     fps: Any = None
+    fidelity_mode: Any = None  # how fidelity > 0 is computed (memctl.apply_knob); None: the map's, else cached
 
     @classmethod
     def showing(cls, o: GenerationOptions, frames: int, fps: int) -> Controls:
@@ -65,6 +67,7 @@ class Controls:
             o.batch_size,
             o.frames or frames,
             o.fps or fps,
+            o.fidelity_mode or DEFAULT_FIDELITY_MODE,
         )
 
     def values(self) -> list:
@@ -88,6 +91,7 @@ class Controls:
             batch_size=integer(self.batch, "batch_size"),
             frames=integer(self.frames, "frames") if video and self.frames is not None else None,
             fps=integer(self.fps, "fps") if video and self.fps is not None else None,
+            fidelity_mode=self.fidelity_mode or None,
         )
         for name, (low, high) in LIMITS.items():
             value = getattr(opts, name)

@@ -224,7 +224,8 @@ class Engine:
         if bmap is None:
             yield
             return
-        with temporary_knob(loaded.pipe, opts.fidelity, bmap, opts.start, opts.stop, strength=opts.strength):
+        with temporary_knob(loaded.pipe, opts.fidelity, bmap, opts.start, opts.stop, strength=opts.strength,
+                            fidelity_mode=opts.fidelity_mode):  # fmt: skip
             yield
 
     def _sample(self, loaded: Loaded, opts: GenerationOptions, map_label: str | None, bmap) -> list[Sample]:
