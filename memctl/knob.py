@@ -13,7 +13,8 @@ scales in place. Changing the fidelity only fills a 0-d tensor: nothing is re-re
 denoisers do not recompile. At fidelity 0 every factor is exactly 1.0 and the output is bit-identical to the
 untouched model. The state lives on the denoiser module (`_memctl_knob`), so pipelines sharing it (`from_pipe`)
 share the knob. A condition-lever map (method "condition" or "prompt") pulls memorized conditioning tokens at
-fidelity < 0 and, at fidelity > 0, adds memorization guidance: one extra denoiser pass per step (`memctl.guidance`).
+fidelity < 0 and, at fidelity > 0, adds memorization guidance: by default an extra denoiser pass on every 10th step
+(`memctl.guidance`).
 `passes="cond"` steers the conditional pass of classifier-free guidance only (`memctl.passes`);
 `temporary_knob` is the one-call form the custom pipelines' `fidelity=` / `block_map=` arguments use.
 

@@ -15,10 +15,10 @@ Methods:
   prompts do not (a generalized eigenproblem of their second moments, `memctl.subspace`), then attribute to every
   cross-attention unit the loss change when the tokens heavy in those directions are pulled toward the nearest
   general conditioning in that unit alone. The knob pulls them (fidelity < 0) in the units the map selects, and
-  for fidelity > 0 guides toward what they add (`memctl.guidance`, one extra pass per step). The CLI's default. In
-  samples it beats random-subspace controls but not the same lever applied uniformly or once to the text states
-  (`bench/results/effect.md`): the lever works where memorized prompts carry unusual tokens; the selection adds
-  nothing measurable.
+  for fidelity > 0 guides toward what they add (`memctl.guidance`, an extra pass on every 10th step). The CLI's
+  default. In samples it beats random-subspace controls but not the same lever applied uniformly or once to the text
+  states (`bench/results/effect.md`): the lever works where memorized prompts carry unusual tokens; the selection
+  adds nothing measurable.
 - `"prompt"`: prompts only, no images (text-conditional models). The same conditioning lever as `"condition"`, fit
   from the prompts' text states; every cross-attention unit is scored by how much replacing memorized tokens there
   lowers the memorization signal of `memctl.detect` (the magnitude of the text-conditional noise prediction in the

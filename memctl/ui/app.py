@@ -39,7 +39,8 @@ asked class.
 - **Fidelity** 0 leaves the model untouched; below 0 pushes it away from what it memorized (new images), above 0
   towards it (faithful recall). It needs a **block map** (the embedded model ships one).
 - A block map scores each block of the denoiser: red blocks carry memorization, blue ones generalization. The knob
-  scales the red blocks' contribution; fidelity > 0 costs one extra denoiser pass per step with the shipped maps.
+  scales the red blocks' contribution; fidelity > 0 costs an extra denoiser pass on every 10th step with the
+  shipped maps (fidelity mode "cached"; "guidance" runs it at every step).
 - Your own diffusers pipeline works too (type its folder in *Model*); badges then need the embedded testbed's
   ground truth, so they show only for embedded models.
 """
