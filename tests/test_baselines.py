@@ -82,11 +82,28 @@ def test_jain_on_wan_swaps_in_the_empty_prompt_as_the_transformer_takes_it(probe
         assert torch.equal(sample(p, "wan", prompt="ab"), ref)
 
 
-def test_wen_on_a_video_transformer_says_what_it_needs(probes):
+def test_wen_on_a_video_transformer_calibrates_at_its_first_call(probes):
+    """Wan takes its latent size per call: Wen's calibration noise takes the first call's latent shape."""
+    from tests.tiny import sample, tiny_pipeline
+
+    pipe = tiny_pipeline("wan")
+    ref = sample(pipe, "wan", prompt="ab")
+    wen = Wen(pipe, steps=2, lr=0.5, quantile=0.01).fit(probes)
+    assert wen.target is None  # not yet: no size known
+    with wen.applied() as p:
+        out = sample(p, "wan", prompt="ab")
+    assert wen.target is not None and wen.target > 0
+    assert len(wen.calibrated_on) == 4  # (C, F, H, W) of the call's latents
+    assert wen.extra_rows > 0 and not torch.equal(out, ref)
+    assert torch.equal(sample(pipe, "wan", prompt="ab"), ref)  # no trace
+
+
+def test_ren_refuses_prompts_without_a_beginning_token():
+    """Ren et al. rescale CLIP's beginning-of-text token; T5-encoded prompts (Wan) have none."""
     from tests.tiny import tiny_pipeline
 
-    with pytest.raises(ValueError, match="latent size"):  # Wan takes its size per call: no calibration noise
-        Wen(tiny_pipeline("wan")).fit(probes)
+    with pytest.raises(ValueError, match="beginning-of-text token"):
+        Ren(tiny_pipeline("wan"))
 
 
 def test_ren_masks_summary_tokens_of_encoded_prompts(pipe):

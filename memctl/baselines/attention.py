@@ -3,6 +3,7 @@ attention", ECCV): in every cross-attention, the beginning token's logit × C an
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -52,6 +53,19 @@ class Ren(Baseline):
             raise ValueError(f"Expected a logit factor c > 0, but got {c!r}.")
         if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
             raise ValueError(f"Expected a pipeline with text_encoder and tokenizer, but got {type(pipe).__name__}.")
+        tok = pipe.tokenizer
+        bos = getattr(tok, "bos_token_id", None)
+        if bos is None or tok("a").input_ids[0] != bos:
+            raise ValueError(
+                f"Expected a tokenizer that begins every prompt with a beginning-of-text token (CLIP's), whose logit "
+                f"Ren et al. rescale, but {type(tok).__name__} adds none (T5-encoded prompts, as Wan's, have no such "
+                "token): Ren's mitigation is not defined for this model."
+            )
+        if mask_summary and "encoder_attention_mask" not in inspect.signature(type(self.denoiser).forward).parameters:
+            raise ValueError(
+                f"Expected a denoiser whose forward takes `encoder_attention_mask` (to mask the summary tokens), but "
+                f"{type(self.denoiser).__name__}.forward does not; pass mask_summary=False to rescale the logit only."
+            )
         self.c, self.mask_summary = float(c), bool(mask_summary)
         self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (states (L, D), keep mask (L,)) per encoded row
         self._last: tuple | None = None  # (text states, their version, mask) of the last lookup

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -65,7 +66,8 @@ class InputsHook(ModelHook):
         self.edit = edit
 
     def initialize_hook(self, module):
-        self._pos = {a: _arg_position(module, a) for a in ("sample", "timestep", "encoder_hidden_states")}
+        latents = list(inspect.signature(type(module).forward).parameters)[1]  # `sample` (UNets), `hidden_states`
+        self._pos = {a: _arg_position(module, a) for a in (latents, "timestep", "encoder_hidden_states")}
         return module
 
     def pre_forward(self, module, *args, **kwargs):

@@ -28,35 +28,43 @@ class Wen(Baseline):
         self.null = input_states(pipe, [""])
         self._last_t: float | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (original rows, optimized rows)
+        self._general: tuple | None = None  # (general probes' states, seeds, seed) from `fit`
+        self.calibrated_on: list[int] | None = None  # the latent shape of the calibration noise
         self.extra_rows = 0  # rows × denoiser evaluations spent optimizing (a forward and a backward count 1 each)
 
     def fit(self, probes, seeds: int = 4, seed: int = 0) -> Wen:
-        """`target` = the `quantile` of the general probe prompts' first-step magnitudes, at probe noise."""
-        general = input_states(self.pipe, general_prompts(probes))
+        """`target` = the `quantile` of the general probe prompts' first-step magnitudes, at probe noise of the
+        denoiser's latent size (`sample_size`: UNets); a denoiser that takes its size per call (video transformers)
+        is calibrated at its first call, on noise of that call's latent shape."""
+        self._general = (input_states(self.pipe, general_prompts(probes)), seeds, seed)
         cfg = self.denoiser.config
+        if getattr(cfg, "sample_size", None) is not None:
+            size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+            self._calibrate((cfg.in_channels, size, size))
+        return self
+
+    def _calibrate(self, shape: tuple[int, ...], denoiser=None) -> None:
+        general, seeds, seed = self._general
         gen = torch.Generator().manual_seed(seed)
-        if getattr(cfg, "sample_size", None) is None:
-            raise ValueError(
-                f"Expected a denoiser whose config gives its latent size (sample_size: UNets) for Wen's calibration "
-                f"noise, but {type(self.denoiser).__name__} has none (video transformers take their size per call)."
-            )
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        x = torch.randn(len(general) * seeds, cfg.in_channels, size, size, generator=gen)
+        x = torch.randn(len(general) * seeds, *shape, generator=gen)
         e = general.repeat_interleave(seeds, 0)
         t = torch.full((len(x),), self._first_timestep(), dtype=torch.long)
         with torch.no_grad():
-            m = _first_step_magnitude(self.denoiser, x, t, e, like(self.null, e))
+            m = _first_step_magnitude(denoiser or self.denoiser, x, t, e, like(self.null, e))
         self.target = float(m.quantile(self.quantile))
-        return self
+        self.calibrated_on = list(shape)
 
     def _first_timestep(self) -> int:
         sched = getattr(self.pipe, "scheduler", None)
         return int(getattr(getattr(sched, "config", None), "num_train_timesteps", 1000)) - 1
 
     def settings(self) -> dict:
-        return {"steps": self.steps, "lr": self.lr, "quantile": self.quantile, "target": self.target}
+        return {"steps": self.steps, "lr": self.lr, "quantile": self.quantile, "target": self.target,
+                **({"calibrated_on": self.calibrated_on} if self.calibrated_on else {})}  # fmt: skip
 
     def _edit(self, hook, x, t, e):
+        if self.target is None and self._general is not None:  # a per-call latent size: calibrate on this one
+            self._calibrate(tuple(x.shape[1:]), hook.fn_ref.forward)  # the denoiser below this hook
         if self.target is None:
             raise ValueError("Expected Wen.fit(probes) (or target=) before use, but no target is set.")
         tt = float(t.float().max()) if isinstance(t, torch.Tensor) else float(t)
