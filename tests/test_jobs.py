@@ -351,3 +351,11 @@ def test_fuzzed_example_jobs_give_clean_errors_or_valid_jobs(tmp_path: Path):
         assert all(name_problem(n) is None for n in names), k
     assert outcomes["error"] > 50, outcomes
     assert outcomes["valid"] > 10, outcomes  # both kinds were exercised
+
+
+def test_fidelity_mode_reaches_each_output_and_a_wrong_one_is_named():
+    outs = parse_job(job(block_map="m", defaults={"fidelity_mode": "guidance"}, shots=[{**SHOT, "fidelity": 1}]))
+    assert {o.options.fidelity_mode for o in outs.outputs()} == {"guidance"}
+    assert parse_job(job()).outputs()[0].options.fidelity_mode is None  # the map's mode, else "cached"
+    (err,) = errors_of(job(shots=[{**SHOT, "fidelity_mode": "fast"}]))
+    assert "field `fidelity_mode`" in err and "'cached'" in err and "'fast'" in err
