@@ -5,6 +5,7 @@ from __future__ import annotations
 
 GPU_CONFIGS = ("plain", "knob 0, condition map", "knob -1, condition map",
                "knob +1, condition map, extra-pass guidance", "knob +1, condition map, in-attention guidance",
+               "knob +1, condition map, cached guidance",
                "knob 0, residual map", "knob -1, residual map", "knob +1, residual map", "FreeU (UNet)", "PAG (UNet)",
                "baked (UNet)")  # fmt: skip
 
@@ -45,9 +46,9 @@ def _gpu_md(gpu: dict | None) -> list[str]:
     md = ["\n## On a GPU (absolute seconds, `bench/gpu/speed.sh`)\n\n"]
     if gpu is None:
         md.append(
-            "Not measured: the GPU lent on 2026-11-30 spent its 15 minutes training digits-s2 and moving-digits "
-            "(`bench/gpu/train_testbeds.sh`), so these rows have no numbers; `bench/gpu/speed.sh` is ready for "
-            "the next lent device (about 200 s).\n\n"
+            "Not measured: the one GPU lent so far (2026-11-30) spent its 15 minutes training digits-s2 and "
+            "moving-digits (`bench/gpu/train_testbeds.sh`), and no device was lent in the sessions since, so these "
+            "rows have no numbers; `bench/gpu/speed.sh` is ready for the next lent device (about 200 s).\n\n"
         )
         md.append("configuration | SD 1.5 UNet 512², s / image | SD 1.5 UNet 1024², s / image | Wan 1.3B, s / forward "
                   "| peak memory\n--- | --- | --- | --- | ---\n")  # fmt: skip

@@ -73,7 +73,7 @@ def test_gpu_script_runs_on_cpu_and_its_json_renders(tmp_path):
     assert gpu["runs"]["sd15-unet 512x512"]["rows"]["plain"]["per_image_seconds"] > 0
     report = {"command": "memctl bench speed", "repeats": 1, "machine": {"platform": "test"}, "seconds": 0,
               "models": {}}  # fmt: skip
-    assert "Not measured: the GPU" in render(report) and "Not measured: the GPU" not in render(report, gpu)
+    assert "Not measured: the one GPU" in render(report) and "Not measured: the one GPU" not in render(report, gpu)
     assert "sd15-unet 1024x1024" in render(report, gpu)
 
 
