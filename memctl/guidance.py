@@ -31,13 +31,12 @@ switch is one Python bool that changes only when fidelity crosses 0, so a compil
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from diffusers.hooks import ModelHook
 
-from memctl.hooks import _arg_position, _get_arg, _tensor_key, module_device
+from memctl.hooks import _arg_position, _get_arg, _tensor_key, latents_arg, module_device, recent, unkeyable
 
 GUIDE = "memctl.knob.guide"
 GUIDANCE_EVERY = 10  # fidelity_mode="cached": the contrast is computed on one step in this many (a cost budget)
@@ -63,7 +62,7 @@ class GuidanceHook(ModelHook):
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self._pos = _arg_position(module, "encoder_hidden_states")
-        self._x = list(inspect.signature(type(module).forward).parameters)[1]  # the latents' parameter
+        self._x = latents_arg(module)
         device = module_device(module)
         module.register_buffer("_memctl_knob_guide", torch.tensor(0.0, device=device), persistent=False)
         self._module = module
@@ -93,22 +92,10 @@ class GuidanceHook(ModelHook):
         """This call's entry (made if new), or None where a call cannot be keyed (then: a contrast every step)."""
         e = _get_arg(args, kwargs, "encoder_hidden_states", self._pos)
         x = _get_arg(args, kwargs, self._x, 0)
-        if (
-            torch.compiler.is_compiling()
-            or not isinstance(e, torch.Tensor)
-            or not isinstance(x, torch.Tensor)
-            or e.requires_grad
-            or e.is_inference()
-        ):
+        if not isinstance(e, torch.Tensor) or not isinstance(x, torch.Tensor) or unkeyable(e):
             return None
-        key = (_tensor_key(e), tuple(x.shape))
-        entry = self._stored.pop(key, None)
-        if entry is None:
-            entry = [e, 0, None]  # the states are kept alive: their memory cannot come back under this key
-            while len(self._stored) >= self.size:
-                self._stored.pop(next(iter(self._stored)))
-        self._stored[key] = entry  # most recent last
-        return entry
+        # the states are kept alive in the entry: their memory cannot come back under this key
+        return recent(self._stored, (_tensor_key(e), tuple(x.shape)), lambda: [e, 0, None], self.size)
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         if not self.on:
@@ -131,11 +118,10 @@ class GuidanceHook(ModelHook):
         finally:
             for h, s in zip(hooks, now, strict=True):
                 h.scale.copy_(s)
-        if not torch.compiler.is_compiling():  # (a counter in a traced graph would be guarded on, and recompile)
-            x = _get_arg(args, kwargs, self._x, 0)
-            self.extra_passes += 1
-            self.extra_rows += int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim else 0
         contrast = _first(output) - _first(pulled)
+        if not torch.compiler.is_compiling():  # (a counter in a traced graph would be guarded on, and recompile)
+            self.extra_passes += 1
+            self.extra_rows += int(contrast.shape[0])
         if self._entry is not None:
             self._entry[2] = contrast
         return _add(output, w, contrast)

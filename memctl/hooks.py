@@ -171,6 +171,29 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
 
 
+def latents_arg(module: torch.nn.Module) -> str:
+    """The name of the noisy latents' parameter of `module.forward`: its first (`sample`: UNets; `hidden_states`)."""
+    return list(inspect.signature(type(module).forward).parameters)[1]
+
+
+def unkeyable(e: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether a cache must not key on these tensors: while `torch.compile` traces (a graph would guard on the cache),
+    when `e` requires grad, or for inference tensors (no version counter to key on)."""
+    return torch.compiler.is_compiling() or e.requires_grad or any(t.is_inference() for t in (e, *others))
+
+
+def recent(entries: dict, key: tuple, make: Callable[[], Any], size: int) -> Any:
+    """The entry of `entries` under `key`, made by `make()` if missing (the oldest dropped to keep at most `size`),
+    and moved to the end: `entries` stays in least-recently-used order."""
+    hit = entries.pop(key, None)
+    if hit is None:
+        hit = make()
+        while len(entries) >= size:
+            entries.pop(next(iter(entries)))
+    entries[key] = hit
+    return hit
+
+
 class PullCache:
     """The α-independent parts of the pull (`memctl.subspace.pull_parts`) of the last few conditionings seen.
 
@@ -187,15 +210,10 @@ class PullCache:
 
     def parts(self, e, read, tau, bank) -> tuple[torch.Tensor, torch.Tensor]:
         tensors = (e, read, tau, bank)
-        if torch.compiler.is_compiling() or e.requires_grad or any(t.is_inference() for t in tensors):
-            return subspace.pull_parts(e, read, tau, bank)  # inference tensors have no version counter to key on
+        if unkeyable(*tensors):
+            return subspace.pull_parts(e, read, tau, bank)
         key = tuple(_tensor_key(t) for t in tensors)
-        hit = self.entries.pop(key, None)
-        if hit is None:
-            hit = (e, *subspace.pull_parts(e, read, tau, bank))
-            while len(self.entries) >= self.size:
-                self.entries.pop(next(iter(self.entries)))
-        self.entries[key] = hit  # most recent last
+        hit = recent(self.entries, key, lambda: (e, *subspace.pull_parts(e, read, tau, bank)), self.size)
         return hit[1], hit[2]
 
     def clear(self) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers.hooks import ModelHook
 
-from memctl.attention_guidance import AttentionGuide
+from memctl.attention_guidance import DEFAULT_FIDELITY_MODE, AttentionGuide
 from memctl.blockmap import BlockMap
 from memctl.guidance import GuidanceHook
 from memctl.hooks import ResidualScaleHook
@@ -63,7 +63,7 @@ class _KnobState:
     scale: float | None
     groups: list[list[ResidualScaleHook]]  # per block of the map, its hooks (their scales are set together)
     timestep_scale: float
-    fidelity_mode: str = "guidance"
+    fidelity_mode: str = DEFAULT_FIDELITY_MODE
     passes: str = "both"  # or "cond": the conditional pass only (set by _install)
     fidelity: float = 0.0
     guide: GuidanceHook | AttentionGuide | None = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -10,7 +9,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from memctl.blocks import require_denoisers, unwrap
-from memctl.hooks import _arg_position, _get_arg, attached
+from memctl.hooks import _arg_position, _get_arg, attached, latents_arg
 from memctl.subspace import fit_length
 
 HOOK = "memctl.baseline"
@@ -66,8 +65,7 @@ class InputsHook(ModelHook):
         self.edit = edit
 
     def initialize_hook(self, module):
-        latents = list(inspect.signature(type(module).forward).parameters)[1]  # `sample` (UNets), `hidden_states`
-        self._pos = {a: _arg_position(module, a) for a in (latents, "timestep", "encoder_hidden_states")}
+        self._pos = {a: _arg_position(module, a) for a in (latents_arg(module), "timestep", "encoder_hidden_states")}
         return module
 
     def pre_forward(self, module, *args, **kwargs):
