@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import torch
 
 from memctl.baselines.base import HOOK, InputsHook
 from memctl.blockmap import BlockMap
-from memctl.blocks import find_blocks, unwrap
+from memctl.blocks import find_blocks, require_denoisers, unwrap
 from memctl.hooks import PullCache, attached, cross_attentions
 from memctl.knob import knob_law
 from memctl.subspace import pull_with
@@ -74,26 +74,57 @@ def control_maps(model: torch.nn.Module, bmap: BlockMap, seeds: int = 3) -> dict
 
 class TextEdit:
     """The map's pull applied once to the denoiser's text states (no unit selected), at the factor the map's top
-    cross-attention unit gets at `fidelity` and the current noise level."""
+    cross-attention unit gets at `fidelity` and the current noise level. A pipeline with several denoisers (Wan
+    2.2's experts) gets the edit on each, with that denoiser's own lever tensors and top unit."""
 
     def __init__(self, pipe_or_denoiser, bmap: BlockMap, fidelity: float):
-        from memctl.baselines.base import denoiser_of
+        self.bmap, self.fidelity = bmap, float(fidelity)
+        if isinstance(pipe_or_denoiser, torch.nn.Module):
+            models = [(unwrap(pipe_or_denoiser), bmap)]
+        else:
+            found = require_denoisers(pipe_or_denoiser)
+            mapped = [c for c in found if c in bmap.fingerprints]
+            if len(bmap.fingerprints) > 1 and mapped:  # each denoiser its own part of the map
+                models = [(unwrap(found[c]), bmap.select(c)) for c in mapped]
+            else:
+                models = [(unwrap(next(iter(found.values()))), bmap)]
+        self.parts = [_EditPart(model, part, self.fidelity) for model, part in models]
+        self.model = self.parts[0].model
+        sched = getattr(pipe_or_denoiser, "scheduler", None)
+        t_scale = float(getattr(getattr(sched, "config", None), "num_train_timesteps", 1000))
+        for part in self.parts:
+            part.t_scale = t_scale
 
-        model = pipe_or_denoiser if isinstance(pipe_or_denoiser, torch.nn.Module) else denoiser_of(pipe_or_denoiser)
-        self.model, self.bmap, self.fidelity = unwrap(model), bmap, float(fidelity)
-        row = _top_row(bmap, _cross_attention_rows(self.model, bmap))
+    @property
+    def alpha(self) -> np.ndarray:
+        """The first denoiser's pull factor per noise level (1 replaces memorized tokens, 0 leaves them)."""
+        return self.parts[0].alpha
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            for part in self.parts:
+                stack.enter_context(part.applied())
+            yield
+
+
+class _EditPart:
+    """`TextEdit` on one denoiser, with the lever tensors of its part of the map."""
+
+    def __init__(self, model: torch.nn.Module, bmap: BlockMap, fidelity: float):
+        self.model, self.tensors = model, bmap.lever_tensors
+        row = _top_row(bmap, _cross_attention_rows(model, bmap))
         scale = bmap.lever_config.knob_scale or float(bmap.scores.abs().max())
         floor = 1.0 - bmap.lever_config.pull_max
-        self.alpha = (1 - knob_law(row, self.fidelity, 1.0, scale, floor)).numpy()  # (n_levels,)
+        self.alpha = (1 - knob_law(row, fidelity, 1.0, scale, floor)).numpy()  # (n_levels,)
         self.levels = bmap.levels.numpy() if bmap.levels is not None else np.zeros(1)
         self.cache = PullCache()  # the text states stay one tensor for every step of a call
-        sched = getattr(pipe_or_denoiser, "scheduler", None)
-        self.t_scale = float(getattr(getattr(sched, "config", None), "num_train_timesteps", 1000))
+        self.t_scale = 1000.0
 
     def _edit(self, hook, x, t, e):
         level = float(t.float().max() if isinstance(t, torch.Tensor) else t) / self.t_scale
         alpha = float(np.interp(level, self.levels, self.alpha))
-        read, tau, bank = (self.bmap.lever_tensors[k].to(e) for k in ("read", "tau", "bank"))
+        read, tau, bank = (self.tensors[k].to(e) for k in ("read", "tau", "bank"))
         return pull_with(e, *self.cache.parts(e, read, tau, bank), torch.tensor(alpha))
 
     @contextmanager

@@ -171,3 +171,36 @@ def test_text_edit_pulls_canary_states_once_and_is_exact_at_zero(digits):
     with edit.applied():
         out = pipe([canary], num_inference_steps=4, generator=gens(), output_type="pt").images
     assert not torch.equal(out, ref)
+
+
+def test_text_edit_edits_each_wan22_expert_with_its_own_tensors():
+    """On Wan 2.2 the text-edit control pulls what each expert's attn2 reads, with that expert's own subspace and
+    bank (`BlockMap.select`): both text projections are hooked, exact at 0, changes at -1, nothing left behind."""
+    from tests.tiny import PIPELINE_FAMILIES, tiny_pipeline
+
+    pipe = tiny_pipeline("wan22")
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():  # the two experts' text projections differ (as in the released weights)
+        for p in pipe.transformer_2.condition_embedder.text_embedder.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    call = {k: v for k, v in PIPELINE_FAMILIES["wan22"].call.items() if k in ("num_frames", "height", "width")}
+    probes = memctl.ProbeSet(memorized=[("ab", None)], general=[("ba", None), ("aa", None)])
+    bmap = memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=call)
+    edit = TextEdit(pipe, bmap, -1.0)
+    assert [part.model for part in edit.parts] == [pipe.transformer, pipe.transformer_2]
+    for part, component in zip(edit.parts, ("transformer", "transformer_2"), strict=True):
+        assert torch.equal(part.tensors["bank"], bmap.select(component).lever_tensors["bank"])
+    assert not torch.equal(edit.parts[0].tensors["bank"], edit.parts[1].tensors["bank"])
+
+    def run():
+        return pipe(**PIPELINE_FAMILIES["wan22"].call, generator=torch.Generator().manual_seed(0), output_type="pt")
+
+    plain = run().frames
+    with TextEdit(pipe, bmap, 0.0).applied():
+        assert torch.equal(run().frames, plain)
+    with edit.applied():
+        projections = [m.condition_embedder.text_embedder for m in (pipe.transformer, pipe.transformer_2)]
+        assert all(len(p._forward_hooks) == 1 for p in projections)
+        assert not torch.equal(run().frames, plain)
+    assert not any(p._forward_hooks for p in projections)
+    assert torch.equal(run().frames, plain)
