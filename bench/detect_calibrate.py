@@ -1,6 +1,6 @@
 """Per-seed readings of every detection signal on the calibration split, for choosing how the signals combine.
 
-    python bench/detect_calibrate.py  # digits-s0 and digits-attr-s0 at seeds 0-7 -> bench/results/detect_calibration.json
+    python bench/detect_calibrate.py  # digits-s0, digits-attr-s0, seeds 0-7 -> bench/results/detect_calibration.json
 
 The calibration split is digits-s0 and digits-attr-s0 at seeds 0-7: the seeds `memctl bench detect` never reads
 (it reads `EVAL_SEEDS`, 100-107). The same prompt sets as the bench: canaries, held-out ordinary prompts, the

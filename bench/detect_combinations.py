@@ -8,6 +8,7 @@ every row costs 3.33 denoiser evaluations per prompt and seed. The candidates, a
 the reference half of the ordinary prompts (as `memctl.signals.combine`):
 - `mean` (the default, `COMBINED`): the mean of the three z-scores;
 - `strength`: the mean of `magnitude2` and `contrast2` only;
+- `perturb weight c`: `strength` plus c times `perturb`'s z-score (the default, the mean of three, ranks as c = 0.5);
 - `veto T`: `strength`, minus 10 per unit that `perturb`'s z-score falls below T. A memorized prompt's rarest word
   matters to the model (changing a letter of it moves the prediction), an untrained one's does not, so a low
   `perturb` marks a decoy; above T, `perturb` does not count, and ordinary prompts keep their `strength` order;
@@ -24,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from memctl.detection import roc_auc, robust_z
+from memctl.detection import robust_z, roc_auc
 from memctl.signals import ALPHA, COMBINED, p_values
 
 RESULTS = Path(__file__).parent / "results"
 THRESHOLDS = (-2.0, -4.0, -6.0, -8.0)
+WEIGHTS = (0.1, 0.2, 0.3, 0.5, 1.0)
 
 
 def _log(v: torch.Tensor) -> torch.Tensor:
@@ -49,6 +51,7 @@ def candidates(groups: dict, seeds: int) -> dict:
     found = {
         "mean": lambda g: (z("magnitude2", g) + z("contrast2", g) + z("perturb", g)) / 3,
         "strength": strength,
+        **{f"perturb weight {c:g}": (lambda g, c=c: strength(g) + c * z("perturb", g)) for c in WEIGHTS},
         **{f"veto {t:g}": (lambda g, t=t: strength(g) - 10 * (t - z("perturb", g)).clamp(min=0)) for t in THRESHOLDS},
         "and": lambda g: torch.minimum(strength(g), z("perturb", g, "made_decoys")),
     }
