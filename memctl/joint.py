@@ -114,10 +114,12 @@ def joint_tensors(pipe, denoiser, blocks: list[Block], probes, k: int = 8, seed:
         states = text_stream_states(pipe, denoiser, paths, memorized + general, seed, **call_kwargs)
     n = len(memorized)
     mem, gen = {p: x[:n] for p, x in states.items()}, {p: x[n:] for p, x in states.items()}
+    dtype = next(denoiser.parameters()).dtype  # the banks, the map's bulk, in the dtype the blocks read them at
     tensors, ratios = {}, []
     for i, p in enumerate(paths):
         sub = fit_subspace(mem[p], gen[p], k=min(k, gen[p].shape[-1]))
-        own = {"read": sub.read, "tau": weight_threshold(gen[p], sub.read), "bank": trim_bank(gen[p])}
+        bank = trim_bank(gen[p]).to(dtype)
+        own = {"read": sub.read, "tau": weight_threshold(gen[p], sub.read), "bank": bank}
         tensors.update({f"{key}@{p}": v for key, v in own.items()})
         if i == 0:
             tensors.update({key: v.clone() for key, v in own.items()}, g_inv_half=sub.g_inv_half)  # not shared

@@ -109,3 +109,29 @@ def test_random_subspace_control_of_a_joint_map_is_refused():
     _, bmap = prompt_mapped("sd3")
     with pytest.raises(ValueError, match="a subspace per joint-attention block"):
         bmap.shuffled(seed=0)
+
+
+def test_joint_banks_keep_the_denoisers_dtype():
+    """A bfloat16 SD3's per-block banks, the bulk of a joint map, are stored in bfloat16 (half of float32; the knob
+    casts a bank to the states' dtype anyway): the knob is exact at 0 and acts at -1."""
+    torch.set_num_threads(1)
+    family = PIPELINE_FAMILIES["sd3"]
+    pipe, _ = prompt_mapped("sd3")
+    pipe.to(dtype=torch.bfloat16)
+    call = {k: v for k, v in family.call.items() if k in PROMPT_CALL_KEYS}
+    probes = memctl.ProbeSet(memorized=[("ab", None)], general=[("ba", None), ("aa b", None)])
+    bmap = memctl.probe(pipe, probes, method="prompt", call_kwargs=call, progress=False)
+    banks = {k: v for k, v in bmap.lever_tensors.items() if k.startswith("bank")}
+    assert banks and all(v.dtype == torch.bfloat16 for v in banks.values())
+    assert bmap.lever_tensors["read"].dtype == torch.float32  # the subspace and threshold stay float32
+
+    def run():
+        return pipe(**family.call, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    plain = run()
+    memctl.apply_knob(pipe, bmap)
+    with memctl.fidelity(pipe, 0.0):
+        assert torch.equal(run(), plain)
+    with memctl.fidelity(pipe, -1.0):
+        assert not torch.equal(run(), plain)
+    memctl.remove_knob(pipe)
