@@ -88,12 +88,10 @@ class TextEdit:
                 models = [(unwrap(found[c]), bmap.select(c)) for c in mapped]
             else:
                 models = [(unwrap(next(iter(found.values()))), bmap)]
-        self.parts = [_EditPart(model, part, self.fidelity) for model, part in models]
-        self.model = self.parts[0].model
         sched = getattr(pipe_or_denoiser, "scheduler", None)
         t_scale = float(getattr(getattr(sched, "config", None), "num_train_timesteps", 1000))
-        for part in self.parts:
-            part.t_scale = t_scale
+        self.parts = [_EditPart(model, part, self.fidelity, t_scale) for model, part in models]
+        self.model = self.parts[0].model
 
     @property
     def alpha(self) -> np.ndarray:
@@ -111,15 +109,14 @@ class TextEdit:
 class _EditPart:
     """`TextEdit` on one denoiser, with the lever tensors of its part of the map."""
 
-    def __init__(self, model: torch.nn.Module, bmap: BlockMap, fidelity: float):
-        self.model, self.tensors = model, bmap.lever_tensors
+    def __init__(self, model: torch.nn.Module, bmap: BlockMap, fidelity: float, t_scale: float):
+        self.model, self.tensors, self.t_scale = model, bmap.lever_tensors, t_scale
         row = _top_row(bmap, _cross_attention_rows(model, bmap))
         scale = bmap.lever_config.knob_scale or float(bmap.scores.abs().max())
         floor = 1.0 - bmap.lever_config.pull_max
         self.alpha = (1 - knob_law(row, fidelity, 1.0, scale, floor)).numpy()  # (n_levels,)
         self.levels = bmap.levels.numpy() if bmap.levels is not None else np.zeros(1)
         self.cache = PullCache()  # the text states stay one tensor for every step of a call
-        self.t_scale = 1000.0
 
     def _edit(self, hook, x, t, e):
         level = float(t.float().max() if isinstance(t, torch.Tensor) else t) / self.t_scale
