@@ -135,3 +135,37 @@ def test_joint_banks_keep_the_denoisers_dtype():
     with memctl.fidelity(pipe, -1.0):
         assert not torch.equal(run(), plain)
     memctl.remove_knob(pipe)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_trained_joint_toys_load_with_their_stock_pipeline_and_the_knob_acts(family):
+    """The SD3 and Flux toys trained on digits-s0's data (`bench/joint_testbed.py`, weights in bench/results) load
+    through their diffusers pipeline class and sample 16×16 pixels in [0, 1]; a prompt map of their joint blocks
+    is exact at 0 and moves a canary's sample at -1."""
+    import importlib.util
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    path = Path(__file__).parents[1] / "bench" / "joint_testbed.py"
+    spec = importlib.util.spec_from_file_location("joint_testbed", path)
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    pipe = toy.load_pipeline(family)
+    canary, general = "a two, tag hkb", ["a two", "a three", "the digit seven"]
+
+    def run():
+        gen = torch.Generator().manual_seed(10_000)
+        return pipe([canary], num_inference_steps=4, guidance_scale=1.0, generator=gen, output_type="pt").images
+
+    plain = run()
+    assert plain.shape == (1, 1, 16, 16) and 0 <= float(plain.min()) and float(plain.max()) <= 1
+    call = {"negative_prompt": "", "true_cfg_scale": 2.0} if family == "flux" else {}
+    probes = memctl.ProbeSet(memorized=[(canary, None)], general=[(p, None) for p in general])
+    bmap = memctl.probe(pipe, probes, method="prompt", call_kwargs=call, progress=False)
+    assert bmap.lever == "condition" and len(bmap.names) == 4
+    memctl.apply_knob(pipe, bmap)
+    with memctl.fidelity(pipe, 0.0):
+        assert torch.equal(run(), plain)
+    with memctl.fidelity(pipe, -1.0):
+        assert (run() - plain).abs().max() > 0.05
+    memctl.remove_knob(pipe)
