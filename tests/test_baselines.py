@@ -176,16 +176,9 @@ def test_text_edit_pulls_canary_states_once_and_is_exact_at_zero(digits):
 def test_text_edit_edits_each_wan22_expert_with_its_own_tensors():
     """On Wan 2.2 the text-edit control pulls what each expert's attn2 reads, with that expert's own subspace and
     bank (`BlockMap.select`): both text projections are hooked, exact at 0, changes at -1, nothing left behind."""
-    from tests.tiny import PIPELINE_FAMILIES, tiny_pipeline
+    from tests.tiny import PIPELINE_FAMILIES, wan22_prompt_mapped
 
-    pipe = tiny_pipeline("wan22")
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():  # the two experts' text projections differ (as in the released weights)
-        for p in pipe.transformer_2.condition_embedder.text_embedder.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    call = {k: v for k, v in PIPELINE_FAMILIES["wan22"].call.items() if k in ("num_frames", "height", "width")}
-    probes = memctl.ProbeSet(memorized=[("ab", None)], general=[("ba", None), ("aa", None)])
-    bmap = memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=call)
+    pipe, bmap = wan22_prompt_mapped()
     edit = TextEdit(pipe, bmap, -1.0)
     assert [part.model for part in edit.parts] == [pipe.transformer, pipe.transformer_2]
     for part, component in zip(edit.parts, ("transformer", "transformer_2"), strict=True):

@@ -4,7 +4,7 @@ import doctest
 
 import pytest
 import torch
-from tiny import PIPELINE_FAMILIES, denoiser_outputs, sample, tiny_pipeline
+from tiny import PIPELINE_FAMILIES, denoiser_outputs, sample, tiny_pipeline, wan22_prompt_mapped
 
 import memctl
 import memctl.detection
@@ -358,13 +358,7 @@ def test_wan22_experts_get_their_own_condition_tensors(tmp_path):
     missing one of them is refused."""
     from memctl.probe import text_states
 
-    pipe = tiny_pipeline("wan22")
-    with torch.no_grad():  # the two experts' text projections differ (as in the released weights)
-        for p in pipe.transformer_2.condition_embedder.text_embedder.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    call = {k: v for k, v in PIPELINE_FAMILIES["wan22"].call.items() if k in ("num_frames", "height", "width")}
-    probes = memctl.ProbeSet(memorized=[("ab", None)], general=[("ba", None), ("aa", None)])
-    bmap = memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=call)
+    pipe, bmap = wan22_prompt_mapped()
     assert bmap.lever == "condition"
     high, low = bmap.select("transformer").lever_tensors, bmap.select("transformer_2").lever_tensors
     assert set(high) == set(low) == {"read", "tau", "bank", "g_inv_half"}

@@ -566,3 +566,18 @@ def denoiser_outputs(pipe) -> Iterator[list[tuple[str, torch.Tensor]]]:
     finally:
         for h in handles:
             h.remove()
+
+
+def wan22_prompt_mapped():
+    """`(pipe, bmap)`: the tiny Wan 2.2 pipeline with the two experts' text projections made to differ (as in the
+    released weights) and its prompt-only map from memorized "ab" and general "ba", "aa"."""
+    import memctl
+
+    pipe = tiny_pipeline("wan22")
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        for p in pipe.transformer_2.condition_embedder.text_embedder.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    call = {k: v for k, v in PIPELINE_FAMILIES["wan22"].call.items() if k in ("num_frames", "height", "width")}
+    probes = memctl.ProbeSet(memorized=[("ab", None)], general=[("ba", None), ("aa", None)])
+    return pipe, memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=call)
