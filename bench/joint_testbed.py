@@ -102,12 +102,12 @@ def _predict(family: str, pipe, xt: torch.Tensor, s: torch.Tensor, prompts: list
     image_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, xt.device, xt.dtype)
     out = pipe.transformer(
         hidden_states=packed,
-        timestep=s,
+        timestep=s,  # Flux's transformer takes t / 1000
         pooled_projections=pooled,
         encoder_hidden_states=e,
         txt_ids=text_ids,
         img_ids=image_ids,
-    ).sample  # fmt: skip  (Flux takes t / 1000)
+    ).sample
     return pipe._unpack_latents(out, h, w, 1)
 
 
@@ -146,6 +146,7 @@ def train(
             _log(log, step, loss, start)
         if step % 1000 == 0:
             _save_state(ckpt, step, models, ema, opt, rng.getstate(), gen)
+    _save_state(ckpt, step, models, ema, opt, rng.getstate(), gen)  # a later --resume starts where this one ended
     _load_ema(models, ema)
     for m in models.values():
         m.eval()
@@ -164,7 +165,7 @@ def train(
     if resume and (out / "training.json").exists():  # the runs before this one, and where this one started
         before = json.loads((out / "training.json").read_text())
         info.update(first_step=first, phases=before.pop("phases", []) + [before])
-    pipe.save_pretrained(out, safe_serialization=True)  # fmt: skip
+    pipe.save_pretrained(out, safe_serialization=True)
     (out / "training.json").write_text(json.dumps(info, indent=1))
     return info
 
