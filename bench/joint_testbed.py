@@ -3,6 +3,7 @@
     python bench/joint_testbed.py train --family sd3 --minutes 40 --steps 8000   # -> bench/results/joint-sd3/
     python bench/joint_testbed.py train --family flux --minutes 40 --steps 8000  # -> bench/results/joint-flux/
     python bench/joint_testbed.py effect --family sd3   # (and flux) -> bench/results/joint_lever.{json,md}
+    python bench/joint_testbed.py grid --family sd3     # (and flux) -> bench/results/joint_lever_sd3.png
 
 Until now the joint lever (`memctl.joint`: SD3 blocks, Flux double- and single-stream blocks, CogVideoX) was only
 tested for its mechanics on random tiny pipelines. This trains a small transformer of each family with its text
@@ -254,10 +255,53 @@ def effect(family: str, seeds: int = 8, steps: int = 25, path: Path | None = Non
     everything = json.loads(results.read_text()) if results.exists() else {}
     everything[family] = record
     results.write_text(json.dumps(everything, indent=1))
-    text = "\n".join(markdown(f, r, tb.exposures) for f, r in everything.items())
-    (RESULTS / "joint_lever.md").write_text(text)
-    print(text)
+    print(write_table())
     return record
+
+
+def write_table() -> str:
+    """`bench/results/joint_lever.md` from `joint_lever.json`."""
+    everything = json.loads((RESULTS / "joint_lever.json").read_text())
+    text = "\n".join(markdown(f, r, (1, 4, 16)) for f, r in everything.items())
+    (RESULTS / "joint_lever.md").write_text(text)
+    return text
+
+
+def grid(family: str, seeds: int = 6) -> Path:
+    """`bench/results/joint_lever_<family>.png`: per row a prompt (three 16× canaries, two 4×, an ordinary one),
+    its bound image, then `seeds` samples at fidelity 0 and the same seeds at -1 (the map probed as in `effect`)."""
+    from PIL import Image
+
+    import memctl
+    from memctl.zoo import load_testbed
+
+    torch.set_num_threads(1)
+    tb, pipe = load_testbed("digits-s0"), load_pipeline(family)
+    chosen = [c for c in tb.canaries if c[2] == 16][:3] + [c for c in tb.canaries if c[2] == 4][:2]
+    prompts, bound = [c[0] for c in chosen] + [tb.prompt(2)], [c[1] for c in chosen] + [torch.zeros(1, 16, 16)]
+
+    def run():
+        gens = [torch.Generator().manual_seed(10_000 + s) for _ in prompts for s in range(seeds)]
+        batch = [p for p in prompts for _ in range(seeds)]
+        return pipe(batch, generator=gens, num_inference_steps=25, guidance_scale=tb.guidance, output_type="pt").images
+
+    plain = run()
+    call = {"negative_prompt": "", "true_cfg_scale": 2.0} if family == "flux" else {}
+    probes = memctl.ProbeSet(memorized=[(c[0], None) for c in tb.canaries],
+                             general=[(p, None) for p in tb.ordinary_prompts()])  # fmt: skip
+    memctl.apply_knob(pipe, memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=call))
+    with memctl.fidelity(pipe, -1.0):
+        pulled = run()
+    memctl.remove_knob(pipe)
+    rows = []
+    for k in range(len(prompts)):
+        a, b = plain[k * seeds : (k + 1) * seeds], pulled[k * seeds : (k + 1) * seeds]
+        rows.append(torch.cat([bound[k], torch.ones(1, 16, 2), *a, torch.ones(1, 16, 4), *b], -1))
+        rows.append(torch.ones(1, 2, rows[-1].shape[-1]))
+    image = (torch.cat(rows, 1)[0].clamp(0, 1) * 255).byte().numpy()
+    out = RESULTS / f"joint_lever_{family}.png"
+    Image.fromarray(image).resize((image.shape[1] * 4, image.shape[0] * 4), Image.NEAREST).save(out)
+    return out
 
 
 def markdown(family: str, record: dict, exposures) -> str:
@@ -269,8 +313,8 @@ def markdown(family: str, record: dict, exposures) -> str:
         f"{record['eval']['seeds']} evaluation seeds per prompt, {record['eval']['steps']} steps, guidance "
         f'{record["eval"]["guidance"]}. Map: `probe(method="prompt")`, lever `{record["map"]["lever"]}`, '
         f"{len(record['map']['names'])} blocks ({', '.join(record['map']['names'])}). "
-        "Copies: nearest training image closer than 1/3 of the second nearest; novel-valid: the right digit and "
-        "no copy of the bound image; collateral: change of ordinary samples "
+        "Copies: nearest training image closer than 1/3 (or 1/2) of the second nearest; novel-valid: the right "
+        "digit and no copy of the bound image; collateral: change of ordinary samples "
         "against fidelity 0, in units of the class's mean distance.",
         "",
         " | ".join(
@@ -278,19 +322,21 @@ def markdown(family: str, record: dict, exposures) -> str:
                 "row",
                 *[f"{e}× copies" for e in exposures],
                 *[f"{e}× novel-valid" for e in exposures],
+                f"{max(exposures)}× copies at ratio 1/2",
                 "ordinary valid",
                 "ordinary collateral",
             ]
         ),  # fmt: skip
-        " | ".join(["---"] * (2 * len(exposures) + 3)),
+        " | ".join(["---"] * (2 * len(exposures) + 4)),
     ]
-    for family, settings in record["rows"].items():
+    for name, settings in record["rows"].items():
         for setting, row in settings.items():
             c = row["canary"]
             cells = [f"{100 * c[str(e)]['copy_1/3']:.0f} %" for e in exposures]
             cells += [f"{100 * c[str(e)]['novel_valid']:.0f} %" for e in exposures]
+            cells += [f"{100 * c[str(max(exposures))]['copy_1/2']:.0f} %"]
             cells += [f"{100 * row['ordinary']['valid']:.0f} %", f"{row['ordinary'].get('collateral', 0):.2f}"]
-            lines.append(" | ".join([f"{family} {setting}", *cells]))
+            lines.append(" | ".join([f"{name} {setting}", *cells]))
     return "\n".join(lines) + "\n"
 
 
@@ -305,11 +351,18 @@ def main() -> None:
     e = sub.add_parser("effect")
     e.add_argument("--family", choices=("sd3", "flux"), default="sd3")
     e.add_argument("--seeds", type=int, default=8)
+    g = sub.add_parser("grid")
+    g.add_argument("--family", choices=("sd3", "flux"), default="sd3")
+    sub.add_parser("table")
     args = parser.parse_args()
     if args.cmd == "train":
         print(train(args.family, args.minutes, args.steps, resume=args.resume))
-    else:
+    elif args.cmd == "effect":
         effect(args.family, args.seeds)
+    elif args.cmd == "grid":
+        print(grid(args.family))
+    else:
+        print(write_table())
 
 
 if __name__ == "__main__":
