@@ -207,6 +207,17 @@ def load_pipeline(family: str, path: Path | None = None):
 
 
 FIDELITIES = (-0.5, -1.0)
+# the probe's signal needs an unconditional pass: Flux runs one only with true CFG and a negative prompt
+PROBE_CALL = {"sd3": {}, "flux": {"negative_prompt": "", "true_cfg_scale": 2.0}}
+
+
+def prompt_map(family: str, pipe, tb):
+    """`probe(method="prompt")` with the testbed's canary prompts as memorized and its ordinary prompts as general."""
+    import memctl
+
+    probes = memctl.ProbeSet(memorized=[(c[0], None) for c in tb.canaries],
+                             general=[(p, None) for p in tb.ordinary_prompts()])  # fmt: skip
+    return memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=PROBE_CALL[family])
 
 
 def effect(family: str, seeds: int = 8, steps: int = 25, path: Path | None = None) -> dict:
@@ -214,7 +225,6 @@ def effect(family: str, seeds: int = 8, steps: int = 25, path: Path | None = Non
     record joins `bench/results/joint_lever.json`."""
     from contextlib import nullcontext
 
-    import memctl
     from memctl.controls import _top_row, with_scores
     from memctl.effect import _measure, knob_setup
     from memctl.evaluate import EvalSpec
@@ -224,12 +234,8 @@ def effect(family: str, seeds: int = 8, steps: int = 25, path: Path | None = Non
     path = path or out_dir(family)
     tb, pipe = load_testbed("digits-s0"), load_pipeline(family, path)
     spec = EvalSpec(seeds=seeds, guidance=tb.guidance, steps=steps)
-    probes = memctl.ProbeSet(memorized=[(c[0], None) for c in tb.canaries],
-                             general=[(p, None) for p in tb.ordinary_prompts()])  # fmt: skip
     t0 = time.perf_counter()
-    # the probe's signal needs an unconditional pass: Flux runs one only with true CFG and a negative prompt
-    call = {"negative_prompt": "", "true_cfg_scale": 2.0} if family == "flux" else {}
-    bmap = memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=call)
+    bmap = prompt_map(family, pipe, tb)
     probe_seconds = round(time.perf_counter() - t0, 1)
     everywhere = list(range(bmap.n_blocks))
     uniform = with_scores(bmap, _top_row(bmap, everywhere).expand(bmap.n_blocks, -1).clone(), {"kind": "uniform"})
@@ -247,7 +253,7 @@ def effect(family: str, seeds: int = 8, steps: int = 25, path: Path | None = Non
             "names": bmap.names,
             "kinds": bmap.kinds,
             "top_score": [round(float(v), 4) for v in bmap.scores.abs().amax(1)],
-        },  # fmt: skip
+        },
         "eval": spec.to_dict(),
         "rows": rows,
     }
@@ -286,10 +292,7 @@ def grid(family: str, seeds: int = 6) -> Path:
         return pipe(batch, generator=gens, num_inference_steps=25, guidance_scale=tb.guidance, output_type="pt").images
 
     plain = run()
-    call = {"negative_prompt": "", "true_cfg_scale": 2.0} if family == "flux" else {}
-    probes = memctl.ProbeSet(memorized=[(c[0], None) for c in tb.canaries],
-                             general=[(p, None) for p in tb.ordinary_prompts()])  # fmt: skip
-    memctl.apply_knob(pipe, memctl.probe(pipe, probes, method="prompt", progress=False, call_kwargs=call))
+    memctl.apply_knob(pipe, prompt_map(family, pipe, tb))
     with memctl.fidelity(pipe, -1.0):
         pulled = run()
     memctl.remove_knob(pipe)
@@ -326,7 +329,7 @@ def markdown(family: str, record: dict, exposures) -> str:
                 "ordinary valid",
                 "ordinary collateral",
             ]
-        ),  # fmt: skip
+        ),
         " | ".join(["---"] * (2 * len(exposures) + 4)),
     ]
     for name, settings in record["rows"].items():

@@ -87,7 +87,9 @@ class TextEdit:
             if len(bmap.fingerprints) > 1 and mapped:  # each denoiser its own part of the map
                 models = [(unwrap(found[c]), bmap.select(c)) for c in mapped]
             else:
-                models = [(unwrap(next(iter(found.values()))), bmap)]
+                from memctl.baselines.base import denoiser_of
+
+                models = [(denoiser_of(pipe_or_denoiser), bmap)]
         sched = getattr(pipe_or_denoiser, "scheduler", None)
         t_scale = float(getattr(getattr(sched, "config", None), "num_train_timesteps", 1000))
         self.parts = [_EditPart(model, part, self.fidelity, t_scale) for model, part in models]

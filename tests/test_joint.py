@@ -159,9 +159,8 @@ def test_trained_joint_toys_load_with_their_stock_pipeline_and_the_knob_acts(fam
 
     plain = run()
     assert plain.shape == (1, 1, 16, 16) and 0 <= float(plain.min()) and float(plain.max()) <= 1
-    call = {"negative_prompt": "", "true_cfg_scale": 2.0} if family == "flux" else {}
     probes = memctl.ProbeSet(memorized=[(canary, None)], general=[(p, None) for p in general])
-    bmap = memctl.probe(pipe, probes, method="prompt", call_kwargs=call, progress=False)
+    bmap = memctl.probe(pipe, probes, method="prompt", call_kwargs=toy.PROBE_CALL[family], progress=False)
     assert bmap.lever == "condition" and len(bmap.names) == 4
     memctl.apply_knob(pipe, bmap)
     with memctl.fidelity(pipe, 0.0):
