@@ -1,0 +1,93 @@
+"""Per-probe optima of the fidelity (+) gain, by exposure: why one γ cannot serve weak and strong memorization.
+
+    python bench/gain_optima.py digits-s0 digits-s1 digits-s2 digits-attr-s0 digits-attr-s1
+
+`memctl.calibrate.fidelity_gain` takes one quantile of the memorized probes' denoising-optimal steps
+`γ* = −⟨ε − n, ε − ε_pulled⟩ / ‖ε − ε_pulled‖²`. This bench reads the same quantities on the same probe batches
+(the condition map's probe set, probe seeds; no evaluation seed) and reports, per noise level and canary exposure,
+the median γ*, the median contrast norm ‖ε − ε_pulled‖ and the median optimal step length γ*·‖ε − ε_pulled‖, and the
+general probes' contrast norm. Output: `bench/results/gain_optima.json`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import memctl.calibrate as calibrate
+from memctl.effect import testbed_probes
+from memctl.hooks import ConditionHook, attached, cross_attentions
+from memctl.knob import knob_law
+
+OUT = Path(__file__).parent / "results" / "gain_optima.json"
+probe_module = importlib.import_module("memctl.probe")  # (`memctl.probe` the name is the function)
+
+
+def optima(name: str) -> dict:
+    """The per-level, per-exposure medians for one testbed, and the γ the calibration chose."""
+    from memctl.zoo import load_testbed
+
+    tb = load_testbed(name)
+    pipe = tb.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    exposures = torch.tensor([c[2] for c in tb.canaries])
+    levels = []
+
+    def recording(denoiser, blocks, tensors, scores, batches, knob_scale, **kw):
+        # the calibration's own pull and predictions (memctl.calibrate.fidelity_gain), kept per probe
+        units = [(i, paths) for i, b in enumerate(blocks) if (paths := cross_attentions(denoiser, b))]
+        for j, b in enumerate(batches):
+            pull = knob_law(scores[:, j], -1.0, 1.0, knob_scale, 0.0)
+            eps = calibrate._predict(denoiser, b)
+            hooks = {
+                p: ConditionHook("memctl.gain_optima", tensors, float(pull[i])) for i, paths in units for p in paths
+            }
+            with attached(denoiser, hooks, "memctl.gain_optima"):
+                pulled = calibrate._predict(denoiser, b)
+            a, d = (eps - b.noise.float()).flatten(1), (eps - pulled).flatten(1)
+            m = b.n_mem
+            norm = d[:m].norm(dim=1)
+            best = -(a[:m] * d[:m]).sum(1) / norm.pow(2).clamp_min(1e-12)
+            rows = exposures.repeat(m // len(exposures))  # memorized rows: the canaries, once per repeat
+            level = {"general_contrast_norm": round(float(d[m:].norm(dim=1).median()), 4)}
+            for e in sorted(set(exposures.tolist())):
+                k = rows == e
+                level[f"{e}x"] = {
+                    "optimum": round(float(best[k].median()), 4),
+                    "contrast_norm": round(float(norm[k].median()), 4),
+                    "step_length": round(float((best[k] * norm[k]).median()), 4),
+                }
+            levels.append({"noise_level": probe_module.NOISE_LEVELS[j], **level})
+        return calibrate.fidelity_gain(denoiser, blocks, tensors, scores, batches, knob_scale, **kw)
+
+    real = probe_module.fidelity_gain
+    probe_module.fidelity_gain = recording
+    try:
+        _, _, extra, _ = probe_module.attribute_condition(pipe, testbed_probes(tb), progress=False)
+    finally:
+        probe_module.fidelity_gain = real
+    return {"levels": levels, "calibration": extra.get("fidelity_calibration")}
+
+
+def main(models: list[str]) -> None:
+    torch.set_num_threads(1)
+    results = json.loads(OUT.read_text()) if OUT.is_file() else {"models": {}}
+    for name in models:
+        t = time.perf_counter()
+        record = optima(name)
+        record["command"] = f"python bench/gain_optima.py {name}"
+        record["seconds"] = round(time.perf_counter() - t, 1)
+        results["models"][name] = record
+        print(name, json.dumps(record["calibration"]), flush=True)
+        for level in record["levels"]:
+            print(" ", json.dumps(level), flush=True)
+    OUT.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
