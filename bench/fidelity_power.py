@@ -32,6 +32,7 @@ import torch
 from scipy import stats
 
 from memctl import metrics
+from memctl.atomic import atomic_write
 from memctl.attention_calibrate import attention_map
 from memctl.effect import knob_setup, testbed_probes
 from memctl.evaluate import EvalSpec, generate
@@ -191,21 +192,37 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number of seeds, but got {text!r}")
+    return int(text)
+
+
+def _gains(text: str) -> tuple[float, ...]:
+    try:
+        gains = tuple(float(g) for g in text.split(",") if g.strip())
+    except ValueError:
+        gains = ()
+    if not gains or any(not g > 0 for g in gains):
+        raise argparse.ArgumentTypeError(f"expected gains > 0 separated by commas (e.g. 0.5,1,2), but got {text!r}")
+    return gains
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="+")
-    parser.add_argument("--seeds", type=int, default=32)
-    parser.add_argument("--gains", default="", help="more γ for the extra-pass guidance, e.g. 0.5,1,2")
+    parser.add_argument("--seeds", type=_positive, default=32, help="evaluation seeds per canary")
+    parser.add_argument("--gains", type=_gains, default=(), help="more γ for the extra-pass guidance, e.g. 0.5,1,2")
     parser.add_argument("--seed-base", type=int, default=10_000, help="first seed (probe-side: below 10,000)")
     args = parser.parse_args()
     results = {"models": {}}
     path = OUT / "fidelity_power.json"
     if path.is_file():  # models measured earlier stay unless measured again
         results["models"] = json.loads(path.read_text())["models"]
+    gains = args.gains
     for name in args.models:
-        gains = tuple(float(g) for g in args.gains.split(",") if g.strip())
         command = f"python bench/fidelity_power.py {name} --seeds {args.seeds}"
-        command += f" --gains {args.gains}" if gains else ""
+        command += f" --gains {','.join(f'{g:g}' for g in gains)}" if gains else ""
         key = name  # evaluation seeds; a probe-side run is kept beside them
         if args.seed_base != 10_000:
             command += f" --seed-base {args.seed_base}"
@@ -213,8 +230,8 @@ def main() -> None:
         t = time.perf_counter()
         record = measure(name, args.seeds, gains, args.seed_base)
         results["models"][key] = {**record, "command": command, "seconds": round(time.perf_counter() - t, 1)}
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    (OUT / "fidelity_power.md").write_text(table(results) + "\n")
+    atomic_write(path, (json.dumps(results, indent=1) + "\n").encode())
+    atomic_write(OUT / "fidelity_power.md", (table(results) + "\n").encode())
     print(table(results))
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import memctl.calibrate as calibrate
+from memctl.atomic import atomic_write
 from memctl.effect import testbed_probes
 from memctl.hooks import ConditionHook, attached, cross_attentions
 from memctl.knob import knob_law
@@ -86,8 +87,10 @@ def main(models: list[str]) -> None:
         print(name, json.dumps(record["calibration"]), flush=True)
         for level in record["levels"]:
             print(" ", json.dumps(level), flush=True)
-    OUT.write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write(OUT, (json.dumps(results, indent=1) + "\n").encode())
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        sys.exit(f"usage: python bench/gain_optima.py MODEL [MODEL ...] (e.g. digits-s0), but got {sys.argv[1:]}")
     main(sys.argv[1:])
