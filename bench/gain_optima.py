@@ -22,8 +22,6 @@ import torch
 import memctl.calibrate as calibrate
 from memctl.atomic import atomic_write
 from memctl.effect import testbed_probes
-from memctl.hooks import ConditionHook, attached, cross_attentions
-from memctl.knob import knob_law
 
 OUT = Path(__file__).parent / "results" / "gain_optima.json"
 probe_module = importlib.import_module("memctl.probe")  # (`memctl.probe` the name is the function)
@@ -39,19 +37,9 @@ def optima(name: str) -> dict:
     exposures = torch.tensor([c[2] for c in tb.canaries])
     levels = []
 
-    def recording(denoiser, blocks, tensors, scores, batches, knob_scale, **kw):
-        # the calibration's own pull and predictions (memctl.calibrate.fidelity_gain), kept per probe
-        units = [(i, paths) for i, b in enumerate(blocks) if (paths := cross_attentions(denoiser, b))]
-        for j, b in enumerate(batches):
-            pull = knob_law(scores[:, j], -1.0, 1.0, knob_scale, 0.0)
-            eps = calibrate._predict(denoiser, b)
-            hooks = {
-                p: ConditionHook("memctl.gain_optima", tensors, float(pull[i])) for i, paths in units for p in paths
-            }
-            with attached(denoiser, hooks, "memctl.gain_optima"):
-                pulled = calibrate._predict(denoiser, b)
-            a, d = (eps - b.noise.float()).flatten(1), (eps - pulled).flatten(1)
-            m = b.n_mem
+    def recording(*args, **kwargs):
+        # the calibration's own contrasts (memctl.calibrate.contrasts), read per probe as they pass to fidelity_gain
+        for j, (a, d, m) in enumerate(real(*args, **kwargs)):
             norm = d[:m].norm(dim=1)
             best = -(a[:m] * d[:m]).sum(1) / norm.pow(2).clamp_min(1e-12)
             rows = exposures.repeat(m // len(exposures))  # memorized rows: the canaries, once per repeat
@@ -64,14 +52,14 @@ def optima(name: str) -> dict:
                     "step_length": round(float((best[k] * norm[k]).median()), 4),
                 }
             levels.append({"noise_level": probe_module.NOISE_LEVELS[j], **level})
-        return calibrate.fidelity_gain(denoiser, blocks, tensors, scores, batches, knob_scale, **kw)
+            yield a, d, m
 
-    real = probe_module.fidelity_gain
-    probe_module.fidelity_gain = recording
+    real = calibrate.contrasts
+    calibrate.contrasts = recording
     try:
         _, _, extra, _ = probe_module.attribute_condition(pipe, testbed_probes(tb), progress=False)
     finally:
-        probe_module.fidelity_gain = real
+        calibrate.contrasts = real
     return {"levels": levels, "calibration": extra.get("fidelity_calibration")}
 
 

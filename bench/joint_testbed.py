@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from memctl.atomic import atomic_write
 from memctl.zoo import data
 from memctl.zoo.train_digits import _load_ema, _log, _optimizer_step, _save_state, _set_lr, _start, digits_dataset
 
@@ -167,7 +168,7 @@ def train(
         before = json.loads((out / "training.json").read_text())
         info.update(first_step=first, phases=before.pop("phases", []) + [before])
     pipe.save_pretrained(out, safe_serialization=True)
-    (out / "training.json").write_text(json.dumps(info, indent=1))
+    atomic_write(out / "training.json", json.dumps(info, indent=1).encode())
     return info
 
 
@@ -260,7 +261,7 @@ def effect(family: str, seeds: int = 8, steps: int = 25, path: Path | None = Non
     results = RESULTS / "joint_lever.json"
     everything = json.loads(results.read_text()) if results.exists() else {}
     everything[family] = record
-    results.write_text(json.dumps(everything, indent=1))
+    atomic_write(results, json.dumps(everything, indent=1).encode())
     print(write_table())
     return record
 
@@ -269,7 +270,7 @@ def write_table() -> str:
     """`bench/results/joint_lever.md` from `joint_lever.json`."""
     everything = json.loads((RESULTS / "joint_lever.json").read_text())
     text = "\n".join(markdown(f, r, (1, 4, 16)) for f, r in everything.items())
-    (RESULTS / "joint_lever.md").write_text(text)
+    atomic_write(RESULTS / "joint_lever.md", text.encode())
     return text
 
 

@@ -18,8 +18,10 @@ not tuned on.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
+from torch import Tensor
 
 from memctl.hooks import ConditionHook, attached, cross_attentions
 from memctl.knob import knob_law
@@ -45,17 +47,12 @@ def _largest_within(a2: float, ad: float, d2: float, tolerance: float) -> float:
     return (-ad + math.sqrt(max(disc, 0.0))) / d2
 
 
-def fidelity_gain(
-    denoiser, blocks, tensors, scores, batches, knob_scale: float, max_gain: float = MAX_GAIN,
-    general_tolerance: float = GENERAL_TOLERANCE,
-) -> tuple[float, dict]:  # fmt: skip
-    """γ for `meta["fidelity_guidance"]`, and the sums it came from. `batches` are `memctl.probe`'s probe batches
-    (memorized rows first), one per noise level, matching the columns of `scores`."""
+def contrasts(denoiser, blocks, tensors, scores, batches, knob_scale: float) -> Iterator[tuple[Tensor, Tensor, int]]:
+    """Per probe batch (one per noise level, memorized rows first), in turn: `(a, d, n_mem)` with `a = ε − n` and
+    `d = ε − ε_pulled` flattened per probe, `ε_pulled` under the pull that guidance contrasts with (no overshoot)."""
     units = [(i, paths) for i, b in enumerate(blocks) if (paths := cross_attentions(denoiser, b))]
-    gen = [0.0, 0.0, 0.0]  # general probes: ‖a‖², ⟨a, d⟩, ‖d‖²
-    optima = []  # per memorized probe and level
     for j, b in enumerate(batches):
-        pull = knob_law(scores[:, j], -1.0, 1.0, knob_scale, 0.0)  # the pull guidance contrasts with (no overshoot)
+        pull = knob_law(scores[:, j], -1.0, 1.0, knob_scale, 0.0)
         eps = _predict(denoiser, b)
         hooks = {}
         for i, paths in units:
@@ -63,8 +60,19 @@ def fidelity_gain(
                 hooks[p] = ConditionHook("memctl.calibrate", tensors, float(pull[i]))
         with attached(denoiser, hooks, "memctl.calibrate"):
             pulled = _predict(denoiser, b)
-        a, d = (eps - b.noise.float()).flatten(1), (eps - pulled).flatten(1)
-        m, d2 = b.n_mem, d[: b.n_mem].pow(2).sum(1)
+        yield (eps - b.noise.float()).flatten(1), (eps - pulled).flatten(1), b.n_mem
+
+
+def fidelity_gain(
+    denoiser, blocks, tensors, scores, batches, knob_scale: float, max_gain: float = MAX_GAIN,
+    general_tolerance: float = GENERAL_TOLERANCE,
+) -> tuple[float, dict]:  # fmt: skip
+    """γ for `meta["fidelity_guidance"]`, and the sums it came from. `batches` are `memctl.probe`'s probe batches
+    (memorized rows first), one per noise level, matching the columns of `scores`."""
+    gen = [0.0, 0.0, 0.0]  # general probes: ‖a‖², ⟨a, d⟩, ‖d‖²
+    optima = []  # per memorized probe and level
+    for a, d, m in contrasts(denoiser, blocks, tensors, scores, batches, knob_scale):
+        d2 = d[:m].pow(2).sum(1)
         moved = d2 > 1e-12  # probes whose prediction the pull changes at all
         optima.append(-(a[:m] * d[:m]).sum(1)[moved] / d2[moved])
         gen[0] += a[m:].pow(2).sum().item()
