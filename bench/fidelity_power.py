@@ -59,8 +59,10 @@ def bootstrap_mean(per_canary: torch.Tensor, draws: int = 2000, seed: int = 0) -
 
 
 def measure(
-    name: str, seeds: int, gains: tuple[float, ...] = (), seed_base: int = 10_000, progress: bool = True
-) -> dict:
+    name: str, seeds: int, gains: tuple[float, ...] = (), seed_base: int = 10_000,
+    modes: tuple[str, ...] = MODES, one_gain: bool = False, factors: tuple[float, ...] = (),
+    progress: bool = True,
+) -> dict:  # fmt: skip
     from memctl.zoo import load_testbed
 
     torch.set_num_threads(1)
@@ -80,7 +82,14 @@ def measure(
     bound = torch.stack([c[1] for c in canaries]).repeat_interleave(seeds, 0)
     train = tb.train_images
     setups = {"plain": nullcontext}
-    setups.update({f"+1 {m}": knob_setup(pipe, amap if m == "attention" else bmap, 1.0, m) for m in MODES})
+    setups.update({f"+1 {m}": knob_setup(pipe, amap if m == "attention" else bmap, 1.0, m) for m in modes})
+    curve = bmap.meta.get("fidelity_guidance_curve")
+    if one_gain and curve:  # the map's one γ for every prompt, as before the per-prompt curve (memctl.calibrate)
+        flat = dataclasses.replace(bmap, meta={**bmap.meta, "fidelity_guidance_curve": None})
+        setups.update({f"+1 {m}, one γ": knob_setup(pipe, flat, 1.0, m) for m in modes if m != "attention"})
+    for k in factors if curve else ():  # the per-prompt curve at other factors than memctl.calibrate.CURVE_FACTOR
+        kmap = dataclasses.replace(bmap, meta={**bmap.meta, "fidelity_guidance_curve": {**curve, "factor": k}})
+        setups[f"+1 guidance, curve × {k:g}"] = knob_setup(pipe, kmap, 1.0, "guidance")
     for g in gains:  # the extra-pass guidance at other gains than the calibrated one: how recall responds to γ
         gmap = dataclasses.replace(bmap, meta={**bmap.meta, "fidelity_guidance": g})
         setups[f"+1 guidance, γ {g:g}"] = knob_setup(pipe, gmap, 1.0, "guidance")
@@ -102,8 +111,10 @@ def measure(
             sel = torch.tensor([c[2] == e for c in canaries]).repeat_interleave(seeds)
             xs = x[sel]
             n = len(xs)
-            strict = int(round(metrics.copy_rate(xs, train, 1 / 3) * n))
+            index = metrics.copy_index(xs, train, 1 / 3)
+            strict = int((index >= 0).sum())
             loose = int(round(metrics.copy_rate(xs, train, 1 / 2) * n))
+            bound_copies = int(_copies_of(index, train, bound[sel]).sum())
             cell = {
                 "n": n,
                 "copies_1/3": strict,
@@ -112,6 +123,7 @@ def measure(
                 "copies_1/2": loose,
                 "copy_1/2": loose / n,
                 "copy_1/2_ci": wilson(loose, n),
+                "bound_copies_1/3": bound_copies,
                 "mean_d_bound": float(d_bound[sel].mean()),
             }
             if label != "plain":
@@ -127,11 +139,36 @@ def measure(
         "exposures": low,
         "canaries": {str(e): sum(c[2] == e for c in canaries) for e in low},
         "gamma": {"guidance": bmap.meta.get("fidelity_guidance"), "attention": amap.meta.get("attention_guidance")},
+        "curve": curve,
+        "curve_gamma": _curve_gammas(pipe, bmap, canaries, low) if curve else None,
         "probe_seconds": round(probe_s, 1),
         "eval": spec.to_dict(),
         "ordinary_seeds": n_ord,
         "rows": rows,
     }
+
+
+def _copies_of(index: torch.Tensor, train: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Bool `(N,)`: the sample copies (`metrics.copy_index` ≥ 0) its own canary's bound image, not another one."""
+    hit = index >= 0
+    same = torch.zeros_like(hit)
+    same[hit] = (train[index[hit]] == bound[hit]).flatten(1).all(1)
+    return same
+
+
+def _curve_gammas(pipe, bmap, canaries: list, low: list) -> dict:
+    """Mean and range of the per-prompt γ the curve gives the canaries of each exposure (`memctl.calibrate`)."""
+    from memctl.calibrate import curve_gain, pull_size
+    from memctl.probe import _encode_conditions
+
+    with torch.no_grad():
+        states = _encode_conditions(pipe, [c[0] for c in canaries]).float()
+    gamma = curve_gain(bmap.meta["fidelity_guidance_curve"], pull_size(states, bmap.lever_tensors))
+    out = {}
+    for e in low:
+        g = gamma[torch.tensor([c[2] == e for c in canaries])]
+        out[str(e)] = [round(float(g.mean()), 4), round(float(g.min()), 4), round(float(g.max()), 4)]
+    return out
 
 
 def _ordinary_valid(tb, x: torch.Tensor, ordinary: list[tuple[str, int]], n: int) -> float:
@@ -154,10 +191,11 @@ def table(results: dict) -> str:
         "# Fidelity +1 on the least-exposed canaries, with power",
         "",
         "One CPU thread; each model's command and seconds under its heading. Copies: strict (d1/d2 < 1/3) and loose "
-        "(< 1/2) with 95 % Wilson intervals; Δ log d: the paired change of the log distance to the bound image "
-        "against the plain sample of the same prompt and seed, mean and 95 % bootstrap interval over canaries "
-        "(negative = closer to the memorized image). The fidelity (+) check asks for the least-exposed copies "
-        "at +1 to be at least 1.5× those at 0.",
+        "(< 1/2) with 95 % Wilson intervals ('k of its own': strict copies of the canary's own bound image, not "
+        "another training image; in runs since the per-prompt γ); Δ log d: the paired change of the log distance to "
+        "the bound image against the plain sample of the same prompt and seed, mean and 95 % bootstrap interval over "
+        "canaries (negative = closer to the memorized image). The fidelity (+) check asks for the least-exposed "
+        "copies at +1 to be at least 1.5× those at 0.",
         "",
     ]
     for name, r in results["models"].items():
@@ -170,6 +208,17 @@ def table(results: dict) -> str:
             f"`{r['command']}`, {r['seconds']:.0f} s.",
             "",
         ]
+        if "curve" not in r:
+            lines += ["Measured before the per-prompt γ curve: every `+1` row guides with the map's one γ.", ""]
+        if r.get("curve_gamma"):
+            lines += [
+                "γ per prompt in the `+1` rows (rows marked `one γ` and the runs without 'per-prompt γ' in their "
+                "heading give every prompt the heading's γ): "
+                + ", ".join(f"{e}× mean {v[0]:.3g} ({v[1]:.3g}–{v[2]:.3g})" for e, v in r["curve_gamma"].items())
+                + f"; the curve's factor {r['curve']['factor']:.3g}, its general-probe cap ×"
+                + f"{r['curve'].get('general_multiplier') or float('inf'):.3g} (`memctl.calibrate`).",
+                "",
+            ]
         head = ["row", f"ordinary valid ({r.get('ordinary_seeds', '–')} seeds)"]
         for e in r["exposures"]:
             head += [f"{e}× strict", f"{e}× loose", f"{e}× Δ log d"]
@@ -180,7 +229,8 @@ def table(results: dict) -> str:
                 c = row[str(e)]
                 lo, hi = c["copy_1/3_ci"]
                 lo2, hi2 = c["copy_1/2_ci"]
-                cells.append(f"{c['copies_1/3']}/{c['n']} = {_pct(c['copy_1/3'])} ({_pct(lo)}–{_pct(hi)})")
+                own = f"; {c['bound_copies_1/3']} of its own" if "bound_copies_1/3" in c else ""
+                cells.append(f"{c['copies_1/3']}/{c['n']} = {_pct(c['copy_1/3'])} ({_pct(lo)}–{_pct(hi)}){own}")
                 cells.append(f"{c['copies_1/2']}/{c['n']} = {_pct(c['copy_1/2'])} ({_pct(lo2)}–{_pct(hi2)})")
                 if "log_d_bound_change" in c:
                     m, a, b = c["log_d_bound_change"]
@@ -208,12 +258,23 @@ def _gains(text: str) -> tuple[float, ...]:
     return gains
 
 
+def _modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modes or any(m not in MODES for m in modes):
+        expected = f"modes among {','.join(MODES)} separated by commas"
+        raise argparse.ArgumentTypeError(f"expected {expected}, but got {text!r}")
+    return modes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="+")
     parser.add_argument("--seeds", type=_positive, default=32, help="evaluation seeds per canary")
     parser.add_argument("--gains", type=_gains, default=(), help="more γ for the extra-pass guidance, e.g. 0.5,1,2")
     parser.add_argument("--seed-base", type=int, default=10_000, help="first seed (probe-side: below 10,000)")
+    parser.add_argument("--modes", type=_modes, default=MODES, help=f"fidelity modes at +1, of {','.join(MODES)}")
+    parser.add_argument("--one-gain", action="store_true", help="also each mode with the map's one γ (no curve)")
+    parser.add_argument("--factors", type=_gains, default=(), help="the per-prompt curve at more factors, e.g. 1,2")
     args = parser.parse_args()
     results = {"models": {}}
     path = OUT / "fidelity_power.json"
@@ -223,12 +284,17 @@ def main() -> None:
     for name in args.models:
         command = f"python bench/fidelity_power.py {name} --seeds {args.seeds}"
         command += f" --gains {','.join(f'{g:g}' for g in gains)}" if gains else ""
+        command += f" --modes {','.join(args.modes)}" if args.modes != MODES else ""
+        command += " --one-gain" if args.one_gain else ""
+        command += f" --factors {','.join(f'{k:g}' for k in args.factors)}" if args.factors else ""
         key = name  # evaluation seeds; a probe-side run is kept beside them
         if args.seed_base != 10_000:
             command += f" --seed-base {args.seed_base}"
             key = f"{name}, seeds {args.seed_base}+"
         t = time.perf_counter()
-        record = measure(name, args.seeds, gains, args.seed_base)
+        record = measure(name, args.seeds, gains, args.seed_base, args.modes, args.one_gain, args.factors)
+        if record["curve"]:  # kept beside the runs from before the per-prompt curve
+            key += ", per-prompt γ"
         results["models"][key] = {**record, "command": command, "seconds": round(time.perf_counter() - t, 1)}
     atomic_write(path, (json.dumps(results, indent=1) + "\n").encode())
     atomic_write(OUT / "fidelity_power.md", (table(results) + "\n").encode())

@@ -40,6 +40,9 @@ def optima(name: str) -> dict:
     def recording(*args, **kwargs):
         # the calibration's own contrasts (memctl.calibrate.contrasts), read per probe as they pass to fidelity_gain
         for j, (a, d, m) in enumerate(real(*args, **kwargs)):
+            if m == 0:  # the held-out general probes' pass (memctl.calibrate.held_out_general): not a probe level
+                yield a, d, m
+                continue
             norm = d[:m].norm(dim=1)
             best = -(a[:m] * d[:m]).sum(1) / norm.pow(2).clamp_min(1e-12)
             rows = exposures.repeat(m // len(exposures))  # memorized rows: the canaries, once per repeat

@@ -14,6 +14,12 @@ tokens further from general ones (the lever at s > 1) and boosting their attenti
 rate of the least-exposed canaries; this does. Fidelity <= 0 never runs the extra pass. `pulled` is the prompt
 made general (pull 1), also for maps whose fidelity < 0 side pulls further (`meta["pull_max"]`).
 
+A map probed with images also carries `meta["fidelity_guidance_curve"]` (`memctl.calibrate.gain_curve`): γ per
+prompt, larger for prompts whose pull `‖w (g − e)‖` is small (weakly memorized: one γ for all under-drives them and
+over-drives the strongly memorized). Each row's contrast is then scaled by its prompt's γ over the map's γ, computed
+from the call's text states with the condition hooks' own token weights (no extra pass). Without the curve (older
+maps, prompt-only maps) every prompt gets the map's γ.
+
 `fidelity_mode="cached"` computes the same contrast `out - pulled` on every `GUIDANCE_EVERY`-th step of a call (the
 first included) and adds the stored contrast on the steps between: 1 + 1/10 denoiser passes per step instead of 2.
 The contrast is kept per conditioning: a pipeline passes its text states as the same tensor at every step, so a new
@@ -37,6 +43,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from memctl.hooks import _arg_position, _get_arg, _tensor_key, latents_arg, module_device, recent, unkeyable
+from memctl.subspace import pull_norm
 
 GUIDE = "memctl.knob.guide"
 GUIDANCE_EVERY = 10  # fidelity_mode="cached": the contrast is computed on one step in this many (a cost budget)
@@ -47,12 +54,14 @@ DEFAULT_GAIN = 0.5
 class GuidanceHook(ModelHook):
     """Root hook of a denoiser: `out + weight * (out - pulled)` while `on` (see the module docstring)."""
 
-    def __init__(self, state, every: int = 1, size: int = 4):
+    def __init__(self, state, every: int = 1, size: int = 4, curve: dict | None = None, tensors=None, cache=None):
         super().__init__()
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"Expected `every` a positive int (steps per computed contrast), but got {every!r}.")
         self.state = state  # the knob's _KnobState: its groups of condition hooks and the pull factors per call
         self.every, self.size = every, size
+        # γ per prompt (memctl.calibrate.gain_curve): each row's contrast times its prompt's γ over the map's γ
+        self.curve, self.tensors, self.cache = curve, tensors, cache
         self.on = False
         self._inputs: tuple[tuple, dict] | None = None
         self._entry: list | None = None  # this call's cache entry: [text states kept alive, calls seen, contrast]
@@ -119,12 +128,39 @@ class GuidanceHook(ModelHook):
             for h, s in zip(hooks, now, strict=True):
                 h.scale.copy_(s)
         contrast = _first(output) - _first(pulled)
+        if self.curve is not None:
+            contrast = contrast * self._row_gain(args, kwargs, contrast)
         if not torch.compiler.is_compiling():  # (a counter in a traced graph would be guarded on, and recompile)
             self.extra_passes += 1
             self.extra_rows += int(contrast.shape[0])
         if self._entry is not None:
             self._entry[2] = contrast
         return _add(output, w, contrast)
+
+    def _row_gain(self, args: tuple, kwargs: dict, contrast: torch.Tensor) -> torch.Tensor | float:
+        """Each row's γ from the curve over the map's γ, shaped to multiply `contrast`; 1 where the call's text
+        states are not the width the curve was fitted on."""
+        e = _get_arg(args, kwargs, "encoder_hidden_states", self._pos)
+        read, tau, bank = (self.tensors[k] for k in ("read", "tau", "bank"))
+        if (
+            not isinstance(e, torch.Tensor)
+            or e.dim() != 3
+            or e.shape[-1] != read.shape[0]
+            or e.shape[0] != len(contrast)
+        ):
+            return 1.0
+        w, g = self.cache.parts(e, read, tau, bank)  # the condition hooks' own (one computation per conditioning)
+        size = pull_norm(e, w, g)
+        base = max(float(self.state.guidance_gain), 1e-12)
+        rel = curve_gain(self.curve, size) / base
+        return rel.to(contrast.dtype).view(-1, *([1] * (contrast.dim() - 1)))
+
+
+def curve_gain(curve: dict, sizes: torch.Tensor) -> torch.Tensor:
+    """γ of `memctl.calibrate.gain_curve`'s `curve` for pull `sizes` `(B,)`: float32, on their device."""
+    lo, hi = curve["log_size_range"]
+    x = sizes.float().clamp_min(1e-12).log().clamp(lo, hi)
+    return (curve["factor"] * (curve["intercept"] + curve["slope"] * x)).clamp(0.0, curve["max_gain"])
 
 
 def _first(output: Any) -> torch.Tensor:

@@ -234,7 +234,10 @@ def _install(
     if inside:
         state.guide = guide
     elif state.guidance_gain > 0:  # innermost root hook: the clock (outside it) sets the factors first
-        state.guide = GuidanceHook(state, GUIDANCE_EVERY if mode == "cached" else 1)
+        curve = bmap.meta.get("fidelity_guidance_curve") if part.lever == "condition" else None
+        state.guide = GuidanceHook(
+            state, GUIDANCE_EVERY if mode == "cached" else 1, curve=curve, tensors=tensors, cache=cache
+        )
         state.attach(module, {"": state.guide}, GUIDE)
     state.attach(module, {"": TimestepHook(state.on_timestep, timestep_scale)}, CLOCK)
     if passes == "cond":

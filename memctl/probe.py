@@ -201,6 +201,7 @@ def attribute_condition(
         **LEVER_META,
         "fidelity_guidance": gain,  # calibrated on the probe batches (memctl.calibrate)
         "fidelity_calibration": calibration,
+        "fidelity_guidance_curve": calibration.get("curve"),  # γ per prompt by its pull size (memctl.calibrate)
         "knob_scale": knob_scale,
     }
     return blocks, scores, extra, tensors

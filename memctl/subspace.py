@@ -117,6 +117,11 @@ def pull_with(states: torch.Tensor, w: torch.Tensor, g: torch.Tensor, alpha: tor
     return states + (alpha.to(states.dtype) * w)[..., None] * (g - states)
 
 
+def pull_norm(states: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per sequence, the size `‖w (g - e)‖` `(B,)` of its full pull (α = 1), from parts made by `pull_parts`."""
+    return (w[..., None] * (g - states)).flatten(1).float().norm(dim=1)
+
+
 def pull_to_general(states, read, tau, bank, alpha: torch.Tensor) -> torch.Tensor:
     """`e + α w (g - e)` for `states` `(B, L, D)`: α = 1 replaces memorized tokens, 0 is exact, < 0 pushes away."""
     w, g = pull_parts(states, read, tau, bank)

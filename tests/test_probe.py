@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import memctl
+import memctl.calibrate
 import memctl.probeset
 import memctl.subspace
 import memctl.zoo.testbed
@@ -307,6 +308,9 @@ def test_probe_condition(pipe, probes, condition_map, unet_output):
     assert meta["fidelity_guidance"] == cal["gain"]
     assert 0.0 <= cal["gain"] <= cal["max_gain"]
     assert cal["gain"] == min(max(cal["memorized_optimum"], 0.0), cal["general_cap"] or math.inf, cal["max_gain"])
+    curve = meta["fidelity_guidance_curve"]  # γ per prompt (memctl.calibrate.gain_curve), within the general cap
+    assert curve == cal["curve"]
+    assert curve is None or (curve["probes"] >= 4 and curve["factor"] <= memctl.calibrate.CURVE_FACTOR)
     assert len(meta["subspace_ratios"]) == t["read"].shape[1]
     assert meta["probes"] == probes.summary()
     again = memctl.probe(pipe, probes, method="condition", noise_levels=(0.5,), progress=False)
@@ -315,6 +319,28 @@ def test_probe_condition(pipe, probes, condition_map, unet_output):
     assert all(torch.equal(v, again.lever_tensors[k]) for k, v in t.items())
     assert torch.equal(unet_output(), before)
     assert memctl.list_hooks(pipe.unet) == []
+
+
+def test_the_general_cap_pulls_each_general_probe_toward_a_bank_without_its_own_conditioning(pipe, probes):
+    """The general probes are in the bank: against it their pull is exactly 0 (a cap read from that never binds).
+    `held_out_general` pulls each toward the half of the bank that lacks its own entry, as for a prompt outside it."""
+    from memctl.calibrate import held_out_general, pull_size
+    from memctl.probe import _denoiser, _make_batches, condition_tensors
+
+    tensors, _ = condition_tensors(pipe, probes)
+    batches = _make_batches(pipe, probes, (0.3, 0.7), 0, 2)
+    m, n = batches[0].n_mem, len(batches[0].cond)
+    assert m < n
+    assert torch.all(pull_size(batches[0].cond[m:], tensors) == 0)
+    assert torch.all(pull_size(batches[0].cond[:m], tensors) > 0)
+    denoiser = _denoiser(pipe)
+    blocks = memctl.find_blocks(denoiser, granularity="unit")
+    out = list(held_out_general(denoiser, blocks, tensors, torch.ones(len(blocks), 2), batches, 1.0))
+    assert sum(len(a) for a, _, _ in out) == len(batches) * (n - m)  # every general row, at every level
+    assert all(torch.all(sizes > 0) for _, _, sizes in out)
+    assert all(d.abs().sum() > 0 for _, d, _ in out)
+    cal = memctl.probe(pipe, probes, method="condition", noise_levels=(0.3, 0.7), progress=False).meta
+    assert cal["fidelity_calibration"]["general_cap"] is not None  # finite: it can bind
 
 
 def test_probe_condition_map_round_trips(tmp_path, condition_map):
