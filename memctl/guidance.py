@@ -8,11 +8,14 @@
 For fidelity f > 0 the denoiser output becomes `out + γ f (out - pulled)`, where `pulled` is the same call with
 the memorized conditioning tokens pulled toward general ones (the condition lever at fidelity -1) and
 γ = `meta["fidelity_guidance"]`. It is classifier-free guidance whose "concept" is what the memorized tokens add:
-it strengthens recall of what the model stored for a prompt and leaves prompts without memorized tokens as they
-were (their `pulled` equals `out`). Measured before choosing it (`bench/fidelity_levers.py`): pushing memorized
-tokens further from general ones (the lever at s > 1) and boosting their attention logits did not raise the copy
-rate of the least-exposed canaries; this does. Fidelity <= 0 never runs the extra pass. `pulled` is the prompt
-made general (pull 1), also for maps whose fidelity < 0 side pulls further (`meta["pull_max"]`).
+it strengthens recall of what the model stored for a prompt and changes prompts without memorized tokens little
+(their tokens' weights are small, so `pulled` is close to `out`; equal only for a prompt of the bank). Measured
+before choosing it (`bench/fidelity_levers.py`): pushing memorized tokens further from general ones (the lever at
+s > 1) and boosting their attention logits did not raise the copy rate of the least-exposed canaries; this does
+(copies of any training image; where the copy's target was counted later, digits-s0's once-seen canaries copied
+other training images, never their own: `bench/results/fidelity_power.md`). Fidelity <= 0 never runs the extra
+pass. `pulled` is the prompt made general (pull 1), also for maps whose fidelity < 0 side pulls further
+(`meta["pull_max"]`).
 
 A map probed with images also carries `meta["fidelity_guidance_curve"]` (`memctl.calibrate.gain_curve`): γ per
 prompt, larger for prompts whose pull `‖w (g − e)‖` is small (weakly memorized: one γ for all under-drives them and
