@@ -39,7 +39,7 @@ def main(family: str, models: list[str]) -> None:
         else:
             record = add_rows(json.loads(path.read_text()), name, families)
         added = record.setdefault("added_rows", {})
-        added[family] = f"python bench/effect_add_rows.py {json.dumps(family)} {name}"
+        added[family] = f"python bench/effect_add_rows.py {json.dumps(family, ensure_ascii=False)} {name}"
         _write_json(path, record)
         print(name, json.dumps({k: v for k, v in record["bars"].items() if k.endswith("_checks")}), flush=True)
     results = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "effect").glob("*.json"))}
@@ -48,7 +48,8 @@ def main(family: str, models: list[str]) -> None:
     _write_json(OUT / "effect.json", report)
     lines = (OUT / "effect.md").read_text().splitlines(keepends=True)
     head = lines[: lines.index("\n")]  # the title and one line per model's command, up to the first blank line
-    note = f"- added rows `{family}`: `python bench/effect_add_rows.py {json.dumps(family)} {' '.join(models)}`\n"
+    quoted = json.dumps(family, ensure_ascii=False)
+    note = f"- added rows `{family}`: `python bench/effect_add_rows.py {quoted} {' '.join(models)}`\n"
     head = [line for line in head if line != note] + [note]
     md = [*head, "\nSummary: most-exposed canaries copied / canary novel-valid (attribute-correct on digits-attr) / "
           "compositional (digits-attr) / ordinary valid (denoiser evaluations per image).\n\n",

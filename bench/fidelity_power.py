@@ -60,8 +60,8 @@ def bootstrap_mean(per_canary: torch.Tensor, draws: int = 2000, seed: int = 0) -
 
 def measure(
     name: str, seeds: int, gains: tuple[float, ...] = (), seed_base: int = 10_000,
-    modes: tuple[str, ...] = MODES, one_gain: bool = False, factors: tuple[float, ...] = (),
-    progress: bool = True,
+    modes: tuple[str, ...] = MODES, per_prompt: bool = False, one_gain: bool = False,
+    factors: tuple[float, ...] = (), progress: bool = True,
 ) -> dict:  # fmt: skip
     from memctl.zoo import load_testbed
 
@@ -81,14 +81,16 @@ def measure(
     seed_list = [spec.seed_base + s for _ in canaries for s in range(seeds)]
     bound = torch.stack([c[1] for c in canaries]).repeat_interleave(seeds, 0)
     train = tb.train_images
-    setups = {"plain": nullcontext}
-    setups.update({f"+1 {m}": knob_setup(pipe, amap if m == "attention" else bmap, 1.0, m) for m in modes})
     curve = bmap.meta.get("fidelity_guidance_curve")
-    if one_gain and curve:  # the map's one γ for every prompt, as before the per-prompt curve (memctl.calibrate)
-        flat = dataclasses.replace(bmap, meta={**bmap.meta, "fidelity_guidance_curve": None})
-        setups.update({f"+1 {m}, one γ": knob_setup(pipe, flat, 1.0, m) for m in modes if m != "attention"})
-    for k in factors if curve else ():  # the per-prompt curve at other factors than memctl.calibrate.CURVE_FACTOR
-        kmap = dataclasses.replace(bmap, meta={**bmap.meta, "fidelity_guidance_curve": {**curve, "factor": k}})
+    if per_prompt and not curve:
+        raise ValueError(f"Expected a per-prompt γ curve in the condition map of {name}, but the probe made none.")
+    per = bmap.with_lever(per_prompt_gain=True) if per_prompt else bmap  # γ per prompt (memctl.calibrate.gain_curve)
+    setups = {"plain": nullcontext}
+    setups.update({f"+1 {m}": knob_setup(pipe, amap if m == "attention" else per, 1.0, m) for m in modes})
+    if one_gain and per_prompt:  # the map's one γ for every prompt (the default)
+        setups.update({f"+1 {m}, one γ": knob_setup(pipe, bmap, 1.0, m) for m in modes if m != "attention"})
+    for k in factors if per_prompt else ():  # the curve at other factors than memctl.calibrate.CURVE_FACTOR
+        kmap = dataclasses.replace(per, meta={**per.meta, "fidelity_guidance_curve": {**curve, "factor": k}})
         setups[f"+1 guidance, curve × {k:g}"] = knob_setup(pipe, kmap, 1.0, "guidance")
     for g in gains:  # the extra-pass guidance at other gains than the calibrated one: how recall responds to γ
         gmap = dataclasses.replace(bmap, meta={**bmap.meta, "fidelity_guidance": g})
@@ -139,8 +141,9 @@ def measure(
         "exposures": low,
         "canaries": {str(e): sum(c[2] == e for c in canaries) for e in low},
         "gamma": {"guidance": bmap.meta.get("fidelity_guidance"), "attention": amap.meta.get("attention_guidance")},
+        "per_prompt": per_prompt,
         "curve": curve,
-        "curve_gamma": _curve_gammas(pipe, bmap, canaries, low) if curve else None,
+        "curve_gamma": _curve_gammas(pipe, bmap, canaries, low) if per_prompt else None,
         "probe_seconds": round(probe_s, 1),
         "eval": spec.to_dict(),
         "ordinary_seeds": n_ord,
@@ -208,8 +211,10 @@ def table(results: dict) -> str:
             f"`{r['command']}`, {r['seconds']:.0f} s.",
             "",
         ]
-        if "curve" not in r:
-            lines += ["Measured before the per-prompt γ curve: every `+1` row guides with the map's one γ.", ""]
+        if r.get("note"):
+            lines += [f"Note: {r['note']}.", ""]
+        if not r.get("per_prompt"):
+            lines += ["Every `+1` row guides with the map's one γ (the default).", ""]
         if r.get("curve_gamma"):
             lines += [
                 "γ per prompt in the `+1` rows (rows marked `one γ` and the runs without 'per-prompt γ' in their "
@@ -273,9 +278,12 @@ def main() -> None:
     parser.add_argument("--gains", type=_gains, default=(), help="more γ for the extra-pass guidance, e.g. 0.5,1,2")
     parser.add_argument("--seed-base", type=int, default=10_000, help="first seed (probe-side: below 10,000)")
     parser.add_argument("--modes", type=_modes, default=MODES, help=f"fidelity modes at +1, of {','.join(MODES)}")
-    parser.add_argument("--one-gain", action="store_true", help="also each mode with the map's one γ (no curve)")
-    parser.add_argument("--factors", type=_gains, default=(), help="the per-prompt curve at more factors, e.g. 1,2")
+    parser.add_argument("--per-prompt", action="store_true", help="γ per prompt (per_prompt_gain) in the +1 rows")
+    parser.add_argument("--one-gain", action="store_true", help="with --per-prompt: also each mode with one γ")
+    parser.add_argument("--factors", type=_gains, default=(), help="with --per-prompt: the curve at more factors")
     args = parser.parse_args()
+    if (args.one_gain or args.factors) and not args.per_prompt:
+        parser.error("--one-gain and --factors compare with the per-prompt γ: give --per-prompt too")
     results = {"models": {}}
     path = OUT / "fidelity_power.json"
     if path.is_file():  # models measured earlier stay unless measured again
@@ -285,6 +293,7 @@ def main() -> None:
         command = f"python bench/fidelity_power.py {name} --seeds {args.seeds}"
         command += f" --gains {','.join(f'{g:g}' for g in gains)}" if gains else ""
         command += f" --modes {','.join(args.modes)}" if args.modes != MODES else ""
+        command += " --per-prompt" if args.per_prompt else ""
         command += " --one-gain" if args.one_gain else ""
         command += f" --factors {','.join(f'{k:g}' for k in args.factors)}" if args.factors else ""
         key = name  # evaluation seeds; a probe-side run is kept beside them
@@ -292,8 +301,9 @@ def main() -> None:
             command += f" --seed-base {args.seed_base}"
             key = f"{name}, seeds {args.seed_base}+"
         t = time.perf_counter()
-        record = measure(name, args.seeds, gains, args.seed_base, args.modes, args.one_gain, args.factors)
-        if record["curve"]:  # kept beside the runs from before the per-prompt curve
+        record = measure(name, args.seeds, gains, args.seed_base, args.modes, args.per_prompt, args.one_gain,
+                         args.factors)  # fmt: skip
+        if args.per_prompt:  # kept beside the one-γ runs
             key += ", per-prompt γ"
         results["models"][key] = {**record, "command": command, "seconds": round(time.perf_counter() - t, 1)}
     atomic_write(path, (json.dumps(results, indent=1) + "\n").encode())

@@ -81,6 +81,10 @@ def _effect_md(results: dict) -> list[str]:
                for name, ok in bars.get("in_attention_fidelity_checks", {}).items()]  # fmt: skip
         md += [f"- {'PASS' if ok else 'FAIL'}: fidelity cached (not in the bars above): {name}\n"
                for name, ok in bars.get("cached_fidelity_checks", {}).items()]  # fmt: skip
+        for key, what in (("per_prompt_fidelity_checks", "per-prompt γ"),
+                          ("per_prompt_cached_fidelity_checks", "per-prompt γ cached")):  # fmt: skip
+            md += [f"- {'PASS' if ok else 'FAIL'}: fidelity {what} (not in the bars above): {name}\n"
+                   for name, ok in bars.get(key, {}).items()]  # fmt: skip
         md += [f"- {'PASS' if ok else 'FAIL'}: baked (not in the bars above): {name}\n"
                for name, ok in bars.get("bake_checks", {}).items()]  # fmt: skip
         md += [f"- not measured, {row}: {err}\n" for row, err in r.get("errors", {}).items()]
@@ -127,7 +131,8 @@ def effect_summary(results: dict) -> str:
 
     models = list(results)
     picks = [("plain", "0"), ("memctl map", "-1.0"), ("memctl map", "+1.0"), ("memctl map in-attention", "+1.0"),
-             ("memctl map cached", "+1.0"), ("memctl map baked", "-1.0"),
+             ("memctl map cached", "+1.0"), ("memctl map per-prompt γ", "+1.0"),
+             ("memctl map per-prompt γ cached", "+1.0"), ("memctl map baked", "-1.0"),
              ("memctl prompt map", "-1.0"),
              ("uniform", "-1.0"), ("text edit", "-1.0"), ("placement shuffled", None), ("random subspace", None),
              ("wen", "quantile 0.5"), ("ren", "c 1.25"), ("jain", "transition 0.6"),

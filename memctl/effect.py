@@ -168,6 +168,10 @@ def _plan(pipe, bmap, prompt_map, probes, attention_map=None) -> list[tuple[str,
         plan += [("memctl map in-attention", f"{f:+.1f}", knob(attention_map, f)) for f in ATTENTION_FIDELITIES]
     if bmap.meta.get("fidelity_guidance"):  # the extra pass's contrast computed on every 10th step, reused between
         plan += [("memctl map cached", f"{f:+.1f}", knob(bmap, f, "cached")) for f in CACHED_FIDELITIES]
+    if bmap.meta.get("fidelity_guidance_curve"):  # γ per prompt (memctl.calibrate.gain_curve), asked for
+        per = bmap.with_lever(per_prompt_gain=True)
+        plan += [("memctl map per-prompt γ", "+1.0", knob(per, 1.0, "guidance")),
+                 ("memctl map per-prompt γ cached", "+1.0", knob(per, 1.0, "cached"))]  # fmt: skip
     if bmap.lever == "condition":  # the same map written into the key/value weights, fit on the probes' prompts
         memorized = [str(c) for c in probes.conditions("memorized")]
         plan += [("memctl map baked", f"{f:+.1f}", bake_setup(pipe, bmap, f, memorized)) for f in BAKE_FIDELITIES]
@@ -294,7 +298,9 @@ def bars(tb, rows: dict, seeds: int) -> dict:
     }
     other_modes = {}  # the same fidelity checks for the cheaper fidelity modes (not in "pass")
     for fam, key in (("memctl map in-attention", "in_attention_fidelity_checks"),
-                     ("memctl map cached", "cached_fidelity_checks")):  # fmt: skip
+                     ("memctl map cached", "cached_fidelity_checks"),
+                     ("memctl map per-prompt γ", "per_prompt_fidelity_checks"),
+                     ("memctl map per-prompt γ cached", "per_prompt_cached_fidelity_checks")):  # fmt: skip
         if "+1.0" in head.get(fam, {}):
             g = head[fam]["+1.0"]
             other_modes[key] = {

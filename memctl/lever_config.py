@@ -36,6 +36,9 @@ class LeverConfig:
     - `knob_scale`: what scores are divided by before the knob's law; None: the map's largest |score|.
     - `fidelity_mode`: "guidance" (extra pass), "cached" (its contrast reused for 10 steps) or "attention" (inside
       the cross-attention units); None: "guidance".
+    - `per_prompt_gain`: the extra-pass modes take γ per prompt from the map's `meta["fidelity_guidance_curve"]`
+      (`memctl.calibrate.gain_curve`) instead of `fidelity_guidance` for all. Off by default: it raised recall on
+      digits and lowered ordinary validity and the most-exposed recall on digits-attr (bench/results/effect.md).
     """
 
     positive_gain: float = 1.0
@@ -44,6 +47,7 @@ class LeverConfig:
     pull_max: float = 1.0
     knob_scale: float | None = None
     fidelity_mode: str | None = None
+    per_prompt_gain: bool = False
 
     def __post_init__(self):
         for name in ("positive_gain", "fidelity_guidance", "attention_guidance", "pull_max", "knob_scale"):
@@ -56,6 +60,8 @@ class LeverConfig:
                 raise ValueError(f"Expected {name} to be a finite number {bound}, but got {value!r}.")
         if self.fidelity_mode is not None and self.fidelity_mode not in FIDELITY_MODES:
             raise ValueError(f"Expected fidelity_mode in {FIDELITY_MODES} or None, but got {self.fidelity_mode!r}.")
+        if not isinstance(self.per_prompt_gain, bool):
+            raise ValueError(f"Expected per_prompt_gain to be True or False, but got {self.per_prompt_gain!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -224,7 +224,6 @@ def condition_map(digits):
     tb, pipe = digits
     bmap = tb.block_map()
     bmap.meta.update(positive_gain=0.0, fidelity_guidance=0.5, pull_max=1.0)  # f = -1: exactly the guidance's pull
-    bmap.meta["fidelity_guidance_curve"] = None  # one γ for every prompt (the per-prompt curve: test_gain_curve.py)
     return bmap
 
 

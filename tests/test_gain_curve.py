@@ -1,5 +1,6 @@
 """Memorization guidance with a gain per prompt: `memctl.calibrate.gain_curve` fits γ against a prompt's pull size on
-the memorized probes, and `memctl.guidance` scales each row's contrast by its prompt's γ over the map's."""
+the memorized probes, and with `per_prompt_gain` (off by default) `memctl.guidance` scales each row's contrast by its
+prompt's γ over the map's."""
 
 import dataclasses
 import math
@@ -50,6 +51,12 @@ def test_no_curve_from_too_few_or_alike_probes():
     assert gain_curve(torch.tensor([0.1, math.nan, 0.3, 0.4]), torch.tensor([1.0, 2, 3, 4])) is None  # 3 usable
 
 
+def _curved(bmap, curve: dict):
+    """`bmap` with `curve` as its per-prompt γ, asked for."""
+    curved = dataclasses.replace(bmap, meta={**bmap.meta, "fidelity_guidance_curve": curve})
+    return curved.with_lever(per_prompt_gain=True)
+
+
 def _guided(model, bmap, inputs, f=1.0, mode="guidance"):
     apply_knob(model, bmap, fidelity_mode=mode)
     set_fidelity(model, f)
@@ -65,14 +72,14 @@ def test_a_flat_curve_at_the_maps_gain_changes_nothing_and_at_twice_it_doubles_t
     bmap = _guided_map(model, inputs)
     plain = run(model, inputs)
     without, _ = _guided(model, bmap, inputs, mode=mode)
-    same = dataclasses.replace(bmap, meta={**bmap.meta, "fidelity_guidance_curve": _flat(GAIN)})
+    same = _curved(bmap, _flat(GAIN))
     flat, guide = _guided(model, same, inputs, mode=mode)
     assert guide.curve is not None and torch.equal(flat, without)
-    double = dataclasses.replace(bmap, meta={**bmap.meta, "fidelity_guidance_curve": _flat(2 * GAIN)})
+    double = _curved(bmap, _flat(2 * GAIN))
     doubled, _ = _guided(model, double, inputs, mode=mode)
     assert torch.allclose(doubled - plain, 2 * (without - plain), atol=1e-5)
     assert not torch.allclose(doubled, without, atol=1e-4)
-    none = dataclasses.replace(bmap, meta={**bmap.meta, "fidelity_guidance_curve": _flat(0.0)})
+    none = _curved(bmap, _flat(0.0))
     zero, _ = _guided(model, none, inputs)
     assert torch.equal(zero, plain)  # γ 0 for every prompt: the plain output
     assert _pristine(model)
@@ -91,7 +98,7 @@ def test_each_row_gets_its_own_prompts_gain():
     curve = _sloped(lo, hi)
     plain = run(model, inputs)
     without, _ = _guided(model, bmap, inputs)
-    sloped, _ = _guided(model, dataclasses.replace(bmap, meta={**bmap.meta, "fidelity_guidance_curve": curve}), inputs)
+    sloped, _ = _guided(model, _curved(bmap, curve), inputs)
     gains = curve_gain(curve, sizes)
     for i in range(2):
         expected = plain[i] + gains[i] / GAIN * (without[i] - plain[i])
@@ -99,10 +106,22 @@ def test_each_row_gets_its_own_prompts_gain():
     assert sorted(gains[:2].tolist()) == pytest.approx([0.5, 1.0])
 
 
+def test_the_curve_is_used_only_when_asked_for():
+    model, inputs = build("sd")
+    bmap = _guided_map(model, inputs)
+    curved = dataclasses.replace(bmap, meta={**bmap.meta, "fidelity_guidance_curve": _flat(3 * GAIN)})
+    default, guide = _guided(model, curved, inputs)
+    assert guide.curve is None and torch.equal(default, _guided(model, bmap, inputs)[0])
+    asked, guide = _guided(model, curved.with_lever(per_prompt_gain=True), inputs)
+    assert guide.curve is not None and not torch.allclose(asked, default, atol=1e-4)
+    with pytest.raises(ValueError, match="Expected per_prompt_gain to be True or False, but got 'yes'"):
+        curved.with_lever(per_prompt_gain="yes")
+
+
 def test_fidelity_zero_and_below_never_read_the_curve():
     model, inputs = build("sd")
     bmap = _guided_map(model, inputs)
-    curved = dataclasses.replace(bmap, meta={**bmap.meta, "fidelity_guidance_curve": _flat(3.0)})
+    curved = _curved(bmap, _flat(3.0))
     for f in (0.0, -1.0):
         assert torch.equal(_guided(model, curved, inputs, f=f)[0], _guided(model, bmap, inputs, f=f)[0])
 
@@ -118,7 +137,7 @@ def test_the_curve_compiles_once_for_every_fidelity_above_zero(name):
     sizes = pull_norm(e.float(), *pull_parts(e.float(), t["read"], t["tau"], t["bank"]))
     lo, hi = float(sizes.min().log()), float(sizes.max().log()) + 1e-3
     curve = _sloped(lo, hi)
-    bmap.meta.update(fidelity_guidance=GAIN, positive_gain=0.0, fidelity_guidance_curve=curve)
+    bmap.meta.update(fidelity_guidance=GAIN, positive_gain=0.0, fidelity_guidance_curve=curve, per_prompt_gain=True)
     apply_knob(model, bmap, fidelity_mode="guidance")
     assert _guide(model).curve == curve
     compiles = []
