@@ -19,8 +19,9 @@ One γ cannot serve weak and strong memorization (`bench/results/gain_optima.jso
 optima are 0.2-0.9, the 4×-exposed ones' at most 0.14). `gain_curve` therefore also fits γ per prompt: the `QUANTILE`
 linear quantile regression of each memorized probe's optimum (one step over all levels) on the log of its pull size
 `‖w (g − e)‖` (the text-side size of the pull, known for any prompt before sampling; larger for the more strongly
-memorized), held constant outside the probes' range and times `CURVE_FACTOR`. `memctl.guidance` scales each row's
-contrast by its prompt's γ from the curve over the map's γ, in the "guidance" and "cached" modes.
+memorized), held constant outside the probes' range and times `CURVE_FACTOR`. With `per_prompt_gain` (off by
+default) `memctl.guidance` scales each row's contrast by its prompt's γ from the curve over the map's γ, in the
+"guidance" and "cached" modes.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor
 
 from memctl import subspace
-from memctl.guidance import curve_gain  # noqa: F401  (the curve's reading, re-exported)
+from memctl.guidance import curve_gain
 from memctl.hooks import ConditionHook, attached, cross_attentions
 from memctl.knob import knob_law
 
@@ -114,8 +115,10 @@ def held_out_general(denoiser, blocks, tensors, scores, batches, knob_scale: flo
     cond = batches[0].cond[m:]
     bank = tensors["bank"]
     ref = subspace.fit_length(bank.to(cond), cond.shape[1])
-    same = torch.stack([(cond == r).flatten(1).all(1) for r in ref], 1)  # (G, P): a probe's own bank entry
-    own = torch.where(same.any(1), same.float().argmax(1), torch.full_like(same[:, 0], -1, dtype=torch.long))
+    # a probe's own bank entry: the nearest, if it is the same states (up to float noise of another encoding batch)
+    dist = torch.stack([(cond - r).flatten(1).norm(dim=1) for r in ref], 1)  # (G, P)
+    near, own = dist.min(1)
+    own = torch.where(near <= 1e-4 * cond.flatten(1).norm(dim=1).clamp_min(1e-12), own, -1)
     position = torch.arange(len(bank), device=own.device)
     own = torch.where(own == len(bank) - 1, -1, own)  # the empty prompt as a probe: it stays in every bank
     for half in (0, 1, None):

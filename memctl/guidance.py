@@ -19,9 +19,9 @@ pass. `pulled` is the prompt made general (pull 1), also for maps whose fidelity
 
 A map probed with images also carries `meta["fidelity_guidance_curve"]` (`memctl.calibrate.gain_curve`): γ per
 prompt, larger for prompts whose pull `‖w (g − e)‖` is small (weakly memorized: one γ for all under-drives them and
-over-drives the strongly memorized). Each row's contrast is then scaled by its prompt's γ over the map's γ, computed
-from the call's text states with the condition hooks' own token weights (no extra pass). Without the curve (older
-maps, prompt-only maps) every prompt gets the map's γ.
+over-drives the strongly memorized). With `per_prompt_gain` (`bmap.with_lever(per_prompt_gain=True)`; off by
+default, see `memctl.lever_config`) each row's contrast is scaled by its prompt's γ over the map's γ, computed from
+the call's text states with the condition hooks' own token weights (no extra pass).
 
 `fidelity_mode="cached"` computes the same contrast `out - pulled` on every `GUIDANCE_EVERY`-th step of a call (the
 first included) and adds the stored contrast on the steps between: 1 + 1/10 denoiser passes per step instead of 2.

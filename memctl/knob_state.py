@@ -78,6 +78,17 @@ class _KnobState:
         self.guidance_gain = config.fidelity_guidance if condition else 0.0
         if self.fidelity_mode == "attention" and condition and config.attention_guidance is not None:
             self.guidance_gain = config.attention_guidance  # inside the units (memctl.attention_guidance)
+        if config.per_prompt_gain:  # γ per prompt: only where the extra-pass guidance reads the map's curve
+            if not condition or self.fidelity_mode == "attention":
+                raise ValueError(
+                    "Expected per_prompt_gain with a condition map in fidelity_mode 'guidance' or 'cached', but got "
+                    f"a {self.bmap.lever} map in fidelity_mode {self.fidelity_mode!r}."
+                )
+            if not self.bmap.meta.get("fidelity_guidance_curve"):
+                raise ValueError(
+                    "Expected a map with meta['fidelity_guidance_curve'] for per_prompt_gain (probe(method="
+                    "'condition') with probe images makes one), but this map has none."
+                )
         # condition lever, fidelity < 0: memorized tokens pulled up to `pull_max` times the way to the general ones
         self.floor = 1.0 - config.pull_max if condition else 0.0
 

@@ -183,3 +183,48 @@ def test_the_shipped_digits_map_gives_the_once_seen_canaries_a_larger_gain():
     assert gamma[1].mean() > 1.5 * gamma[16].mean()
     top = curve["factor"] * (curve["intercept"] + curve["slope"] * curve["log_size_range"][0])
     assert float(ordinary.max()) <= min(top, curve["max_gain"]) + 1e-5
+
+
+def test_asking_for_a_per_prompt_gain_the_map_cannot_give_is_a_clear_error():
+    model, inputs = build("sd")
+    bmap = _guided_map(model, inputs).with_lever(per_prompt_gain=True)  # no curve in its meta
+    with pytest.raises(ValueError, match=r"Expected a map with meta\['fidelity_guidance_curve'\] for per_prompt"):
+        apply_knob(model, bmap)
+    assert _pristine(model)
+    curved = _curved(_guided_map(model, inputs), _flat(GAIN))
+    with pytest.raises(ValueError, match="in fidelity_mode 'guidance' or 'cached', but got a condition map in "):
+        apply_knob(model, curved, fidelity_mode="attention")
+    assert _pristine(model)
+
+
+def test_each_general_probe_is_matched_to_its_own_bank_entry_despite_float_noise():
+    """A general probe encoded in another batch can differ from its bank entry by float noise: still its own."""
+    from memctl.calibrate import held_out_general
+
+    calls = []
+
+    def fake_contrasts(denoiser, blocks, tensors, scores, batches, knob_scale):
+        calls.append(tensors["bank"].clone())
+        for b in batches:
+            yield torch.zeros(len(b.cond), 1), torch.zeros(len(b.cond), 1), 0
+
+    import memctl.calibrate as calibrate
+
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(5, 3, 4, generator=gen)  # 4 general prompts and the empty prompt last
+    cond = bank[:4] + 1e-7 * torch.randn(4, 3, 4, generator=gen)
+    from memctl.probe import _Batch
+
+    b = _Batch(torch.zeros(4, 1, 2, 2), torch.zeros(4, 1, 2, 2), torch.zeros(4), cond, 0)
+    tensors = {"read": torch.randn(4, 2, generator=gen), "tau": torch.tensor(1.0), "bank": bank}
+    real = calibrate.contrasts
+    calibrate.contrasts = fake_contrasts
+    try:
+        out = list(held_out_general(None, [], tensors, None, [b], 1.0))
+    finally:
+        calibrate.contrasts = real
+    assert len(calls) == 2  # one pass per half: every probe was found in the bank
+    for used, half in zip(calls, (0, 1), strict=True):
+        kept = [i for i in range(5) if i % 2 != half or i == 4]
+        assert torch.equal(used, bank[kept])
+    assert sum(len(a) for a, _, _ in out) == 4
