@@ -128,7 +128,7 @@ def test_fidelity_zero_and_below_never_read_the_curve():
 
 @pytest.mark.parametrize("name", ["sd", "wan"])
 def test_the_curve_compiles_once_for_every_fidelity_above_zero(name):
-    from tests.test_knob import _condition_map
+    from tests.test_knob import _condition_map, compiled_sweep
 
     model, inputs = build(name)
     bmap = _condition_map(model, inputs)
@@ -140,25 +140,9 @@ def test_the_curve_compiles_once_for_every_fidelity_above_zero(name):
     bmap.meta.update(fidelity_guidance=GAIN, positive_gain=0.0, fidelity_guidance_curve=curve, per_prompt_gain=True)
     apply_knob(model, bmap, fidelity_mode="guidance")
     assert _guide(model).curve == curve
-    compiles = []
-
-    def backend(gm, example_inputs):
-        compiles.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
-    eager, outs = {}, {}
-    for f in (0.5, 1.0):
-        set_fidelity(model, f)
-        eager[f] = run(model, inputs)
-    for f in (0.5, 1.0, 0.5):
-        set_fidelity(compiled, f)
-        outs[f] = run(compiled, inputs)
-    assert len(compiles) == 1
+    compiles, eager, outs = compiled_sweep(model, inputs, (0.5, 1.0, 0.5))
+    assert compiles == 1
     assert all(torch.allclose(outs[f], eager[f], atol=1e-5) for f in outs)
-    remove_knob(compiled)
-    torch._dynamo.reset()
     assert not torch.allclose(eager[1.0], run(model, inputs), atol=1e-4)  # the knob did act
 
 

@@ -309,10 +309,9 @@ def test_cached_pull_is_bit_identical_on_the_digits_testbed(f, monkeypatch):
     remove_knob(pipe)
 
 
-@pytest.mark.parametrize("name", ["sd", "wan"])
-def test_condition_knob_does_not_recompile(name):
-    model, inputs = build(name)
-    apply_knob(model, _condition_map(model, inputs))
+def compiled_sweep(model, inputs, fidelities) -> tuple[int, dict, dict]:
+    """A knobbed `model` run eagerly, then compiled (fullgraph), at each of `fidelities` in turn: the number of
+    graphs compiled and the eager and compiled outputs per fidelity. The knob is removed after."""
     compiles = []
 
     def backend(gm, example_inputs):
@@ -322,14 +321,22 @@ def test_condition_knob_does_not_recompile(name):
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     eager, outs = {}, {}
-    for f in (0.0, -0.5, -1.0):
+    for f in dict.fromkeys(fidelities):
         set_fidelity(model, f)
         eager[f] = run(model, inputs)
-    for f in (0.0, -0.5, -1.0, -0.5):
+    for f in fidelities:
         set_fidelity(compiled, f)
         outs[f] = run(compiled, inputs)
-    assert len(compiles) == 1
-    assert all(torch.allclose(outs[f], eager[f], atol=1e-6) for f in outs)
-    assert not torch.equal(outs[-1.0], outs[0.0])
     remove_knob(compiled)
     torch._dynamo.reset()
+    return len(compiles), eager, outs
+
+
+@pytest.mark.parametrize("name", ["sd", "wan"])
+def test_condition_knob_does_not_recompile(name):
+    model, inputs = build(name)
+    apply_knob(model, _condition_map(model, inputs))
+    compiles, eager, outs = compiled_sweep(model, inputs, (0.0, -0.5, -1.0, -0.5))
+    assert compiles == 1
+    assert all(torch.allclose(outs[f], eager[f], atol=1e-6) for f in outs)
+    assert not torch.equal(outs[-1.0], outs[0.0])
