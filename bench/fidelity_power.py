@@ -9,13 +9,17 @@ evaluation seeds each (10,000 on, the effect bench's; no constant is chosen here
 fidelity mode (extra-pass guidance every step, cached every 10th step, in-attention guidance), and reports per
 exposure:
 
-- copies by the strict (d1/d2 < 1/3) and loose (< 1/2) criterion, with a 95 % interval (Wilson);
+- copies by the strict (d1/d2 < 1/3) and loose (< 1/2) criterion, with a 95 % interval (Wilson), and how many
+  strict copies are of the canary's own bound image (a once-seen canary's "copies" are often of other images);
 - the paired change in log distance to the canary's bound image, same prompt and seed with and without the knob,
   with a 95 % bootstrap interval over canaries (the distance is continuous, so it sees a push toward the bound
   image that moves few samples across a copy threshold).
 
 Maps and γ as the effect bench makes them: the condition map probed from the testbed's probe set, the in-attention
-gain calibrated on it (`memctl.attention_calibrate`). Output: `bench/results/fidelity_power.{json,md}`.
+gain calibrated on it (`memctl.attention_calibrate`). `--per-prompt` guides with γ per prompt
+(`per_prompt_gain`, the map's `memctl.calibrate.gain_curve`; kept under "MODEL, per-prompt γ"), `--one-gain` adds
+the one-γ rows beside it, `--factors` the curve at other factors; `--modes` picks the fidelity modes, `--gains` other
+one-γ values. Output: `bench/results/fidelity_power.{json,md}`.
 """
 
 from __future__ import annotations
