@@ -6,7 +6,8 @@
 `γ* = −⟨ε − n, ε − ε_pulled⟩ / ‖ε − ε_pulled‖²`. This bench reads the same quantities on the same probe batches
 (the condition map's probe set, probe seeds; no evaluation seed) and reports, per noise level and canary exposure,
 the median γ*, the median contrast norm ‖ε − ε_pulled‖ and the median optimal step length γ*·‖ε − ε_pulled‖, and the
-general probes' contrast norm. Output: `bench/results/gain_optima.json`.
+general probes' median contrast norm, each pulled toward a bank without its own conditioning as the calibration's cap
+reads them (`memctl.calibrate.held_out_general`). Output: `bench/results/gain_optima.json`.
 """
 
 from __future__ import annotations
@@ -35,18 +36,19 @@ def optima(name: str) -> dict:
     pipe = tb.pipeline()
     pipe.set_progress_bar_config(disable=True)
     exposures = torch.tensor([c[2] for c in tb.canaries])
-    levels = []
+    levels, general = [], {}  # general: per level, the held-out general probes' contrast norms
 
     def recording(*args, **kwargs):
         # the calibration's own contrasts (memctl.calibrate.contrasts), read per probe as they pass to fidelity_gain
         for j, (a, d, m) in enumerate(real(*args, **kwargs)):
-            if m == 0:  # the held-out general probes' pass (memctl.calibrate.held_out_general): not a probe level
+            if m == 0:  # a held-out general probes' pass (memctl.calibrate.held_out_general), level j
+                general.setdefault(j, []).append(d.norm(dim=1))
                 yield a, d, m
                 continue
             norm = d[:m].norm(dim=1)
             best = -(a[:m] * d[:m]).sum(1) / norm.pow(2).clamp_min(1e-12)
             rows = exposures.repeat(m // len(exposures))  # memorized rows: the canaries, once per repeat
-            level = {"general_contrast_norm": round(float(d[m:].norm(dim=1).median()), 4)}
+            level = {}
             for e in sorted(set(exposures.tolist())):
                 k = rows == e
                 level[f"{e}x"] = {
@@ -63,6 +65,8 @@ def optima(name: str) -> dict:
         _, _, extra, _ = probe_module.attribute_condition(pipe, testbed_probes(tb), progress=False)
     finally:
         calibrate.contrasts = real
+    for j, level in enumerate(levels):
+        level["general_contrast_norm"] = round(float(torch.cat(general[j]).median()), 4)
     return {"levels": levels, "calibration": extra.get("fidelity_calibration")}
 
 

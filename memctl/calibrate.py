@@ -103,6 +103,12 @@ def contrasts(denoiser, blocks, tensors, scores, batches, knob_scale: float) -> 
         yield (eps - b.noise.float()).flatten(1), (eps - pulled).flatten(1), b.n_mem
 
 
+def _rows(batches, sel, n_mem: int) -> list:
+    """The probe batches cut to the rows `sel` (a slice or a bool mask), `n_mem` of them memorized."""
+    return [dataclasses.replace(b, xt=b.xt[sel], noise=b.noise[sel], t=b.t[sel], cond=b.cond[sel], n_mem=n_mem)
+            for b in batches]  # fmt: skip
+
+
 def held_out_general(denoiser, blocks, tensors, scores, batches, knob_scale: float) -> Iterator[tuple[Tensor, ...]]:
     """The general probes' `(a, d, sizes)` per batch, each probe pulled toward a bank without its own conditioning.
 
@@ -127,9 +133,7 @@ def held_out_general(denoiser, blocks, tensors, scores, batches, knob_scale: flo
             continue
         keep = (position % 2 != half) | (position == len(bank) - 1) if half is not None else position >= 0
         part = {**tensors, "bank": bank[keep.to(bank.device)]}
-        sel = torch.cat([torch.zeros(m, dtype=torch.bool, device=rows.device), rows])
-        sub = [dataclasses.replace(b, xt=b.xt[sel], noise=b.noise[sel], t=b.t[sel], cond=b.cond[sel], n_mem=0)
-               for b in batches]  # fmt: skip
+        sub = _rows(batches, torch.cat([torch.zeros(m, dtype=torch.bool, device=rows.device), rows]), 0)
         sizes = pull_size(sub[0].cond, part)
         for a, d, _ in contrasts(denoiser, blocks, part, scores, sub, knob_scale):
             yield a, d, sizes
@@ -145,7 +149,9 @@ def fidelity_gain(
     `general_tolerance`, as the one γ is capped."""
     optima = []  # per memorized probe and level
     per_probe = [0.0, 0.0]  # per memorized probe (row), over all levels: ⟨a, d⟩, ‖d‖²
-    for a, d, m in contrasts(denoiser, blocks, tensors, scores, batches, knob_scale):
+    # the memorized rows here; the general ones only in held_out_general (against the whole bank their contrast is 0)
+    memorized = _rows(batches, slice(0, batches[0].n_mem), batches[0].n_mem)
+    for a, d, m in contrasts(denoiser, blocks, tensors, scores, memorized, knob_scale):
         d2 = d[:m].pow(2).sum(1)
         moved = d2 > 1e-12  # probes whose prediction the pull changes at all
         optima.append(-(a[:m] * d[:m]).sum(1)[moved] / d2[moved])

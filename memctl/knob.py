@@ -234,11 +234,8 @@ def _install(
     if inside:
         state.guide = guide
     elif state.guidance_gain > 0:  # innermost root hook: the clock (outside it) sets the factors first
-        per_prompt = part.lever == "condition" and bmap.lever_config.per_prompt_gain
-        curve = bmap.meta.get("fidelity_guidance_curve") if per_prompt else None
-        state.guide = GuidanceHook(
-            state, GUIDANCE_EVERY if mode == "cached" else 1, curve=curve, tensors=tensors, cache=cache
-        )
+        every = GUIDANCE_EVERY if mode == "cached" else 1
+        state.guide = GuidanceHook(state, every, curve=state.guidance_curve, tensors=tensors, cache=cache)
         state.attach(module, {"": state.guide}, GUIDE)
     state.attach(module, {"": TimestepHook(state.on_timestep, timestep_scale)}, CLOCK)
     if passes == "cond":

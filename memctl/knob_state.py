@@ -89,6 +89,8 @@ class _KnobState:
                     "Expected a map with meta['fidelity_guidance_curve'] for per_prompt_gain (probe(method="
                     "'condition') with probe images makes one), but this map has none."
                 )
+        # γ per prompt for the extra-pass guidance (memctl.guidance), or None: the map's one γ for every prompt
+        self.guidance_curve = self.bmap.meta["fidelity_guidance_curve"] if config.per_prompt_gain else None
         # condition lever, fidelity < 0: memorized tokens pulled up to `pull_max` times the way to the general ones
         self.floor = 1.0 - config.pull_max if condition else 0.0
 
