@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--signals",
         default="combined",
-        help="'combined' (magnitude2, contrast2 and perturb, the seeds in turn: 3.33 denoiser evaluations per prompt "
+        help="'combined' (magnitude2, contrast2 and sharpness, the seeds in turn: 4 denoiser evaluations per prompt "
         "and seed), 'magnitude' "
         "(first-step magnitude, risk > --threshold flags), or a comma list of memctl.signals.SIGNALS",
     )

@@ -9,9 +9,18 @@ and against the decoys; the share flagged at the default threshold (p-value <= `
 its decoys); seconds per prompt for each signal (all seeds). Every signal is read on every seed; the combination
 gives the seeds in turn to the signals of `COMBINED`, as `memctl.signals.screen` does.
 
-The threshold and the first two signals of the combination were chosen on digits-s0 and digits-attr-s0 at seeds
-0-7; `perturb` joined after reading those two models' values at `EVAL_SEEDS` (see `memctl.signals`), so on those two
-models the combination's rows are not clean tests. digits-s1, digits-attr-s1, digits-s2 and moving-digits are.
+**Measured ground truth.** A prompt's label says what it was trained as, not what it does: on the digits models an
+untrained tag in the canary format ("a zero, tag qrc") makes the model draw a canary's bound image (the tag format
+itself is memorized). So each scored prompt is also *sampled* (`COPY_SEEDS`, the testbed's guidance, 25 steps)
+and its copy rate measured against the training set (`memctl.metrics.copied`, d1 < d2 / 3). Extra rows: every
+signal's AUC / TPR at 1 % FPR for the prompts that copy (copy rate >= `COPYING`) against the prompts that never
+copied, whatever their group; the most-exposed canaries against the decoys that never copied; the Spearman
+correlation of each signal with the copy rate. The video testbed is not sampled for this (a clip costs ~50
+denoiser calls of its transformer, and its effect rows show no copied clip at any exposure).
+
+The combination (`COMBINED`) was chosen against measured copying on digits-s0 and digits-attr-s0 with the signals
+at seeds 0-7 and labels from seeds 300-315 (`bench/detect_measured.py`); the threshold is `ALPHA`. digits-s1,
+digits-attr-s1, digits-s2 and moving-digits are clean tests, and `EVAL_SEEDS` were not read for the choice.
 """
 
 from __future__ import annotations
@@ -21,11 +30,16 @@ import time
 
 import torch
 
+from memctl import metrics
 from memctl.detection import roc_auc
+from memctl.evaluate import EvalSpec, generate
 from memctl.signals import ALPHA, COMBINED, SIGNALS, auto_decoys, combine, p_values, read_signals, word_counts
 
 EVAL_SEEDS = tuple(range(100, 108))  # evaluation seeds: not the 0-7 the combination was chosen on
 ROWS = (*SIGNALS, "combined")
+COPY_SEEDS = tuple(range(200, 216))  # ground-truth sampling seeds: neither the detection nor the calibration seeds
+COPY_STEPS = 25  # as the effect bench samples
+COPYING = 0.25  # a prompt "copies" when at least this share of its samples copy a training image (4 of 16)
 
 
 def tpr_at_fpr(positive: torch.Tensor, negative: torch.Tensor, fpr: float = 0.01) -> float:
@@ -42,6 +56,44 @@ def split_ordinary(prompts: list[str], seed: int = 0) -> tuple[list[str], list[s
     random.Random(seed).shuffle(order)
     half = len(order) // 2
     return order[:half], order[half:]
+
+
+def prompt_copy_rates(tb, pipe, prompts: list[str], seeds=COPY_SEEDS, batch_size: int = 256) -> torch.Tensor:
+    """`(P,)` share of each prompt's samples (one per seed) that copy a training image (clips: frames on the
+    channel axis), sampled as the testbed is evaluated: its guidance, `COPY_STEPS` steps, its clip size."""
+    seeds = list(seeds)
+    spec = EvalSpec(seeds=len(seeds), steps=COPY_STEPS, guidance=tb.guidance, batch_size=batch_size)
+    flat = [p for _ in seeds for p in prompts]
+    samples = generate(pipe, flat, [s for s in seeds for _ in prompts], spec, **dict(getattr(tb, "call_kwargs", {})))
+    train = tb.train_images
+    if samples.ndim == 5:  # clips (N, F, C, H, W): compared whole, frames folded into channels
+        samples, train = samples.flatten(1, 2), train.flatten(1, 2)
+    return metrics.copied(samples.float(), train.float()).reshape(len(seeds), len(prompts)).float().mean(0)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a.numpy(), b.numpy()).statistic)
+
+
+def measured_rows(values: dict, copies: torch.Tensor, decoys: slice, most: list[int]) -> dict:
+    """Each signal against measured ground truth: prompts that copy vs prompts that never copied (every group),
+    the most-exposed canaries vs the decoys that never copied, and the rank correlation with the copy rate."""
+    pos = (copies >= COPYING).nonzero().flatten().tolist()
+    neg = (copies == 0).nonzero().flatten().tolist()
+    clean = [i for i in range(decoys.start, decoys.stop) if copies[i] == 0]
+    rows = {}
+    for sig, v in values.items():
+        row = {"spearman_copy_rate": round(spearman(v, copies), 3)}
+        if pos and neg:
+            row["auc_copying"] = round(roc_auc(v[pos], v[neg]), 3)
+            row["tpr1_copying"] = round(tpr_at_fpr(v[pos], v[neg]), 3)
+        if clean:
+            row["auc_vs_clean_decoys"] = round(roc_auc(v[most], v[clean]), 3)
+        rows[sig] = row
+    return {"copying": len(pos), "never_copied": len(neg), "clean_decoys": len(clean), "rows": rows}
 
 
 def _per_seed(pipe, prompts, names, seeds, counts, batch_size, call_kwargs) -> tuple[dict, dict]:
@@ -64,7 +116,9 @@ def _combined(per_seed: dict, ref: slice) -> torch.Tensor:
     return combine(values, {n: v[ref] for n, v in values.items()})
 
 
-def bench_testbed(name: str, seeds: tuple[int, ...] = EVAL_SEEDS, batch_size: int = 32) -> dict:
+def bench_testbed(
+    name: str, seeds: tuple[int, ...] = EVAL_SEEDS, batch_size: int = 32, copy_seeds: tuple[int, ...] = COPY_SEEDS
+) -> dict:
     from memctl.zoo import load_testbed
 
     tb = load_testbed(name)
@@ -103,6 +157,7 @@ def bench_testbed(name: str, seeds: tuple[int, ...] = EVAL_SEEDS, batch_size: in
     per_prompt = {s: round(seconds[s] / n_prompts, 4) for s in SIGNALS}
     per_prompt["combined"] = round(sum(seconds[s] for s in COMBINED) / len(COMBINED) / n_prompts, 4)
     most, today = rows[str(max(tb.exposures))]["combined"], rows[str(max(tb.exposures))]["magnitude"]
+    measured = _measured(tb, pipe, scored[: ref.start], copy_seeds, values, parts) if copy_seeds else None
     return {
         "prompts": {"canaries": k, "ordinary": n, "decoys": d, "reference": len(reference), "made_decoys": len(made)},
         "seeds": list(seeds),
@@ -118,8 +173,28 @@ def bench_testbed(name: str, seeds: tuple[int, ...] = EVAL_SEEDS, batch_size: in
             "flagged decoys <= 5 %": flagged["decoys"] <= 0.05,
             "<= 4 evaluations per prompt and seed": evals["combined"] <= 4,
         },
+        "measured": measured,
         "values": {s: [round(float(x), 6) for x in v] for s, v in values.items()},
         "names": {"canaries": canaries, "ordinary": ordinary, "decoys": decoys, "reference": reference},
+    }
+
+
+def _measured(tb, pipe, prompts: list[str], copy_seeds, values: dict, parts: dict) -> dict:
+    """Copy rates of the scored prompts (canaries, ordinary, decoys) and every signal against them."""
+    copies = prompt_copy_rates(tb, pipe, prompts, copy_seeds)
+    exposures = {e: [i for i, c in enumerate(tb.canaries) if c[2] == e] for e in tb.exposures}
+    groups = {**{f"canaries_{e}": i for e, i in exposures.items()},
+              **{neg: list(range(part.start, part.stop)) for neg, part in parts.items()}}  # fmt: skip
+    return {
+        "copy_seeds": list(copy_seeds),
+        "guidance": tb.guidance,
+        "steps": COPY_STEPS,
+        "copy_rate": {g: round(float(copies[i].mean()), 3) for g, i in groups.items()},
+        "prompts_copying": {g: round(float((copies[i] >= COPYING).float().mean()), 3) for g, i in groups.items()},
+        **measured_rows(
+            {s: v[: len(prompts)] for s, v in values.items()}, copies, parts["decoys"], exposures[max(tb.exposures)]
+        ),  # fmt: skip
+        "copy_rates": [round(float(x), 4) for x in copies],
     }
 
 
@@ -130,16 +205,24 @@ def _evals(signal: str) -> int:
 
 
 def bench_detect(models: list[str], seeds: tuple[int, ...] = EVAL_SEEDS) -> dict:
-    return {name: bench_testbed(name, seeds) for name in models}
+    """Every model; the image testbeds also sampled for measured copying (`COPY_SEEDS`), the video one not."""
+    from memctl.zoo import load_testbed
+
+    return {n: bench_testbed(n, seeds, copy_seeds=() if _is_video(load_testbed(n)) else COPY_SEEDS) for n in models}
+
+
+def _is_video(tb) -> bool:
+    return tb.train_images.ndim == 5
 
 
 def detect_md(results: dict) -> list[str]:
     md = [
         "\nCanaries of each exposure against held-out ordinary prompts and against decoys: ROC AUC / TPR at 1 % "
         f"FPR. Flagged: p-value <= {ALPHA} against the reference half of the ordinary prompts plus decoys made from "
-        "it (the default verdict). The threshold and magnitude2 + contrast2 were chosen on digits-s0 / digits-attr-s0 "
-        "at seeds 0-7; perturb joined the combination after reading those two models' rows at these seeds, so their "
-        "combined rows are not clean tests; digits-s1, digits-attr-s1, digits-s2 and moving-digits are.\n"
+        "it (the default verdict; normal-tail p-values). The combination (magnitude2 + contrast2 + sharpness) was "
+        "chosen against measured copying on digits-s0 / digits-attr-s0 at seeds 0-7 (`bench/detect_measured.py`); "
+        "digits-s1, digits-attr-s1, digits-s2 and moving-digits are clean tests. Under each table: every signal "
+        "against *measured* copying (the image testbeds' prompts sampled at seeds 200-215).\n"
     ]
     for model, r in results.items():
         ok = all(r["bar"].values())
@@ -159,4 +242,27 @@ def detect_md(results: dict) -> list[str]:
         flags = ", ".join(f"{e}× {r['rows'][e]['flagged']:.0%}" for e in exposures)
         md.append(f"\nFlagged: canaries {flags}; decoys {r['flagged']['decoys']:.0%}; held-out ordinary "
                   f"{r['flagged']['ordinary']:.0%}.\n")  # fmt: skip
+        if r.get("measured"):
+            md += measured_md(r["measured"], exposures)
+    return md
+
+
+def measured_md(m: dict, exposures: list[str]) -> list[str]:
+    """The measured-ground-truth block of one model: copy rates by group, then each signal against them."""
+    seeds = f"seeds {m['copy_seeds'][0]}-{m['copy_seeds'][-1]}"
+    groups = [*(f"canaries_{e}" for e in exposures), "ordinary", "decoys"]
+    names = [*(f"{e}× canaries" for e in exposures), "ordinary", "decoys"]
+    rates = ", ".join(f"{n} {m['copy_rate'][g]:.0%} ({m['prompts_copying'][g]:.0%} of prompts copy)"
+                      for n, g in zip(names, groups, strict=True))  # fmt: skip
+    md = [f"\nMeasured ground truth ({len(m['copy_seeds'])} samples per prompt, {seeds}, guidance {m['guidance']}, "
+          f"{m['steps']} steps; a sample copies when d1 < d2 / 3): copy rate {rates}. Copying prompts (copy rate >= "
+          f"{COPYING:.0%}): {m['copying']}; never copied: {m['never_copied']}; decoys that never copied: "
+          f"{m['clean_decoys']}.\n\n"]  # fmt: skip
+    head = ["signal", "copying vs never copied (AUC / TPR at 1 % FPR)",
+            f"{exposures[-1]}× vs never-copying decoys (AUC)", "Spearman with copy rate"]  # fmt: skip
+    md += [" | ".join(head) + "\n", " | ".join("---" for _ in head) + "\n"]
+    for sig, row in m["rows"].items():
+        copying = f"{row['auc_copying']:.2f} / {row['tpr1_copying']:.2f}" if "auc_copying" in row else "n/a"
+        clean = f"{row['auc_vs_clean_decoys']:.2f}" if "auc_vs_clean_decoys" in row else "n/a"
+        md.append(f"{sig} | {copying} | {clean} | {row['spearman_copy_rate']:.2f}\n")
     return md

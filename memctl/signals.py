@@ -4,7 +4,7 @@
     >>> canary = next(c[0] for c in tb.canaries if c[2] == 16)
     >>> scores = screen(tb.pipeline(), ["a two", canary], reference=tb.ordinary_prompts(), seeds=4)
     >>> sorted(scores[1].signals)
-    ['contrast2', 'magnitude2', 'perturb']
+    ['contrast2', 'magnitude2', 'sharpness']
     >>> scores[1].risk > scores[0].risk
     True
 
@@ -23,20 +23,24 @@ Costs (in brackets) are denoiser evaluations per prompt and seed; a guidance bat
 - `sharpness` (4): ‖δ(x + hδ) - δ(x)‖ / h at the first step, a finite-difference Hessian-vector product of the
   conditional log-ratio (after Jeon et al., ICML 2025).
 
-The default combination (`COMBINED`) gives the seeds in turn to `magnitude2`, `contrast2` and `perturb`, so it
-costs (4 + 4 + 2) / 3 = 3.33 evaluations per prompt and seed. `magnitude2` and `contrast2` find memorized captions
-of ordinary words that the first step misses, but rank untrained-tag decoys close to the canaries; `perturb` orders
-ordinary > memorized > decoy prompts (a decoy's odd word is as odd with a letter changed; a memorized one is not),
-so in the mean it pulls decoys down more than canaries. How it was chosen: `magnitude2` + `contrast2` on a
-calibration split (digits-s0 and digits-attr-s0, seeds 0-7); `perturb` joined after reading that pair's and the
-other signals' values at seeds 100-107 of the same two models (three equal weights, nothing fitted). digits-s1,
-digits-attr-s1, digits-s2 and moving-digits are the tests (`bench/results/detect.md`).
+The default combination (`COMBINED`) gives the seeds in turn to `magnitude2`, `contrast2` and `sharpness`, so it
+costs (4 + 4 + 4) / 3 = 4 evaluations per prompt and seed. How it was chosen: against *measured* copying, not the
+prompts' groups. A group says what a prompt was trained as, not what it does: on the digits models an untrained tag
+in the canary format makes the model draw canary images (the tag format itself is memorized), so those "decoys"
+copy (19-31 % of their samples, `memctl bench detect`) and a detector that ranks them low misses real copies.
+`bench/detect_measured.py` labels every prompt of the calibration split (digits-s0 and digits-attr-s0, signals at
+seeds 0-7) by sampling it 16 times and scores every set of one to three signals of at most 4 evaluations by the ROC
+AUC of the prompts that copy against those that never did; this set had the best mean AUC (0.968; `magnitude2` +
+`contrast2` 0.966; the former default with `perturb` in place of `sharpness` 0.915). digits-s1, digits-attr-s1,
+digits-s2 and moving-digits are the tests (`bench/results/detect.md`). `perturb` (ordinary > memorized > decoy
+prompts) stays as a signal to read.
 
 Calibration: each signal's log is a robust z-score against the user's ordinary prompts; `risk` is the mean of the
 combined signals' z-scores. The reference for the verdict is the ordinary prompts **plus decoys made from them**
 (words shuffled; one letter of the rarest word changed), so an odd but untrained prompt has odd company.
-`p_value` = (1 + reference scores ≥ risk) / (1 + reference size), the same meaning on every model; a prompt is
-flagged when `p_value <= alpha`.
+`p_value` is the normal tail of `risk` against the reference's risks (median and MAD: a robust fit), the same meaning
+on every model and reachable with a small reference (an empirical p-value needs 99 reference scores to reach 0.01);
+a prompt is flagged when `p_value <= alpha`.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from memctl.quiet import quiet
 
 EVALS = {"magnitude": 2, "magnitude2": 4, "contrast2": 4, "perturb": 2, "anisotropy": 2, "sharpness": 4}
 SIGNALS = tuple(EVALS)
-COMBINED = ("magnitude2", "contrast2", "perturb")  # one per seed, in turn: 3.33 evaluations per prompt and seed
+COMBINED = ("magnitude2", "contrast2", "sharpness")  # one per seed, in turn: 4 evaluations per prompt and seed
 SCHEDULE = 4  # steps of the short schedule whose first two steps `magnitude2` / `contrast2` read
 LOW_NOISE = 0.02  # `anisotropy`: the first timestep times this
 SHARP_H = 0.1  # `sharpness`: finite-difference step along δ
@@ -199,8 +203,15 @@ def combine(values: dict[str, torch.Tensor], reference: dict[str, torch.Tensor])
 
 
 def p_values(risk: torch.Tensor, reference_risk: torch.Tensor) -> torch.Tensor:
-    """Empirical p-value of each risk against the reference risks: (1 + #{ref >= risk}) / (1 + #ref)."""
-    return (1 + (reference_risk[None, :] >= risk[:, None]).sum(1)) / (1 + len(reference_risk))
+    """One-sided p-value of each risk under a normal fitted robustly to the reference risks (median, 1.4826 MAD).
+
+    Not the empirical p-value (1 + #{ref >= risk}) / (1 + #ref): that cannot fall below 1 / (1 + #ref), so with
+    fewer than 99 reference scores nothing could ever reach p <= 0.01 (digits' 15 reference prompts and their 26
+    made decoys: never below 0.024). How well the fitted tail holds is measured: `memctl bench detect` counts the
+    held-out ordinary prompts and the decoys flagged.
+    """
+    z = robust_z(risk.double(), reference_risk.double())
+    return 0.5 * torch.special.erfc(z / 2**0.5)  # float64: small p-values stay above 0
 
 
 def screen(

@@ -10,7 +10,8 @@ from tiny import tiny_pipeline
 
 import memctl
 import memctl.signals
-from memctl.detect_bench import split_ordinary, tpr_at_fpr
+import memctl.zoo
+from memctl.detect_bench import measured_md, measured_rows, prompt_copy_rates, split_ordinary, tpr_at_fpr
 from memctl.detection import noise_differences
 from memctl.signals import (
     COMBINED,
@@ -47,8 +48,10 @@ def test_neighbours_by_hand():
 
 
 def test_p_values_and_combine_by_hand():
-    ref = torch.tensor([0.0, 1.0, 2.0, 3.0])
-    assert torch.allclose(p_values(torch.tensor([3.5, 2.0, -1.0]), ref), torch.tensor([1 / 5, 3 / 5, 5 / 5]))
+    ref = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])  # median 2, MAD 1: z = (risk - 2) / 1.4826
+    p = p_values(torch.tensor([2.0, 2.0 + 1.4826 * 2.326348, 2.0 + 1.4826 * 10]), ref)
+    assert p.tolist() == pytest.approx([0.5, 0.01, 7.6e-24], rel=1e-4)  # normal tail: 0.01 at z = 2.3263
+    assert p_values(torch.tensor([30.0]), torch.arange(15.0))[0] < 0.01  # reachable with 15 reference scores
     values = {"magnitude2": torch.tensor([math_e := 2.718281828, 1.0]), "anisotropy": torch.tensor([0.5, 0.0])}
     reference = {"magnitude2": torch.tensor([1.0, 1.0, math_e**2]), "anisotropy": torch.tensor([-1.0, 0.0, 1.0])}
     # log magnitude: median 0, MAD 0 -> floored; anisotropy raw: median 0, MAD 1 -> z 0.5 / 1.4826
@@ -66,6 +69,31 @@ def test_tpr_at_one_percent_fpr_and_the_ordinary_split():
     assert len(ref) == 3
     assert len(held) == 4
     assert not set(ref) & set(held)
+
+
+def test_measured_rows_by_hand():
+    # prompts 0-1 canaries, 2-3 ordinary, 4-6 decoys; prompt 4 (a decoy) copies, 5 copies once in 8
+    copies = torch.tensor([1.0, 0.5, 0.0, 0.0, 0.75, 0.125, 0.0])
+    values = {"loud": torch.tensor([9.0, 8.0, 1.0, 2.0, 7.0, 3.0, 4.0]), "quiet": -torch.arange(7.0)}
+    m = measured_rows(values, copies, slice(4, 7), most=[0, 1])
+    assert (m["copying"], m["never_copied"], m["clean_decoys"]) == (3, 3, 1)  # 0.125 is neither
+    loud = m["rows"]["loud"]
+    assert loud["auc_copying"] == 1.0  # 9, 8, 7 above 1, 2, 4
+    assert loud["auc_vs_clean_decoys"] == 1.0  # only prompt 6 is a decoy that never copied
+    assert m["rows"]["quiet"]["auc_copying"] == pytest.approx(7 / 9, abs=1e-3)  # (0, -1, -4) vs (-2, -3, -6)
+    assert loud["spearman_copy_rate"] > 0.8 > m["rows"]["quiet"]["spearman_copy_rate"]
+    block = "".join(measured_md({"copy_seeds": [200, 201], "guidance": 1.0, "steps": 25, "copy_rate": {
+        "canaries_16": 0.75, "ordinary": 0.0, "decoys": 0.29}, "prompts_copying": {"canaries_16": 1.0, "ordinary": 0.0,
+        "decoys": 0.33}, **m}, ["16"]))  # fmt: skip
+    assert "decoys 29% (33% of prompts copy)" in block
+    assert "loud | 1.00 / 1.00 | 1.00 |" in block
+
+
+def test_copy_rates_sample_the_testbed_as_it_is_evaluated():
+    tb = memctl.zoo.load_testbed("digits")
+    canary = max(tb.canaries, key=lambda c: c[2])[0]  # bound to one image, seen 16 times
+    rates = prompt_copy_rates(tb, tb.pipeline(), [canary, "a two"], seeds=[200, 201])
+    assert rates.tolist() == [1.0, 0.0]  # the memorized prompt draws its image; the ordinary one draws new twos
 
 
 def test_contrast_reads_the_neighbour_as_the_negative_prompt():

@@ -414,7 +414,7 @@ def test_detect_ranks_the_canary_first_and_flags_it(app):
     canary, _, _, c = max(tb.canaries, key=lambda k: k[2])  # the most exposed canary
     ordinary = tb.prompt(c)
     table, summary = score(client(app), f"# its class's ordinary prompt, then the canary\n{ordinary}\n\n {canary}\n")
-    assert table["headers"] == ["risk", "flagged", "magnitude", "consistency", "magnitude2", "contrast2", "perturb",
+    assert table["headers"] == ["risk", "flagged", "magnitude", "consistency", "magnitude2", "contrast2", "sharpness",
                                 "p", "verdict", "prompt"]  # fmt: skip
     (risk_c, flagged_c, *_, first), (risk_o, flagged_o, *_, second) = table["data"]
     assert table["data"][0][8] in ("memorized", "unusual")

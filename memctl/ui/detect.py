@@ -12,13 +12,15 @@ With `memctl.signals.screen` scores beside them, the table adds the default sign
 ("memorized": p <= alpha; "unusual": flagged by magnitude only; "ordinary"):
 
 >>> nan = float("nan")
->>> screened = [PromptScore("a two", 5.1, nan, 0.7, False, {"magnitude2": 5.1, "contrast2": 4.6, "perturb": 3.0}, 0.4),
+>>> screened = [PromptScore("a two", 5.1, nan, 0.7, False, {"magnitude2": 5.1, "contrast2": 4.6, "sharpness": 3}, 0.4),
 ...             PromptScore("a two, tag hkb", 7.4, nan, 4.2, False,
-...                         {"magnitude2": 7.4, "contrast2": 5.9, "perturb": 2.1}, 0.04)]
+...                         {"magnitude2": 7.4, "contrast2": 5.9, "sharpness": 2.1}, 0.04)]
 >>> table = score_table([PromptScore("a two", 0.2154, 0.902, -0.5, False),
 ...                      PromptScore("a two, tag hkb", 0.3564, 0.9005, 3.86, True)], screened)
->>> table["headers"][-6:], table["data"][0][-6:]
-(['magnitude2', 'contrast2', 'perturb', 'p', 'verdict', 'prompt'], [7.4, 5.9, 2.1, 0.04, 'unusual', 'a two, tag hkb'])
+>>> table["headers"][-6:]
+['magnitude2', 'contrast2', 'sharpness', 'p', 'verdict', 'prompt']
+>>> table["data"][0][-6:]
+[7.4, 5.9, 2.1, 0.04, 'unusual', 'a two, tag hkb']
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def _screen_note(screened) -> str:
     return (
         f" **Verdict: {n} of {len(screened)} memorized** (p <= {ALPHA:g}). magnitude2 = the pull over the first two "
         "steps of a 4-step schedule; contrast2 = the pull beyond the prompt's own neighbour (the prompt without its "
-        "last phrase); perturb = the pull beyond the prompt with one letter of its rarest word changed; p = "
-        "empirical p-value of their mean robust z-score against the ordinary prompts plus decoys "
-        "made from them (`memctl.signals`). *unusual* = flagged by magnitude, not memorized by the verdict."
+        "last phrase); sharpness = how fast the pull changes when the noise moves along it; p = normal "
+        "tail p-value of their mean robust z-score against the ordinary prompts plus decoys made from "
+        "them (`memctl.signals`). *unusual* = flagged by magnitude, not memorized by the verdict."
     )
