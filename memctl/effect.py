@@ -7,7 +7,8 @@ combination prompt at evaluation seeds (10,000 on; probes use seeds below) for:
 
 - memctl's knob (both maps) at fidelity −1 … +1, and the condition map baked into the weights at −1 (`memctl.bake`,
   its edit fit on the probe set's memorized prompts);
-- the controls of `memctl.controls`: uniform, text edit, placement shuffled, random subspace;
+- the controls of `memctl.controls`: uniform, text edit, placement shuffled, random subspace; at +1, the uniform
+  map's guidance (every step and cached), which shows whether the map's placement matters on the fidelity (+) side;
 - the baselines of `memctl.baselines` (Wen, Ren, Jain, NeMo), each calibrated from the probe set only.
 
 Every row records the denoiser evaluations and seconds per image it cost (one CPU thread; seconds are comparable
@@ -179,6 +180,9 @@ def _plan(pipe, bmap, prompt_map, probes, attention_map=None) -> list[tuple[str,
         plan += [("memctl prompt map", f"{f:+.1f}", knob(prompt_map, f, "guidance")) for f in (-1.0, 1.0)]
     controls = control_maps(pipe.unet, bmap, seeds=CONTROL_SEEDS)
     plan += [("uniform", f"{f:+.1f}", knob(controls["uniform"], f)) for f in CONTROL_FIDELITIES]
+    if bmap.meta.get("fidelity_guidance"):  # the +1 lever (its γ) in every cross-attention unit: is placement needed?
+        plan += [("uniform guidance", "+1.0", knob(controls["uniform"], 1.0, "guidance")),
+                 ("uniform guidance cached", "+1.0", knob(controls["uniform"], 1.0, "cached"))]  # fmt: skip
     plan += [("text edit", f"{f:+.1f}", text_edit(f)) for f in CONTROL_FIDELITIES]
     for kind in ("placement shuffled", "random subspace"):
         plan += [(kind, f"seed {s}, -1.0", knob(controls[f"{kind} {s}"], -1.0)) for s in range(CONTROL_SEEDS)]
