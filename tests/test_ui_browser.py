@@ -249,3 +249,18 @@ def test_cancel_shows_only_while_a_map_is_computed(page, app):
     cancel.click()
     page.wait_for_function("(document.querySelector('#map-status')?.innerText ?? '').includes('was cancelled')")
     cancel.wait_for(state="hidden")
+
+
+def test_detect_tab_scores_prompts_with_the_default_signals(page, app):
+    tb = app["engine"].model(MODEL).testbed
+    canary, _, _, c = max(tb.canaries, key=lambda k: k[2])  # the most exposed canary
+    page.get_by_role("tab", name="Detect").click()
+    page.locator("#detect-prompts textarea").fill(f"{tb.prompt(c)}\n{canary}\n")
+    page.locator("#score").click()
+    page.wait_for_function("document.querySelector('#detect-summary').innerText.includes('Verdict')")
+    table = page.locator("#detect-table")
+    for header in ("magnitude2", "contrast2", "sharpness", "verdict"):
+        assert table.get_by_text(header, exact=True).count() >= 1
+    assert table.get_by_text(canary, exact=True).count() >= 1
+    page.screenshot(path=str(SCREENSHOT.with_name("ui-screenshot-detect.png")), full_page=True)
+    page.get_by_role("tab", name="Images").click()
