@@ -3,12 +3,16 @@
     python bench/detect_calibrate.py      # the readings (digits-s0, digits-attr-s0, seeds 0-7)
     python bench/detect_combinations.py   # -> bench/results/detect_combinations.{json,md}
 
-Each candidate gets the seeds as the default combination does (signal i of `COMBINED` on seeds i, i + 3, ...), so
+These are the candidates of the round before detection was scored against measured copying (`bench/detect_measured.py`,
+which chose today's `memctl.signals.COMBINED`); they trade the AUC against the groups "decoys" and "ordinary", and
+the script stays to reproduce that table. Each candidate gets the seeds as the former default (`PREVIOUS`,
+`magnitude2` + `contrast2` + `perturb`) did (signal i of `PREVIOUS` on seeds i, i + 3, ...), so
 every row costs 3.33 denoiser evaluations per prompt and seed. The candidates, all from z-scores of logs against
 the reference half of the ordinary prompts (as `memctl.signals.combine`):
-- `mean` (the default, `COMBINED`): the mean of the three z-scores;
+- `mean` (the former default, `PREVIOUS`): the mean of the three z-scores;
 - `strength`: the mean of `magnitude2` and `contrast2` only;
-- `perturb weight c`: `strength` plus c times `perturb`'s z-score (the default, the mean of three, ranks as c = 0.5);
+- `perturb weight c`: `strength` plus c times `perturb`'s z-score (the former default, the mean of three, ranks
+  as c = 0.5);
 - `veto T`: `strength`, minus 10 per unit that `perturb`'s z-score falls below T. A memorized prompt's rarest word
   matters to the model (changing a letter of it moves the prediction), an untrained one's does not, so a low
   `perturb` marks a decoy; above T, `perturb` does not count, and ordinary prompts keep their `strength` order;
@@ -26,11 +30,12 @@ from pathlib import Path
 import torch
 
 from memctl.detection import robust_z, roc_auc
-from memctl.signals import ALPHA, COMBINED, p_values
+from memctl.signals import ALPHA, p_values
 
 RESULTS = Path(__file__).parent / "results"
 THRESHOLDS = (-2.0, -4.0, -6.0, -8.0)
 WEIGHTS = (0.1, 0.2, 0.3, 0.5, 1.0)
+PREVIOUS = ("magnitude2", "contrast2", "perturb")  # the default combination when this table was made
 
 
 def _log(v: torch.Tensor) -> torch.Tensor:
@@ -38,8 +43,8 @@ def _log(v: torch.Tensor) -> torch.Tensor:
 
 
 def candidates(groups: dict, seeds: int) -> dict:
-    """`{candidate: {group: scores}}` from per-seed readings, the seeds split over `COMBINED` in turn."""
-    split = {s: list(range(i, seeds, len(COMBINED))) for i, s in enumerate(COMBINED)}
+    """`{candidate: {group: scores}}` from per-seed readings, the seeds split over `PREVIOUS` in turn."""
+    split = {s: list(range(i, seeds, len(PREVIOUS))) for i, s in enumerate(PREVIOUS)}
 
     def z(sig: str, group: str, ref: str = "reference") -> torch.Tensor:
         mean = {g: torch.tensor(groups[g][sig])[split[sig]].mean(0) for g in (group, ref)}

@@ -104,7 +104,7 @@ def verdicts(groups: dict, copies: dict, seeds: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    models = [m for m in result["models"]]
+    models = list(result["models"])
     lines = [
         "# Detection candidates against measured copying (calibration split)",
         f"`{result['command']}`: {', '.join(models)} at seeds 0-7 (the readings of `bench/detect_calibrate.py`); "
@@ -155,12 +155,8 @@ def main(argv: list[str]) -> None:
     models = {m: r for m, r in readings.items() if not m.startswith("_")}
     cached = _cached_labels(argv)
     copies = {m: cached.get(m) or labels(m, r["groups"]) for m, r in models.items()}
-    atomic_write(
-        RESULTS / "detect_measured.json",
-        json.dumps(
-            {"label_seeds": list(LABEL_SEEDS), "models": {m: {"copy_rate": copies[m]} for m in models}}
-        ).encode(),
-    )  # fmt: skip  (the labels, kept if scoring fails)
+    labelled = {"label_seeds": list(LABEL_SEEDS), "models": {m: {"copy_rate": copies[m]} for m in models}}
+    atomic_write(RESULTS / "detect_measured.json", json.dumps(labelled).encode())  # the labels, kept if scoring fails
     rows = []
     for names in candidate_sets():
         row = {"signals": list(names), "evals": round(sum(EVALS[s] for s in names) / len(names), 2)}
