@@ -14,7 +14,8 @@ does (`split_seeds`), combined as the mean of their robust z-scores against the 
 Score: ROC AUC and TPR at 1 % FPR of the prompts that copy (copy rate >= `COPYING`) against those that never
 copied, pooled over all groups but the reference; the choice is the best mean AUC over the two calibration models.
 For the chosen set (`memctl.signals.COMBINED`) the share flagged (p <= `ALPHA`) per group is also given for two
-verdict references: the ordinary prompts plus the decoys made from them (the default) and the ordinary prompts alone.
+verdict references: the ordinary prompts plus the decoys made from them (the default) and the ordinary prompts alone,
+with each group's median risk.
 The evaluation models (digits-s1, digits-s2, digits-attr-s1, moving-digits) and seeds (100-107) are not read.
 """
 
@@ -88,7 +89,7 @@ def verdicts(groups: dict, copies: dict, seeds: int) -> dict:
         "ordinary + made decoys": torch.cat([risk["reference"], risk["made_decoys"]]),
         "ordinary": risk["reference"],
     }
-    out = {}
+    out = {"median_risk": {g: round(float(r.median()), 2) for g, r in risk.items()}}
     for name, ref in refs.items():
         out[name] = {}
         for g in groups:
@@ -125,7 +126,11 @@ def markdown(result: dict) -> str:
     lines += ["", f"## The default ({' + '.join(COMBINED)}): share flagged at p <= {ALPHA}, by verdict reference", ""]
     lines.append("share flagged: all (copying / never copied)")
     for m in models:
+        medians = ", ".join(f"{g} {v:.2f}" for g, v in result["verdicts"][m]["median_risk"].items())
+        lines.append(f"- {m}, median risk by group: {medians}.")
         for ref, table in result["verdicts"][m].items():
+            if ref == "median_risk":
+                continue
             cells = [f"{g} {c['all']:.0%} ({_pct(c.get('copying'))} / {_pct(c.get('never_copied'))})"
                      for g, c in table.items()]  # fmt: skip
             lines.append(f"- {m}, against {ref}: " + "; ".join(cells) + ".")
