@@ -37,7 +37,9 @@ prompts) stays as a signal to read.
 
 Calibration: each signal's log is a robust z-score against the user's ordinary prompts; `risk` is the mean of the
 combined signals' z-scores. The reference for the verdict is the ordinary prompts **plus decoys made from them**
-(words shuffled; one letter of the rarest word changed), so an odd but untrained prompt has odd company.
+(words shuffled; one letter of the rarest word changed), so an odd but untrained prompt has odd company. On the
+embedded models those made decoys came out quieter than ordinary prompts (`bench/results/detect_measured.md`), so
+they widen the fitted spread and make the verdict conservative.
 `p_value` is the normal tail of `risk` against the reference's risks (median and MAD: a robust fit), the same meaning
 on every model and reachable with a small reference (an empirical p-value needs 99 reference scores to reach 0.01);
 a prompt is flagged when `p_value <= alpha`.
