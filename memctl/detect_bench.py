@@ -193,7 +193,7 @@ def _measured(tb, pipe, prompts: list[str], copy_seeds, values: dict, parts: dic
         "prompts_copying": {g: round(float((copies[i] >= COPYING).float().mean()), 3) for g, i in groups.items()},
         **measured_rows(
             {s: v[: len(prompts)] for s, v in values.items()}, copies, parts["decoys"], exposures[max(tb.exposures)]
-        ),  # fmt: skip
+        ),
         "copy_rates": [round(float(x), 4) for x in copies],
     }
 
