@@ -69,6 +69,16 @@ _EFFECT_COLUMNS = ("most-exposed copy", "least-exposed copy", "canary novel-vali
 _VIDEO_COLUMNS = ("frame valid", "motion valid", "temporal change")
 
 
+# checks of rows outside the bars (`memctl.effect.bars`), in the order the table lists them
+OTHER_CHECKS = (
+    ("in_attention_fidelity_checks", "fidelity in-attention"),
+    ("cached_fidelity_checks", "fidelity cached"),
+    ("per_prompt_fidelity_checks", "fidelity per-prompt γ"),
+    ("per_prompt_cached_fidelity_checks", "fidelity per-prompt γ cached"),
+    ("bake_checks", "baked"),
+)
+
+
 def _effect_md(results: dict) -> list[str]:
     md = []
     for model, r in results.items():
@@ -77,16 +87,9 @@ def _effect_md(results: dict) -> list[str]:
         md.append(f"\n## {model}: bars {'PASS' if bars['pass'] else 'FAIL'} (condition probe {r['probe_seconds']} s, "
                   f"prompt-only detect + probe {r['prompt_map']['seconds']} s)\n\n")  # fmt: skip
         md += [f"- {'PASS' if ok else 'FAIL'}: {name}\n" for name, ok in bars["checks"].items()]
-        md += [f"- {'PASS' if ok else 'FAIL'}: fidelity in-attention (not in the bars above): {name}\n"
-               for name, ok in bars.get("in_attention_fidelity_checks", {}).items()]  # fmt: skip
-        md += [f"- {'PASS' if ok else 'FAIL'}: fidelity cached (not in the bars above): {name}\n"
-               for name, ok in bars.get("cached_fidelity_checks", {}).items()]  # fmt: skip
-        for key, what in (("per_prompt_fidelity_checks", "per-prompt γ"),
-                          ("per_prompt_cached_fidelity_checks", "per-prompt γ cached")):  # fmt: skip
-            md += [f"- {'PASS' if ok else 'FAIL'}: fidelity {what} (not in the bars above): {name}\n"
+        for key, what in OTHER_CHECKS:
+            md += [f"- {'PASS' if ok else 'FAIL'}: {what} (not in the bars above): {name}\n"
                    for name, ok in bars.get(key, {}).items()]  # fmt: skip
-        md += [f"- {'PASS' if ok else 'FAIL'}: baked (not in the bars above): {name}\n"
-               for name, ok in bars.get("bake_checks", {}).items()]  # fmt: skip
         md += [f"- not measured, {row}: {err}\n" for row, err in r.get("errors", {}).items()]
         if r["prompt_map"].get("error"):
             md.append(f"- no prompt-only map rows: {r['prompt_map']['error']}\n")
