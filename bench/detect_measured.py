@@ -60,31 +60,33 @@ def candidate_sets() -> list[tuple[str, ...]]:
     return [c for c in sets if sum(EVALS[s] for s in c) / len(c) <= MAX_EVALS]
 
 
-def score(groups: dict, copies: dict, names: tuple[str, ...], seeds: int) -> dict:
-    """One candidate on one model: signal i of `names` on seeds i, i + k, …; z-scores against the reference."""
-    split = {s: list(range(i, seeds, len(names))) for i, s in enumerate(names)}
-    scored = [g for g in groups if g != "reference"]
+def risks(groups: dict, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Each group's risk under the combination of `names`: signal i on seeds i, i + k, … (as
+    `memctl.signals.read_signals` splits them), z-scores against the reference group (`memctl.signals.combine`)."""
+    k = len(names)
 
     def mean(g):
-        return {s: torch.tensor(groups[g][s])[split[s]].mean(0) for s in names}
+        return {s: torch.tensor(groups[g][s])[i::k].mean(0) for i, s in enumerate(names)}
 
     ref = mean("reference")
-    risk = torch.cat([combine(mean(g), ref) for g in scored])
+    return {g: combine(mean(g), ref) for g in groups}
+
+
+def score(groups: dict, copies: dict, names: tuple[str, ...]) -> dict:
+    """One candidate on one model: AUC / TPR at 1 % FPR of the prompts that copy against those that never did."""
+    scored = [g for g in groups if g != "reference"]
+    risk_of = risks(groups, names)
+    risk = torch.cat([risk_of[g] for g in scored])
     rate = torch.tensor([x for g in scored for x in copies[g]])
     pos, neg = risk[rate >= COPYING], risk[rate == 0]
     return {"auc": round(roc_auc(pos, neg), 3), "tpr1": round(tpr_at_fpr(pos, neg), 3), "copying": len(pos),
             "never_copied": len(neg)}  # fmt: skip
 
 
-def verdicts(groups: dict, copies: dict, seeds: int) -> dict:
+def verdicts(groups: dict, copies: dict) -> dict:
     """Share flagged per group by `COMBINED` (p <= `ALPHA`), against the reference with and without made decoys;
     each group also split into its prompts that copy and those that never copied."""
-    split = {s: list(range(i, seeds, len(COMBINED))) for i, s in enumerate(COMBINED)}
-
-    def mean(g):
-        return {s: torch.tensor(groups[g][s])[split[s]].mean(0) for s in COMBINED}
-
-    risk = {g: combine(mean(g), mean("reference")) for g in groups}
+    risk = risks(groups, COMBINED)
     refs = {
         "ordinary + made decoys": torch.cat([risk["reference"], risk["made_decoys"]]),
         "ordinary": risk["reference"],
@@ -166,7 +168,7 @@ def main(argv: list[str]) -> None:
     for names in candidate_sets():
         row = {"signals": list(names), "evals": round(sum(EVALS[s] for s in names) / len(names), 2)}
         for m, r in models.items():
-            row[m] = score(r["groups"], copies[m], names, len(r["seeds"]))
+            row[m] = score(r["groups"], copies[m], names)
         row["mean_auc"] = round(sum(row[m]["auc"] for m in models) / len(models), 3)
         rows.append(row)
     rows.sort(key=lambda r: (-r["mean_auc"], r["evals"]))
@@ -177,7 +179,7 @@ def main(argv: list[str]) -> None:
         "seconds": round(time.perf_counter() - t0, 1),
         "models": {m: {"copy_rate": copies[m]} for m in models},
         "candidates": rows,
-        "verdicts": {m: verdicts(r["groups"], copies[m], len(r["seeds"])) for m, r in models.items()},
+        "verdicts": {m: verdicts(r["groups"], copies[m]) for m, r in models.items()},
     }
     atomic_write(RESULTS / "detect_measured.json", (json.dumps(result, indent=1) + "\n").encode())
     atomic_write(RESULTS / "detect_measured.md", markdown(result).encode())

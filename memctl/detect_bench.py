@@ -117,11 +117,14 @@ def _combined(per_seed: dict, ref: slice) -> torch.Tensor:
 
 
 def bench_testbed(
-    name: str, seeds: tuple[int, ...] = EVAL_SEEDS, batch_size: int = 32, copy_seeds: tuple[int, ...] = COPY_SEEDS
+    name: str, seeds: tuple[int, ...] = EVAL_SEEDS, batch_size: int = 32, copy_seeds: tuple[int, ...] | None = None
 ) -> dict:
+    """One testbed's rows; `copy_seeds` None: `COPY_SEEDS` for an image testbed, none (not sampled) for video."""
     from memctl.zoo import load_testbed
 
     tb = load_testbed(name)
+    if copy_seeds is None:
+        copy_seeds = () if tb.train_images.ndim == 5 else COPY_SEEDS
     pipe = tb.pipeline()
     pipe.set_progress_bar_config(disable=True)
     canaries = [c[0] for c in tb.canaries]
@@ -206,13 +209,7 @@ def _evals(signal: str) -> int:
 
 def bench_detect(models: list[str], seeds: tuple[int, ...] = EVAL_SEEDS) -> dict:
     """Every model; the image testbeds also sampled for measured copying (`COPY_SEEDS`), the video one not."""
-    from memctl.zoo import load_testbed
-
-    return {n: bench_testbed(n, seeds, copy_seeds=() if _is_video(load_testbed(n)) else COPY_SEEDS) for n in models}
-
-
-def _is_video(tb) -> bool:
-    return tb.train_images.ndim == 5
+    return {name: bench_testbed(name, seeds) for name in models}
 
 
 def detect_md(results: dict) -> list[str]:
