@@ -1,0 +1,119 @@
+"""The knob's cost per denoiser forward at the sizes users sample at, on this CPU (one thread).
+
+    python bench/speed_real_size.py            # → bench/results/speed_real_size.{json,md}, about 40 min
+
+`memctl bench speed` times small inputs (16² UNet latents, 16 Wan video tokens) so that it fits CI-like minutes; there
+a hook's fixed cost and the text tokens' key/value projections weigh far more than in a real call. This script times
+the same configurations (`memctl.speed.unet_cases` / `wan_cases`, the same maps, the same interleaved rounds and
+ratio of best times) at a real size:
+
+- SD 1.5 UNet: 64² latents (a 512² image), classifier-free guidance's batch of 2, 77 text tokens;
+- Wan 2.1 1.3B: one 480 × 832 frame (latent 1 × 60 × 104, 1,560 video tokens) with the 512 text tokens a Wan call
+  feeds (`max_sequence_length`), the smallest call Wan makes (text-to-image); a real 81-frame clip has 21× the video
+  tokens and the same text, so the text side weighs less still.
+
+The loop rows (cached guidance, timed as a 10-step loop) and PAG are left out to keep it under an hour; FreeU stays
+for comparison. Rows are named as in `speed.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from memctl.speed import _bar, time_cases, unet_cases, wan_cases
+from memctl.speed_setup import baked_unet, build_unet, build_wan, condition_map, residual_map, unet_inputs, wan_inputs
+
+OUT = Path(__file__).parent / "results"
+SKIP = ("PAG", "per step of a", "new text states")  # loops, PAG, the once-per-call row: see the docstring
+WAN_KEEP = (
+    "plain",
+    "knob 0, condition map",
+    "knob -1, condition map",
+    "knob +1, condition map, in-attention guidance",
+    "knob +1, condition map, extra-pass guidance",
+    "baked (condition map at -1, no hooks)",
+)
+
+
+def _describe(model, inputs, cmap, rows, t0) -> dict:
+    return {
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "inputs": {k: list(v.shape) for k, v in inputs.items()},
+        "map": {"condition units": cmap.n_blocks, "bank": list(cmap.lever_tensors["bank"].shape)},
+        "rows": rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "bar": _bar(rows),
+    }
+
+
+def main(repeats: int = 3) -> dict:
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    models = {}
+
+    unet = build_unet()
+    inputs = unet_inputs(unet, 64)
+    cmap, rmap = condition_map(unet), residual_map(unet)
+    baked = baked_unet(unet, cmap)
+    cases = [c for c in unet_cases(unet, inputs, cmap, rmap, baked) if not any(s in c[0] for s in SKIP)]
+    t0 = time.perf_counter()
+    models["sd15-unet 512²"] = _describe(unet, inputs, cmap, time_cases(cases, repeats), t0)
+    print(json.dumps(models["sd15-unet 512²"]["bar"], indent=1), flush=True)
+    del unet, baked, cases
+
+    wan = build_wan()
+    w_inputs = wan_inputs(wan, frames=1, height=60, width=104, text=512)
+    wcmap = condition_map(wan, tokens=512)
+    w_baked = baked_unet(wan, wcmap)
+    cases = [c for c in wan_cases(wan, w_inputs, residual_map(wan), wcmap, w_baked) if c[0] in WAN_KEEP]
+    t0 = time.perf_counter()
+    models["wan-1.3b 480×832"] = _describe(wan, w_inputs, wcmap, time_cases(cases, repeats), t0)
+    print(json.dumps(models["wan-1.3b 480×832"]["bar"], indent=1), flush=True)
+    from memctl.metadata import provenance
+
+    report = {
+        "suite": "speed at real sizes",
+        "command": "python bench/speed_real_size.py" + ("" if repeats == 3 else f" {repeats}"),
+        "repeats": repeats,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": 1},
+        "versions": provenance(),
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "models": models,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = OUT / "speed_real_size.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    tmp.replace(OUT / "speed_real_size.json")
+    (OUT / "speed_real_size.md").write_text(render(report))
+    return report
+
+
+def render(report: dict) -> str:
+    lines = [
+        "# The knob's cost at real sizes (CPU)",
+        "",
+        f"`{report['command']}`: {report['repeats']} interleaved rounds after one warm-up, one CPU thread "
+        f"({report['machine']['platform']}), {report['seconds']:.0f} s in all. Ratios per denoiser forward, each "
+        "round against the plain model in the same round; the bars use the ratio of best times, as in `speed.md`.",
+    ]
+    for name, m in report["models"].items():
+        shapes = ", ".join(f"`{k}` {tuple(v)}" for k, v in m["inputs"].items())
+        lines += ["", f"## {name} ({m['params_m']} M parameters, random weights), inputs {shapes}", ""]
+        lines += [f"- {k}: {v}" for k, v in m["bar"].items()]
+        lines += ["", "configuration | ratio to plain: median (range) | ratio of best times | s / forward (median)",
+                  "--- | --- | --- | ---"]  # fmt: skip
+        for row, r in m["rows"].items():
+            q = r["ratio"]
+            lines.append(f"{row} | {q['median']:.3f} ({q['min']:.3f}–{q['max']:.3f}) | {r['best_ratio']} | "
+                         f"{r['seconds']['median']:.2f}")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)
