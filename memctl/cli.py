@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         "combines how hard each prompt pulls the noise prediction over two steps of a short schedule and how much "
         "that pull exceeds the pull of the prompt's own neighbour (the prompt without its last phrase); see "
         "memctl.signals. Each prompt gets its signals, a risk (mean robust z-score against ordinary prompts), a "
-        "p-value against the ordinary prompts plus decoys made from them, and a verdict (p <= --alpha). "
+        "p-value against the ordinary prompts plus decoys made from them (Student-t predictive tail), and a verdict "
+        "(p <= --alpha). "
         "--signals magnitude gives the first-step magnitude alone (Wen et al. 2024), as before.",
     )
     p.add_argument("prompts", help="text file, one prompt per line ('#' lines and blank lines skipped)")

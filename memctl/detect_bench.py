@@ -3,11 +3,11 @@
 Per testbed, the prompts are its canaries (by exposure), its ordinary prompts and 30 decoys (prompts as unusual
 as a canary and never trained: untrained tags on digits, unseen combinations and reordered captions on
 digits-attr). The ordinary prompts are split in two by a fixed shuffle: one half is the *reference* (what a user
-passes as `--reference`; decoys made from it complete the calibration set), the other half is the ordinary
-negatives. Rows: ROC AUC and TPR at 1 % FPR of the canaries of each exposure against the held-out ordinary prompts
-and against the decoys; the share flagged at the default threshold (p-value <= `ALPHA` against the reference and
-its decoys); seconds per prompt for each signal (all seeds). Every signal is read on every seed; the combination
-gives the seeds in turn to the signals of `COMBINED`, as `memctl.signals.screen` does.
+passes as `--reference`), the other half is the ordinary negatives. Rows: ROC AUC and TPR at 1 % FPR of the
+canaries of each exposure against the held-out ordinary prompts and against the decoys; the share flagged at the
+default threshold (the p-value against the reference and the decoys made from it, `auto_decoys`, <= `ALPHA`);
+seconds per prompt for each signal (all seeds). Every signal is read on every seed; the combination gives the seeds
+in turn to the signals of `COMBINED`, as `memctl.signals.screen` does.
 
 **Measured ground truth.** A prompt's label says what it was trained as, not what it does: on the digits models an
 untrained tag in the canary format ("a zero, tag qrc") makes the model draw a canary's bound image (the tag format
@@ -19,7 +19,8 @@ correlation of each signal with the copy rate. The video testbed is not sampled 
 denoiser calls of its transformer, and its effect rows show no copied clip at any exposure).
 
 The combination (`COMBINED`) was chosen against measured copying on digits-s0 and digits-attr-s0 with the signals
-at seeds 0-7 and labels from seeds 300-315 (`bench/detect_measured.py`); the threshold is `ALPHA`. digits-s1,
+at seeds 0-7 and labels from seeds 300-315 (`bench/detect_measured.py`); the verdict's reference and tail on the
+calibration models at four seed sets (`bench/detect_verdict.py`); the threshold is `ALPHA`. digits-s1,
 digits-attr-s1, digits-s2 and moving-digits are clean tests, and `EVAL_SEEDS` were not read for the choice.
 """
 
@@ -160,7 +161,17 @@ def bench_testbed(
     per_prompt = {s: round(seconds[s] / n_prompts, 4) for s in SIGNALS}
     per_prompt["combined"] = round(sum(seconds[s] for s in COMBINED) / len(COMBINED) / n_prompts, 4)
     most, today = rows[str(max(tb.exposures))]["combined"], rows[str(max(tb.exposures))]["magnitude"]
-    measured = _measured(tb, pipe, scored[: ref.start], copy_seeds, values, parts) if copy_seeds else None
+    measured = _measured(tb, pipe, scored[: ref.start], copy_seeds, values, parts, pv) if copy_seeds else None
+    bar = {
+        "most-exposed combined AUC vs decoys >= 0.95": most["auc_vs_decoys"] >= 0.95,
+        "most-exposed combined AUC vs ordinary >= first-step magnitude's": most["auc_vs_ordinary"]
+        >= today["auc_vs_ordinary"],
+        "flagged decoys <= 5 %": flagged["decoys"] <= 0.05,
+        "<= 4 evaluations per prompt and seed": evals["combined"] <= 4,
+    }
+    never = measured["flagged"]["never_copied"] if measured else None  # the same check against measured copying
+    if never is not None:
+        bar["flagged prompts that never copied <= 5 % (measured)"] = never <= 0.05
     return {
         "prompts": {"canaries": k, "ordinary": n, "decoys": d, "reference": len(reference), "made_decoys": len(made)},
         "seeds": list(seeds),
@@ -169,22 +180,18 @@ def bench_testbed(
         "flagged": flagged,
         "evals_per_prompt_and_seed": evals,
         "seconds_per_prompt_and_seed": per_prompt,
-        "bar": {
-            "most-exposed combined AUC vs decoys >= 0.95": most["auc_vs_decoys"] >= 0.95,
-            "most-exposed combined AUC vs ordinary >= first-step magnitude's": most["auc_vs_ordinary"]
-            >= today["auc_vs_ordinary"],
-            "flagged decoys <= 5 %": flagged["decoys"] <= 0.05,
-            "<= 4 evaluations per prompt and seed": evals["combined"] <= 4,
-        },
+        "bar": bar,
         "measured": measured,
         "values": {s: [round(float(x), 6) for x in v] for s, v in values.items()},
         "names": {"canaries": canaries, "ordinary": ordinary, "decoys": decoys, "reference": reference},
     }
 
 
-def _measured(tb, pipe, prompts: list[str], copy_seeds, values: dict, parts: dict) -> dict:
-    """Copy rates of the scored prompts (canaries, ordinary, decoys) and every signal against them."""
+def _measured(tb, pipe, prompts: list[str], copy_seeds, values: dict, parts: dict, pv: torch.Tensor) -> dict:
+    """Copy rates of the scored prompts (canaries, ordinary, decoys), every signal against them, and the share of
+    the copying and never-copied prompts the verdict (`pv`, p-values of the scored prompts) flags."""
     copies = prompt_copy_rates(tb, pipe, prompts, copy_seeds)
+    flagged = pv[: len(prompts)] <= ALPHA
     exposures = {e: [i for i, c in enumerate(tb.canaries) if c[2] == e] for e in tb.exposures}
     groups = {**{f"canaries_{e}": i for e, i in exposures.items()},
               **{neg: list(range(part.start, part.stop)) for neg, part in parts.items()}}  # fmt: skip
@@ -197,6 +204,10 @@ def _measured(tb, pipe, prompts: list[str], copy_seeds, values: dict, parts: dic
         **measured_rows(
             {s: v[: len(prompts)] for s, v in values.items()}, copies, parts["decoys"], exposures[max(tb.exposures)]
         ),
+        "flagged": {
+            part: round(float(flagged[mask].float().mean()), 3) if mask.any() else None
+            for part, mask in (("copying", copies >= COPYING), ("never_copied", copies == 0))
+        },
         "copy_rates": [round(float(x), 4) for x in copies],
     }
 
@@ -216,10 +227,11 @@ def detect_md(results: dict) -> list[str]:
     md = [
         "\nCanaries of each exposure against held-out ordinary prompts and against decoys: ROC AUC / TPR at 1 % "
         f"FPR. Flagged: p-value <= {ALPHA} against the reference half of the ordinary prompts plus decoys made from "
-        "it (the default verdict; normal-tail p-values). The combination (magnitude2 + contrast2 + sharpness) was "
-        "chosen against measured copying on digits-s0 / digits-attr-s0 at seeds 0-7 (`bench/detect_measured.py`); "
-        "digits-s1, digits-attr-s1, digits-s2 and moving-digits are clean tests. Under each table: every signal "
-        "against *measured* copying (the image testbeds' prompts sampled at seeds 200-215).\n"
+        "it (the default verdict; Student-t predictive tail, chosen in `bench/detect_verdict.py`). The combination "
+        "(magnitude2 + contrast2 + sharpness) was chosen against measured copying on digits-s0 / digits-attr-s0 at "
+        "seeds 0-7 (`bench/detect_measured.py`); digits-s1, digits-attr-s1, digits-s2 and moving-digits are clean "
+        "tests. Under each table: every signal against *measured* copying (the image testbeds' prompts sampled at "
+        "seeds 200-215), and the share of them the verdict flags.\n"
     ]
     for model, r in results.items():
         ok = all(r["bar"].values())
@@ -244,6 +256,13 @@ def detect_md(results: dict) -> list[str]:
     return md
 
 
+def _flagged_measured(m: dict) -> str:
+    f = m.get("flagged") or {}
+    cells = [f"{f[k]:.0%} of the {n}" for k, n in (("copying", "copying prompts"), ("never_copied", "never-copied"))
+             if f.get(k) is not None]  # fmt: skip
+    return f" Flagged: {' and '.join(cells)}." if cells else ""
+
+
 def measured_md(m: dict, exposures: list[str]) -> list[str]:
     """The measured-ground-truth block of one model: copy rates by group, then each signal against them."""
     seeds = f"seeds {m['copy_seeds'][0]}-{m['copy_seeds'][-1]}"
@@ -254,7 +273,7 @@ def measured_md(m: dict, exposures: list[str]) -> list[str]:
     md = [f"\nMeasured ground truth ({len(m['copy_seeds'])} samples per prompt, {seeds}, guidance {m['guidance']}, "
           f"{m['steps']} steps; a sample copies when d1 < d2 / 3): copy rate {rates}. Copying prompts (copy rate >= "
           f"{COPYING:.0%}): {m['copying']}; never copied: {m['never_copied']}; decoys that never copied: "
-          f"{m['clean_decoys']}.\n\n"]  # fmt: skip
+          f"{m['clean_decoys']}." + _flagged_measured(m) + "\n\n"]  # fmt: skip
     head = ["signal", "copying vs never copied (AUC / TPR at 1 % FPR)",
             f"{exposures[-1]}× vs never-copying decoys (AUC)", "Spearman with copy rate"]  # fmt: skip
     md += [" | ".join(head) + "\n", " | ".join("---" for _ in head) + "\n"]

@@ -20,8 +20,8 @@ Two signals from the first denoising step(s) of classifier-free guided sampling,
   layout (Flux and video denoisers work on token sequences).
 
 More signals (two-step magnitude, a contrast with the prompt's own neighbour, anisotropy, sharpness) and a verdict
-calibrated as a p-value (a normal tail fitted robustly to the reference) are in `memctl.signals`; this module's
-`detect` keeps the first-step reading.
+calibrated as a p-value (a Student-t predictive tail fitted robustly to the reference) are in `memctl.signals`; this
+module's `detect` keeps the first-step reading.
 
 `risk` is a robust z-score of log magnitude against reference prompts (the median and MAD of ordinary prompts the
 user passes as `reference`, or of all scored prompts when none are given); `flagged` means risk > `threshold`.

@@ -37,12 +37,17 @@ prompts) stays as a signal to read.
 
 Calibration: each signal's log is a robust z-score against the user's ordinary prompts; `risk` is the mean of the
 combined signals' z-scores. The reference for the verdict is the ordinary prompts **plus decoys made from them**
-(words shuffled; one letter of the rarest word changed), so an odd but untrained prompt has odd company. On the
-embedded models those made decoys came out quieter than ordinary prompts (`bench/results/detect_measured.md`), so
-they widen the fitted spread and make the verdict conservative.
-`p_value` is the normal tail of `risk` against the reference's risks (median and MAD: a robust fit), the same meaning
-on every model and reachable with a small reference (an empirical p-value needs 99 reference scores to reach 0.01);
-a prompt is flagged when `p_value <= alpha`.
+(words shuffled; one letter of the rarest word changed), so an odd but untrained prompt has odd company. `p_value`
+is the Student-t predictive tail of `risk` against the reference's risks (median and MAD, a robust fit, widened for
+the reference being a sample of `n`), the same meaning on every model and reachable with a small reference (an
+empirical p-value needs 99 reference scores to reach 0.01); a prompt is flagged when `p_value <= alpha`.
+How the verdict was chosen (`bench/detect_verdict.py`): on the calibration models at four seed sets, against
+ordinary prompts alone every tail tried (normal or t, median and MAD or mean and sd) flagged 13 % of a model's
+held-out ordinary prompts on some seed set: the embedded models' ordinary prompts come in templates ("a five",
+"the digit five"), their risks cluster, and 15 of them do not pin down a 1 % tail. The made decoys are *quieter*
+than ordinary prompts, so they widen the fit: the verdict is conservative (on digits it flags no prompt at the
+test seeds, copying or not). Use the risk as a ranking; `screen(..., decoys=False)` judges against the ordinary
+prompts alone, for a reference of many prompts of your own.
 """
 
 from __future__ import annotations
@@ -205,15 +210,21 @@ def combine(values: dict[str, torch.Tensor], reference: dict[str, torch.Tensor])
 
 
 def p_values(risk: torch.Tensor, reference_risk: torch.Tensor) -> torch.Tensor:
-    """One-sided p-value of each risk under a normal fitted robustly to the reference risks (median, 1.4826 MAD).
+    """One-sided p-value of each risk as a new draw beside the `n` reference risks: the Student-t predictive tail
+    with `n - 1` degrees of freedom of the robust z-score (median, 1.4826 MAD) over `sqrt(1 + 1/n)`.
 
-    Not the empirical p-value (1 + #{ref >= risk}) / (1 + #ref): that cannot fall below 1 / (1 + #ref), so with
-    fewer than 99 reference scores nothing could ever reach p <= 0.01 (digits' 15 reference prompts and their 26
-    made decoys: never below 0.024). How well the fitted tail holds is measured: `memctl bench detect` counts the
-    held-out ordinary prompts and the decoys flagged.
+    The predictive tail accounts for the reference being a sample (against 15 ordinary prompts a normal tail
+    flagged 8-27 % of held-out ordinary prompts at p <= 0.01, this one 5-7 %; `bench/results/detect_verdict.md`).
+    It is not the
+    empirical p-value (1 + #{ref >= risk}) / (1 + #ref), which cannot fall below 1 / (1 + #ref): with fewer than
+    99 reference scores nothing could reach p <= 0.01. How well the tail holds is measured: `memctl bench detect`
+    counts the held-out ordinary prompts, decoys and prompts that never copied that are flagged.
     """
-    z = robust_z(risk.double(), reference_risk.double())
-    return 0.5 * torch.special.erfc(z / 2**0.5)  # float64: small p-values stay above 0
+    from scipy.stats import t as student_t
+
+    n = reference_risk.numel()
+    z = robust_z(risk.double(), reference_risk.double()) / (1 + 1 / n) ** 0.5
+    return torch.from_numpy(student_t.sf(z.numpy(), df=max(n - 1, 1)))  # float64: small p-values stay above 0
 
 
 def screen(
@@ -226,7 +237,9 @@ def screen(
     decoys: bool = True,
     **kwargs,
 ) -> list[PromptScore]:
-    """Score `prompts` on `names` against ordinary `reference` prompts (and decoys made from them)."""
+    """Score `prompts` on `names` against ordinary `reference` prompts; the verdict is `p_value <= alpha` against
+    them and the decoys made from them (`auto_decoys`); `decoys=False` judges against the ordinary prompts alone
+    (for a large reference of your own: with 15 it does not hold its level, `bench/results/detect_verdict.md`)."""
     if not reference or isinstance(reference, str):
         raise ValueError(f"Expected a list of ordinary reference prompts, but got {reference!r:.200}.")
     if not 0 < alpha < 1:
@@ -239,7 +252,7 @@ def screen(
     p, r = len(prompts), len(reference)
     ordinary = {n: v[p : p + r] for n, v in values.items()}
     risk = combine(values, ordinary)
-    pv = p_values(risk[:p], risk[p:])
+    pv = p_values(risk[:p], risk[p:])  # against the reference and, with `decoys`, the decoys made from it
     out = []
     for i, prompt in enumerate(prompts):
         sig = {n: round(float(v[i]), 6) for n, v in values.items()}
@@ -263,6 +276,6 @@ def format_scores(scores: list[PromptScore], basis: str, cutoff: float) -> str:
     if scores[0].p_value is None:
         rule = f"risk > {cutoff}; risk is a robust z-score of log first-step magnitude against {basis}"
     else:
-        rule = (f"p <= {cutoff}; risk is the mean robust z-score of the signals against {basis}, p its empirical "
-                "p-value against those prompts plus decoys made from them")  # fmt: skip
+        rule = (f"p <= {cutoff}; risk is the mean robust z-score of the signals against {basis}, p its "
+                "predictive (Student-t) tail against those prompts plus decoys made from them")  # fmt: skip
     return "\n".join(lines) + f"\n\n{flagged} of {len(scores)} flagged ({rule})."

@@ -1,8 +1,10 @@
 """memctl.signals (signals beside magnitude, calibration) and memctl.detect_bench's measures."""
 
 import doctest
+import importlib.util
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from memctl.signals import (
     p_values,
     perturb,
     read_signals,
+    screen,
     shuffle,
     word_counts,
 )
@@ -48,10 +51,14 @@ def test_neighbours_by_hand():
 
 
 def test_p_values_and_combine_by_hand():
-    ref = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])  # median 2, MAD 1: z = (risk - 2) / 1.4826
-    p = p_values(torch.tensor([2.0, 2.0 + 1.4826 * 2.326348, 2.0 + 1.4826 * 10]), ref)
-    assert p.tolist() == pytest.approx([0.5, 0.01, 7.6e-24], rel=1e-4)  # normal tail: 0.01 at z = 2.3263
+    ref = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])  # median 2, MAD 1: z = (risk - 2) / 1.4826, over sqrt(1 + 1/5)
+    t4 = 3.746947  # Student t, 4 degrees of freedom: upper 1 % point
+    p = p_values(torch.tensor([2.0, 2.0 + 1.4826 * t4 * 1.2**0.5, 2.0 + 1.4826 * 10]), ref)
+    assert p.tolist() == pytest.approx([0.5, 0.01, 3.995e-4], rel=1e-3)
+    assert p.dtype == torch.float64
     assert p_values(torch.tensor([30.0]), torch.arange(15.0))[0] < 0.01  # reachable with 15 reference scores
+    z = 2.5  # beyond the normal 1 % point (2.326) but not the predictive one for 15 references: not flagged
+    assert p_values(torch.tensor([7.0 + z * 4 * 1.4826]), torch.arange(15.0))[0] > 0.01
     values = {"magnitude2": torch.tensor([math_e := 2.718281828, 1.0]), "anisotropy": torch.tensor([0.5, 0.0])}
     reference = {"magnitude2": torch.tensor([1.0, 1.0, math_e**2]), "anisotropy": torch.tensor([-1.0, 0.0, 1.0])}
     # log magnitude: median 0, MAD 0 -> floored; anisotropy raw: median 0, MAD 1 -> z 0.5 / 1.4826
@@ -87,6 +94,34 @@ def test_measured_rows_by_hand():
         "decoys": 0.33}, **m}, ["16"]))  # fmt: skip
     assert "decoys 29% (33% of prompts copy)" in block
     assert "loud | 1.00 / 1.00 | 1.00 |" in block
+    assert "Flagged:" not in block  # no verdict recorded: nothing said about it
+    m["flagged"] = {"copying": 0.5, "never_copied": 0.0}
+    block = "".join(measured_md({"copy_seeds": [200, 201], "guidance": 1.0, "steps": 25, "copy_rate": {
+        "canaries_16": 0.75, "ordinary": 0.0, "decoys": 0.29}, "prompts_copying": {"canaries_16": 1.0, "ordinary": 0.0,
+        "decoys": 0.33}, **m}, ["16"]))  # fmt: skip
+    assert "Flagged: 50% of the copying prompts and 0% of the never-copied." in block
+
+
+def test_the_verdict_rule_takes_the_worst_seed_set():
+    """`bench/detect_verdict.py`'s rule: a candidate that flags too many ordinary prompts on one seed set is out,
+    however well it does on the others."""
+    path = Path(__file__).parents[1] / "bench" / "detect_verdict.py"
+    spec = importlib.util.spec_from_file_location("detect_verdict", path)
+    verdict = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verdict)
+
+    def cell(copying, never, ordinary):
+        return {"copying": copying, "never_copied": never, "ordinary": ordinary, "made_decoys": 0.0}
+
+    good = {"loud": cell([9, 10], [0, 50], 0.0), "quiet": cell([1, 10], [0, 50], 0.0)}
+    bad = {"loud": cell([9, 10], [0, 50], 0.2), "quiet": cell([1, 10], [0, 50], 0.0)}
+    sets = {str(i): good for i in range(len(verdict.SEED_SETS))}
+    assert verdict.choose({"m": sets})["chosen"] == "loud"
+    sets["2"] = bad  # one seed set flags 20 % of the held-out ordinary prompts
+    out = verdict.choose({"m": sets})
+    assert out["chosen"] == "quiet"
+    assert out["candidates"]["loud"]["ordinary_flagged_worst"] == 0.2
+    assert out["candidates"]["loud"]["copying_flagged_mean"] == 0.9
 
 
 def test_copy_rates_sample_the_testbed_as_it_is_evaluated():
@@ -134,6 +169,26 @@ def test_the_combination_gives_the_seeds_in_turn():
         read_signals(pipe, ["ab"], ("loudness",), seeds=2, **CALL)
     with pytest.raises(ValueError, match=f"at least {len(COMBINED)} seeds"):
         read_signals(pipe, ["ab"], COMBINED, seeds=[0], **CALL)
+
+
+def test_screen_judges_against_the_ordinary_prompts_and_their_made_decoys(monkeypatch):
+    seen = []
+
+    def fake(pipe, prompts, names, seeds, counts=None, **kw):  # every prompt a different, known reading
+        seen.append(list(prompts))
+        return {n: torch.linspace(1.0, 3.0, len(prompts)) ** (i + 1) for i, n in enumerate(names)}
+
+    monkeypatch.setattr(memctl.signals, "read_signals", fake)
+    reference = ["a two", "a seven", "a one", "a zero"]
+    scores = screen(None, ["a two, tag hkb"], reference)
+    made = auto_decoys(reference)
+    assert seen[-1] == ["a two, tag hkb", *reference, *made]
+    values = fake(None, seen[-1], COMBINED, 8)
+    risk = memctl.signals.combine(values, {n: v[1:5] for n, v in values.items()})  # z-scores: the ordinary ones
+    assert scores[0].p_value == pytest.approx(float(p_values(risk[:1], risk[1:])[0]))  # p: with the made decoys
+    alone = screen(None, ["a two, tag hkb"], reference, decoys=False)
+    assert seen[-1] == ["a two, tag hkb", *reference]
+    assert alone[0].p_value != scores[0].p_value
 
 
 def test_screen_docstring_and_cli(tmp_path, capsys):

@@ -106,7 +106,7 @@ def _screen_note(screened) -> str:
     return (
         f" **Verdict: {n} of {len(screened)} memorized** (p <= {ALPHA:g}). magnitude2 = the pull over the first two "
         "steps of a 4-step schedule; contrast2 = the pull beyond the prompt's own neighbour (the prompt without its "
-        "last phrase); sharpness = how fast the pull changes when the noise moves along it; p = normal "
-        "tail p-value of their mean robust z-score against the ordinary prompts plus decoys made from "
+        "last phrase); sharpness = how fast the pull changes when the noise moves along it; p = the predictive "
+        "(Student-t) tail p-value of their mean robust z-score against the ordinary prompts plus decoys made from "
         "them (`memctl.signals`). *unusual* = flagged by magnitude, not memorized by the verdict."
     )
