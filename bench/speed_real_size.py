@@ -1,6 +1,7 @@
 """The knob's cost per denoiser forward at the sizes users sample at, on this CPU (one thread).
 
-    python bench/speed_real_size.py            # → bench/results/speed_real_size.{json,md}, about 40 min
+    python bench/speed_real_size.py            # → bench/results/speed_real_size.{json,md}, about 60 min
+    python bench/speed_real_size.py --models sd15-unet --repeats 5 --name speed_real_size_sd15   # one model
 
 `memctl bench speed` times small inputs (16² UNet latents, 16 Wan video tokens) so that it fits CI-like minutes; there
 a hook's fixed cost and the text tokens' key/value projections weigh far more than in a real call. This script times
@@ -18,9 +19,9 @@ for comparison. Rows are named as in `speed.md`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -52,45 +53,55 @@ def _describe(model, inputs, cmap, rows, t0) -> dict:
     }
 
 
-def main(repeats: int = 3) -> dict:
+MODELS = ("sd15-unet", "wan-1.3b")
+
+
+def main(repeats: int = 3, models: tuple[str, ...] = MODELS, name: str = "speed_real_size") -> dict:
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    models = {}
-
-    unet = build_unet()
-    inputs = unet_inputs(unet, 64)
-    cmap, rmap = condition_map(unet), residual_map(unet)
-    baked = baked_unet(unet, cmap)
-    cases = [c for c in unet_cases(unet, inputs, cmap, rmap, baked) if not any(s in c[0] for s in SKIP)]
-    t0 = time.perf_counter()
-    models["sd15-unet 512²"] = _describe(unet, inputs, cmap, time_cases(cases, repeats), t0)
-    print(json.dumps(models["sd15-unet 512²"]["bar"], indent=1), flush=True)
-    del unet, baked, cases
-
-    wan = build_wan()
-    w_inputs = wan_inputs(wan, frames=1, height=60, width=104, text=512)
-    wcmap = condition_map(wan, tokens=512)
-    w_baked = baked_unet(wan, wcmap)
-    cases = [c for c in wan_cases(wan, w_inputs, residual_map(wan), wcmap, w_baked) if c[0] in WAN_KEEP]
-    t0 = time.perf_counter()
-    models["wan-1.3b 480×832"] = _describe(wan, w_inputs, wcmap, time_cases(cases, repeats), t0)
-    print(json.dumps(models["wan-1.3b 480×832"]["bar"], indent=1), flush=True)
+    measured = {}
+    if "sd15-unet" in models:
+        unet = build_unet()
+        inputs = unet_inputs(unet, 64)
+        cmap, rmap = condition_map(unet), residual_map(unet)
+        baked = baked_unet(unet, cmap)
+        cases = [c for c in unet_cases(unet, inputs, cmap, rmap, baked) if not any(s in c[0] for s in SKIP)]
+        t0 = time.perf_counter()
+        measured["sd15-unet 512²"] = _describe(unet, inputs, cmap, time_cases(cases, repeats), t0)
+        print(json.dumps(measured["sd15-unet 512²"]["bar"], indent=1), flush=True)
+        del unet, baked, cases
+    if "wan-1.3b" in models:
+        wan = build_wan()
+        w_inputs = wan_inputs(wan, frames=1, height=60, width=104, text=512)
+        wcmap = condition_map(wan, tokens=512)
+        w_baked = baked_unet(wan, wcmap)
+        cases = [c for c in wan_cases(wan, w_inputs, residual_map(wan), wcmap, w_baked) if c[0] in WAN_KEEP]
+        t0 = time.perf_counter()
+        measured["wan-1.3b 480×832"] = _describe(wan, w_inputs, wcmap, time_cases(cases, repeats), t0)
+        print(json.dumps(measured["wan-1.3b 480×832"]["bar"], indent=1), flush=True)
     from memctl.metadata import provenance
 
+    command = "python bench/speed_real_size.py"
+    if repeats != 3:
+        command += f" --repeats {repeats}"
+    if tuple(models) != MODELS:
+        command += " --models " + " ".join(models)
+    if name != "speed_real_size":
+        command += f" --name {name}"
     report = {
         "suite": "speed at real sizes",
-        "command": "python bench/speed_real_size.py" + ("" if repeats == 3 else f" {repeats}"),
+        "command": command,
         "repeats": repeats,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": 1},
         "versions": provenance(),
         "seconds": round(time.perf_counter() - t_start, 1),
-        "models": models,
+        "models": measured,
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    tmp = OUT / "speed_real_size.json.tmp"
+    tmp = OUT / f"{name}.json.tmp"
     tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    tmp.replace(OUT / "speed_real_size.json")
-    (OUT / "speed_real_size.md").write_text(render(report))
+    tmp.replace(OUT / f"{name}.json")
+    (OUT / f"{name}.md").write_text(render(report))
     return report
 
 
@@ -116,4 +127,9 @@ def render(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--name", default="speed_real_size", help="output name under bench/results")
+    args = parser.parse_args()
+    main(args.repeats, tuple(args.models), args.name)
