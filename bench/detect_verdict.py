@@ -8,10 +8,10 @@ copying prompts and none of the 203 that never copied, nor any held-out ordinary
 `memctl bench detect` at the evaluation seeds (100-107; that state of the code was not committed): it flagged
 29-61 % of the digits prompts that never copied and up to 40 % of the held-out ordinary prompts. The digits models'
 ordinary prompts come in templates ("a five", "the digit five", "a handwritten five"), so their risks cluster: on
-some seed draws most reference risks fall within a tenth of each other, the MAD collapses, and every prompt outside
-the cluster looks extreme. One seed set did not show it. So here every candidate is read on four seed sets of the
-calibration models (digits-s0, digits-attr-s0; seeds 0-7, 8-15, 16-23, 24-31: neither the evaluation seeds 100-107
-nor the label seeds), and the rule asks for the worst set.
+some seed draws about half of the reference risks fall within 0.2 of each other (digits-s0 at seeds 100-107: 8 of
+15), the MAD collapses, and every prompt outside the cluster looks extreme. One seed set did not show it. So here
+every candidate is read on four seed sets of the calibration models (digits-s0, digits-attr-s0; seeds 0-7, 8-15,
+16-23, 24-31: neither the evaluation seeds 100-107 nor the label seeds), and the rule asks for the worst set.
 
 - Prompts: as `memctl bench detect` (canaries, held-out ordinary prompts, the testbed's decoys, the reference half of
   the ordinary prompts, the decoys made from it), the default signals (`memctl.signals.COMBINED`, seeds in turn).
