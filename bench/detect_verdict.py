@@ -37,7 +37,7 @@ import torch
 from memctl.atomic import atomic_write
 from memctl.detect_bench import COPYING, split_ordinary
 from memctl.detection import robust_z
-from memctl.signals import ALPHA, COMBINED, auto_decoys, combine, read_signals, word_counts
+from memctl.signals import ALPHA, COMBINED, auto_decoys, combine, p_values, read_signals, word_counts
 
 RESULTS = Path(__file__).parent / "results"
 CALIBRATION = ("digits-s0", "digits-attr-s0")
@@ -53,11 +53,6 @@ def _t(z: torch.Tensor, n: int) -> torch.Tensor:
     return torch.from_numpy(student_t.sf(z.double().numpy(), df=max(n - 1, 1)))
 
 
-def t_mad(risk: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Student t predictive around the median, scale 1.4826 MAD (the first choice)."""
-    return _t(robust_z(risk.double(), ref.double()) / (1 + 1 / ref.numel()) ** 0.5, ref.numel())
-
-
 def t_sd(risk: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """The classical prediction tail: Student t around the mean, scale the standard deviation times sqrt(1 + 1/n)."""
     ref = ref.double()
@@ -69,7 +64,11 @@ def normal_mad(risk: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.special.erfc(robust_z(risk.double(), ref.double()) / 2**0.5)
 
 
-TAILS = {"t, median and MAD": t_mad, "t, mean and sd": t_sd, "normal, median and MAD": normal_mad}
+TAILS = {
+    "t, median and MAD": p_values,  # the first choice and the default (`memctl.signals`)
+    "t, mean and sd": t_sd,
+    "normal, median and MAD": normal_mad,
+}
 
 
 def groups_of(tb) -> dict[str, list[str]]:
