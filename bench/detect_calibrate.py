@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from memctl.detect_bench import _per_seed, split_ordinary
-from memctl.signals import SIGNALS, auto_decoys, word_counts
+from memctl.detect_bench import _per_seed, prompt_groups
+from memctl.signals import SIGNALS, word_counts
 
 CALIBRATION = ("digits-s0", "digits-attr-s0")
 SEEDS = tuple(range(8))
@@ -31,14 +31,8 @@ def read(name: str, seeds=SEEDS, batch_size: int = 32) -> dict:
     tb = load_testbed(name)
     pipe = tb.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    reference, ordinary = split_ordinary(tb.ordinary_prompts())
-    groups = {
-        **{f"canaries_{e}": [c[0] for c in tb.canaries if c[2] == e] for e in tb.exposures},
-        "ordinary": ordinary,
-        "decoys": tb.decoy_prompts(30),
-        "reference": reference,
-        "made_decoys": auto_decoys(reference),
-    }
+    groups = prompt_groups(tb)
+    reference = groups["reference"]
     prompts = [p for g in groups.values() for p in g]
     call = dict(getattr(tb, "call_kwargs", {}))
     per_seed, seconds = _per_seed(pipe, prompts, SIGNALS, seeds, word_counts(reference), batch_size, call)

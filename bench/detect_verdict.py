@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 
 from memctl.atomic import atomic_write
-from memctl.detect_bench import COPYING, split_ordinary
+from memctl.detect_bench import COPYING, prompt_groups
 from memctl.detection import robust_z
-from memctl.signals import ALPHA, COMBINED, auto_decoys, combine, p_values, read_signals, word_counts
+from memctl.signals import ALPHA, COMBINED, combine, p_values, read_signals, word_counts
 
 RESULTS = Path(__file__).parent / "results"
 CALIBRATION = ("digits-s0", "digits-attr-s0")
@@ -71,17 +71,6 @@ TAILS = {
 }
 
 
-def groups_of(tb) -> dict[str, list[str]]:
-    reference, ordinary = split_ordinary(tb.ordinary_prompts())
-    return {
-        **{f"canaries_{e}": [c[0] for c in tb.canaries if c[2] == e] for e in tb.exposures},
-        "ordinary": ordinary,
-        "decoys": tb.decoy_prompts(30),
-        "reference": reference,
-        "made_decoys": auto_decoys(reference),
-    }
-
-
 def read_risks(model: str, seeds) -> dict[str, torch.Tensor]:
     """Each group's combined risk (z-scores against the reference), read as `memctl bench detect` reads them: the
     scored prompts and the reference in one list, the made decoys in another."""
@@ -90,7 +79,7 @@ def read_risks(model: str, seeds) -> dict[str, torch.Tensor]:
     tb = load_testbed(model)
     pipe = tb.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    groups = groups_of(tb)
+    groups = prompt_groups(tb)
     counts, call = word_counts(groups["reference"]), dict(getattr(tb, "call_kwargs", {}))
     scored = [p for g, v in groups.items() if g != "made_decoys" for p in v]
     values = read_signals(pipe, scored, COMBINED, list(seeds), batch_size=32, counts=counts, **call)

@@ -59,6 +59,19 @@ def split_ordinary(prompts: list[str], seed: int = 0) -> tuple[list[str], list[s
     return order[:half], order[half:]
 
 
+def prompt_groups(tb) -> dict[str, list[str]]:
+    """The calibration scripts' prompt groups of a testbed: canaries by exposure, held-out ordinary prompts, 30
+    decoys, the reference half of the ordinary prompts and the decoys made from it (`auto_decoys`)."""
+    reference, ordinary = split_ordinary(tb.ordinary_prompts())
+    return {
+        **{f"canaries_{e}": [c[0] for c in tb.canaries if c[2] == e] for e in tb.exposures},
+        "ordinary": ordinary,
+        "decoys": tb.decoy_prompts(30),
+        "reference": reference,
+        "made_decoys": auto_decoys(reference),
+    }
+
+
 def prompt_copy_rates(tb, pipe, prompts: list[str], seeds=COPY_SEEDS, batch_size: int = 256) -> torch.Tensor:
     """`(P,)` share of each prompt's samples (one per seed) that copy a training image (clips: frames on the
     channel axis), sampled as the testbed is evaluated: its guidance, `COPY_STEPS` steps, its clip size."""
