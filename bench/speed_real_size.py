@@ -2,6 +2,7 @@
 
     python bench/speed_real_size.py            # → bench/results/speed_real_size.{json,md}, about 60 min
     python bench/speed_real_size.py --models sd15-unet --repeats 5 --name speed_real_size_sd15   # one model
+    python bench/speed_real_size.py --models wan-1.3b --skip "knob +1, condition map, extra-pass guidance"
 
 `memctl bench speed` times small inputs (16² UNet latents, 16 Wan video tokens) so that it fits CI-like minutes; there
 a hook's fixed cost and the text tokens' key/value projections weigh far more than in a real call. This script times
@@ -56,7 +57,21 @@ def _describe(model, inputs, cmap, rows, t0) -> dict:
 MODELS = ("sd15-unet", "wan-1.3b")
 
 
-def main(repeats: int = 3, models: tuple[str, ...] = MODELS, name: str = "speed_real_size") -> dict:
+def _kept(cases: list[tuple], keep, skip: tuple[str, ...]) -> list[tuple]:
+    """The cases this script times (`keep(row)`), less those named in `skip` (each must name one of them)."""
+    kept = [c for c in cases if keep(c[0])]
+    unknown = [s for s in skip if s not in {c[0] for c in kept}]
+    if unknown:
+        raise ValueError(f"Expected rows to skip among {[c[0] for c in kept][1:]}, but got {unknown}.")
+    return [c for c in kept if c[0] not in skip]
+
+
+def main(
+    repeats: int = 3, models: tuple[str, ...] = MODELS, name: str = "speed_real_size", skip: tuple[str, ...] = ()
+) -> dict:
+    """`skip`: configurations (row names as in `speed.md`) left out of this run, e.g. the extra pass (2x, slow)."""
+    if "plain" in skip:
+        raise ValueError("Expected rows to skip other than 'plain' (every ratio is to it), but got 'plain'.")
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     measured = {}
@@ -65,7 +80,7 @@ def main(repeats: int = 3, models: tuple[str, ...] = MODELS, name: str = "speed_
         inputs = unet_inputs(unet, 64)
         cmap, rmap = condition_map(unet), residual_map(unet)
         baked = baked_unet(unet, cmap)
-        cases = [c for c in unet_cases(unet, inputs, cmap, rmap, baked) if not any(s in c[0] for s in SKIP)]
+        cases = _kept(unet_cases(unet, inputs, cmap, rmap, baked), lambda row: not any(s in row for s in SKIP), skip)
         t0 = time.perf_counter()
         measured["sd15-unet 512²"] = _describe(unet, inputs, cmap, time_cases(cases, repeats), t0)
         print(json.dumps(measured["sd15-unet 512²"]["bar"], indent=1), flush=True)
@@ -75,7 +90,7 @@ def main(repeats: int = 3, models: tuple[str, ...] = MODELS, name: str = "speed_
         w_inputs = wan_inputs(wan, frames=1, height=60, width=104, text=512)
         wcmap = condition_map(wan, tokens=512)
         w_baked = baked_unet(wan, wcmap)
-        cases = [c for c in wan_cases(wan, w_inputs, residual_map(wan), wcmap, w_baked) if c[0] in WAN_KEEP]
+        cases = _kept(wan_cases(wan, w_inputs, residual_map(wan), wcmap, w_baked), WAN_KEEP.__contains__, skip)
         t0 = time.perf_counter()
         measured["wan-1.3b 480×832"] = _describe(wan, w_inputs, wcmap, time_cases(cases, repeats), t0)
         print(json.dumps(measured["wan-1.3b 480×832"]["bar"], indent=1), flush=True)
@@ -88,6 +103,7 @@ def main(repeats: int = 3, models: tuple[str, ...] = MODELS, name: str = "speed_
         command += " --models " + " ".join(models)
     if name != "speed_real_size":
         command += f" --name {name}"
+    command += "".join(f' --skip "{s}"' for s in skip)
     report = {
         "suite": "speed at real sizes",
         "command": command,
@@ -131,5 +147,6 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--name", default="speed_real_size", help="output name under bench/results")
+    parser.add_argument("--skip", action="append", default=[], metavar="ROW", help="leave out this configuration")
     args = parser.parse_args()
-    main(args.repeats, tuple(args.models), args.name)
+    main(args.repeats, tuple(args.models), args.name, tuple(args.skip))
