@@ -1,11 +1,16 @@
 """Add rows of some effect-plan families to the per-model records of `memctl bench effect` and rebuild its tables.
 
     python bench/effect_add_rows.py "memctl map in-attention" digits-s0 digits-s1 digits-attr-s0 digits-attr-s1
+    python bench/effect_add_rows.py --remeasure "memctl map baked,wen,ren,jain,nemo" moving-digits
 
 Each model's record (`bench/results/effect/MODEL.json`) gets the family's rows measured now by `memctl.effect.add_rows`
 (same probe set, map and seeds as the record; the plain row is re-sampled and must match), then `effect.json` and
 `effect.md` are rebuilt from all records by the bench's own table code (the md keeps its header, and says which rows
 were added by which command).
+
+`--remeasure` (video testbeds): every row of the record is measured again, not only the family's, so that measures
+added to `memctl.evaluate` since the record was made (e.g. `nearest_bound`) reach every row; the record's rows are
+replaced and the table's earlier "added rows" lines for those models are dropped.
 """
 
 from __future__ import annotations
@@ -23,23 +28,30 @@ from memctl.effect_video import CPU_ROWS, effect_for_video, is_video
 OUT = Path(__file__).parent / "results"
 
 
-def main(family: str, models: list[str]) -> None:
+def main(family: str, models: list[str], remeasure: bool = False) -> None:
     """`family`: one row family, or several separated by commas ("wen,ren,jain,nemo")."""
     torch.set_num_threads(1)
     families = tuple(f.strip() for f in family.split(","))
+    if remeasure and not all(is_video(name) for name in models):
+        raise SystemExit(f"Expected video testbeds with --remeasure (image rows re-measure by family), got {models}.")
     for name in models:
         path = OUT / "effect" / f"{name}.json"
         if is_video(name):  # resume the video bench from its record with the family added (rows kept as measured)
             partial = path.with_suffix(".partial.json")
             if not partial.is_file():  # else: a run that stopped left its rows there, and this one resumes them
-                partial.write_text(path.read_text())
+                old = json.loads(path.read_text())
+                if remeasure:  # only the plain row, which the run re-samples and checks
+                    old = {**old, "rows": {"plain": old["rows"]["plain"]}}
+                partial.write_text(json.dumps(old, indent=1) + "\n")
             seeds = json.loads(path.read_text())["eval"]["seeds"]
             record = effect_for_video(name, seeds=seeds, families=(*CPU_ROWS, *families), partial=partial)
             partial.unlink()
         else:
             record = add_rows(json.loads(path.read_text()), name, families)
         added = record.setdefault("added_rows", {})
-        added[family] = f"python bench/effect_add_rows.py {json.dumps(family, ensure_ascii=False)} {name}"
+        added[family] = f"python bench/effect_add_rows.py {'--remeasure ' if remeasure else ''}" + (
+            f"{json.dumps(family, ensure_ascii=False)} {name}"
+        )
         _write_json(path, record)
         print(name, json.dumps({k: v for k, v in record["bars"].items() if k.endswith("_checks")}), flush=True)
     results = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "effect").glob("*.json"))}
@@ -49,8 +61,11 @@ def main(family: str, models: list[str]) -> None:
     lines = (OUT / "effect.md").read_text().splitlines(keepends=True)
     head = lines[: lines.index("\n")]  # the title and one line per model's command, up to the first blank line
     quoted = json.dumps(family, ensure_ascii=False)
-    note = f"- added rows `{family}`: `python bench/effect_add_rows.py {quoted} {' '.join(models)}`\n"
-    head = [line for line in head if line != note] + [note]
+    flag = "--remeasure " if remeasure else ""
+    note = f"- added rows `{family}`: `python bench/effect_add_rows.py {flag}{quoted} {' '.join(models)}`\n"
+    stale = tuple(f" {name}`\n" for name in models) if remeasure else ()  # earlier additions to re-measured records
+    head = [line for line in head if line != note and not (line.startswith("- added rows") and line.endswith(stale))]
+    head += [note]
     md = [*head, "\nSummary: most-exposed canaries copied / canary novel-valid (attribute-correct on digits-attr) / "
           "compositional (digits-attr) / ordinary valid (denoiser evaluations per image).\n\n",
           effect_summary(results), *_effect_md(results)]  # fmt: skip
@@ -58,4 +73,9 @@ def main(family: str, models: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    args = sys.argv[1:]
+    remeasure = "--remeasure" in args
+    args = [a for a in args if a != "--remeasure"]
+    if len(args) < 2:
+        sys.exit(f"usage: python bench/effect_add_rows.py [--remeasure] FAMILIES MODEL..., but got {sys.argv[1:]}")
+    main(args[0], args[1:], remeasure)

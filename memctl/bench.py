@@ -66,7 +66,7 @@ _EFFECT_COLUMNS = ("most-exposed copy", "least-exposed copy", "canary novel-vali
                    "ordinary valid", "collateral", "denoiser evals / image", "s / image")  # fmt: skip
 
 
-_VIDEO_COLUMNS = ("frame valid", "motion valid", "temporal change")
+_VIDEO_COLUMNS = ("most-exposed nearest bound", "frame valid", "motion valid", "temporal change")
 
 
 # checks of rows outside the bars (`memctl.effect.bars`), in the order the table lists them
@@ -108,8 +108,10 @@ def _effect_md(results: dict) -> list[str]:
         video = r.get("testbed") == "moving-digits"
         if video:
             md.append("On clips: ordinary valid = digit and motion read as captioned; also the ordinary clips' "
-                      "per-frame digit validity, motion validity, and frame-to-frame change over real "
-                      "clips'.\n\n")  # fmt: skip
+                      "per-frame digit validity, motion validity, and frame-to-frame change over real clips'. "
+                      "Most-exposed nearest bound: the share of the most-exposed canaries' clips whose nearest "
+                      "training clip is the canary's bound clip, whether or not d1 < d2 / 3 makes it a "
+                      "copy.\n\n")  # fmt: skip
         head = ["row", "setting", *_EFFECT_COLUMNS, *(_VIDEO_COLUMNS if video else ())]
         md += [" | ".join(head) + "\n", " | ".join("---" for _ in head) + "\n"]
         for fam, by in r["rows"].items():
@@ -121,8 +123,10 @@ def _effect_md(results: dict) -> list[str]:
                          comp, f"{h['ordinary_valid']:.0%}", f"{h['collateral']:.3f}",
                          f"{cost['denoiser_evals_per_image']:g}", f"{cost['seconds_per_image']:.4f}"]  # fmt: skip
                 if video:
-                    o = row["ordinary"]
-                    cells += [f"{o['frame_valid']:.0%}", f"{o['motion_valid']:.0%}", f"{o['temporal_change']:.2f}"]
+                    o, most = row["ordinary"], max((e for e in row["canary"] if e != "all"), key=int)
+                    near = row["canary"][most].get("nearest_bound")  # absent from records made before it was
+                    cells += ["–" if near is None else f"{near:.0%}", f"{o['frame_valid']:.0%}",
+                              f"{o['motion_valid']:.0%}", f"{o['temporal_change']:.2f}"]  # fmt: skip
                 md.append(" | ".join(cells) + "\n")
     return md
 

@@ -18,6 +18,9 @@ import torch
 
 from memctl import metrics
 
+# per canary exposure; nearest_bound: the sample's nearest training image is the canary's bound one (copy or not)
+CANARY_MEASURES = ("copy_1/3", "copy_1/2", "copy_bound_1/3", "nearest_bound", "novel_valid", "valid", "diversity")
+
 
 @dataclass(frozen=True)
 class EvalSpec:
@@ -84,10 +87,7 @@ def score_samples(tb, samples: Samples, reference: Samples | None = None) -> dic
     for k, (prompt, bound, exposure, c) in enumerate(tb.canaries):
         x = samples.canary[k]  # (S, C, H, W)
         pred = tb.classify(x)
-        row = by_exposure.setdefault(
-            exposure,
-            {"copy_1/3": [], "copy_1/2": [], "copy_bound_1/3": [], "novel_valid": [], "valid": [], "diversity": []},
-        )
+        row = by_exposure.setdefault(exposure, {k: [] for k in CANARY_MEASURES})
         if attributes:
             pred = torch.where(tb.attribute_correct(x, *tb.combo_of(prompt)), pred, torch.full_like(pred, -1))
         idx = metrics.copy_index(x, train, 1 / 3)
@@ -95,6 +95,7 @@ def score_samples(tb, samples: Samples, reference: Samples | None = None) -> dic
         row["copy_1/3"].append(metrics.copy_rate(x, train, 1 / 3))
         row["copy_1/2"].append(metrics.copy_rate(x, train, 1 / 2))
         row["copy_bound_1/3"].append((idx == bound_idx).float().mean().item())
+        row["nearest_bound"].append((metrics.nearest_index(x, train) == bound_idx).float().mean().item())
         row["novel_valid"].append(metrics.novel_valid_rate(x, pred, c, bound, refs["q10"][c]))
         row["valid"].append(metrics.validity(pred, c))
         row["diversity"].append(metrics.vendi_score(x, kernel="rbf"))

@@ -21,6 +21,7 @@ __all__ = [
     "nearest_distances",
     "unique_images",
     "copy_index",
+    "nearest_index",
     "copied",
     "copy_rate",
     "validity",
@@ -94,6 +95,19 @@ def copy_index(samples: Tensor, train_images: Tensor, ratio: float = COPY_RATIO)
     """
     d, idx = _nearest_distinct(samples, train_images)
     return torch.where(_is_copy(d, ratio), idx[:, 0], -1)
+
+
+def nearest_index(samples: Tensor, train_images: Tensor) -> Tensor:
+    """Index in `train_images` of each sample's nearest distinct training image (its first occurrence), copy or not.
+
+    >>> train = torch.tensor([0.0, 1.0, 0.0, 3.0]).reshape(4, 1, 1, 1)
+    >>> nearest_index(torch.tensor([0.05, 0.6, 2.2]).reshape(3, 1, 1, 1), train)
+    tensor([0, 1, 3])
+
+    The loose reading of memorization beside `copy_index`: a sample drawn for a canary whose nearest training image
+    is the canary's bound one sits in that image's neighbourhood even when d1 < d2 / 3 does not hold.
+    """
+    return _nearest_distinct(samples, train_images)[1][:, 0]
 
 
 def copied(samples: Tensor, train_images: Tensor, ratio: float = COPY_RATIO) -> Tensor:

@@ -85,3 +85,17 @@ def test_baked_row_is_checked_against_the_hooked_knob_within_five_points():
     )
     assert "FAIL: baked (not in the bars above): most_copy within 0.05 of the hooked knob at -1" in md
     assert "memctl map baked -1.0 | 16% / 31%" in effect_summary({"m": {"bars": bars(TB, far, 8), "rows": far}})
+
+
+def test_video_table_shows_the_most_exposed_nearest_bound_share_where_measured():
+    rows = _rows(0.8, comp=0.3)
+    for by in rows.values():
+        for row in by.values():
+            row["ordinary"].update(frame_valid=0.9, motion_valid=1.0, temporal_change=1.2)
+    rows["plain"]["0"]["canary"]["16"]["nearest_bound"] = 0.75  # a record made before the measure has none
+    record = {"rows": rows, "bars": bars(TB, rows, 2), "probe_seconds": 1.0, "prompt_map": {"seconds": 1.0},
+              "testbed": "moving-digits"}  # fmt: skip
+    lines = "".join(_effect_md({"moving-digits": record})).splitlines()
+    assert "most-exposed nearest bound" in next(line for line in lines if line.startswith("row | "))
+    assert next(line for line in lines if line.startswith("plain | 0 | ")).endswith("| 75% | 90% | 100% | 1.20")
+    assert next(line for line in lines if line.startswith("uniform | -1.0 | ")).endswith("| – | 90% | 100% | 1.20")

@@ -14,6 +14,7 @@ from memctl.metrics import (
     copy_index,
     copy_rate,
     nearest_distances,
+    nearest_index,
     novel_valid,
     novel_valid_rate,
     novelty,
@@ -69,6 +70,13 @@ def test_exact_copy_is_copied_at_both_ratios_and_midpoint_is_not():
         assert copied(samples, train, ratio).tolist() == [True, False]
         assert copy_index(samples, train, ratio).tolist() == [3, -1]
         assert copy_rate(samples, train, ratio) == 0.5
+
+
+def test_nearest_index_is_the_nearest_distinct_image_copy_or_not():
+    train = torch.cat([pixels(0.0, 1.0), pixels(1.0), pixels(4.0)])  # image 1 twice: its first occurrence counts
+    samples = pixels(0.45, 0.55, 1.0, 3.0)
+    assert nearest_index(samples, train).tolist() == [0, 1, 1, 3]
+    assert copy_index(samples, train).tolist() == [-1, -1, 1, -1]  # near, not copies, but for the exact one
 
 
 def test_ratio_decides_between_one_third_and_one_half():

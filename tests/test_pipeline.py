@@ -121,11 +121,18 @@ def test_evaluate_scores_exact_copies_as_copies(tb):
     copies = evaluate.Samples(bound[:, None].repeat(1, 2, 1, 1, 1), ordinary, spec)
     scores = evaluate.score_samples(tb, copies)
     assert scores["canary"]["all"]["copy_1/3"] == 1.0
+    assert scores["canary"]["all"]["nearest_bound"] == 1.0
     assert scores["canary"]["all"]["novel_valid"] == 0.0
     assert scores["ordinary"]["copy_1/3"] == 0.0
     assert scores["ordinary"]["valid"] >= 0.9
     noise = evaluate.Samples(torch.rand_like(copies.canary), ordinary, spec)
     assert evaluate.score_samples(tb, noise)["canary"]["all"]["copy_1/3"] == 0.0
+    # blurred toward the class mean: near the bound image, too far from it to be a copy
+    mean = tb.train_images.mean(0)
+    near = evaluate.Samples(0.7 * copies.canary + 0.3 * mean, ordinary, spec)
+    blurred = evaluate.score_samples(tb, near)["canary"]["all"]
+    assert blurred["copy_1/3"] < 1.0
+    assert blurred["nearest_bound"] > blurred["copy_1/3"]
 
 
 DOCTESTED = [memctl, options, grid, testbed, loading, evaluate, metadata, data]
