@@ -87,7 +87,7 @@ def score_samples(tb, samples: Samples, reference: Samples | None = None) -> dic
     for k, (prompt, bound, exposure, c) in enumerate(tb.canaries):
         x = samples.canary[k]  # (S, C, H, W)
         pred = tb.classify(x)
-        row = by_exposure.setdefault(exposure, {k: [] for k in CANARY_MEASURES})
+        row = by_exposure.setdefault(exposure, {measure: [] for measure in CANARY_MEASURES})
         if attributes:
             pred = torch.where(tb.attribute_correct(x, *tb.combo_of(prompt)), pred, torch.full_like(pred, -1))
         idx = metrics.copy_index(x, train, 1 / 3)
