@@ -90,12 +90,12 @@ def score_samples(tb, samples: Samples, reference: Samples | None = None) -> dic
         row = by_exposure.setdefault(exposure, {measure: [] for measure in CANARY_MEASURES})
         if attributes:
             pred = torch.where(tb.attribute_correct(x, *tb.combo_of(prompt)), pred, torch.full_like(pred, -1))
-        idx = metrics.copy_index(x, train, 1 / 3)
+        nearest, copies = metrics.nearest_and_copies(x, train, (1 / 3, 1 / 2))  # one neighbour search
         bound_idx = int((train - bound).flatten(1).norm(dim=1).argmin())
-        row["copy_1/3"].append(metrics.copy_rate(x, train, 1 / 3))
-        row["copy_1/2"].append(metrics.copy_rate(x, train, 1 / 2))
-        row["copy_bound_1/3"].append((idx == bound_idx).float().mean().item())
-        row["nearest_bound"].append((metrics.nearest_index(x, train) == bound_idx).float().mean().item())
+        row["copy_1/3"].append(metrics.share(copies[1 / 3] >= 0))
+        row["copy_1/2"].append(metrics.share(copies[1 / 2] >= 0))
+        row["copy_bound_1/3"].append((copies[1 / 3] == bound_idx).float().mean().item())
+        row["nearest_bound"].append((nearest == bound_idx).float().mean().item())
         row["novel_valid"].append(metrics.novel_valid_rate(x, pred, c, bound, refs["q10"][c]))
         row["valid"].append(metrics.validity(pred, c))
         row["diversity"].append(metrics.vendi_score(x, kernel="rbf"))

@@ -22,6 +22,8 @@ __all__ = [
     "unique_images",
     "copy_index",
     "nearest_index",
+    "nearest_and_copies",
+    "share",
     "copied",
     "copy_rate",
     "validity",
@@ -93,8 +95,7 @@ def copy_index(samples: Tensor, train_images: Tensor, ratio: float = COPY_RATIO)
     are merged first, since a duplicated image would otherwise be its own second neighbour (d2 = d1) and no copy
     of it could ever count. Near-duplicates are not merged. A copy reports the first occurrence of its image.
     """
-    d, idx = _nearest_distinct(samples, train_images)
-    return torch.where(_is_copy(d, ratio), idx[:, 0], -1)
+    return nearest_and_copies(samples, train_images, (ratio,))[1][ratio]
 
 
 def nearest_index(samples: Tensor, train_images: Tensor) -> Tensor:
@@ -107,7 +108,22 @@ def nearest_index(samples: Tensor, train_images: Tensor) -> Tensor:
     The loose reading of memorization beside `copy_index`: a sample drawn for a canary whose nearest training image
     is the canary's bound one sits in that image's neighbourhood even when d1 < d2 / 3 does not hold.
     """
-    return _nearest_distinct(samples, train_images)[1][:, 0]
+    return nearest_and_copies(samples, train_images, ())[0]
+
+
+def nearest_and_copies(
+    samples: Tensor, train_images: Tensor, ratios: tuple[float, ...] = (COPY_RATIO,)
+) -> tuple[Tensor, dict[float, Tensor]]:
+    """`nearest_index` and `copy_index` at each of `ratios`, from one neighbour search (the search, with its
+    deduplication of the training images, is the costly part; a scorer that wants several reads calls this once).
+
+    >>> train = torch.tensor([0.0, 1.0, 3.0]).reshape(3, 1, 1, 1)
+    >>> nearest, copies = nearest_and_copies(torch.tensor([0.2, 0.3]).reshape(2, 1, 1, 1), train, (1 / 3, 1 / 2))
+    >>> nearest.tolist(), copies[1 / 3].tolist(), copies[1 / 2].tolist()
+    ([0, 0], [0, -1], [0, 0])
+    """
+    d, idx = _nearest_distinct(samples, train_images)
+    return idx[:, 0], {r: torch.where(_is_copy(d, r), idx[:, 0], -1) for r in ratios}
 
 
 def copied(samples: Tensor, train_images: Tensor, ratio: float = COPY_RATIO) -> Tensor:
@@ -127,7 +143,7 @@ def copy_rate(samples: Tensor, train_images: Tensor, ratio: float = COPY_RATIO) 
     >>> copy_rate(torch.tensor([0.0, 0.5, 2.9, 2.0]).reshape(4, 1, 1, 1), train)
     0.5
     """
-    return _share(copied(samples, train_images, ratio))
+    return share(copied(samples, train_images, ratio))
 
 
 def _nearest_distinct(samples: Tensor, train_images: Tensor) -> tuple[Tensor, Tensor]:
@@ -161,7 +177,7 @@ def validity(pred_classes: Tensor, target_classes: Tensor | int) -> float:
         raise ValueError(
             f"Expected target_classes as an int or of shape {tuple(pred.shape)}, but got {tuple(target.shape)}."
         )
-    return _share(pred == target)
+    return share(pred == target)
 
 
 def same_class_distance_quantile(
@@ -260,7 +276,7 @@ def novel_valid_rate(
     >>> novel_valid_rate(samples, torch.tensor([7, 7, 1, 7]), 7, bound, threshold=0.5)
     0.5
     """
-    return _share(novel_valid(samples, pred_classes, target_class, bound_image, threshold))
+    return share(novel_valid(samples, pred_classes, target_class, bound_image, threshold))
 
 
 def collateral(samples: Tensor, reference_samples: Tensor, norm: float | Tensor) -> float:
@@ -297,7 +313,7 @@ def novelty(copied_mask: Tensor, valid_mask: Tensor) -> float:
         )
     if not valid_mask.any():
         return math.nan
-    return _share(~copied_mask[valid_mask])
+    return share(~copied_mask[valid_mask])
 
 
 def vendi_score(samples: Tensor, kernel: str = "cosine", sigma: float | None = None) -> float:
@@ -346,7 +362,7 @@ def summarize(
         raise ValueError(f"Expected at least one ratio, but got {ratios}.")
     d, _ = _nearest_distinct(samples, train_images)
     copies = {ratio: _is_copy(d, ratio) for ratio in ratios}
-    out = {f"copy_rate_{ratio:.2g}": _share(mask) for ratio, mask in copies.items()}
+    out = {f"copy_rate_{ratio:.2g}": share(mask) for ratio, mask in copies.items()}
     out["validity"] = validity(pred_classes, target_classes)
     out["novelty"] = novelty(copies[ratios[0]], pred_classes == torch.as_tensor(target_classes))
     out["vendi"] = vendi_score(samples)
@@ -381,7 +397,7 @@ def _classes(classes: Tensor, name: str) -> Tensor:
     return classes
 
 
-def _share(mask: Tensor) -> float:
+def share(mask: Tensor) -> float:
     """Share of True in a bool mask, as a Python float (exact for counts, unlike a float32 mean)."""
     return mask.sum().item() / mask.numel()
 
