@@ -84,8 +84,9 @@ def main(name: str, lams: list[float], seeds: int, seed_base: int) -> dict:
                 b = int((train - bound).flatten(1).norm(dim=1).argmin())
                 r = by.setdefault(str(exposure), {"copy_1/3": [], "nearest_bound": [], "attr_correct": [],
                                                   "novel_valid": []})  # fmt: skip
-                r["copy_1/3"].append((metrics.copy_index(x, train, 1 / 3) == b).float().mean().item())
-                r["nearest_bound"].append((metrics.nearest_index(x, train) == b).float().mean().item())
+                nearest, copies = metrics.nearest_and_copies(x, train, (1 / 3,))
+                r["copy_1/3"].append((copies[1 / 3] == b).float().mean().item())
+                r["nearest_bound"].append((nearest == b).float().mean().item())
                 r["attr_correct"].append(ok.float().mean().item())
                 r["novel_valid"].append(metrics.novel_valid_rate(x, pred, c, bound, q10[c]))
             unseen = [
