@@ -200,9 +200,12 @@ class PullCache:
     The text states of a pipeline call stay the same tensor for every step and every cross-attention unit, so the
     token weights and the nearest general conditioning are computed once per call, not once per attention. Keyed on
     the input's and the lever tensors' memory, shape, strides and version counter (an in-place edit is a new key);
-    the inputs of the cached entries are kept alive so that their memory is not reused under the same key. Not used
-    while `torch.compile` traces (the compiled graph computes the parts itself, with no guards on this cache) nor
-    for inputs that require grad.
+    the inputs of the cached entries are kept alive so that their memory is not reused under the same key. Where
+    the denoiser rebuilds its conditioning in every forward (Wan's `attn2` reads the output of the transformer's
+    text projection, a new tensor per step), a key miss is checked against the cached inputs of the same lever
+    tensors by value (`torch.equal`: one comparison, far cheaper than the parts), so the parts are still computed
+    once per conditioning, bit-identical. Not used while `torch.compile` traces (the compiled graph computes the
+    parts itself, with no guards on this cache) nor for inputs that require grad.
     """
 
     def __init__(self, size: int = 4):
@@ -213,8 +216,21 @@ class PullCache:
         if unkeyable(*tensors):
             return subspace.pull_parts(e, read, tau, bank)
         key = tuple(_tensor_key(t) for t in tensors)
-        hit = recent(self.entries, key, lambda: (e, *subspace.pull_parts(e, read, tau, bank)), self.size)
+        hit = recent(self.entries, key, lambda: self._same_values(key, e) or self._make(e, read, tau, bank), self.size)
         return hit[1], hit[2]
+
+    def _same_values(self, key: tuple, e: torch.Tensor) -> tuple | None:
+        """A cached entry for the same lever tensors whose input, unchanged since it was cached, holds `e`'s values
+        (re-kept with `e` alive)."""
+        for k, (kept, w, g) in reversed(self.entries.items()):
+            same_kind = (kept.shape, kept.dtype, kept.device) == (e.shape, e.dtype, e.device)
+            if k[1:] == key[1:] and same_kind and _tensor_key(kept) == k[0] and torch.equal(kept, e):
+                return e, w, g
+        return None
+
+    @staticmethod
+    def _make(e, read, tau, bank) -> tuple:
+        return (e, *subspace.pull_parts(e, read, tau, bank))
 
     def clear(self) -> None:
         self.entries.clear()

@@ -258,13 +258,15 @@ def _condition_map(model, inputs, seed=0):
     return bmap
 
 
-def test_condition_knob_computes_the_pull_once_per_conditioning(monkeypatch):
-    """Token weights and nearest general conditioning: once per distinct text-state tensor, not once per unit and
-    step; outputs bit-identical to computing them in every cross-attention call; an in-place edit is seen."""
+@pytest.mark.parametrize("family", ["sd", "wan"])
+def test_condition_knob_computes_the_pull_once_per_conditioning(family, monkeypatch):
+    """Token weights and nearest general conditioning: once per distinct conditioning, not once per unit and step
+    (Wan's `attn2` reads a text projection made anew in every forward: still once); outputs bit-identical to
+    computing them in every cross-attention call; an in-place edit of the text states is seen."""
     import memctl.hooks
     import memctl.subspace
 
-    model, inputs = build("sd")
+    model, inputs = build(family)
     bmap = _condition_map(model, inputs)
     calls = []
     real = memctl.subspace.pull_parts
