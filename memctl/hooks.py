@@ -220,11 +220,12 @@ class PullCache:
         return hit[1], hit[2]
 
     def _same_values(self, key: tuple, e: torch.Tensor) -> tuple | None:
-        """A cached entry for the same lever tensors whose input, unchanged since it was cached, holds `e`'s values
-        (re-kept with `e` alive)."""
+        """The cached entry for the same lever tensors whose input, unchanged since it was cached, holds `e`'s
+        values, taken out of the cache and returned with `e` kept alive in its place (to be stored under `key`)."""
         for k, (kept, w, g) in reversed(self.entries.items()):
             same_kind = (kept.shape, kept.dtype, kept.device) == (e.shape, e.dtype, e.device)
             if k[1:] == key[1:] and same_kind and _tensor_key(kept) == k[0] and torch.equal(kept, e):
+                del self.entries[k]
                 return e, w, g
         return None
 

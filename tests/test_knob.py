@@ -277,6 +277,8 @@ def test_condition_knob_computes_the_pull_once_per_conditioning(family, monkeypa
     n_units = sum(1 for _, n in list_hooks(model) if n == "memctl.knob")
     assert n_units >= 2
     assert len(calls) == 1  # three calls × every unit, one computation
+    knob_hooks = [model.get_submodule(p)._diffusers_hook.hooks[n] for p, n in list_hooks(model) if n == "memctl.knob"]
+    assert len(knob_hooks[0].cache.entries) == 1  # Wan: the earlier forwards' projections are not kept alive
     before = inputs["encoder_hidden_states"].clone()
     inputs["encoder_hidden_states"].mul_(1.5)  # same tensor, new values: recomputed
     edited = run(model, inputs)
