@@ -11,8 +11,15 @@ unit reads now and `e'` the same conditioning with the memorized tokens pulled b
 fidelity -1 (`_KnobState.pull`, pull 1 at most: no overshoot). The attention call is made once, on a batch of two:
 the conditioning `[e; e']` gives two keys and values (the extra K/V projection of 77 tokens); the query projection
 of the image tokens is computed once and repeated (`to_q`'s hook); the two attention outputs are combined before the
-output projection (`to_out.0`'s hook), which is linear, so it runs once too. The extra cost per unit is one K/V
-projection of the conditioning and one attention over its tokens: no other layer runs twice.
+output projection (`to_out.0`'s hook), which is linear, so it runs once too. The keys and values of `[e; e']` are
+not projected at every step either (`to_k`'s and `to_v`'s hooks, where they are `nn.Linear`): both halves are
+`e + a Δ` with `Δ = w (g - e)` fixed for the conditioning and only the factor `a` changing with the step, so
+`W(e + a Δ) + b = (W e + b) + a W Δ` is built from two projections made when the conditioning is first seen
+(`memctl.hooks.PullCache` says when it is the same) and reused at every step. The extra cost per unit and step is
+then one attention over the conditioning's tokens and a few scaled additions; the guided unit projects its
+conditioning less often than the plain one. The projections so built equal projecting `[e; e']` up to rounding;
+while `torch.compile` traces, and for other projection modules (a LoRA layer), the layer projects `[e; e']` itself.
+Memory: per hooked unit and conditioning, two `(B, L, C)` tensors for each of `to_k` and `to_v`.
 
 This relies on the processor reading the batch size from the conditioning and calling `to_q`, `to_k`, `to_v`,
 `to_out[0]` once each, as diffusers' `AttnProcessor2_0` and `AttnProcessor` do; other processors are refused at
@@ -30,7 +37,7 @@ from typing import Any
 import torch
 from diffusers.hooks import ModelHook
 
-from memctl.hooks import ConditionHook, PullCache
+from memctl.hooks import ConditionHook, PullCache, _tensor_key, recent, unkeyable
 
 __all__ = ["FIDELITY_MODES", "SUPPORTED_PROCESSORS", "AttentionGuide", "AttentionGuidanceHook", "check_processor"]
 
@@ -96,10 +103,55 @@ class _Combine(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         if not self.owner.active:
             return args, kwargs
-        self.owner.active = False
+        self.owner.active, self.owner.request = False, None
         a, pulled = args[0].chunk(2)  # (B, N, C) each
         w = self.owner.weight
         return (a + w.to(a.dtype) * (a - pulled), *args[1:]), kwargs
+
+
+class _Project(ModelHook):
+    """On `to_k` / `to_v`: their output for `[e; e']` from `W e + b` and `W Δ`, made once per conditioning.
+
+    The layer itself then runs on zero tokens (nothing to compute) and its output is replaced after; it runs as usual
+    when the owner is not guiding, while compiling, and for modules that are not `nn.Linear`.
+    """
+
+    def __init__(self, owner: AttentionGuidanceHook, size: int = 4):
+        super().__init__()
+        self.owner, self.size = owner, int(size)
+        self.entries = {}  # (id of the PullCache's w, weight key, bias key) -> (w kept alive, W e + b, W Δ)
+        self.out = None
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        self.out, request = None, self.owner.request
+        if request is None or not isinstance(module, torch.nn.Linear) or len(args) != 1 or kwargs:
+            return args, kwargs
+        e, w, g, a_now, a_pulled = request
+        if args[0].shape != (2 * e.shape[0], *e.shape[1:]):  # the layer reads something else than [e; e']
+            return args, kwargs
+        params = [t for t in (module.weight, module.bias) if t is not None]
+        if unkeyable(args[0], *params):
+            return args, kwargs
+        key = (id(w), *(_tensor_key(t) for t in params))
+
+        def make():
+            delta = w[..., None].to(e.dtype) * (g - e)
+            return (
+                w,
+                torch.nn.functional.linear(e, module.weight, module.bias),
+                torch.nn.functional.linear(delta, module.weight),
+            )
+
+        _, base, step = recent(self.entries, key, make, self.size)
+        self.out = torch.cat([base + a_now.to(base.dtype) * step, base + a_pulled.to(base.dtype) * step])
+        return (args[0][..., :0, :],), kwargs  # no tokens: the layer computes nothing
+
+    def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
+        out, self.out = self.out, None
+        return output if out is None else out
+
+    def clear(self) -> None:
+        self.entries.clear()
 
 
 class AttentionGuidanceHook(ConditionHook):
@@ -120,9 +172,17 @@ class AttentionGuidanceHook(ConditionHook):
         super().__init__(name, tensors, value, cache)
         self.guide = guide
         self.active = False  # this call attends to [e; e'] (set in pre_forward, cleared by the output hook)
+        self.request = None  # (e, w, g, a now, a pulled) for the K/V hooks while active and not compiling
+        self._projections: list[_Project] = []
 
-    def subhooks(self, path: str) -> dict[str, ModelHook]:
-        return {f"{path}.to_q": _Twice(self), f"{path}.to_out.0": _Combine(self)}
+    def subhooks(self, path: str, module: torch.nn.Module | None = None) -> dict[str, ModelHook]:
+        """The hooks of the unit at `path`: `to_q` and `to_out.0`, and `to_k` / `to_v` where `module` has them."""
+        hooks = {f"{path}.to_q": _Twice(self), f"{path}.to_out.0": _Combine(self)}
+        for name in ("to_k", "to_v"):
+            if module is not None and isinstance(getattr(module, name, None), torch.nn.Module):
+                hooks[f"{path}.{name}"] = _Project(self)
+                self._projections.append(hooks[f"{path}.{name}"])
+        return hooks
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         check_processor(module)
@@ -135,6 +195,8 @@ class AttentionGuidanceHook(ConditionHook):
     def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # (sic: diffusers' spelling)
         module._buffers.pop(self.buffer + "_weight", None)
         module._buffers.pop(self.buffer + "_pull", None)
+        for p in self._projections:
+            p.clear()
         return super().deinitalize_hook(module)
 
     @property
@@ -148,14 +210,17 @@ class AttentionGuidanceHook(ConditionHook):
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         from memctl.subspace import pull_with
 
-        self.active = False
+        self.active, self.request = False, None
         e = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         if self.guide is None or not self.guide.on or e is None:
             return super().pre_forward(module, *args, **kwargs)
         read, tau, bank = (getattr(module, f"{self.buffer}_{k}") for k in self._TENSORS)
         w, g = self.cache.parts(e, read, tau, bank)
-        now = pull_with(e, w, g, 1 - self.scale)  # what the lever gives this call (identity at fidelity > 0)
-        both = torch.cat([now, pull_with(e, w, g, 1 - self.pull)])  # (2B, L, D): [e; e']
+        a_now, a_pulled = 1 - self.scale, 1 - self.pull
+        now = pull_with(e, w, g, a_now)  # what the lever gives this call (identity at fidelity > 0)
+        both = torch.cat([now, pull_with(e, w, g, a_pulled)])  # (2B, L, D): [e; e']
+        if self._projections and not getattr(module, "norm_cross", None) and not unkeyable(e, w, g):
+            self.request = (e, w, g, a_now, a_pulled)  # the K/V hooks build their outputs from per-conditioning parts
         if "encoder_hidden_states" in kwargs or len(args) < 2:
             kwargs["encoder_hidden_states"] = both
         else:

@@ -214,7 +214,7 @@ def _install(
             if inside:  # and guide inside the unit at fidelity > 0       (or entering its joint block: memctl.joint)
                 check_processor(module.get_submodule(path))
                 hooks[path] = AttentionGuidanceHook(KNOB, unit_tensors(tensors, path), 1.0, cache, guide)
-                hooks.update(hooks[path].subhooks(path))
+                hooks.update(hooks[path].subhooks(path, module.get_submodule(path)))
             else:
                 hooks[path] = ConditionHook(KNOB, unit_tensors(tensors, path), 1.0, cache)
             group.append(hooks[path])

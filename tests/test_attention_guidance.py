@@ -59,6 +59,47 @@ def test_attention_mode_matches_the_two_call_reference(f, name):
     assert _pristine(model)
 
 
+@pytest.mark.parametrize("name", ["sd", "wan"])
+def test_attention_mode_projects_keys_and_values_once_per_conditioning(name, monkeypatch):
+    """At every step the hooked units' `to_k` / `to_v` project nothing: their outputs for `[e; e']` come from two
+    projections made when the conditioning was first seen (one entry per unit after three calls), equal up to
+    rounding to projecting `[e; e']` at every call, and still right after the layer's weights are edited."""
+    import memctl.attention_guidance as ag
+
+    model, inputs = build(name)
+    apply_knob(model, _guided_map(model, inputs, mode="attention"))
+    set_fidelity(model, 1.0)
+    paths = [p for p, n in list_hooks(model) if n == "memctl.knob" and p.endswith((".to_k", ".to_v"))]
+    assert paths
+    weights, tokens, real = {id(model.get_submodule(p).weight) for p in paths}, [], torch.nn.functional.linear
+
+    def linear(x, weight, bias=None):
+        if id(weight) in weights:
+            tokens.append(x.shape[-2])
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    cached = [run(model, inputs) for _ in range(3)]
+    # per layer: `W e + b` and `W Δ` once (the conditioning's tokens), then the layer itself on zero tokens per call
+    assert sorted(tokens) == [0] * 3 * len(paths) + [inputs["encoder_hidden_states"].shape[1]] * 2 * len(paths)
+    hooks = [model.get_submodule(p)._diffusers_hook.hooks["memctl.knob"] for p in paths]
+    assert all(len(h.entries) == 1 for h in hooks)
+    with monkeypatch.context() as m:
+        m.setattr(ag._Project, "pre_forward", lambda self, module, *a, **k: (a, k))  # project [e; e'] every call
+        uncached = run(model, inputs)
+    assert all(torch.allclose(c, uncached, atol=1e-6, rtol=1e-5) for c in cached)
+    layer = model.get_submodule(paths[0])
+    with torch.no_grad():
+        layer.weight.mul_(1.5)  # an edit in place: its key changes, the parts are made again
+    edited = run(model, inputs)
+    with monkeypatch.context() as m:
+        m.setattr(ag._Project, "pre_forward", lambda self, module, *a, **k: (a, k))
+        assert torch.allclose(edited, run(model, inputs), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(edited, uncached, atol=1e-4)
+    remove_knob(model)
+    assert _pristine(model)
+
+
 def run_plain(model, inputs):
     with temporary_knob(model, 0.0):
         return run(model, inputs)
