@@ -15,8 +15,9 @@ the table gives the median and range of these ratios. Hooks are applied and remo
 The knob's condition map covers every cross-attention unit with per-level scores of both signs and a bank of 60
 general conditionings (77 tokens × 768), as `memctl.probe(method="condition")` makes them; its residual map covers
 every residual unit. The text states are the same tensor in every forward, as in a sampling loop, so the pull's
-token weights are computed once per pipeline call (`memctl.hooks.PullCache`); one row passes new text states every
-forward to show that one-off cost. On Wan the condition lever hooks `attn2` (its states are the projected text
+token weights are computed once per pipeline call (`memctl.hooks.PullCache`), and in-attention guidance builds the
+keys and values of the pulled conditioning from projections made once per call (`memctl.attention_guidance`): the
+rows give the cost of a step inside a call. One row passes new text states every forward to show the one-off cost. On Wan the condition lever hooks `attn2` (its states are the projected text
 states, 1536 wide, as long as the call's text), and the baked row bakes that condition map into `attn2`'s key/value
 projections; Wan has no FreeU and no PAG pipeline in diffusers: those rows are listed as not measured, with the
 reason.
