@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from memctl.speed import _bar, time_cases, unet_cases, wan_cases
+from memctl.speed_md import model_md
 from memctl.speed_setup import baked_unet, build_unet, build_wan, condition_map, residual_map, unet_inputs, wan_inputs
 
 OUT = Path(__file__).parent / "results"
@@ -122,24 +123,13 @@ def main(
 
 
 def render(report: dict) -> str:
-    lines = [
-        "# The knob's cost at real sizes (CPU)",
-        "",
+    head = [
+        "# The knob's cost at real sizes (CPU)\n\n",
         f"`{report['command']}`: {report['repeats']} interleaved rounds after one warm-up, one CPU thread "
         f"({report['machine']['platform']}), {report['seconds']:.0f} s in all. Ratios per denoiser forward, each "
-        "round against the plain model in the same round; the bars use the ratio of best times, as in `speed.md`.",
+        "round against the plain model in the same round; the bars use the ratio of best times, as in `speed.md`.\n",
     ]
-    for name, m in report["models"].items():
-        shapes = ", ".join(f"`{k}` {tuple(v)}" for k, v in m["inputs"].items())
-        lines += ["", f"## {name} ({m['params_m']} M parameters, random weights), inputs {shapes}", ""]
-        lines += [f"- {k}: {v}" for k, v in m["bar"].items()]
-        lines += ["", "configuration | ratio to plain: median (range) | ratio of best times | s / forward (median)",
-                  "--- | --- | --- | ---"]  # fmt: skip
-        for row, r in m["rows"].items():
-            q = r["ratio"]
-            lines.append(f"{row} | {q['median']:.3f} ({q['min']:.3f}–{q['max']:.3f}) | {r['best_ratio']} | "
-                         f"{r['seconds']['median']:.2f}")  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return "".join(head + [line for name, m in report["models"].items() for line in model_md(name, m)])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ def _ratio(row: dict) -> str:
     return f"{r['median']:.3f} ({r['min']:.3f}–{r['max']:.3f})" if r else "–"
 
 
-def _model_md(name: str, m: dict) -> list[str]:
+def model_md(name: str, m: dict) -> list[str]:
+    """One model's section: its bars, its ratio table, and its compile sweep when it has one."""
     md = [f"\n## {name} ({m['params_m']} M parameters, random weights), inputs "
           + ", ".join(f"`{k}` {tuple(v)}" for k, v in m["inputs"].items()) + "\n\n"]  # fmt: skip
     md += [f"- {check}: {verdict}\n" for check, verdict in m["bar"].items()]
@@ -88,7 +89,7 @@ def render(report: dict, gpu: dict | None = None) -> str:
         "repeat over plain's fastest) is the estimate least hit by that noise, and the bars use it.\n",
     ]
     for name, m in report["models"].items():
-        md += _model_md(name, m)
+        md += model_md(name, m)
     md += _gpu_md(gpu)
     return "".join(md)
 
