@@ -17,10 +17,10 @@ general conditionings (77 tokens × 768), as `memctl.probe(method="condition")` 
 every residual unit. The text states are the same tensor in every forward, as in a sampling loop, so the pull's
 token weights are computed once per pipeline call (`memctl.hooks.PullCache`), and in-attention guidance builds the
 keys and values of the pulled conditioning from projections made once per call (`memctl.attention_guidance`): the
-rows give the cost of a step inside a call. One row passes new text states every forward to show the one-off cost. On Wan the condition lever hooks `attn2` (its states are the projected text
-states, 1536 wide, as long as the call's text), and the baked row bakes that condition map into `attn2`'s key/value
-projections; Wan has no FreeU and no PAG pipeline in diffusers: those rows are listed as not measured, with the
-reason.
+rows give the cost of a step inside a call. One row passes new text states every forward to show the one-off cost.
+On Wan the condition lever hooks `attn2` (its states are the projected text states, 1536 wide, as long as the call's
+text), and the baked row bakes that condition map into `attn2`'s key/value projections; Wan has no FreeU and no PAG
+pipeline in diffusers: those rows are listed as not measured, with the reason.
 """
 
 from __future__ import annotations
