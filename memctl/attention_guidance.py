@@ -19,7 +19,8 @@ not projected at every step either (`to_k`'s and `to_v`'s hooks, where they are 
 then one attention over the conditioning's tokens and a few scaled additions; the guided unit projects its
 conditioning less often than the plain one. The projections so built equal projecting `[e; e']` up to rounding;
 while `torch.compile` traces, and for other projection modules (a LoRA layer), the layer projects `[e; e']` itself.
-Memory: per hooked unit and conditioning, two `(B, L, C)` tensors for each of `to_k` and `to_v`.
+Memory: per hooked unit, for each of `to_k` and `to_v`, two `(B, L, C)` tensors for each of the last two
+conditionings (Wan 1.3B, 30 units, 512 tokens, bf16: at most 0.4 GB); freed when the knob is removed.
 
 This relies on the processor reading the batch size from the conditioning and calling `to_q`, `to_k`, `to_v`,
 `to_out[0]` once each, as diffusers' `AttnProcessor2_0` and `AttnProcessor` do; other processors are refused at
@@ -116,7 +117,7 @@ class _Project(ModelHook):
     when the owner is not guiding, while compiling, and for modules that are not `nn.Linear`.
     """
 
-    def __init__(self, owner: AttentionGuidanceHook, size: int = 4):
+    def __init__(self, owner: AttentionGuidanceHook, size: int = 2):  # cond and uncond (Wan: two calls a step)
         super().__init__()
         self.owner, self.size = owner, int(size)
         self.entries = {}  # (id of the PullCache's w, weight key, bias key) -> (w kept alive, W e + b, W Δ)
