@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from diffusers.hooks import ModelHook
 
-from memctl.hooks import ConditionHook, PullCache, _tensor_key, recent, unkeyable
+from memctl.hooks import ConditionHook, PullCache, recent, tensor_key, unkeyable
 
 __all__ = ["FIDELITY_MODES", "SUPPORTED_PROCESSORS", "AttentionGuide", "AttentionGuidanceHook", "check_processor"]
 
@@ -133,7 +133,7 @@ class _Project(ModelHook):
         params = [t for t in (module.weight, module.bias) if t is not None]
         if unkeyable(args[0], *params):
             return args, kwargs
-        key = (id(w), *(_tensor_key(t) for t in params))
+        key = (id(w), *(tensor_key(t) for t in params))
 
         def make():
             delta = w[..., None].to(e.dtype) * (g - e)

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from diffusers.hooks import ModelHook
 
-from memctl.hooks import _arg_position, _get_arg, _tensor_key, latents_arg, module_device, recent, unkeyable
+from memctl.hooks import _arg_position, _get_arg, latents_arg, module_device, recent, tensor_key, unkeyable
 from memctl.subspace import pull_norm
 
 GUIDE = "memctl.knob.guide"
@@ -107,7 +107,7 @@ class GuidanceHook(ModelHook):
         if not isinstance(e, torch.Tensor) or not isinstance(x, torch.Tensor) or unkeyable(e):
             return None
         # the states are kept alive in the entry: their memory cannot come back under this key
-        return recent(self._stored, (_tensor_key(e), tuple(x.shape)), lambda: [e, 0, None], self.size)
+        return recent(self._stored, (tensor_key(e), tuple(x.shape)), lambda: [e, 0, None], self.size)
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         if not self.on:

@@ -165,7 +165,7 @@ class ResidualScaleHook(_InputsOfDelta):
         return type(output)(items)
 
 
-def _tensor_key(t: torch.Tensor) -> tuple:
+def tensor_key(t: torch.Tensor) -> tuple:
     """Where a tensor's values live and which write of them it holds: equal keys, equal values, while the tensor
     with that key is kept alive (its memory cannot then be reused by another tensor)."""
     return (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
@@ -215,7 +215,7 @@ class PullCache:
         tensors = (e, read, tau, bank)
         if unkeyable(*tensors):
             return subspace.pull_parts(e, read, tau, bank)
-        key = tuple(_tensor_key(t) for t in tensors)
+        key = tuple(tensor_key(t) for t in tensors)
         hit = recent(self.entries, key, lambda: self._same_values(key, e) or self._make(e, read, tau, bank), self.size)
         return hit[1], hit[2]
 
@@ -224,7 +224,7 @@ class PullCache:
         values, taken out of the cache and returned with `e` kept alive in its place (to be stored under `key`)."""
         for k, (kept, w, g) in reversed(self.entries.items()):
             same_kind = (kept.shape, kept.dtype, kept.device) == (e.shape, e.dtype, e.device)
-            if k[1:] == key[1:] and same_kind and _tensor_key(kept) == k[0] and torch.equal(kept, e):
+            if k[1:] == key[1:] and same_kind and tensor_key(kept) == k[0] and torch.equal(kept, e):
                 del self.entries[k]
                 return e, w, g
         return None
