@@ -159,7 +159,7 @@ class AttentionGuidanceHook(ConditionHook):
     """The condition lever's hook on one cross-attention `Attention`, plus in-attention guidance while `guide.on`.
 
     Buffers on the module besides the lever's: `weight` (γ f, 0-d) and `pull` (the factor of the pulled
-    conditioning, 0-d). `subhooks(path)` gives the hooks for its `to_q` and `to_out.0`, attached with it.
+    conditioning, 0-d). `subhooks(path, module)` gives the hooks for its projections, attached with it.
     """
 
     def __init__(
@@ -176,11 +176,12 @@ class AttentionGuidanceHook(ConditionHook):
         self.request = None  # (e, w, g, a now, a pulled) for the K/V hooks while active and not compiling
         self._projections: list[_Project] = []
 
-    def subhooks(self, path: str, module: torch.nn.Module | None = None) -> dict[str, ModelHook]:
-        """The hooks of the unit at `path`: `to_q` and `to_out.0`, and `to_k` / `to_v` where `module` has them."""
+    def subhooks(self, path: str, module: torch.nn.Module) -> dict[str, ModelHook]:
+        """The hooks of the unit `module` at `path`: `to_q` and `to_out.0`, and `to_k` / `to_v` where it has them and
+        projects the conditioning as it comes (no `norm_cross` before the projections)."""
         hooks = {f"{path}.to_q": _Twice(self), f"{path}.to_out.0": _Combine(self)}
-        for name in ("to_k", "to_v"):
-            if module is not None and isinstance(getattr(module, name, None), torch.nn.Module):
+        for name in () if getattr(module, "norm_cross", None) else ("to_k", "to_v"):
+            if isinstance(getattr(module, name, None), torch.nn.Module):
                 hooks[f"{path}.{name}"] = _Project(self)
                 self._projections.append(hooks[f"{path}.{name}"])
         return hooks
@@ -220,7 +221,7 @@ class AttentionGuidanceHook(ConditionHook):
         a_now, a_pulled = 1 - self.scale, 1 - self.pull
         now = pull_with(e, w, g, a_now)  # what the lever gives this call (identity at fidelity > 0)
         both = torch.cat([now, pull_with(e, w, g, a_pulled)])  # (2B, L, D): [e; e']
-        if self._projections and not getattr(module, "norm_cross", None) and not unkeyable(e, w, g):
+        if self._projections and not unkeyable(e, w, g):
             self.request = (e, w, g, a_now, a_pulled)  # the K/V hooks build their outputs from per-conditioning parts
         if "encoder_hidden_states" in kwargs or len(args) < 2:
             kwargs["encoder_hidden_states"] = both
