@@ -7,6 +7,7 @@ combination prompt at evaluation seeds (10,000 on; probes use seeds below) for:
 
 - memctl's knob (both maps) at fidelity −1 … +1, and the condition map baked into the weights at −1 (`memctl.bake`,
   its edit fit on the probe set's memorized prompts);
+- composed extrapolation (`memctl.composed`, no map) at −1 on the attribute testbeds, with their caption parts;
 - the controls of `memctl.controls`: uniform, text edit, placement shuffled, random subspace; at +1, the uniform
   map's guidance (every step and cached), which shows whether the map's placement matters on the fidelity (+) side;
 - the baselines of `memctl.baselines` (Wen, Ren, Jain, NeMo), each calibrated from the probe set only.
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from memctl.attention_calibrate import attention_map
 from memctl.bake import bake
 from memctl.baselines import BASELINES
+from memctl.composed import composed
 from memctl.controls import TextEdit, control_maps
 from memctl.evaluate import EvalSpec, sample_testbed, score_samples
 from memctl.knob import _pairs, apply_knob, fidelity, remove_knob
@@ -36,6 +38,7 @@ KNOB_FIDELITIES = (-1.0, -0.5, 1.0)
 ATTENTION_FIDELITIES = (0.5, 1.0)  # memctl.attention_guidance (fidelity <= 0 is the same lever as "memctl map")
 CACHED_FIDELITIES = (1.0,)  # fidelity_mode="cached" (memctl.guidance): the contrast on every 10th step
 BAKE_FIDELITIES = (-1.0,)  # memctl.bake: fidelity <= 0 only
+COMPOSED_FIDELITIES = (-1.0, -0.5)  # memctl.composed: fidelity <= 0 only, no map (attribute testbeds' captions)
 CONTROL_FIDELITIES = (-1.0, -0.5)
 CONTROL_SEEDS = 2
 # one setting each: the published defaults (Ren's C = 1.25), and for the thresholds a rule fixed before measuring
@@ -140,6 +143,17 @@ def bake_setup(pipe, bmap, f: float, prompts: list[str]):
     return setup
 
 
+def composed_setup(pipe, f: float, parts):
+    """A row's setup: composed extrapolation (`memctl.composed`) at fidelity `f` with the testbed's caption parts."""
+
+    @contextmanager
+    def setup():
+        with composed(pipe, f, parts) as handle:
+            yield handle  # its extra_rows: the parts' denoiser rows, for the row's cost
+
+    return setup
+
+
 def baseline_setup(pipe, name: str, kw: dict, probes):
     """A row's setup: baseline `name` with settings `kw`, fit on `probes`, removed afterwards."""
 
@@ -152,8 +166,9 @@ def baseline_setup(pipe, name: str, kw: dict, probes):
     return setup
 
 
-def _plan(pipe, bmap, prompt_map, probes, attention_map=None) -> list[tuple[str, str, object]]:
-    """(family, setting, setup) for every row after the plain model."""
+def _plan(pipe, bmap, prompt_map, probes, attention_map=None, parts=None) -> list[tuple[str, str, object]]:
+    """(family, setting, setup) for every row after the plain model; `parts` (a testbed's `prompt_parts`) adds the
+    composed-extrapolation rows."""
 
     def knob(m, f, mode=None):
         return knob_setup(pipe, m, f, mode)
@@ -176,6 +191,8 @@ def _plan(pipe, bmap, prompt_map, probes, attention_map=None) -> list[tuple[str,
     if bmap.lever == "condition":  # the same map written into the key/value weights, fit on the probes' prompts
         memorized = [str(c) for c in probes.conditions("memorized")]
         plan += [("memctl map baked", f"{f:+.1f}", bake_setup(pipe, bmap, f, memorized)) for f in BAKE_FIDELITIES]
+    if parts is not None:
+        plan += [("composed", f"{f:+.1f}", composed_setup(pipe, f, parts)) for f in COMPOSED_FIDELITIES]
     if prompt_map is not None:
         plan += [("memctl prompt map", f"{f:+.1f}", knob(prompt_map, f, "guidance")) for f in (-1.0, 1.0)]
     controls = control_maps(pipe.unet, bmap, seeds=CONTROL_SEEDS)
@@ -214,7 +231,7 @@ def effect_for_model(name: str, seeds: int = 8, progress: bool = True, steps: in
     plain, ref = _measure(tb, pipe, spec, None, nullcontext)
     rows = {"plain": {"0": plain}}
     amap = attention_map(pipe, bmap, probes)
-    plan = _plan(pipe, bmap, prompt_map, probes, amap)
+    plan = _plan(pipe, bmap, prompt_map, probes, amap, _parts(tb))
     for family, setting, setup in tqdm(plan, desc=f"{name}: effect", unit="row", disable=not progress):
         rows.setdefault(family, {})[setting], _ = _measure(tb, pipe, spec, ref, setup)
     exposure = {c[0]: c[2] for c in tb.canaries}
@@ -254,11 +271,16 @@ def add_rows(record: dict, name: str, families: tuple[str, ...], progress: bool 
         raise ValueError(f"Expected the plain row of {name} to equal the record's, but sampling gave other numbers.")
     amap = attention_map(pipe, bmap, probes)
     rows = {k: dict(v) for k, v in record["rows"].items()}
-    plan = [p for p in _plan(pipe, bmap, None, probes, amap) if p[0] in families]
+    plan = [p for p in _plan(pipe, bmap, None, probes, amap, _parts(tb)) if p[0] in families]
     for family, setting, setup in tqdm(plan, desc=f"{name}: effect (added rows)", unit="row", disable=not progress):
         rows.setdefault(family, {})[setting], _ = _measure(tb, pipe, spec, ref, setup)
     return {**record, "rows": rows, "attention_calibration": amap.meta["attention_calibration"],
             "bars": bars(tb, rows, seeds)}  # fmt: skip
+
+
+def _parts(tb):
+    """The testbed's caption parts for the composed rows, or None where its captions have no attributes."""
+    return tb.prompt_parts if tb.grammar is not None else None
 
 
 def _headline(tb, row: dict) -> dict:

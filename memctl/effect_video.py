@@ -22,6 +22,7 @@ from memctl.controls import TextEdit, control_maps
 from memctl.effect import (
     BAKE_FIDELITIES,
     BASELINE_SETTINGS,
+    COMPOSED_FIDELITIES,
     CONTROL_FIDELITIES,
     CONTROL_SEEDS,
     KNOB_FIDELITIES,
@@ -30,6 +31,7 @@ from memctl.effect import (
     bake_setup,
     bars,
     baseline_setup,
+    composed_setup,
     knob_setup,
 )
 from memctl.evaluate import EvalSpec
@@ -89,6 +91,7 @@ def effect_for_video(
     plan = [("memctl map", f"{f:+.1f}", knob_setup(pipe, bmap, f, "guidance")) for f in KNOB_FIDELITIES]
     memorized = [str(c) for c in probes.conditions("memorized")]  # the bake's edit is fit on the probes' prompts
     plan += [("memctl map baked", f"{f:+.1f}", bake_setup(pipe, bmap, f, memorized)) for f in BAKE_FIDELITIES]
+    plan += [("composed", f"{f:+.1f}", composed_setup(pipe, f, tb.prompt_parts)) for f in COMPOSED_FIDELITIES]
     controls = control_maps(denoiser, bmap, seeds=CONTROL_SEEDS)
     plan += [("uniform", f"{f:+.1f}", knob_setup(pipe, controls["uniform"], f)) for f in CONTROL_FIDELITIES]
     plan += [("text edit", f"{f:+.1f}", lambda f=f: TextEdit(pipe, bmap, f).applied()) for f in CONTROL_FIDELITIES]
@@ -102,7 +105,7 @@ def effect_for_video(
     if families is not None:
         one = ("-1.0", "-0.5", "+1.0", "seed 0, -1.0")  # one setting or control seed each; baselines their own
         plan = [p for p in plan if p[0] in families and (p[0] in BASELINE_SETTINGS or p[1] in one)]
-        plan = [p for p in plan if p[0] == "memctl map" or p[1] != "-0.5"]
+        plan = [p for p in plan if p[0] in ("memctl map", "composed") or p[1] != "-0.5"]
 
     plan = [p for p in plan if p[1] not in rows.get(p[0], {})]
     need = {"memctl map": 3, "uniform": 1, "text edit": 1}

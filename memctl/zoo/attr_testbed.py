@@ -26,6 +26,8 @@ from memctl.zoo.testbed import Testbed
 class AttrTestbed(Testbed):
     """One digits-attr model with its ground truth."""
 
+    grammar = attr
+
     def _records(self) -> list[dict]:
         return [dict(r) for r in self.spec["ordinary"]] + [dict(r) for r in self.spec["canaries"]]
 

@@ -169,6 +169,23 @@ class Testbed:
         """Prompts of combinations never shown in training (none for plain digits)."""
         return []
 
+    grammar = None  # the module whose `caption(c, combo, keep)` writes this testbed's captions (attribute testbeds)
+
+    def prompt_parts(self, prompt: str):
+        """A full caption's parts for `memctl.composed`: without each attribute, and the digit alone (its own
+        training captions drop attributes, so every part is in distribution); None for other prompts."""
+        from memctl.composed import Parts
+
+        if self.grammar is None:
+            return None
+        try:
+            c, combo = self.combo_of(prompt)
+        except ValueError:
+            return None
+        n = len(combo)
+        without = tuple(self.grammar.caption(c, combo, tuple(i != j for i in range(n))) for j in range(n))
+        return Parts(without, self.grammar.caption(c, combo, (False,) * n)) if n >= 2 else None
+
     def ordinary_prompts(self) -> list[str]:
         """Every class in every trained phrasing ("a seven", "the digit seven", …): prompts that must generalize."""
         return [self.prompt(c, ph) for ph in range(len(self.spec["phrasings"])) for c in range(len(self.classes))]

@@ -36,6 +36,8 @@ def fold(x: torch.Tensor) -> torch.Tensor:
 class VideoTestbed(Testbed):
     """One moving-digits model with its ground truth."""
 
+    grammar = moving
+
     @cached_property
     def train_images(self) -> torch.Tensor:
         """`(N, F, C, H, W)` in [0, 1]: the ordinary clips in spec order, then each canary's bound clip."""

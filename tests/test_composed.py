@@ -1,0 +1,141 @@
+"""memctl.composed: the prompt rebuilt from its parts, exact at 0, the formula at -1, removable, clear refusals."""
+
+import pytest
+import torch
+from tiny import denoisers, sample, tiny_pipeline
+
+from memctl.composed import Parts, attach_composed, comma_parts, composed, detach_composed, set_composed
+from memctl.hooks import list_hooks
+
+torch.set_num_threads(1)
+PROMPT = "a,b,c"  # the tiny tokenizer reads one token per character: 5 tokens of 8
+
+
+def test_comma_parts():
+    assert comma_parts("a two, small, bold, leaning left") == Parts(
+        ("a two, bold, leaning left", "a two, small, leaning left", "a two, small, bold"), "a two"
+    )
+    assert comma_parts(PROMPT) == Parts(("a, c", "a, b"), "a")
+    assert comma_parts("a two, small") is None  # one attribute: nothing to compose
+    assert comma_parts("ab") is None
+    with pytest.raises(ValueError, match="at least 2 prompts"):
+        Parts(("a",), "b")
+
+
+def _states(pipe, prompts: list[str]) -> torch.Tensor:
+    """What the denoiser reads for `prompts` (encode_prompt's conditional states, unwrapped)."""
+    encode = type(pipe).encode_prompt.__get__(pipe)
+    if hasattr(pipe, "unet"):
+        return encode(prompts, "cpu", 1, False)[0]
+    return encode(prompts, do_classifier_free_guidance=False, max_sequence_length=8, device="cpu")[0]
+
+
+@pytest.mark.parametrize("name", ["sd", "wan"])
+def test_composed_prediction_is_the_parts_formula(name):
+    pipe = tiny_pipeline(name)
+    model = next(iter(denoisers(pipe).values()))
+    calls = []
+
+    def record(module, args, kwargs, out):  # copies: the pipeline may update its latents in place afterwards
+        copy = [a.clone() if torch.is_tensor(a) else a for a in args]
+        calls.append((copy, {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}, out[0].clone()))
+
+    handle = model.register_forward_hook(record, with_kwargs=True)
+    try:
+        with composed(pipe, -1.0) as h:
+            sample(pipe, name, prompt=PROMPT)
+    finally:
+        handle.remove()
+    assert h.extra_rows > 0
+    parts = comma_parts(PROMPT)
+    cond, part_states = _states(pipe, [PROMPT]), _states(pipe, [*parts.without, parts.common])
+    found, first = 0, None
+    for args, kwargs, out in calls:  # every call of the first step (Wan: a conditional and an unconditional call)
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        e = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
+        step = float(torch.as_tensor(t).flatten()[0])
+        first = step if first is None else first
+        if step != first:
+            break
+        found += _check_call(model, x, t, e, out, cond, part_states)
+    assert found == 1  # the prompt's conditional row, once per step
+
+
+def _check_call(model, x, t, e, out, cond, part_states) -> int:
+    """Assert a recorded call's output: the formula on rows holding the prompt's states, the model's own on others;
+    the number of composed rows."""
+    with torch.no_grad():
+        plain = model(x, t, encoder_hidden_states=e, return_dict=False)[0]
+        # (encoded here in another batch than the pipeline's: equal up to rounding)
+        rows = [b for b in range(len(e)) if torch.allclose(e[b], cond[0].to(e.dtype), atol=1e-5)]
+        for b in range(len(e)):
+            if b not in rows:  # classifier-free guidance's unconditional rows pass as they were
+                assert torch.equal(out[b], plain[b])
+                continue
+            k = len(part_states)
+            tb = t[b : b + 1].expand(k) if torch.is_tensor(t) and t.dim() else t
+            xb = x[b : b + 1].expand(k, *x.shape[1:])
+            s = model(xb, tb, encoder_hidden_states=part_states, return_dict=False)[0]
+            expected = (s[:-1].sum(0) - s[-1]) / (k - 2)
+            assert torch.allclose(out[b], expected, atol=1e-5)
+            assert not torch.allclose(out[b], plain[b], atol=1e-3)
+    return len(rows)
+
+
+@pytest.mark.parametrize("name", ["sd", "wan"])
+def test_composed_is_exact_at_zero_and_removable(name):
+    pipe = tiny_pipeline(name)
+    model = next(iter(denoisers(pipe).values()))
+    plain = sample(pipe, name, prompt=PROMPT)
+    with composed(pipe, 0.0) as h:
+        assert torch.equal(sample(pipe, name, prompt=PROMPT), plain)  # no extra rows, the model's own output
+        set_composed(pipe, -1.0)
+        changed = sample(pipe, name, prompt=PROMPT)
+        assert not torch.allclose(changed, plain, atol=1e-4)
+        plain_other = sample(pipe, name, prompt="ab")  # no attributes: passes unchanged
+    assert h.extra_rows > 0
+    assert "encode_prompt" not in pipe.__dict__ and list_hooks(model) == []
+    assert torch.equal(sample(pipe, name, prompt=PROMPT), plain)
+    assert torch.equal(sample(pipe, name, prompt="ab"), plain_other)
+
+
+def test_composed_with_given_parts_and_errors():
+    pipe = tiny_pipeline("sd")
+    plain = sample(pipe, "sd", prompt="ab")
+    with composed(pipe, -1.0, parts=lambda p: Parts(("a", "b"), "c") if p == "ab" else None):
+        assert not torch.allclose(sample(pipe, "sd", prompt="ab"), plain, atol=1e-4)
+    with pytest.raises(ValueError, match="attached"):
+        set_composed(pipe, -1.0)
+    attach_composed(pipe, parts=lambda p: ["a", "b"])
+    try:
+        with pytest.raises(ValueError, match=r"in \[-1, 0\]"):
+            set_composed(pipe, 0.5)
+        with pytest.raises(TypeError, match="Parts or None"):
+            sample(pipe, "sd", prompt="ab")
+    finally:
+        detach_composed(pipe)
+    detach_composed(pipe)  # twice: no-op
+    with pytest.raises(ValueError, match="added_cond_kwargs"):
+        attach_composed(tiny_pipeline("sdxl"))
+
+
+def test_testbed_parts_follow_their_grammar():
+    from memctl.zoo import attr, moving
+    from memctl.zoo.attr_testbed import AttrTestbed
+    from memctl.zoo.video_testbed import VideoTestbed
+
+    class Attr(AttrTestbed):
+        def __init__(self):  # the grammar only: no weights loaded
+            self.spec = {"classes": list(attr.CLASSES)}
+
+    class Video(VideoTestbed):
+        def __init__(self):
+            self.spec = {"classes": list(moving.CLASSES)}
+
+    full = attr.caption(2, (0, 1, 1))
+    assert Attr().prompt_parts(full) == comma_parts(full)
+    assert Video().prompt_parts(moving.caption(2, (1, 0))) == Parts(
+        (moving.caption(2, (1, 0), (False, True)), moving.caption(2, (1, 0), (True, False))), "a two"
+    )
+    assert Video().prompt_parts("a two") is None
