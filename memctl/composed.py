@@ -232,7 +232,7 @@ def _wrap_encode(pipe, table: _Table, parts: Callable[[str], Parts | None]) -> C
     return wrapped
 
 
-def _check_denoiser(name: str, model: torch.nn.Module) -> None:
+def check_denoiser(name: str, model: torch.nn.Module) -> None:
     """A clear error for a denoiser with per-prompt inputs besides `encoder_hidden_states` (not composed)."""
     params = inspect.signature(type(model).forward).parameters
     if "encoder_hidden_states" not in params:
@@ -264,7 +264,7 @@ def attach_composed(pipe: Any, parts: Callable[[str], Parts | None] | None = Non
         raise ValueError(f"Expected a pipeline with an encode_prompt method, but got {type(pipe).__name__}.")
     denoisers = require_denoisers(pipe)
     for name, model in denoisers.items():
-        _check_denoiser(name, model)
+        check_denoiser(name, model)
     table = _Table()
     hooks = {name: ComposedHook(table) for name in denoisers}
     done = []

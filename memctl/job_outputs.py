@@ -92,6 +92,7 @@ def _output(shot: Shot, index: int, seed: int, fid: float, batch_size: int) -> O
         fidelity=fid, strength=v["strength"], start=v["window"][0], stop=v["window"][1], batch_size=batch_size,
         frames=v["frames"],
         fps=(v["fps"] or 8) if v["frames"] is not None else None, fidelity_mode=v.get("fidelity_mode"),
+        extrapolation=v.get("extrapolation"),
     )  # fmt: skip
     fields = {
         "shot": shot.id,

@@ -51,6 +51,7 @@ SHOT_FIELDS = (
     "frames",
     "fps",
     "fidelity_mode",
+    "extrapolation",
     "name",
 )
 JOB_FIELDS = ("version", "model", "block_map", "dtype", "batch_size", "cpu_threads", "guard", "guard_fidelity",
@@ -164,6 +165,12 @@ def _check_bake(top: dict, shots: list[Shot], errors: list[str]) -> None:
     if top["block_map"] is None:
         errors.append("job, field `bake`: Expected a job with a `block_map` (the map is baked), but got no block_map.")
         return
+    composed = [s.where() for s in shots if s.values.get("extrapolation") == "composed"]
+    if composed:
+        errors.append(
+            f"{composed[0]}, field `extrapolation`: Expected the map's lever with `bake: true` (composed "
+            f"extrapolation runs extra denoiser passes; it has no weights to bake), but got 'composed'. Leave out one."
+        )
     fids = sorted({f for s in shots for f in s.values["fidelity"]})
     guarded = top["guard"] is not None and top["guard_fidelity"] < 0
     if not guarded and not any(f < 0 for f in fids):
@@ -250,14 +257,33 @@ def _shots(raw: Any, defaults: dict, top: dict, errors: list[str]) -> list[Shot]
         n = len(errors)
         _unknown(where, item, ("id", *SHOT_FIELDS), errors)
         values = _shot_values({**defaults, **{k: v for k, v in item.items() if k != "id"}}, where, errors)
-        if values and top["block_map"] is None and any(f != 0 for f in values["fidelity"]):
+        composed = bool(values) and values.get("extrapolation") == "composed"
+        mapped = [f for f in values.get("fidelity", ()) if f > 0 or (f < 0 and not composed)] if values else []
+        if values and top["block_map"] is None and mapped:
             errors.append(
-                f"{where}, field `fidelity`: Expected 0 when the job has no `block_map`, but got "
+                f"{where}, field `fidelity`: Expected 0 when the job has no `block_map`"
+                f"{' (or below 0 with extrapolation: composed)' if composed else ''}, but got "
                 f"{list(values['fidelity'])}. Add `block_map:` to the job, or set fidelity to 0."
             )
+        if composed:
+            _check_composed(values, where, errors)
         if len(errors) == n and isinstance(sid, str):
             shots.append(Shot(sid, i, values))
     return shots
+
+
+def _check_composed(values: dict, where: str, errors: list[str]) -> None:
+    """`extrapolation: composed` acts at fidelity < 0 with no map, no strength and no window: a shot with no
+    fidelity above 0 (where the map's knob acts) must leave those at their defaults, else they would be ignored."""
+    if any(f > 0 for f in values["fidelity"]):
+        return
+    pairs = (("strength", values["strength"], 1.0), ("window", list(values["window"]), [0.0, 1.0]))
+    for name, value, default in pairs:
+        if value != default:
+            errors.append(
+                f"{where}, field `{name}`: Expected {default} with extrapolation: composed and no fidelity above 0 "
+                f"(composed extrapolation has no {name}), but got {value!r}."
+            )
 
 
 def _shot_values(merged: dict, where: str, errors: list[str]) -> dict:
@@ -275,7 +301,7 @@ def _shot_values(merged: dict, where: str, errors: list[str]) -> dict:
                 f"{where}, field `{name}`: Expected at most {MAX_PROMPT_CHARS} characters, but got "
                 f"{short_repr(v[name])}."
             )
-    for name in ("strength", "steps", "guidance", "frames", "fps", "fidelity_mode"):
+    for name in ("strength", "steps", "guidance", "frames", "fps", "fidelity_mode", "extrapolation"):
         v[name] = _option(merged, name, where, errors, getattr(GenerationOptions, name))
     v["seeds"] = _seeds(merged["seeds"], where, errors) if "seeds" in merged else ()  # missing: reported above
     v["fidelity"] = _fidelities(merged.get("fidelity", 0.0), where, errors)

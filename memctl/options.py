@@ -11,6 +11,8 @@ import math
 import reprlib
 from dataclasses import asdict, dataclass, fields
 
+EXTRAPOLATIONS = (None, "composed")  # how fidelity < 0 acts: the map's lever, or memctl.composed
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -29,6 +31,7 @@ class GenerationOptions:
     frames: int | None = None
     fps: int | None = None
     fidelity_mode: str | None = None  # fidelity > 0: "cached", "guidance", "attention" (None: the map's, else cached)
+    extrapolation: str | None = None  # fidelity < 0: "composed" (memctl.composed, no map); None: the map's lever
 
     def __post_init__(self):
         _expect(isinstance(self.prompt, str), "prompt", "a str", self.prompt)
@@ -59,6 +62,7 @@ class GenerationOptions:
             f"None or one of {FIDELITY_MODES}",
             self.fidelity_mode,
         )
+        _expect(self.extrapolation in EXTRAPOLATIONS, "extrapolation", f"one of {EXTRAPOLATIONS}", self.extrapolation)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +88,8 @@ class GenerationOptions:
         ]
         if self.fidelity_mode is not None:
             pairs.append(("Fidelity mode", self.fidelity_mode))
+        if self.extrapolation is not None:
+            pairs.append(("Extrapolation", self.extrapolation))
         if model:
             pairs.append(("Model", model))
         if block_map:

@@ -19,6 +19,7 @@ from memctl import signals
 from memctl.bake import bake, fit_prompts, map_sha256, matches, prompts_sha256
 from memctl.blockmap import BlockMap, fingerprint
 from memctl.blocks import require_denoisers
+from memctl.composed import check_denoiser, comma_parts, composed
 from memctl.detection import prompt_lines
 from memctl.jobs import Job, JobError, Output
 from memctl.knob import apply_knob, fidelity, get_knob, remove_knob
@@ -193,11 +194,31 @@ class Renderer:
             if self.video != (v["frames"] is not None):
                 want = "`frames` (this model makes videos)" if self.video else "no `frames` (this model makes images)"
                 errors.append(f"{shot.where()}, field `frames`: Expected {want}, but got {v['frames']!r}.")
+            if v.get("extrapolation") == "composed":
+                self._check_composed(shot, errors)
             if v["size"] is not None and not self.sizable and v["size"] != native:
                 errors.append(
                     f"{shot.where()}, field `size`: Expected null or {list(native) if native else 'null'} "
                     f"(this pipeline renders at one size), but got {list(v['size'])}."
                 )
+
+    @property
+    def parts(self):
+        """How `extrapolation: composed` splits a prompt: the testbed's caption grammar, else at commas."""
+        return self.testbed.prompt_parts if getattr(self.testbed, "grammar", None) is not None else comma_parts
+
+    def _check_composed(self, shot, errors: list[str]) -> None:
+        try:
+            for component, model in require_denoisers(self.pipe).items():
+                check_denoiser(component, model)
+        except ValueError as err:
+            errors.append(f"{shot.where()}, field `extrapolation`: {err}")
+            return
+        if self.parts(shot.values["prompt"]) is None:
+            errors.append(
+                f"{shot.where()}, field `extrapolation`: Expected a prompt with a subject and at least two attributes "
+                f"(comma-separated: 'a two, small, bold') to compose, but got {short_repr(shot.values['prompt'])}."
+            )
 
     def encode(self, batch: tuple[Output, ...]) -> list[bytes]:
         """Sample one batch (one shot and fidelity, one generator per seed) and encode each output's file."""
@@ -231,13 +252,20 @@ class Renderer:
         """The knob at this output's fidelity (applied once per strength, window and mode); 0 is the untouched model.
         With `guard: detect`, a flagged prompt's outputs are rendered at the job's `guard_fidelity` instead."""
         o = x.options
+        f = self.guard_info(x)["rendered_fidelity"] if self.guarded else o.fidelity
+        if o.extrapolation == "composed" and f < 0:  # the knob at 0 (if any), the prompt rebuilt from its parts
+            stack = contextlib.ExitStack()
+            if get_knob(self.pipe) is not None:
+                stack.enter_context(fidelity(self.pipe, 0.0))
+            stack.enter_context(composed(self.pipe, f, self.parts))
+            return stack
         if self.bmap is None:  # a knob someone else applied to a given pipeline must not act
             return fidelity(self.pipe, 0.0) if get_knob(self.pipe) is not None else contextlib.nullcontext()
         if self._applied != (o.strength, o.start, o.stop, o.fidelity_mode):
             apply_knob(self.pipe, self.bmap, strength=o.strength, start=o.start, stop=o.stop,
                        fidelity_mode=o.fidelity_mode)  # fmt: skip
             self._applied = (o.strength, o.start, o.stop, o.fidelity_mode)
-        return fidelity(self.pipe, self.guard_info(x)["rendered_fidelity"] if self.guarded else o.fidelity)
+        return fidelity(self.pipe, f)
 
     def close(self) -> None:
         """Remove the knob this renderer applied."""
@@ -265,9 +293,12 @@ class Renderer:
 
     def key(self, o: Output) -> str:
         """What the pixels depend on; a manifest record with another key is stale."""
+        settings = o.settings()
+        if settings.get("extrapolation") is None:  # a field added later: unset, the key of an earlier render stays
+            settings.pop("extrapolation", None)
         what = {
             "kind": o.kind,
-            "settings": o.settings(),
+            "settings": settings,
             "model": self.model_info["fingerprints"],
             "block_map": self.map_info and self.map_info["fingerprints"],
             **({"guard": self.guard_info(o)["rendered_fidelity"]} if self.guarded else {}),

@@ -45,6 +45,7 @@ DEFAULTS = dict(
     frames=16,
     fps=8,
     fidelity_mode="cached",
+    extrapolation="map",
     model=MODEL,
     map_label="none",
 )
@@ -121,6 +122,17 @@ def test_generate_writes_pngs_with_settings_and_badges(app):
     assert badges_html.count("memctl-caption") == 2
     expected = direct(app, [11, 12])
     assert all(np.array_equal(pixels(g["image"]), e) for g, e in zip(gallery, expected, strict=True))
+
+
+def test_composed_lever_needs_no_map(app):
+    c = client(app)
+    at0 = generate(c, prompt="a seven, small, bold", batch=1)[0]
+    gallery = generate(c, prompt="a seven, small, bold", batch=1, fidelity=-1.0, extrapolation="composed")[0]
+    settings = read_png_settings(gallery[0]["image"])
+    assert settings["memctl"]["extrapolation"] == "composed" and settings["memctl"]["block_map"] == "none"
+    assert "Extrapolation: composed" in settings["parameters"]
+    assert not np.array_equal(pixels(gallery[0]["image"]), pixels(at0[0]["image"]))
+    assert "encode_prompt" not in app["engine"].model(MODEL).pipe.__dict__  # taken off after the request
 
 
 def test_random_seed_is_shown_back(app):
@@ -249,6 +261,7 @@ BAD = [
     (dict(fidelity=-0.5), "block map"),
     (dict(model="no/such-model"), "hub"),
     (dict(map_label="nope"), "block map among"),
+    (dict(fidelity=-1.0, extrapolation="composed"), "two comma-separated attributes"),
 ]
 
 

@@ -86,7 +86,7 @@ def test_handlers_keep_the_flat_signature_gradio_names_the_api_after():
     from memctl.ui.handlers import Handlers
 
     controls = ["prompt", "negative", "fidelity", "strength", "start", "stop", "seed", "steps", "guidance", "batch"]
-    controls += ["frames", "fps", "fidelity_mode"]
+    controls += ["frames", "fps", "fidelity_mode", "extrapolation"]
     for name, extra in [("generate", "map_label"), ("sweep", "map_label"), ("compare", "map_label")]:
         assert list(inspect.signature(getattr(Handlers, name)).parameters) == ["self", *controls, "model", extra]
     assert list(inspect.signature(Handlers.save_preset).parameters)[-2:] == ["model", "seed_used"]

@@ -26,7 +26,7 @@ def handlers(tmp_path_factory):
 
 def controls(**kw):
     values = dict(prompt=PROMPT, negative="", fidelity=0.0, strength=1.0, start=0.0, stop=1.0, seed=3, steps=3,
-                  guidance=5.0, batch=1, frames=9, fps=8, fidelity_mode="cached")  # fmt: skip
+                  guidance=5.0, batch=1, frames=9, fps=8, fidelity_mode="cached", extrapolation="map")  # fmt: skip
     return [*{**values, **kw}.values(), "moving-digits", "shipped"]
 
 

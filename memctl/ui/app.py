@@ -93,6 +93,7 @@ def create_demo(engine: Engine | None = None, out_dir: str | None = None) -> gr.
             c["frames"],
             c["fps"],
             c["fidelity_mode"],
+            c["extrapolation"],
         ]
         inputs = [*controls, model, map_choice]
         map_outputs = [out["heatmap"], out["table"], out["block_info"]]

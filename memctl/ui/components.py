@@ -107,7 +107,7 @@ def prompt_controls(d: GenerationOptions) -> dict:
 def sampling_controls(d: GenerationOptions) -> dict:
     c = {}
     c["negative"] = gr.Textbox(d.negative_prompt, label="Negative prompt", lines=1)
-    with gr.Accordion("Knob: strength, noise-level window, fidelity (+) mode", open=False):
+    with gr.Accordion("Knob: strength, noise-level window, fidelity (+) mode, fidelity (−) lever", open=False):
         c["strength"] = slider(0, 4, d.strength, step=0.05, label="Strength")
         with gr.Row():
             c["start"] = slider(0, 1, d.start, step=0.05, label="Window start (noise level)")
@@ -118,6 +118,14 @@ def sampling_controls(d: GenerationOptions) -> dict:
             label="Fidelity (+) mode",
             info="cached: 1.1 denoiser passes per step; guidance: 2 (exact); attention: about 1, weaker",
             elem_id="fidelity-mode",
+        )
+        c["extrapolation"] = gr.Dropdown(
+            ["map", "composed"],
+            value=d.extrapolation or "map",
+            label="Fidelity (−) lever",
+            info="map: the block map's pull (no extra pass); composed: the prompt rebuilt from its comma-separated "
+            "parts ('a two, small, bold'), no map, one more pass per part",
+            elem_id="extrapolation",
         )
     with gr.Row():
         c["seed"] = gr.Number(d.seed, label="Seed (−1 = random)", precision=None, elem_id="seed", scale=3)

@@ -50,6 +50,7 @@ class Controls:
     frames: Any = None
     fps: Any = None
     fidelity_mode: Any = None  # how fidelity > 0 is computed (memctl.apply_knob); None: the map's, else cached
+    extrapolation: Any = None  # how fidelity < 0 acts: "map" (the map's pull) or "composed" (memctl.composed)
 
     @classmethod
     def showing(cls, o: GenerationOptions, frames: int, fps: int) -> Controls:
@@ -68,6 +69,7 @@ class Controls:
             o.frames or frames,
             o.fps or fps,
             o.fidelity_mode or DEFAULT_FIDELITY_MODE,
+            o.extrapolation or "map",
         )
 
     def values(self) -> list:
@@ -92,6 +94,7 @@ class Controls:
             frames=integer(self.frames, "frames") if video and self.frames is not None else None,
             fps=integer(self.fps, "fps") if video and self.fps is not None else None,
             fidelity_mode=self.fidelity_mode or None,
+            extrapolation=None if self.extrapolation in (None, "", "map") else self.extrapolation,
         )
         for name, (low, high) in LIMITS.items():
             value = getattr(opts, name)

@@ -23,11 +23,12 @@ import torch
 
 from memctl.blockmap import BlockMap
 from memctl.blocks import pipeline_denoisers, require_denoisers
+from memctl.composed import comma_parts, composed
 from memctl.detection import detect
 from memctl.knob import temporary_knob
 from memctl.loading import is_testbed, load_model_and_testbed
 from memctl.metadata import provenance
-from memctl.options import GenerationOptions
+from memctl.options import GenerationOptions, short_repr
 from memctl.pipelines import call_parameters
 from memctl.probe import probe
 from memctl.probeset import ProbeSet
@@ -206,7 +207,7 @@ class Engine:
         fidelities = (opts.fidelity,) if fidelities is None else fidelities
         loaded = self.model(source)
         bmap = self.block_map(map_label, loaded)
-        moved = [f for f in fidelities if f != 0]
+        moved = [f for f in fidelities if f > 0 or (f < 0 and opts.extrapolation != "composed")]  # need the map
         if bmap is None and moved:
             raise ValueError(
                 f"Expected a block map for fidelity {moved[0]:+g} (at 0 none is needed), but the block "
@@ -221,6 +222,16 @@ class Engine:
 
     @contextmanager
     def _knob(self, loaded: Loaded, bmap, opts: GenerationOptions):
+        if opts.extrapolation == "composed" and opts.fidelity < 0:  # no knob: the prompt rebuilt from its parts
+            parts = loaded.testbed.prompt_parts if getattr(loaded.testbed, "grammar", None) else comma_parts
+            if parts(opts.prompt) is None:
+                raise ValueError(
+                    f"Expected a prompt with a subject and at least two comma-separated attributes ('a two, small, "
+                    f"bold') for the composed lever, but got {short_repr(opts.prompt)}. Use the map's lever."
+                )
+            with composed(loaded.pipe, opts.fidelity, parts):
+                yield
+            return
         if bmap is None:
             yield
             return
