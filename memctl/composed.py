@@ -23,11 +23,12 @@ conditioning that was not encoded while attached pass unchanged.
 
 How rows are found: `attach_composed` wraps the pipeline's `encode_prompt`; each prompt it encodes is split by
 `parts` (default `comma_parts`: the first comma-separated phrase is the common part, each later phrase an
-attribute), the parts are encoded by the same `encode_prompt`, and the prompt's states are remembered. The root
-hook on each denoiser matches the rows of `encoder_hidden_states` to remembered states by value (exact) once per
-conditioning tensor and runs the parts' rows in one extra forward. Supported: denoisers whose only per-row
-conditioning is `encoder_hidden_states` (memctl.PixelPipeline, SD 1.x/2.x, Wan 2.1); others (SDXL's
-`added_cond_kwargs`, SD3 / Flux pooled projections) are refused at attach with an error. Prompts passed as
+attribute), the parts are encoded by the same `encode_prompt`, and the prompt's states are remembered. The root hook
+on each denoiser matches the rows of `encoder_hidden_states` to remembered states by value (exact) once per
+conditioning tensor and runs the parts' rows in one extra forward. The states of the last two encode calls that had
+prompts to compose are kept (a pipeline call encodes before it samples); older ones are let go. Supported: denoisers
+whose only per-row conditioning is `encoder_hidden_states` (memctl.PixelPipeline, SD 1.x/2.x, Wan 2.1); others
+(SDXL's `added_cond_kwargs`, SD3 / Flux pooled projections) are refused at attach with an error. Prompts passed as
 `prompt_embeds` have no text to split and are sampled as they are.
 """
 
@@ -48,7 +49,18 @@ from memctl.guidance import _first
 from memctl.hooks import _arg_position, _get_arg, latents_arg, recent, tensor_key, unkeyable
 from memctl.registry import attach, detach
 
-__all__ = ["Parts", "Composed", "comma_parts", "attach_composed", "set_composed", "detach_composed", "composed"]
+__all__ = [
+    "Parts",
+    "Composed",
+    "comma_parts",
+    "parts_for",
+    "require_parts",
+    "check_denoiser",
+    "attach_composed",
+    "set_composed",
+    "detach_composed",
+    "composed",
+]
 
 HOOK = "memctl.composed"
 _ATTR = "_memctl_composed"
@@ -92,15 +104,27 @@ def _probe_key(row: torch.Tensor) -> tuple:
 
 
 class _Table:
-    """The states of each encoded prompt and of its parts (shared by a pipeline's denoisers)."""
+    """The states of each encoded prompt and of its parts, for the last `calls` encode calls that had any (a pipeline
+    call encodes its prompts once before sampling, so its rows are found; older calls' states are let go)."""
 
-    def __init__(self):
-        self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []  # (a prompt's states, its parts' states)
+    def __init__(self, calls: int = 2):
+        self.calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per encode call: (states, parts' states)
+        self.keep = calls
         self._index: dict[tuple, dict[tuple, list]] = {}  # (dtype, device) -> probe key -> [(states cast, parts)]
 
+    @property
+    def entries(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [e for call in self.calls for e in call]
+
+    def new_call(self) -> None:
+        self.calls = [*self.calls[-(self.keep - 1) :], []] if self.keep > 1 else [[]]
+        self._index.clear()
+
     def add(self, states: torch.Tensor, parts: torch.Tensor) -> None:
-        if not any(s.shape == states.shape and torch.equal(s, states) for s, _ in self.entries):
-            self.entries.append((states, parts))
+        if not self.calls:
+            self.new_call()
+        if not any(s.shape == states.shape and torch.equal(s, states) for s, _ in self.calls[-1]):
+            self.calls[-1].append((states, parts))
             self._index.clear()
 
     def find(self, row: torch.Tensor) -> torch.Tensor | None:
@@ -210,12 +234,15 @@ def _wrap_encode(pipe, table: _Table, parts: Callable[[str], Parts | None]) -> C
         ):
             return out
         per = states.shape[0] // len(prompts)  # rows per prompt (num_images_per_prompt, repeated consecutively)
-        for i, p in enumerate(prompts):
-            split = parts(p)
+        splits = [parts(p) for p in prompts]
+        bad = [s for s in splits if s is not None and not isinstance(s, Parts)]
+        if bad:
+            raise TypeError(f"Expected `parts` to return memctl.composed.Parts or None, but got {bad[0]!r}.")
+        if any(splits):
+            table.new_call()
+        for i, split in enumerate(splits):
             if split is None:
                 continue
-            if not isinstance(split, Parts):
-                raise TypeError(f"Expected `parts` to return memctl.composed.Parts or None, but got {split!r}.")
             call = dict(bound.arguments)
             call[first] = [*split.without, split.common]
             for k in ("num_images_per_prompt", "num_videos_per_prompt"):
@@ -230,6 +257,24 @@ def _wrap_encode(pipe, table: _Table, parts: Callable[[str], Parts | None]) -> C
         return out
 
     return wrapped
+
+
+def parts_for(testbed) -> Callable[[str], Parts | None]:
+    """How to split prompts for a model: its testbed's caption grammar (`Testbed.prompt_parts`), else at commas."""
+    return testbed.prompt_parts if getattr(testbed, "grammar", None) is not None else comma_parts
+
+
+def require_parts(parts: Callable[[str], Parts | None], prompt: str) -> Parts:
+    """`parts(prompt)`, or a clear error where the prompt has no parts to compose."""
+    from memctl.options import short_repr
+
+    split = parts(prompt)
+    if split is None:
+        raise ValueError(
+            f"Expected a prompt with a subject and at least two comma-separated attributes ('a two, small, bold') "
+            f"for composed extrapolation, but got {short_repr(prompt)}."
+        )
+    return split
 
 
 def check_denoiser(name: str, model: torch.nn.Module) -> None:

@@ -7,7 +7,8 @@ combination prompt at evaluation seeds (10,000 on; probes use seeds below) for:
 
 - memctl's knob (both maps) at fidelity −1 … +1, and the condition map baked into the weights at −1 (`memctl.bake`,
   its edit fit on the probe set's memorized prompts);
-- composed extrapolation (`memctl.composed`, no map) at −1 on the attribute testbeds, with their caption parts;
+- composed extrapolation (`memctl.composed`, no map) at −1 and −0.5 on the attribute testbeds, with their caption
+  parts;
 - the controls of `memctl.controls`: uniform, text edit, placement shuffled, random subspace; at +1, the uniform
   map's guidance (every step and cached), which shows whether the map's placement matters on the fidelity (+) side;
 - the baselines of `memctl.baselines` (Wen, Ren, Jain, NeMo), each calibrated from the probe set only.
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from memctl.attention_calibrate import attention_map
 from memctl.bake import bake
 from memctl.baselines import BASELINES
-from memctl.composed import composed
+from memctl.composed import composed, parts_for
 from memctl.controls import TextEdit, control_maps
 from memctl.evaluate import EvalSpec, sample_testbed, score_samples
 from memctl.knob import _pairs, apply_knob, fidelity, remove_knob
@@ -280,7 +281,7 @@ def add_rows(record: dict, name: str, families: tuple[str, ...], progress: bool 
 
 def _parts(tb):
     """The testbed's caption parts for the composed rows, or None where its captions have no attributes."""
-    return tb.prompt_parts if tb.grammar is not None else None
+    return parts_for(tb) if tb.grammar is not None else None
 
 
 def _headline(tb, row: dict) -> dict:

@@ -19,7 +19,7 @@ from memctl import signals
 from memctl.bake import bake, fit_prompts, map_sha256, matches, prompts_sha256
 from memctl.blockmap import BlockMap, fingerprint
 from memctl.blocks import require_denoisers
-from memctl.composed import check_denoiser, comma_parts, composed
+from memctl.composed import check_denoiser, composed, parts_for, require_parts
 from memctl.detection import prompt_lines
 from memctl.jobs import Job, JobError, Output
 from memctl.knob import apply_knob, fidelity, get_knob, remove_knob
@@ -202,23 +202,13 @@ class Renderer:
                     f"(this pipeline renders at one size), but got {list(v['size'])}."
                 )
 
-    @property
-    def parts(self):
-        """How `extrapolation: composed` splits a prompt: the testbed's caption grammar, else at commas."""
-        return self.testbed.prompt_parts if getattr(self.testbed, "grammar", None) is not None else comma_parts
-
     def _check_composed(self, shot, errors: list[str]) -> None:
         try:
             for component, model in require_denoisers(self.pipe).items():
                 check_denoiser(component, model)
+            require_parts(parts_for(self.testbed), shot.values["prompt"])
         except ValueError as err:
             errors.append(f"{shot.where()}, field `extrapolation`: {err}")
-            return
-        if self.parts(shot.values["prompt"]) is None:
-            errors.append(
-                f"{shot.where()}, field `extrapolation`: Expected a prompt with a subject and at least two attributes "
-                f"(comma-separated: 'a two, small, bold') to compose, but got {short_repr(shot.values['prompt'])}."
-            )
 
     def encode(self, batch: tuple[Output, ...]) -> list[bytes]:
         """Sample one batch (one shot and fidelity, one generator per seed) and encode each output's file."""
@@ -255,9 +245,13 @@ class Renderer:
         f = self.guard_info(x)["rendered_fidelity"] if self.guarded else o.fidelity
         if o.extrapolation == "composed" and f < 0:  # the knob at 0 (if any), the prompt rebuilt from its parts
             stack = contextlib.ExitStack()
-            if get_knob(self.pipe) is not None:
-                stack.enter_context(fidelity(self.pipe, 0.0))
-            stack.enter_context(composed(self.pipe, f, self.parts))
+            try:
+                if get_knob(self.pipe) is not None:
+                    stack.enter_context(fidelity(self.pipe, 0.0))
+                stack.enter_context(composed(self.pipe, f, parts_for(self.testbed)))
+            except BaseException:
+                stack.close()
+                raise
             return stack
         if self.bmap is None:  # a knob someone else applied to a given pipeline must not act
             return fidelity(self.pipe, 0.0) if get_knob(self.pipe) is not None else contextlib.nullcontext()

@@ -120,6 +120,20 @@ def test_composed_with_given_parts_and_errors():
         attach_composed(tiny_pipeline("sdxl"))
 
 
+def test_only_the_last_two_encode_calls_are_kept():
+    pipe = tiny_pipeline("sd")
+    attach_composed(pipe)
+    try:
+        for prompt in ("a,b,c", "b,c,a", "c,a,b"):
+            pipe.encode_prompt(prompt, "cpu", 1, True)
+        (hook,) = pipe.__dict__["_memctl_composed"][0].values()
+        assert [len(call) for call in hook.table.calls] == [1, 1]
+        assert hook.table.find(_states(pipe, ["c,a,b"])[0]) is not None
+        assert hook.table.find(_states(pipe, ["a,b,c"])[0]) is None  # the oldest call's prompt was let go
+    finally:
+        detach_composed(pipe)
+
+
 def test_testbed_parts_follow_their_grammar():
     from memctl.zoo import attr, moving
     from memctl.zoo.attr_testbed import AttrTestbed

@@ -65,7 +65,7 @@ def test_settings_without_extrapolation_keep_their_keys(tmp_path: Path, pipe):
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        ({"prompt": "a seven"}, "at least two attributes"),
+        ({"prompt": "a seven"}, "at least two comma-separated attributes"),
         ({"strength": 2.0}, "field `strength`: Expected 1.0 with extrapolation: composed"),
         ({"window": [0.0, 0.5]}, "field `window`: Expected [0.0, 1.0] with extrapolation: composed"),
         ({"fidelity": [1]}, "Expected 0 when the job has no `block_map` (or below 0 with extrapolation: composed)"),

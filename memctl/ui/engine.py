@@ -23,12 +23,12 @@ import torch
 
 from memctl.blockmap import BlockMap
 from memctl.blocks import pipeline_denoisers, require_denoisers
-from memctl.composed import comma_parts, composed
+from memctl.composed import composed, parts_for, require_parts
 from memctl.detection import detect
 from memctl.knob import temporary_knob
 from memctl.loading import is_testbed, load_model_and_testbed
 from memctl.metadata import provenance
-from memctl.options import GenerationOptions, short_repr
+from memctl.options import GenerationOptions
 from memctl.pipelines import call_parameters
 from memctl.probe import probe
 from memctl.probeset import ProbeSet
@@ -223,12 +223,8 @@ class Engine:
     @contextmanager
     def _knob(self, loaded: Loaded, bmap, opts: GenerationOptions):
         if opts.extrapolation == "composed" and opts.fidelity < 0:  # no knob: the prompt rebuilt from its parts
-            parts = loaded.testbed.prompt_parts if getattr(loaded.testbed, "grammar", None) else comma_parts
-            if parts(opts.prompt) is None:
-                raise ValueError(
-                    f"Expected a prompt with a subject and at least two comma-separated attributes ('a two, small, "
-                    f"bold') for the composed lever, but got {short_repr(opts.prompt)}. Use the map's lever."
-                )
+            parts = parts_for(loaded.testbed)
+            require_parts(parts, opts.prompt)
             with composed(loaded.pipe, opts.fidelity, parts):
                 yield
             return
