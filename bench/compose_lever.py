@@ -30,13 +30,12 @@ import time
 
 import torch
 
-import memctl
-from memctl.effect_video import VIDEO_STEPS, is_video
-from memctl.evaluate import EvalSpec, sample_testbed, score_samples
+from memctl.effect_video import is_video
+from memctl.evaluate import sample_testbed, score_samples
 from memctl.text_states import WAN_TOKENS
 
 sys.path.insert(0, "bench")
-from pull_subspace import headline  # noqa: E402
+from pull_subspace import calibration_setup, headline  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -122,14 +121,7 @@ class Composer:
 
 
 def run(name: str, fidelities: list[float]) -> dict:
-    tb = memctl.zoo.load_testbed(name)
-    pipe = tb.pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    video = is_video(name)
-    if video:
-        spec = EvalSpec(seeds=2, seed_base=0, guidance=tb.guidance, steps=VIDEO_STEPS)
-    else:
-        spec = EvalSpec(seeds=8, seed_base=0, guidance=tb.guidance)
+    tb, pipe, spec = calibration_setup(name)
     t0 = time.perf_counter()
     plain = sample_testbed(pipe, tb, spec)
     rows = {"plain": headline(tb, score_samples(tb, plain, plain))}

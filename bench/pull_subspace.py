@@ -120,17 +120,22 @@ def headline(tb, r: dict) -> dict:
     return row
 
 
-def run(name: str, modes: list[str]) -> dict:
+def calibration_setup(name: str):
+    """`(testbed, pipeline, spec)` of a calibration run: 8 seeds from 0 (clips: 2 seeds, the video bench's steps)."""
     tb = memctl.zoo.load_testbed(name)
     pipe = tb.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    video = is_video(name)
+    if is_video(name):
+        return tb, pipe, EvalSpec(seeds=2, seed_base=0, guidance=tb.guidance, steps=VIDEO_STEPS)
+    return tb, pipe, EvalSpec(seeds=8, seed_base=0, guidance=tb.guidance)
+
+
+def run(name: str, modes: list[str]) -> dict:
+    tb, pipe, spec = calibration_setup(name)
     t0 = time.perf_counter()
-    if video:
-        spec = EvalSpec(seeds=2, seed_base=0, guidance=tb.guidance, steps=VIDEO_STEPS)
+    if is_video(name):
         bmap = probe(pipe, video_probes(tb), method="prompt", progress=False, call_kwargs=tb.call_kwargs)
     else:
-        spec = EvalSpec(seeds=8, seed_base=0, guidance=tb.guidance)
         bmap = probe(pipe, testbed_probes(tb), method="condition", progress=False)
     plain = sample_testbed(pipe, tb, spec)
     rows = {"plain": headline(tb, score_samples(tb, plain, plain))}

@@ -45,7 +45,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from memctl.blocks import require_denoisers
-from memctl.guidance import _first
+from memctl.guidance import _first, _with_first
 from memctl.hooks import _arg_position, _get_arg, latents_arg, recent, tensor_key, unkeyable
 from memctl.registry import attach, detach
 
@@ -200,16 +200,7 @@ class ComposedHook(ModelHook):
         for (b, _), chunk in zip(matches, parts.split(sizes), strict=True):
             comp = (chunk[:-1].sum(0) - chunk[-1]) / (len(chunk) - 2)
             new[b] = out[b] + w * (comp - out[b])
-        return _replace(output, new)
-
-
-def _replace(output: Any, new: torch.Tensor) -> Any:
-    if isinstance(output, torch.Tensor):
-        return new
-    if isinstance(output, tuple):
-        return (new, *output[1:])
-    output[next(iter(output.keys()))] = new
-    return output
+        return _with_first(output, new)
 
 
 def _wrap_encode(pipe, table: _Table, parts: Callable[[str], Parts | None]) -> Callable:

@@ -178,7 +178,11 @@ def _first(output: Any) -> torch.Tensor:
 def _add(output: Any, w: torch.Tensor, contrast: torch.Tensor) -> Any:
     """`output` with `w * contrast` added to its prediction, in the output's own form."""
     out = _first(output)
-    new = out + w.to(out.dtype) * contrast
+    return _with_first(output, out + w.to(out.dtype) * contrast)
+
+
+def _with_first(output: Any, new: torch.Tensor) -> Any:
+    """`output` with its prediction (see `_first`) replaced by `new`, in the output's own form."""
     if isinstance(output, torch.Tensor):
         return new
     if isinstance(output, tuple):
