@@ -85,9 +85,6 @@ def _put(args, kwargs, new):
     return args, kwargs
 
 
-hooks.ConditionHook.pre_forward = pre_forward
-
-
 @contextmanager
 def knob(pipe, bmap, f, mode):
     start, stop = (float(x) for x in mode.split()[1:]) if mode.startswith("window") else (0.0, 1.0)
@@ -150,6 +147,7 @@ def run(name: str, modes: list[str]) -> dict:
 
 
 if __name__ == "__main__":
+    hooks.ConditionHook.pre_forward = pre_forward  # before any knob attaches (diffusers binds at registration)
     parser = argparse.ArgumentParser()
     parser.add_argument("models", nargs="*", default=["digits-attr-s0", "moving-digits"])
     parser.add_argument("--modes", default="full,subspace,complement")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from memctl.attention_calibrate import attention_map
 from memctl.bake import bake
 from memctl.baselines import BASELINES
-from memctl.composed import composed, parts_for
+from memctl.composed import composed
 from memctl.controls import TextEdit, control_maps
 from memctl.evaluate import EvalSpec, sample_testbed, score_samples
 from memctl.knob import _pairs, apply_knob, fidelity, remove_knob
@@ -281,7 +281,7 @@ def add_rows(record: dict, name: str, families: tuple[str, ...], progress: bool 
 
 def _parts(tb):
     """The testbed's caption parts for the composed rows, or None where its captions have no attributes."""
-    return parts_for(tb) if tb.grammar is not None else None
+    return tb.prompt_parts if tb.grammar is not None else None
 
 
 def _headline(tb, row: dict) -> dict:

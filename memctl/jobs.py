@@ -31,7 +31,7 @@ from memctl.job_outputs import (
     name_problem,
 )
 from memctl.jobfile import got, parse_json, parse_yaml
-from memctl.options import GenerationOptions, short_repr
+from memctl.options import GenerationOptions, needs_map, short_repr
 
 __all__ = [
     "DEFAULT_NAME", "DTYPES", "JOB_FIELDS", "MAX_NAME", "MAX_OUTPUTS", "NAME_FIELDS", "SHOT_FIELDS", "Job", "JobError",
@@ -258,7 +258,7 @@ def _shots(raw: Any, defaults: dict, top: dict, errors: list[str]) -> list[Shot]
         _unknown(where, item, ("id", *SHOT_FIELDS), errors)
         values = _shot_values({**defaults, **{k: v for k, v in item.items() if k != "id"}}, where, errors)
         composed = bool(values) and values.get("extrapolation") == "composed"
-        mapped = [f for f in values.get("fidelity", ()) if f > 0 or (f < 0 and not composed)] if values else []
+        mapped = [f for f in values["fidelity"] if needs_map(f, values["extrapolation"])] if values else []
         if values and top["block_map"] is None and mapped:
             errors.append(
                 f"{where}, field `fidelity`: Expected 0 when the job has no `block_map`"

@@ -14,6 +14,11 @@ from dataclasses import asdict, dataclass, fields
 EXTRAPOLATIONS = (None, "composed")  # how fidelity < 0 acts: the map's lever, or memctl.composed
 
 
+def needs_map(fidelity: float, extrapolation: str | None) -> bool:
+    """Whether sampling at `fidelity` needs a block map: above 0 always, below 0 unless composed (which has none)."""
+    return fidelity > 0 or (fidelity < 0 and extrapolation != "composed")
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """Validated settings of one generation; `to_dict`/`from_dict` round-trip through JSON."""

@@ -28,7 +28,7 @@ from memctl.detection import detect
 from memctl.knob import temporary_knob
 from memctl.loading import is_testbed, load_model_and_testbed
 from memctl.metadata import provenance
-from memctl.options import GenerationOptions
+from memctl.options import GenerationOptions, needs_map
 from memctl.pipelines import call_parameters
 from memctl.probe import probe
 from memctl.probeset import ProbeSet
@@ -207,7 +207,7 @@ class Engine:
         fidelities = (opts.fidelity,) if fidelities is None else fidelities
         loaded = self.model(source)
         bmap = self.block_map(map_label, loaded)
-        moved = [f for f in fidelities if f > 0 or (f < 0 and opts.extrapolation != "composed")]  # need the map
+        moved = [f for f in fidelities if needs_map(f, opts.extrapolation)]
         if bmap is None and moved:
             raise ValueError(
                 f"Expected a block map for fidelity {moved[0]:+g} (at 0 none is needed), but the block "
