@@ -17,9 +17,11 @@ of composable diffusion, Liu et al. 2022: `s(c) = s_u + g_d + Σ_i g_i`), this i
 constant. What the exact prompt alone carries (the memorized image) is not in any `s(c_-j)`. Fidelity f in [-1, 0]
 mixes: `s(c) + |f| (composed - s(c))`; at 0 the hook returns the denoiser's output untouched (no extra pass).
 
-Cost: n + 1 extra conditional rows per composed prompt and step (digits-attr: 4 evaluations instead of 1). No block
-map is needed. Prompts with fewer than 2 attributes, the unconditional rows of classifier-free guidance and any
-conditioning that was not encoded while attached pass unchanged.
+Cost: n + 1 extra conditional rows per composed prompt and step at -1 < f < 0 (digits-attr: 5 evaluations instead
+of 1). At f = -1 the prompt's own prediction is not needed, so its rows are given its first part instead and n extra
+rows run (4 instead of 1): the exact prompt is never evaluated at all. No block map is needed. Prompts with fewer
+than 2 attributes, the unconditional rows of classifier-free guidance and any conditioning that was not encoded while
+attached pass unchanged.
 
 How rows are found: `attach_composed` wraps the pipeline's `encode_prompt`; each prompt it encodes is split by
 `parts` (default `comma_parts`: the first comma-separated phrase is the common part, each later phrase an
@@ -46,7 +48,7 @@ from diffusers.hooks import ModelHook
 
 from memctl.blocks import require_denoisers
 from memctl.guidance import _first, _with_first
-from memctl.hooks import _arg_position, _get_arg, latents_arg, recent, tensor_key, unkeyable
+from memctl.hooks import _arg_position, _get_arg, _set_arg, latents_arg, recent, tensor_key, unkeyable
 from memctl.registry import attach, detach
 
 __all__ = [
@@ -149,6 +151,7 @@ class ComposedHook(ModelHook):
         self.table, self.size = table, size
         self.weight = 0.0  # |f|: a Python float, so fidelity 0 runs nothing extra
         self._inputs: tuple[tuple, dict] | None = None
+        self._first: list | None = None  # at weight 1: the matches whose rows pre_forward gave their first part
         self._matches: dict[tuple, list] = {}  # tensor key of a conditioning -> [states kept alive, matches]
         self.extra_rows = 0  # denoiser rows this hook ran (cost accounting)
 
@@ -158,7 +161,15 @@ class ComposedHook(ModelHook):
         return module
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        self._inputs = (args, kwargs) if self.weight > 0 else None
+        self._inputs, self._first = ((args, kwargs) if self.weight > 0 else None), None
+        if self.weight == 1.0:  # the exact prompt's own prediction is not used: its rows read the first part
+            e = _get_arg(args, kwargs, "encoder_hidden_states", self._pos["encoder_hidden_states"])
+            if isinstance(e, torch.Tensor) and (matches := self._match(e)):
+                e2 = e.clone()
+                for b, p in matches:
+                    e2[b] = p[0].to(e.dtype)
+                args, kwargs = _set_arg(args, kwargs, "encoder_hidden_states", self._pos["encoder_hidden_states"], e2)
+                self._first = matches
         return args, kwargs
 
     def _match(self, e: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -178,12 +189,14 @@ class ComposedHook(ModelHook):
         x, t, e = (_get_arg(args, kwargs, a, self._pos[a]) for a in (self._x, "timestep", "encoder_hidden_states"))
         if not isinstance(e, torch.Tensor) or not isinstance(x, torch.Tensor):
             return output
-        matches = self._match(e)
+        first, self._first = self._first, None
+        matches = first if first is not None else self._match(e)
         if not matches:
             return output
-        sizes = [len(p) for _, p in matches]
+        skip = 0 if first is None else 1  # rows whose first part this call's own output already is
+        sizes = [len(p) - skip for _, p in matches]
         xs = torch.cat([x[b : b + 1].expand(k, *x.shape[1:]) for (b, _), k in zip(matches, sizes, strict=True)])
-        es = torch.cat([p.to(e.dtype) for _, p in matches])
+        es = torch.cat([p[skip:].to(e.dtype) for _, p in matches])
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == x.shape[0]:
             t = torch.cat([t[b : b + 1].expand(k, *t.shape[1:]) for (b, _), k in zip(matches, sizes, strict=True)])
         call = dict(kwargs)
@@ -198,6 +211,8 @@ class ComposedHook(ModelHook):
         new = out.clone()
         w = torch.tensor(self.weight, dtype=out.dtype, device=out.device)
         for (b, _), chunk in zip(matches, parts.split(sizes), strict=True):
+            if skip:
+                chunk = torch.cat([out[b : b + 1], chunk])
             comp = (chunk[:-1].sum(0) - chunk[-1]) / (len(chunk) - 2)
             new[b] = out[b] + w * (comp - out[b])
         return _with_first(output, new)

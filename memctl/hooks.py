@@ -72,6 +72,13 @@ def _get_arg(args: tuple, kwargs: dict, arg: str, pos: int | None) -> Any:
     return args[pos] if pos is not None and pos < len(args) else None
 
 
+def _set_arg(args: tuple, kwargs: dict, arg: str, pos: int | None, value: Any) -> tuple[tuple, dict]:
+    """`(args, kwargs)` with `arg` (found as `_get_arg` finds it) replaced by `value`; new containers."""
+    if arg not in kwargs and pos is not None and pos < len(args):
+        return (*args[:pos], value, *args[pos + 1 :]), kwargs
+    return args, {**kwargs, arg: value}
+
+
 class _InputsOfDelta(ModelHook):
     """Shared by hooks that need a delta-mode block's inputs: grabs them in `pre_forward` for `post_forward`."""
 

@@ -84,6 +84,35 @@ def _check_call(model, x, t, e, out, cond, part_states) -> int:
 
 
 @pytest.mark.parametrize("name", ["sd", "wan"])
+def test_at_minus_one_the_exact_prompt_is_never_evaluated(name):
+    """At fidelity -1 the prompt's own rows read its first part (one extra row fewer); at -0.5 they read the prompt."""
+    pipe = tiny_pipeline(name)
+    cond = _states(pipe, [PROMPT])[0]
+    seen = []  # per denoiser row below the hook (the pipeline's calls and the parts' calls): the prompt's states?
+
+    def count_exact(fidelity: float) -> tuple[int, int]:
+        seen.clear()
+        with composed(pipe, fidelity) as h:
+            hook = pipe.__dict__["_memctl_composed"][0][next(iter(denoisers(pipe)))]
+            original = hook.fn_ref.forward
+
+            def spy(*args, **kwargs):
+                e = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+                seen.extend(bool(torch.allclose(row, cond.to(row.dtype), atol=1e-5)) for row in e)
+                return original(*args, **kwargs)
+
+            hook.fn_ref.forward = spy
+            sample(pipe, name, prompt=PROMPT)
+        return sum(seen), h.extra_rows
+
+    exact_full, rows_full = count_exact(-1.0)
+    exact_half, rows_half = count_exact(-0.5)
+    assert exact_full == 0 and len(seen) > 0
+    assert exact_half > 0  # the mix needs the prompt's own prediction
+    assert rows_full * 3 == rows_half * 2  # 2 of the 3 parts' rows per composed row and step, against 3
+
+
+@pytest.mark.parametrize("name", ["sd", "wan"])
 def test_composed_is_exact_at_zero_and_removable(name):
     pipe = tiny_pipeline(name)
     model = next(iter(denoisers(pipe).values()))
