@@ -19,11 +19,23 @@ grammar with attributes dropped (its training captions drop each attribute 15 % 
 distribution).
 
 Calibration only: digits-attr-s0 (8 seeds from 0) and moving-digits (2 seeds from 0); never evaluation seeds (10000+).
-`python bench/compose_lever.py [model ...]` → bench/results/compose_lever.json.
+`python bench/compose_lever.py [model ...]` → bench/results/compose_lever.json (`--out NAME` for another name).
+
+Variants tried after the first runs (all at fidelity -1; results in bench/results/compose_{analogy,window}_*.json):
+- `--neighbours analogy` / `analogy-same`: the attributes swapped for other trained values instead of dropped (every
+  term a fully named, trained caption). Worse than dropping: swapping the digit too breaks the clips (moving-digits
+  ordinary valid 30 %); keeping it, digits-attr-s0 canary novel-valid 25 % (dropping: 42 %) and moving-digits motion
+  21 % (dropping: 25 %).
+- `--windows lo,hi;...`: composed only while timestep / 1000 lies in the window. On moving-digits the high-noise
+  windows keep the motion: [0.7, 1] no most-exposed clip nearest its bound, canary novel-valid 50 %, motion 83 %
+  (whole range: 8 %, 25 %); [0.85, 1] 38 % nearest bound. On digits-attr-s0 they leave copies ([0.7, 1] 25 %, [0.5,
+  1] 14 %, whole range 8 %): the image model's copies are decided at every noise level.
 """
 
 import argparse
+import itertools
 import json
+import random
 import shlex
 import sys
 import time
@@ -49,8 +61,44 @@ def arriving(pipe, prompts: list[str]) -> torch.Tensor:
     )[0]
 
 
-def partials(tb, prompt: str) -> list[str] | None:
-    """[c_-1, ..., c_-n, d] for a full caption with n >= 2 attributes, else None."""
+def _with(target: tuple, idx: list[int], values: tuple) -> tuple:
+    x = list(target)
+    for i, v in zip(idx, values, strict=True):
+        x[i] = v
+    return tuple(x)
+
+
+def analogies(tb, grammar, target: tuple, keep_digit: bool) -> list[list[tuple]]:
+    """Every analogy for `target = (class, *combo)`: factor groups A | B and other values A', B' such that (A, B'),
+    (A', B), (A', B') are combinations their class was trained on; each as those three `(class, *combo)` terms. The
+    digit (factor 0) is in A, or with `keep_digit` in no group (fixed in every term; then attribute 1 is in A)."""
+    seen = {(cc, *x) for cc in range(len(tb.classes)) for x in tb.seen_combos[cc]}
+    sizes = [len(tb.classes)] + [len(v) for v in grammar.ATTRIBUTES.values()]
+    others = lambda i: [v for v in range(sizes[i]) if v != target[i]]  # noqa: E731
+    attributes = range(1, len(target))
+    found = []
+    for r in range(1, len(target)):
+        for b in itertools.combinations(attributes[1:] if keep_digit else attributes, r):
+            a = ([] if keep_digit else [0]) + [i for i in attributes if i not in b]
+            for alt_a in itertools.product(*map(others, a)):
+                for alt_b in itertools.product(*map(others, b)):
+                    terms = [_with(target, b, alt_b), _with(target, a, alt_a)]
+                    terms.append(_with(terms[1], b, alt_b))
+                    if all(t in seen for t in terms):
+                        found.append(terms)
+    return found
+
+
+def partials(tb, prompt: str, neighbours: str = "drop", k: int = 1) -> tuple[list[str], list[float]] | None:
+    """Captions and weights whose weighted predictions rebuild `prompt`'s, or None (fewer than 2 attributes).
+
+    drop: [c_-1, ..., c_-n, d] with weights 1/(n-1), ..., -1/(n-1) (what `memctl.composed` ships).
+    analogy: the caption's factors split in two groups A | B; with other values A', B' such that (A, B'), (A', B) and
+    (A', B') were trained, `s(A, B) = s(A, B') + s(A', B) - s(A', B')` exactly if the groups' effects add (e.g.
+    s(two, right, slowly) = s(two, right, fast) + s(six, down, slowly) - s(six, down, fast)). Every caption is a
+    trained one, with every attribute named. "analogy" may swap the digit; "analogy-same" keeps it in every term and
+    falls back to "drop" where no analogy exists. `k` analogies (drawn by a generator seeded with the caption) are
+    averaged."""
     from memctl.zoo import attr, moving
 
     grammar = moving if is_video(tb.spec.get("name", "")) else attr
@@ -61,21 +109,31 @@ def partials(tb, prompt: str) -> list[str] | None:
     n = len(combo)
     if n < 2:
         return None
-    drop = [tuple(i != j for i in range(n)) for j in range(n)]
-    return [grammar.caption(c, combo, keep) for keep in drop] + [grammar.caption(c, combo, (False,) * n)]
+    if neighbours == "drop":
+        drop = [tuple(i != j for i in range(n)) for j in range(n)]
+        caps = [grammar.caption(c, combo, keep) for keep in drop] + [grammar.caption(c, combo, (False,) * n)]
+        return caps, [1 / (n - 1)] * n + [-1 / (n - 1)]
+    found = analogies(tb, grammar, (c, *combo), keep_digit=neighbours == "analogy-same")
+    if not found:
+        return partials(tb, prompt, "drop") if neighbours == "analogy-same" else None
+    picked = random.Random(prompt).sample(found, min(k, len(found)))
+    w = 1 / len(picked)
+    return [grammar.caption(x[0], x[1:]) for terms in picked for x in terms], [w, w, -w] * len(picked)
 
 
 class Composer:
     """Wraps the denoiser's forward: rows whose conditioning is a known full caption get the composed prediction."""
 
-    def __init__(self, pipe, tb, prompts: list[str]):
+    def __init__(self, pipe, tb, prompts: list[str], neighbours: str = "drop", k: int = 1):
         self.denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
         self.forward = self.denoiser.forward
-        parts = {p: partials(tb, p) for p in prompts}
+        parts = {p: partials(tb, p, neighbours, k) for p in prompts}
         self.prompts = [p for p in prompts if parts[p] is not None]
         self.full = arriving(pipe, self.prompts)  # (P, L, D)
-        self.parts = [arriving(pipe, parts[p]) for p in self.prompts]  # each (n + 1, L, D)
+        self.parts = [arriving(pipe, parts[p][0]) for p in self.prompts]  # each (terms, L, D)
+        self.weights = [torch.tensor(parts[p][1]) for p in self.prompts]
         self.f = 0.0
+        self.window = (0.0, 1.0)  # composed only while timestep / 1000 lies in it
 
     def __enter__(self):
         self.denoiser.forward = self.wrapped
@@ -90,6 +148,9 @@ class Composer:
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
         e = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
         if self.f >= 0 or e is None:
+            return out
+        level = float(torch.as_tensor(t).flatten()[0]) / 1000
+        if not self.window[0] <= level <= self.window[1]:
             return out
         eps = out[0] if isinstance(out, tuple) else out.sample
         d = (e[:, None].float() - self.full[None].float()).flatten(2).norm(dim=2)  # (B, P)
@@ -112,7 +173,8 @@ class Composer:
         r = r[0] if isinstance(r, tuple) else r.sample
         eps = eps.clone()
         for b, chunk in zip(rows, r.split(ks), strict=True):
-            composed = (chunk[:-1].sum(0) - chunk[-1]) / (len(chunk) - 2)
+            w = self.weights[idx[b]].to(chunk.dtype).view(-1, *[1] * (chunk.ndim - 1))
+            composed = (w * chunk).sum(0)
             eps[b] = eps[b] + abs(self.f) * (composed - eps[b])
         if isinstance(out, tuple):
             return (eps, *out[1:])
@@ -120,20 +182,22 @@ class Composer:
         return out
 
 
-def run(name: str, fidelities: list[float]) -> dict:
+def run(name: str, fidelities: list[float], neighbours: str = "drop", k: int = 1, windows=((0.0, 1.0),)) -> dict:
     tb, pipe, spec = calibration_setup(name)
     t0 = time.perf_counter()
     plain = sample_testbed(pipe, tb, spec)
     rows = {"plain": headline(tb, score_samples(tb, plain, plain))}
     print(name, "plain", rows["plain"], flush=True)
     prompts = [c[0] for c in tb.canaries] + [p for p, _ in tb.eval_prompts()] + tb.unseen_prompts()
-    with Composer(pipe, tb, prompts) as comp:
+    with Composer(pipe, tb, prompts, neighbours, k) as comp:
         for f in fidelities:
-            comp.f = f
-            t1 = time.perf_counter()
-            rows[f"compose {f:+.1f}"] = headline(tb, score_samples(tb, sample_testbed(pipe, tb, spec), plain))
-            rows[f"compose {f:+.1f}"]["seconds"] = round(time.perf_counter() - t1, 1)
-            print(name, "compose", f, rows[f"compose {f:+.1f}"], flush=True)
+            for window in windows:
+                comp.f, comp.window = f, window
+                key = f"compose {f:+.1f}" + ("" if window == (0.0, 1.0) else f" t in [{window[0]}, {window[1]}]")
+                t1 = time.perf_counter()
+                rows[key] = headline(tb, score_samples(tb, sample_testbed(pipe, tb, spec), plain))
+                rows[key]["seconds"] = round(time.perf_counter() - t1, 1)
+                print(name, key, rows[key], flush=True)
     return {"spec": spec.to_dict(), "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
             "composed_prompts": len(comp.prompts), "prompts": len(set(prompts))}  # fmt: skip
 
@@ -143,8 +207,13 @@ if __name__ == "__main__":
     parser.add_argument("models", nargs="*", default=["digits-attr-s0", "moving-digits"])
     parser.add_argument("--fidelities", default="-1,-0.5")
     parser.add_argument("--out", default="compose_lever")
+    parser.add_argument("--neighbours", choices=("drop", "analogy", "analogy-same"), default="drop")
+    parser.add_argument("--k", type=int, default=1, help="analogies averaged per caption")
+    parser.add_argument("--windows", default="0,1", help="timestep / 1000 windows lo,hi;lo,hi;...")
     a = parser.parse_args()
     fs = [float(x) for x in a.fidelities.split(",")]
-    out = {"command": "python " + shlex.join(sys.argv), "results": {m: run(m, fs) for m in a.models}}
+    ws = [tuple(float(v) for v in w.split(",")) for w in a.windows.split(";")]
+    results = {m: run(m, fs, a.neighbours, a.k, ws) for m in a.models}
+    out = {"command": "python " + shlex.join(sys.argv), "results": results}
     with open(f"bench/results/{a.out}.json", "w") as fh:
         json.dump(out, fh, indent=1)

@@ -140,7 +140,7 @@ def effect_summary(results: dict) -> str:
     picks = [("plain", "0"), ("memctl map", "-1.0"), ("memctl map", "+1.0"), ("memctl map in-attention", "+1.0"),
              ("memctl map cached", "+1.0"), ("memctl map per-prompt γ", "+1.0"),
              ("memctl map per-prompt γ cached", "+1.0"), ("memctl map baked", "-1.0"),
-             ("composed", "-1.0"), ("memctl prompt map", "-1.0"),
+             ("composed", "-1.0"), ("composed t ≥ 0.7", "-1.0"), ("memctl prompt map", "-1.0"),
              ("uniform", "-1.0"), ("uniform guidance", "+1.0"), ("uniform guidance cached", "+1.0"),
              ("text edit", "-1.0"), ("placement shuffled", None), ("random subspace", None),
              ("wen", "quantile 0.5"), ("ren", "c 1.25"), ("jain", "transition 0.6"),

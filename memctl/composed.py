@@ -146,9 +146,10 @@ class _Table:
 class ComposedHook(ModelHook):
     """Root hook of a denoiser: the rows of known prompts get `s + weight (composed - s)` while `weight > 0`."""
 
-    def __init__(self, table: _Table, size: int = 4):
+    def __init__(self, table: _Table, size: int = 4, window: tuple[float, float] = (0.0, 1.0), scale: float = 1000.0):
         super().__init__()
         self.table, self.size = table, size
+        self.window, self.scale = window, scale  # noise levels timestep / scale where it acts
         self.weight = 0.0  # |f|: a Python float, so fidelity 0 runs nothing extra
         self._inputs: tuple[tuple, dict] | None = None
         self._first: list | None = None  # at weight 1: the matches whose rows pre_forward gave their first part
@@ -160,9 +161,18 @@ class ComposedHook(ModelHook):
         self._pos = {a: _arg_position(module, a) for a in (self._x, "timestep", "encoder_hidden_states")}
         return module
 
+    def _inside(self, args: tuple, kwargs: dict) -> bool:
+        """Whether this call's noise level (largest timestep of the batch / scale) lies in the window."""
+        if self.window == (0.0, 1.0):
+            return True
+        t = _get_arg(args, kwargs, "timestep", self._pos["timestep"])
+        level = float(torch.as_tensor(t).float().max()) / self.scale
+        return self.window[0] <= level <= self.window[1]
+
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        self._inputs, self._first = ((args, kwargs) if self.weight > 0 else None), None
-        if self.weight == 1.0:  # the exact prompt's own prediction is not used: its rows read the first part
+        active = self.weight > 0 and self._inside(args, kwargs)
+        self._inputs, self._first = ((args, kwargs) if active else None), None
+        if active and self.weight == 1.0:  # the prompt's own prediction is not used: its rows read the first part
             e = _get_arg(args, kwargs, "encoder_hidden_states", self._pos["encoder_hidden_states"])
             if isinstance(e, torch.Tensor) and (matches := self._match(e)):
                 e2 = e.clone()
@@ -307,8 +317,18 @@ def check_denoiser(name: str, model: torch.nn.Module) -> None:
         )
 
 
-def attach_composed(pipe: Any, parts: Callable[[str], Parts | None] | None = None) -> None:
-    """Hook `pipe`'s denoisers and wrap its `encode_prompt` for composed extrapolation (at fidelity 0: no change)."""
+def attach_composed(
+    pipe: Any, parts: Callable[[str], Parts | None] | None = None, start: float = 0.0, stop: float = 1.0
+) -> None:
+    """Hook `pipe`'s denoisers and wrap its `encode_prompt` for composed extrapolation (at fidelity 0: no change).
+
+    `start` / `stop` bound the noise levels where it acts (timestep / num_train_timesteps, as the knob's window):
+    elsewhere the denoiser's own prediction is used and nothing extra runs."""
+    from memctl.knob import _check_real, _timestep_scale
+
+    start, stop = _check_real("start", start, 0.0, 1.0), _check_real("stop", stop, 0.0, 1.0)
+    if start > stop:
+        raise ValueError(f"Expected start <= stop (a window of noise levels), but got start={start}, stop={stop}.")
     if getattr(pipe, _ATTR, None) is not None:
         detach_composed(pipe)
     if not callable(getattr(pipe, "encode_prompt", None)):
@@ -317,7 +337,10 @@ def attach_composed(pipe: Any, parts: Callable[[str], Parts | None] | None = Non
     for name, model in denoisers.items():
         check_denoiser(name, model)
     table = _Table()
-    hooks = {name: ComposedHook(table) for name in denoisers}
+    hooks = {
+        name: ComposedHook(table, window=(start, stop), scale=_timestep_scale(pipe, model))
+        for name, model in denoisers.items()
+    }
     done = []
     try:
         for name, model in denoisers.items():
@@ -364,10 +387,14 @@ class Composed:
 
 @contextmanager
 def composed(
-    pipe: Any, fidelity: float = -1.0, parts: Callable[[str], Parts | None] | None = None
+    pipe: Any,
+    fidelity: float = -1.0,
+    parts: Callable[[str], Parts | None] | None = None,
+    start: float = 0.0,
+    stop: float = 1.0,
 ) -> Iterator[Composed]:
     """`attach_composed` + `set_composed(fidelity)` for a `with` block; removed afterwards, even on errors."""
-    attach_composed(pipe, parts)
+    attach_composed(pipe, parts, start, stop)
     try:
         set_composed(pipe, fidelity)
         yield Composed(pipe.__dict__[_ATTR][0].values())

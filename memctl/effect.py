@@ -8,7 +8,7 @@ combination prompt at evaluation seeds (10,000 on; probes use seeds below) for:
 - memctl's knob (both maps) at fidelity −1 … +1, and the condition map baked into the weights at −1 (`memctl.bake`,
   its edit fit on the probe set's memorized prompts);
 - composed extrapolation (`memctl.composed`, no map) at −1 and −0.5 on the attribute testbeds, with their caption
-  parts;
+  parts, and at −1 only above noise level 0.7;
 - the controls of `memctl.controls`: uniform, text edit, placement shuffled, random subspace; at +1, the uniform
   map's guidance (every step and cached), which shows whether the map's placement matters on the fidelity (+) side;
 - the baselines of `memctl.baselines` (Wen, Ren, Jain, NeMo), each calibrated from the probe set only.
@@ -40,6 +40,11 @@ ATTENTION_FIDELITIES = (0.5, 1.0)  # memctl.attention_guidance (fidelity <= 0 is
 CACHED_FIDELITIES = (1.0,)  # fidelity_mode="cached" (memctl.guidance): the contrast on every 10th step
 BAKE_FIDELITIES = (-1.0,)  # memctl.bake: fidelity <= 0 only
 COMPOSED_FIDELITIES = (-1.0, -0.5)  # memctl.composed: fidelity <= 0 only, no map (attribute testbeds' captions)
+# composed at fidelity -1 only where the noise level is >= 0.7 (row "composed t ≥ 0.7"): of the windows [0.5, 1],
+# [0.7, 1], [0.85, 1] tried on moving-digits' calibration seeds 0-1 (bench/compose_lever.py --windows), the narrowest
+# that left no most-exposed clip nearest its bound clip (bench/results/compose_window_video*.json)
+COMPOSED_WINDOW = (0.7, 1.0)
+COMPOSED_WINDOW_FAMILY = "composed t ≥ 0.7"
 CONTROL_FIDELITIES = (-1.0, -0.5)
 CONTROL_SEEDS = 2
 # one setting each: the published defaults (Ren's C = 1.25), and for the thresholds a rule fixed before measuring
@@ -144,12 +149,13 @@ def bake_setup(pipe, bmap, f: float, prompts: list[str]):
     return setup
 
 
-def composed_setup(pipe, f: float, parts):
-    """A row's setup: composed extrapolation (`memctl.composed`) at fidelity `f` with the testbed's caption parts."""
+def composed_setup(pipe, f: float, parts, window: tuple[float, float] = (0.0, 1.0)):
+    """A row's setup: composed extrapolation (`memctl.composed`) at fidelity `f` with the testbed's caption parts,
+    acting at the noise levels in `window`."""
 
     @contextmanager
     def setup():
-        with composed(pipe, f, parts) as handle:
+        with composed(pipe, f, parts, *window) as handle:
             yield handle  # its extra_rows: the parts' denoiser rows, for the row's cost
 
     return setup
@@ -194,6 +200,7 @@ def _plan(pipe, bmap, prompt_map, probes, attention_map=None, parts=None) -> lis
         plan += [("memctl map baked", f"{f:+.1f}", bake_setup(pipe, bmap, f, memorized)) for f in BAKE_FIDELITIES]
     if parts is not None:
         plan += [("composed", f"{f:+.1f}", composed_setup(pipe, f, parts)) for f in COMPOSED_FIDELITIES]
+        plan.append((COMPOSED_WINDOW_FAMILY, "-1.0", composed_setup(pipe, -1.0, parts, COMPOSED_WINDOW)))
     if prompt_map is not None:
         plan += [("memctl prompt map", f"{f:+.1f}", knob(prompt_map, f, "guidance")) for f in (-1.0, 1.0)]
     controls = control_maps(pipe.unet, bmap, seeds=CONTROL_SEEDS)

@@ -23,6 +23,8 @@ from memctl.effect import (
     BAKE_FIDELITIES,
     BASELINE_SETTINGS,
     COMPOSED_FIDELITIES,
+    COMPOSED_WINDOW,
+    COMPOSED_WINDOW_FAMILY,
     CONTROL_FIDELITIES,
     CONTROL_SEEDS,
     KNOB_FIDELITIES,
@@ -92,6 +94,7 @@ def effect_for_video(
     memorized = [str(c) for c in probes.conditions("memorized")]  # the bake's edit is fit on the probes' prompts
     plan += [("memctl map baked", f"{f:+.1f}", bake_setup(pipe, bmap, f, memorized)) for f in BAKE_FIDELITIES]
     plan += [("composed", f"{f:+.1f}", composed_setup(pipe, f, tb.prompt_parts)) for f in COMPOSED_FIDELITIES]
+    plan.append((COMPOSED_WINDOW_FAMILY, "-1.0", composed_setup(pipe, -1.0, tb.prompt_parts, COMPOSED_WINDOW)))
     controls = control_maps(denoiser, bmap, seeds=CONTROL_SEEDS)
     plan += [("uniform", f"{f:+.1f}", knob_setup(pipe, controls["uniform"], f)) for f in CONTROL_FIDELITIES]
     plan += [("text edit", f"{f:+.1f}", lambda f=f: TextEdit(pipe, bmap, f).applied()) for f in CONTROL_FIDELITIES]

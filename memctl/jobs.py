@@ -273,17 +273,15 @@ def _shots(raw: Any, defaults: dict, top: dict, errors: list[str]) -> list[Shot]
 
 
 def _check_composed(values: dict, where: str, errors: list[str]) -> None:
-    """`extrapolation: composed` acts at fidelity < 0 with no map, no strength and no window: a shot with no
-    fidelity above 0 (where the map's knob acts) must leave those at their defaults, else they would be ignored."""
-    if any(f > 0 for f in values["fidelity"]):
+    """`extrapolation: composed` acts at fidelity < 0 with no map and no strength (its `window` bounds the noise
+    levels where it acts): a shot with no fidelity above 0 (where the map's knob acts) must leave the strength at its
+    default, else it would be ignored."""
+    if any(f > 0 for f in values["fidelity"]) or values["strength"] == 1.0:
         return
-    pairs = (("strength", values["strength"], 1.0), ("window", list(values["window"]), [0.0, 1.0]))
-    for name, value, default in pairs:
-        if value != default:
-            errors.append(
-                f"{where}, field `{name}`: Expected {default} with extrapolation: composed and no fidelity above 0 "
-                f"(composed extrapolation has no {name}), but got {value!r}."
-            )
+    errors.append(
+        f"{where}, field `strength`: Expected 1.0 with extrapolation: composed and no fidelity above 0 (composed "
+        f"extrapolation has no strength), but got {values['strength']!r}."
+    )
 
 
 def _shot_values(merged: dict, where: str, errors: list[str]) -> dict:

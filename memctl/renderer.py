@@ -248,7 +248,7 @@ class Renderer:
             try:
                 if get_knob(self.pipe) is not None:
                     stack.enter_context(fidelity(self.pipe, 0.0))
-                stack.enter_context(composed(self.pipe, f, parts_for(self.testbed)))
+                stack.enter_context(composed(self.pipe, f, parts_for(self.testbed), o.start, o.stop))
             except BaseException:
                 stack.close()
                 raise

@@ -129,6 +129,41 @@ def test_composed_is_exact_at_zero_and_removable(name):
     assert torch.equal(sample(pipe, name, prompt="ab"), plain_other)
 
 
+@pytest.mark.parametrize("name", ["sd", "wan"])
+def test_composed_acts_only_in_its_window(name):
+    """Outside [start, stop] (noise level = timestep / num_train_timesteps) the step is the denoiser's own and nothing
+    extra runs; an empty window gives the plain sample exactly."""
+    pipe = tiny_pipeline(name)
+    model = next(iter(denoisers(pipe).values()))
+    plain = sample(pipe, name, prompt=PROMPT)
+    levels = []
+    handle = model.register_forward_pre_hook(
+        lambda m, args, kwargs: levels.append(float(torch.as_tensor(kwargs.get("timestep", args[1] if len(args) > 1
+                                                                              else None)).float().max())),
+        with_kwargs=True,
+    )  # fmt: skip
+    try:
+        with composed(pipe, -1.0) as whole:
+            sample(pipe, name, prompt=PROMPT)
+    finally:
+        handle.remove()
+    scale = float(pipe.scheduler.config.num_train_timesteps)
+    calls = sorted({t / scale for t in levels})
+    cut = (calls[0] + calls[-1]) / 2  # between the first (noisiest) and last steps' levels
+    with composed(pipe, -1.0, start=cut, stop=1.0) as upper:
+        windowed = sample(pipe, name, prompt=PROMPT)
+    gap = (calls[0] + calls[1]) / 2  # a window between two steps' levels holds no call
+    with composed(pipe, -1.0, start=gap, stop=gap) as empty:
+        assert torch.equal(sample(pipe, name, prompt=PROMPT), plain)
+    assert empty.extra_rows == 0 < upper.extra_rows < whole.extra_rows
+    share = sum(t / scale >= cut for t in levels) / len(levels)
+    assert upper.extra_rows == pytest.approx(whole.extra_rows * share)
+    assert not torch.allclose(windowed, plain, atol=1e-4)
+    with pytest.raises(ValueError, match="start <= stop"):
+        attach_composed(pipe, start=0.8, stop=0.2)
+    assert "_memctl_composed" not in pipe.__dict__
+
+
 def test_composed_with_given_parts_and_errors():
     pipe = tiny_pipeline("sd")
     plain = sample(pipe, "sd", prompt="ab")

@@ -133,6 +133,9 @@ def test_composed_lever_needs_no_map(app):
     assert "Extrapolation: composed" in settings["parameters"]
     assert not np.array_equal(pixels(gallery[0]["image"]), pixels(at0[0]["image"]))
     assert "encode_prompt" not in app["engine"].model(MODEL).pipe.__dict__  # taken off after the request
+    upper = generate(c, prompt="a seven, small, bold", batch=1, fidelity=-1.0, extrapolation="composed", start=0.5)[0]
+    assert read_png_settings(upper[0]["image"])["memctl"]["start"] == 0.5  # the window reaches composition
+    assert not np.array_equal(pixels(upper[0]["image"]), pixels(gallery[0]["image"]))
 
 
 def test_random_seed_is_shown_back(app):

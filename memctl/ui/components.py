@@ -124,7 +124,7 @@ def sampling_controls(d: GenerationOptions) -> dict:
             value=d.extrapolation or "map",
             label="Fidelity (−) lever",
             info="map: the block map's pull (no extra pass); composed: the prompt rebuilt from its comma-separated "
-            "parts ('a two, small, bold'), no map, one more pass per part",
+            "parts ('a two, small, bold'), no map, one more pass per part, inside the window",
             elem_id="extrapolation",
         )
     with gr.Row():

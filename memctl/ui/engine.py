@@ -225,7 +225,7 @@ class Engine:
         if opts.extrapolation == "composed" and opts.fidelity < 0:  # no knob: the prompt rebuilt from its parts
             parts = parts_for(loaded.testbed)
             require_parts(parts, opts.prompt)
-            with composed(loaded.pipe, opts.fidelity, parts):
+            with composed(loaded.pipe, opts.fidelity, parts, opts.start, opts.stop):
                 yield
             return
         if bmap is None:
