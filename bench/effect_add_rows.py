@@ -8,6 +8,9 @@ Each model's record (`bench/results/effect/MODEL.json`) gets the family's rows m
 `effect.md` are rebuilt from all records by the bench's own table code (the md keeps its header, and says which rows
 were added by which command).
 
+`--replace` (video testbeds): the family's rows already in the record are measured again (image records always are),
+e.g. after a change of the code that makes them.
+
 `--remeasure` (video testbeds): every row of the record is measured again, not only the family's, so that measures
 added to `memctl.evaluate` since the record was made (e.g. `nearest_bound`) reach every row; the record's rows are
 replaced and the table's earlier "added rows" lines for those models are dropped.
@@ -28,7 +31,7 @@ from memctl.effect_video import CPU_ROWS, effect_for_video, is_video
 OUT = Path(__file__).parent / "results"
 
 
-def main(family: str, models: list[str], remeasure: bool = False) -> None:
+def main(family: str, models: list[str], remeasure: bool = False, replace: bool = False) -> None:
     """`family`: one row family, or several separated by commas ("wen,ren,jain,nemo")."""
     torch.set_num_threads(1)
     families = tuple(f.strip() for f in family.split(","))
@@ -42,6 +45,8 @@ def main(family: str, models: list[str], remeasure: bool = False) -> None:
                 old = json.loads(path.read_text())
                 if remeasure:  # only the plain row, which the run re-samples and checks
                     old = {**old, "rows": {"plain": old["rows"]["plain"]}}
+                elif replace:  # without the family's rows, which the run then measures
+                    old = {**old, "rows": {k: v for k, v in old["rows"].items() if k not in families}}
                 partial.write_text(json.dumps(old, indent=1) + "\n")
             seeds = json.loads(path.read_text())["eval"]["seeds"]
             record = effect_for_video(name, seeds=seeds, families=(*CPU_ROWS, *families), partial=partial)
@@ -49,7 +54,8 @@ def main(family: str, models: list[str], remeasure: bool = False) -> None:
         else:
             record = add_rows(json.loads(path.read_text()), name, families)
         added = record.setdefault("added_rows", {})
-        added[family] = f"python bench/effect_add_rows.py {'--remeasure ' if remeasure else ''}" + (
+        flag = "--remeasure " if remeasure else "--replace " if replace else ""
+        added[family] = f"python bench/effect_add_rows.py {flag}" + (
             f"{json.dumps(family, ensure_ascii=False)} {name}"
         )
         _write_json(path, record)
@@ -61,7 +67,7 @@ def main(family: str, models: list[str], remeasure: bool = False) -> None:
     lines = (OUT / "effect.md").read_text().splitlines(keepends=True)
     head = lines[: lines.index("\n")]  # the title and one line per model's command, up to the first blank line
     quoted = json.dumps(family, ensure_ascii=False)
-    flag = "--remeasure " if remeasure else ""
+    flag = "--remeasure " if remeasure else "--replace " if replace else ""
     note = f"- added rows `{family}`: `python bench/effect_add_rows.py {flag}{quoted} {' '.join(models)}`\n"
     stale = tuple(f" {name}`\n" for name in models) if remeasure else ()  # earlier additions to re-measured records
     head = [line for line in head if line != note and not (line.startswith("- added rows") and line.endswith(stale))]
@@ -74,8 +80,10 @@ def main(family: str, models: list[str], remeasure: bool = False) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    remeasure = "--remeasure" in args
-    args = [a for a in args if a != "--remeasure"]
+    remeasure, replace = "--remeasure" in args, "--replace" in args
+    args = [a for a in args if a not in ("--remeasure", "--replace")]
     if len(args) < 2:
-        sys.exit(f"usage: python bench/effect_add_rows.py [--remeasure] FAMILIES MODEL..., but got {sys.argv[1:]}")
-    main(args[0], args[1:], remeasure)
+        sys.exit(
+            f"usage: python bench/effect_add_rows.py [--remeasure|--replace] FAMILIES MODEL..., but got {sys.argv[1:]}"
+        )
+    main(args[0], args[1:], remeasure, replace)

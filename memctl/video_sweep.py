@@ -41,14 +41,14 @@ def _columns(tb, bmap, seed: int, fidelities) -> tuple[list, list[torch.Tensor]]
     return most, columns
 
 
-def _grid(most, columns, fidelities, shown) -> Image.Image:
-    """Rows = canaries, columns = bound clip then each fidelity, `shown` frames side by side in each."""
+def frame_strips(most, columns, fidelities, shown, names: list[str] | None = None) -> Image.Image:
+    """Rows = canaries, columns = bound clip then each fidelity (or each of `names`), `shown` frames side by side."""
     gap, label_w, head = 2, 170, 16
     cell = columns[0].shape[-1] * SCALE
     block = len(shown) * cell + gap * 4
     img = Image.new("RGB", (label_w + len(columns) * block, head + len(most) * (cell + gap)), "white")
     draw = ImageDraw.Draw(img)
-    for j, name in enumerate(["bound clip (trained)"] + [f"fidelity {f:+.0f}" for f in fidelities]):
+    for j, name in enumerate(["bound clip (trained)"] + (names or [f"fidelity {f:+.0f}" for f in fidelities])):
         draw.text((label_w + j * block, 2), name, fill="black")
     for i, c in enumerate(most):
         y = head + i * (cell + gap)
@@ -94,11 +94,11 @@ def render_video_sweep(
     }  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    frames = [np.asarray(_grid(most, columns, fidelities, [f])) for f in range(tb.frames)]
+    frames = [np.asarray(frame_strips(most, columns, fidelities, [f])) for f in range(tb.frames)]
     frames = [f[: f.shape[0] // 2 * 2, : f.shape[1] // 2 * 2] for f in frames]  # even sides for yuv420p
     comment = json.dumps(settings)
     paths = [out / f"{NAME}.{ext}" for ext in ("png", "gif", "mp4", "json")]
-    _grid(most, columns, fidelities, STRIP).save(paths[0])
+    frame_strips(most, columns, fidelities, STRIP).save(paths[0])
     export_gif(frames, paths[1], fps=4, comment=comment)
     export_mp4(frames, paths[2], fps=4, comment=comment)
     paths[3].write_text(json.dumps(settings, indent=1) + "\n")
