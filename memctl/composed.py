@@ -62,6 +62,8 @@ __all__ = [
     "set_composed",
     "detach_composed",
     "composed",
+    "calibrate_window",
+    "WINDOW_STARTS",
 ]
 
 HOOK = "memctl.composed"
@@ -400,3 +402,57 @@ def composed(
         yield Composed(pipe.__dict__[_ATTR][0].values())
     finally:
         detach_composed(pipe)
+
+
+WINDOW_STARTS = (0.85, 0.7, 0.5, 0.0)  # candidate windows [start, 1], narrowest first
+MAX_COPY = 0.05
+
+
+def calibrate_window(
+    pipe: Any,
+    memorized: list[tuple[str, torch.Tensor]],
+    parts: Callable[[str], Parts | None] | None = None,
+    reference: torch.Tensor | None = None,
+    *,
+    seeds: tuple[int, ...] = tuple(range(8)),
+    steps: int = 25,
+    guidance: float = 1.0,
+    starts: tuple[float, ...] = WINDOW_STARTS,
+    max_copy: float = MAX_COPY,
+    **call_kwargs,
+) -> dict:
+    """The narrowest high-noise window [start, 1] where composed extrapolation at -1 stops the memorized prompts
+    copying, chosen from the probe set alone.
+
+    Where a model decides what it copies differs: a video model fixes a clip's layout (where the memorized
+    trajectory lies) at high noise, and composing only there keeps the motion the exact caption asks for; a pixel
+    model may copy from every level. So for each `start` in `starts` (narrowest first) the `memorized` prompts
+    (probe pairs `(prompt, bound image or clip)`) are sampled at `seeds` under `composed(pipe, -1, parts, start,
+    1)`, and a sample copies when its nearest image in `reference` (default: the bound images) is its own bound
+    image, closer than a third of the second nearest (d1 < d2 / 3, `memctl.metrics`). The first start whose copy
+    rate is at most `max_copy` is chosen; if none is, the widest (the last). Returns `{"start", "stop",
+    "copy_rates": {start: rate}, "reached": bool, "seeds"}`. Cost: the probe prompts sampled once per start tried.
+    """
+    from memctl import metrics
+    from memctl.evaluate import EvalSpec, generate
+
+    if not memorized:
+        raise ValueError("Expected memorized probe pairs (prompt, bound image) to calibrate the window, but got none.")
+    if not starts or any(not 0.0 <= s <= 1.0 for s in starts):
+        raise ValueError(f"Expected window starts in [0, 1], but got {starts!r}.")
+    bound = torch.stack([im for _, im in memorized]).float()
+    reference = bound if reference is None else reference.float()
+    index = [int((reference - b).flatten(1).norm(dim=1).argmin()) for b in bound]
+    prompts = [p for p, _ in memorized for _ in seeds]
+    rates, spec = {}, EvalSpec(seeds=len(seeds), steps=steps, guidance=guidance)
+    for start in starts:
+        with composed(pipe, -1.0, parts, start, 1.0):
+            x = generate(pipe, prompts, list(seeds) * len(memorized), spec, **call_kwargs)
+        _, copies = metrics.nearest_and_copies(x.flatten(1, -3), reference.flatten(1, -3), (1 / 3,))
+        own = torch.tensor([index[i // len(seeds)] for i in range(len(prompts))])
+        rates[start] = metrics.share(copies[1 / 3] == own)
+        if rates[start] <= max_copy:
+            break
+    chosen = start
+    return {"start": chosen, "stop": 1.0, "copy_rates": rates, "reached": rates[chosen] <= max_copy,
+            "seeds": list(seeds)}  # fmt: skip

@@ -23,12 +23,13 @@ import time
 from contextlib import ExitStack, contextmanager, nullcontext
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from memctl.attention_calibrate import attention_map
 from memctl.bake import bake
 from memctl.baselines import BASELINES
-from memctl.composed import composed
+from memctl.composed import calibrate_window, composed
 from memctl.controls import TextEdit, control_maps
 from memctl.evaluate import EvalSpec, sample_testbed, score_samples
 from memctl.knob import _pairs, apply_knob, fidelity, remove_knob
@@ -45,6 +46,10 @@ COMPOSED_FIDELITIES = (-1.0, -0.5)  # memctl.composed: fidelity <= 0 only, no ma
 # that left no most-exposed clip nearest its bound clip (bench/results/compose_window_video*.json)
 COMPOSED_WINDOW = (0.7, 1.0)
 COMPOSED_WINDOW_FAMILY = "composed t ≥ 0.7"
+# composed at fidelity -1 in the window `memctl.composed.calibrate_window` chooses per model from the probe set's
+# memorized pairs, sampled at calibration seeds (images 0-7, clips 0-1); never the evaluation seeds
+COMPOSED_CALIBRATED_FAMILY = "composed calibrated window"
+CALIBRATION_SEEDS = tuple(range(8))
 CONTROL_FIDELITIES = (-1.0, -0.5)
 CONTROL_SEEDS = 2
 # one setting each: the published defaults (Ren's C = 1.25), and for the thresholds a rule fixed before measuring
@@ -111,6 +116,8 @@ def _measure(tb, pipe, spec, ref, setup) -> tuple[dict, object]:
         seconds = time.perf_counter() - t0
     n = _n_images(samples)
     row = score_samples(tb, samples, ref or samples)
+    if getattr(extra, "calibration", None) is not None:  # what the row's setup chose before sampling
+        row["calibration"] = extra.calibration
     extra_rows = getattr(extra, "extra_rows", 0)
     row["cost"] = {"denoiser_evals_per_image": round((count["rows"] + extra_rows) / n, 2),
                    "seconds_per_image": round(seconds / n, 4)}  # fmt: skip
@@ -161,6 +168,20 @@ def composed_setup(pipe, f: float, parts, window: tuple[float, float] = (0.0, 1.
     return setup
 
 
+def calibrated_composed_setup(pipe, parts, memorized, reference, **sampling):
+    """A row's setup: `calibrate_window` on the probe pairs `memorized` (calibration seeds and sampling in
+    `sampling`), then composed extrapolation at -1 in the chosen window; the choice goes into the row."""
+
+    @contextmanager
+    def setup():
+        choice = calibrate_window(pipe, memorized, parts, reference, **sampling)
+        with composed(pipe, -1.0, parts, choice["start"], choice["stop"]) as handle:
+            handle.calibration = choice
+            yield handle
+
+    return setup
+
+
 def baseline_setup(pipe, name: str, kw: dict, probes):
     """A row's setup: baseline `name` with settings `kw`, fit on `probes`, removed afterwards."""
 
@@ -173,9 +194,11 @@ def baseline_setup(pipe, name: str, kw: dict, probes):
     return setup
 
 
-def _plan(pipe, bmap, prompt_map, probes, attention_map=None, parts=None) -> list[tuple[str, str, object]]:
+def _plan(
+    pipe, bmap, prompt_map, probes, attention_map=None, parts=None, sampling=None
+) -> list[tuple[str, str, object]]:
     """(family, setting, setup) for every row after the plain model; `parts` (a testbed's `prompt_parts`) adds the
-    composed-extrapolation rows."""
+    composed-extrapolation rows, `sampling` (steps and guidance) the one whose window is calibrated on `probes`."""
 
     def knob(m, f, mode=None):
         return knob_setup(pipe, m, f, mode)
@@ -201,6 +224,11 @@ def _plan(pipe, bmap, prompt_map, probes, attention_map=None, parts=None) -> lis
     if parts is not None:
         plan += [("composed", f"{f:+.1f}", composed_setup(pipe, f, parts)) for f in COMPOSED_FIDELITIES]
         plan.append((COMPOSED_WINDOW_FAMILY, "-1.0", composed_setup(pipe, -1.0, parts, COMPOSED_WINDOW)))
+        if sampling is not None:
+            reference = torch.cat([probes.images("memorized"), probes.images("general")])
+            setup = calibrated_composed_setup(pipe, parts, probes.memorized, reference, seeds=CALIBRATION_SEEDS,
+                                              **sampling)  # fmt: skip
+            plan.append((COMPOSED_CALIBRATED_FAMILY, "-1.0", setup))
     if prompt_map is not None:
         plan += [("memctl prompt map", f"{f:+.1f}", knob(prompt_map, f, "guidance")) for f in (-1.0, 1.0)]
     controls = control_maps(pipe.unet, bmap, seeds=CONTROL_SEEDS)
@@ -239,7 +267,7 @@ def effect_for_model(name: str, seeds: int = 8, progress: bool = True, steps: in
     plain, ref = _measure(tb, pipe, spec, None, nullcontext)
     rows = {"plain": {"0": plain}}
     amap = attention_map(pipe, bmap, probes)
-    plan = _plan(pipe, bmap, prompt_map, probes, amap, _parts(tb))
+    plan = _plan(pipe, bmap, prompt_map, probes, amap, _parts(tb), dict(steps=spec.steps, guidance=spec.guidance))
     for family, setting, setup in tqdm(plan, desc=f"{name}: effect", unit="row", disable=not progress):
         rows.setdefault(family, {})[setting], _ = _measure(tb, pipe, spec, ref, setup)
     exposure = {c[0]: c[2] for c in tb.canaries}
@@ -279,7 +307,8 @@ def add_rows(record: dict, name: str, families: tuple[str, ...], progress: bool 
         raise ValueError(f"Expected the plain row of {name} to equal the record's, but sampling gave other numbers.")
     amap = attention_map(pipe, bmap, probes)
     rows = {k: dict(v) for k, v in record["rows"].items()}
-    plan = [p for p in _plan(pipe, bmap, None, probes, amap, _parts(tb)) if p[0] in families]
+    sampling = dict(steps=spec.steps, guidance=spec.guidance)
+    plan = [p for p in _plan(pipe, bmap, None, probes, amap, _parts(tb), sampling) if p[0] in families]
     for family, setting, setup in tqdm(plan, desc=f"{name}: effect (added rows)", unit="row", disable=not progress):
         rows.setdefault(family, {})[setting], _ = _measure(tb, pipe, spec, ref, setup)
     return {**record, "rows": rows, "attention_calibration": amap.meta["attention_calibration"],

@@ -22,6 +22,7 @@ from memctl.controls import TextEdit, control_maps
 from memctl.effect import (
     BAKE_FIDELITIES,
     BASELINE_SETTINGS,
+    COMPOSED_CALIBRATED_FAMILY,
     COMPOSED_FIDELITIES,
     COMPOSED_WINDOW,
     COMPOSED_WINDOW_FAMILY,
@@ -33,6 +34,7 @@ from memctl.effect import (
     bake_setup,
     bars,
     baseline_setup,
+    calibrated_composed_setup,
     composed_setup,
     knob_setup,
 )
@@ -47,6 +49,7 @@ def video_probes(tb) -> ProbeSet:
 
 
 VIDEO_STEPS = 10  # denoising steps per clip in the bench (the testbed's own default is 20): CPU time
+VIDEO_CALIBRATION_SEEDS = (0, 1)  # composed calibrated window: clips cost ~50 transformer calls each
 CPU_ROWS = ("plain", "memctl map", "memctl map baked", "uniform", "text edit", "placement shuffled", "random subspace")
 
 
@@ -95,6 +98,10 @@ def effect_for_video(
     plan += [("memctl map baked", f"{f:+.1f}", bake_setup(pipe, bmap, f, memorized)) for f in BAKE_FIDELITIES]
     plan += [("composed", f"{f:+.1f}", composed_setup(pipe, f, tb.prompt_parts)) for f in COMPOSED_FIDELITIES]
     plan.append((COMPOSED_WINDOW_FAMILY, "-1.0", composed_setup(pipe, -1.0, tb.prompt_parts, COMPOSED_WINDOW)))
+    bound = [(c[0], c[1]) for c in tb.canaries]  # the canaries' bound clips (the prompt-only probes have none)
+    calibrate = calibrated_composed_setup(pipe, tb.prompt_parts, bound, None, seeds=VIDEO_CALIBRATION_SEEDS,
+                                          steps=steps, guidance=tb.guidance, **tb.call_kwargs)  # fmt: skip
+    plan.append((COMPOSED_CALIBRATED_FAMILY, "-1.0", calibrate))
     controls = control_maps(denoiser, bmap, seeds=CONTROL_SEEDS)
     plan += [("uniform", f"{f:+.1f}", knob_setup(pipe, controls["uniform"], f)) for f in CONTROL_FIDELITIES]
     plan += [("text edit", f"{f:+.1f}", lambda f=f: TextEdit(pipe, bmap, f).applied()) for f in CONTROL_FIDELITIES]

@@ -217,3 +217,32 @@ def test_testbed_parts_follow_their_grammar():
         (moving.caption(2, (1, 0), (False, True)), moving.caption(2, (1, 0), (True, False))), "a two"
     )
     assert Video().prompt_parts("a two") is None
+
+
+def test_calibrate_window_finds_copies_and_widens_until_they_stop():
+    """A sample equal to its bound image copies (d1 = 0); the narrowest start is tried first, then wider ones; the
+    first at or under `max_copy` is chosen, else the widest, with `reached` False."""
+    from memctl.composed import calibrate_window
+    from memctl.evaluate import EvalSpec, generate
+
+    pipe = tiny_pipeline("sd")
+    kwargs = {"height": 8, "width": 8}
+    prompts, seeds = ["a,b,c", "b,c,a"], (0,)
+    with composed(pipe, -1.0, start=0.6, stop=1.0):  # what the narrowest candidate will draw
+        bound = generate(pipe, prompts, [0, 0], EvalSpec(seeds=1, steps=2, guidance=5.0), **kwargs)
+    others = torch.rand(6, *bound.shape[1:], generator=torch.Generator().manual_seed(0))
+    memorized = list(zip(prompts, bound, strict=True))
+    common = dict(seeds=seeds, steps=2, guidance=5.0, starts=(0.6, 0.0), **kwargs)
+    choice = calibrate_window(pipe, memorized, None, torch.cat([bound, others]), **common)
+    assert choice["copy_rates"][0.6] == 1.0  # every sample is its own bound image: copies
+    assert list(choice["copy_rates"]) == [0.6, 0.0] and choice["start"] == 0.0 and choice["stop"] == 1.0
+    assert choice["reached"] == (choice["copy_rates"][0.0] <= 0.05)
+    first = calibrate_window(pipe, memorized, None, torch.cat([bound, others]), max_copy=1.0, **common)
+    assert (first["start"], list(first["copy_rates"]), first["reached"]) == (0.6, [0.6], True)  # stops at once
+    never = calibrate_window(pipe, memorized, None, torch.cat([bound, others]), max_copy=-1.0, **common)
+    assert never["start"] == 0.0 and not never["reached"]
+    with pytest.raises(ValueError, match="memorized probe pairs"):
+        calibrate_window(pipe, [], None, **common)
+    with pytest.raises(ValueError, match=r"starts in \[0, 1\]"):
+        calibrate_window(pipe, memorized, None, **{**common, "starts": (1.5,)})
+    assert "_memctl_composed" not in pipe.__dict__
