@@ -48,9 +48,12 @@ def main(family: str, models: list[str], remeasure: bool = False, replace: bool 
                 elif replace:  # without the family's rows, which the run then measures
                     old = {**old, "rows": {k: v for k, v in old["rows"].items() if k not in families}}
                 partial.write_text(json.dumps(old, indent=1) + "\n")
-            seeds = json.loads(path.read_text())["eval"]["seeds"]
-            record = effect_for_video(name, seeds=seeds, families=(*CPU_ROWS, *families), partial=partial)
+            before = json.loads(path.read_text())
+            record = effect_for_video(name, seeds=before["eval"]["seeds"], families=(*CPU_ROWS, *families),
+                                      partial=partial)  # fmt: skip
             partial.unlink()
+            if not remeasure:  # the commands that added the rows kept from the record
+                record["added_rows"] = {**before.get("added_rows", {}), **record.get("added_rows", {})}
         else:
             record = add_rows(json.loads(path.read_text()), name, families)
         added = record.setdefault("added_rows", {})

@@ -3,6 +3,7 @@
     >>> with composed(pipe, fidelity=-1.0):              # "a two, small, bold, leaning left" → its parts
     ...     images = pipe(prompts).images
     >>> attach_composed(pipe, parts=my_parts); set_composed(pipe, -0.5); ...; detach_composed(pipe)
+    >>> with composed(video_pipe, -1.0, start=0.7, stop=1.0): ...   # only at high noise
 
 Why: where memorized prompts are made of ordinary words (digits-attr, moving-digits: every attribute and every
 sub-caption was trained on many images; only the exact combination is bound to one image), the condition lever
@@ -22,6 +23,11 @@ of 1). At f = -1 the prompt's own prediction is not needed, so its rows are give
 rows run (4 instead of 1): the exact prompt is never evaluated at all. No block map is needed. Prompts with fewer
 than 2 attributes, the unconditional rows of classifier-free guidance and any conditioning that was not encoded while
 attached pass unchanged.
+
+Window: `start` / `stop` (noise level = timestep / num_train_timesteps, as the knob's window) bound where it acts.
+Where a model decides what it copies differs: the embedded video model fixes a clip's layout (and so the memorized
+trajectory) at high noise, and composing only above 0.7 keeps the motion the caption asks for; the pixel digits
+models copy from every level. `calibrate_window` picks the window per model from the probe set's memorized pairs.
 
 How rows are found: `attach_composed` wraps the pipeline's `encode_prompt`; each prompt it encodes is split by
 `parts` (default `comma_parts`: the first comma-separated phrase is the common part, each later phrase an
