@@ -31,7 +31,8 @@ def sample() -> torch.Tensor:
     return out.frames.cpu().float()
 
 
-columns, names = [torch.stack([c[1] for c in most])], ["plain", "composed -1", f"composed -1, t >= {COMPOSED_WINDOW[0]}"]
+names = ["plain", "composed -1", f"composed -1, t >= {COMPOSED_WINDOW[0]}"]
+columns = [torch.stack([c[1] for c in most])]
 columns.append(sample())
 with composed(pipe, -1.0, tb.prompt_parts):
     columns.append(sample())

@@ -24,16 +24,19 @@ evaluation model or seed is read), alone and beside the default `memctl.signals.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from memctl.atomic import atomic_write
-from memctl.detect_bench import COPYING, prompt_groups
-from memctl.detection import noise_differences, roc_auc
+from memctl.detect_bench import prompt_groups
+from memctl.detection import noise_differences
 from memctl.quiet import quiet
 from memctl.signals import COMBINED, drop_last
+
+sys.path.insert(0, str(Path(__file__).parent))
+from detect_neighbours import report, save, score_sets  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("digits-s0", "digits-attr-s0")
@@ -66,15 +69,6 @@ def reading(pipe, prompts: list[str], seed: int, subject_common: bool) -> torch.
     return (whole[:, 0] - context[:, 0]).norm(dim=-1)
 
 
-def risk(readings: dict, group: str, names: tuple[str, ...]) -> torch.Tensor:
-    from memctl.detection import robust_z
-
-    k = len(names)
-    ref = {n: readings["reference"][n][i::k].mean(0).log() for i, n in enumerate(names)}
-    z = [robust_z(readings[group][n][i::k].mean(0).log(), ref[n]) for i, n in enumerate(names)]
-    return torch.stack(z).mean(0)
-
-
 def main() -> None:
     from memctl.zoo import load_testbed
 
@@ -100,47 +94,15 @@ def main() -> None:
             readings[g] = {n: v[:, start : start + len(ps)] for n, v in values.items()}
             readings[g].update({n: torch.tensor(stored[model]["groups"][g][n]) for n in COMBINED})
             start += len(ps)
-        copies = labels[model]["copy_rate"]
-        scored = [g for g in readings if g != "reference"]
-        rate = torch.tensor([x for g in scored for x in copies[g]])
-        never = torch.tensor(copies["decoys"]) == 0
-        rows = {}
-        for names in SETS:
-            r = {g: risk(readings, g, names) for g in readings}
-            pooled = torch.cat([r[g] for g in scored])
-            rows[" + ".join(names)] = {
-                "copying": round(roc_auc(pooled[rate >= COPYING], pooled[rate == 0]), 3),
-                "16x_vs_decoys": round(roc_auc(r["canaries_16"], r["decoys"]), 3),
-                "16x_vs_never_copying_decoys": round(roc_auc(r["canaries_16"], r["decoys"][never]), 3)
-                if never.any()
-                else None,
-                "16x_vs_ordinary": round(roc_auc(r["canaries_16"], r["ordinary"]), 3),
-            }
+        rows = score_sets(readings, labels[model]["copy_rate"], SETS)
         result["models"][model] = {"rows": rows}
         print(model, json.dumps(rows, indent=1), flush=True)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    atomic_write(RESULTS / "detect_interaction.json", (json.dumps(result, indent=1) + "\n").encode())
-    atomic_write(RESULTS / "detect_interaction.md", markdown(result).encode())
-    print(markdown(result))
+    save(result, "detect_interaction", markdown(result))
 
 
 def markdown(result: dict) -> str:
-    lines = [
-        "# Detection: the interaction of a prompt's parts, on the calibration split",
-        f"`{result['command']}` ({result['seconds']} s): digits-s0 and digits-attr-s0, seeds 0-7, 4 evaluations per "
-        "prompt and seed for every set. ROC AUC: prompts that copy vs never copied (all groups but the reference) / "
-        "16× canaries vs decoys / vs decoys that never copied / vs held-out ordinary prompts. The default is "
-        f"{' + '.join(COMBINED)}.",
-        "",
-    ]
-    for model, m in result["models"].items():
-        header = "signals | copying | 16× vs decoys | 16× vs never-copying decoys | 16× vs ordinary"
-        lines += [f"## {model}", "", header, "--- | --- | --- | --- | ---"]
-        for name, row in m["rows"].items():
-            cells = ["–" if v is None else f"{v:.2f}" for v in row.values()]
-            lines.append(" | ".join([name, *cells]))
-        lines.append("")
-    return "\n".join(lines)
+    return report(result, "Detection: the interaction of a prompt's parts, on the calibration split")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,39 @@ def risk(readings: dict, group: str, names: tuple[str, ...]) -> torch.Tensor:
     return torch.stack(z).mean(0)
 
 
+def score_sets(readings: dict, copies: dict, sets) -> dict:
+    """Per set of signals: ROC AUC of the prompts that copy against those that never copied (every group but the
+    reference; `copies`: copy rates per group), and of the 16x canaries against decoys, never-copying decoys and
+    held-out ordinary prompts."""
+    scored = [g for g in readings if g != "reference"]
+    rate = torch.tensor([x for g in scored for x in copies[g]])
+    never = torch.tensor(copies["decoys"]) == 0
+    rows = {}
+    for names in sets:
+        r = {g: risk(readings, g, names) for g in readings}
+        pooled = torch.cat([r[g] for g in scored])
+        rows[" + ".join(names)] = {
+            "copying": round(roc_auc(pooled[rate >= COPYING], pooled[rate == 0]), 3),
+            "16x_vs_decoys": round(roc_auc(r["canaries_16"], r["decoys"]), 3),
+            "16x_vs_never_copying_decoys": round(roc_auc(r["canaries_16"], r["decoys"][never]), 3)
+            if never.any()
+            else None,
+            "16x_vs_ordinary": round(roc_auc(r["canaries_16"], r["ordinary"]), 3),
+        }
+    return rows
+
+
+def table(rows: dict) -> list[str]:
+    """The markdown table of `score_sets`' rows."""
+    lines = [
+        "signals | copying | 16× vs decoys | 16× vs never-copying decoys | 16× vs ordinary",
+        "--- | --- | --- | --- | ---",
+    ]
+    for name, row in rows.items():
+        lines.append(" | ".join([name, *["–" if v is None else f"{v:.2f}" for v in row.values()]]))
+    return lines
+
+
 def main() -> None:
     torch.set_num_threads(1)
     labels = json.loads((RESULTS / "detect_measured.json").read_text())["models"]
@@ -118,32 +151,16 @@ def main() -> None:
                 raise ValueError(f"Expected the calibration readings' prompts for {model} {g}, but they differ.")
             check = max(check, float((readings[g]["contrast2"] - torch.tensor(old[g]["contrast2"])).abs().max()))
             readings[g].update({n: torch.tensor(old[g][n]) for n in ("magnitude2", "sharpness")})
-        copies = labels[model]["copy_rate"]
-        scored = [g for g in readings if g != "reference"]
-        rate = torch.tensor([x for g in scored for x in copies[g]])
-        never = torch.tensor(copies["decoys"]) == 0
-        rows = {}
-        for names in SETS:
-            r = {g: risk(readings, g, names) for g in readings}
-            pooled = torch.cat([r[g] for g in scored])
-            rows[" + ".join(names)] = {
-                "copying": round(roc_auc(pooled[rate >= COPYING], pooled[rate == 0]), 3),
-                "16x_vs_decoys": round(roc_auc(r["canaries_16"], r["decoys"]), 3),
-                "16x_vs_never_copying_decoys": round(roc_auc(r["canaries_16"], r["decoys"][never]), 3)
-                if never.any()
-                else None,
-                "16x_vs_ordinary": round(roc_auc(r["canaries_16"], r["ordinary"]), 3),
-            }
+        rows = score_sets(readings, labels[model]["copy_rate"], SETS)
         result["models"][model] = {"contrast2_max_difference_from_stored": check, "rows": rows}
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    atomic_write(RESULTS / "detect_neighbours.json", (json.dumps(result, indent=1) + "\n").encode())
-    atomic_write(RESULTS / "detect_neighbours.md", markdown(result).encode())
-    print(markdown(result))
+    save(result, "detect_neighbours", markdown(result))
 
 
-def markdown(result: dict) -> str:
+def report(result: dict, title: str, extra=lambda m: []) -> str:
+    """The markdown of a calibration-split run: `title`, the command, and per model `extra(m)` lines and the table."""
     lines = [
-        "# Detection: neighbour contrasts on the calibration split",
+        f"# {title}",
         f"`{result['command']}` ({result['seconds']} s): digits-s0 and digits-attr-s0, seeds 0-7, 4 evaluations per "
         "prompt and seed for every set. ROC AUC: prompts that copy vs never copied (all groups but the reference) / "
         "16× canaries vs decoys / vs decoys that never copied / vs held-out ordinary prompts. The default is "
@@ -151,15 +168,22 @@ def markdown(result: dict) -> str:
         "",
     ]
     for model, m in result["models"].items():
-        lines += [f"## {model}", "", f"contrast2 read again: largest difference from the stored readings "
-                  f"{m['contrast2_max_difference_from_stored']:.1e}.", "",
-                  "signals | copying | 16× vs decoys | 16× vs never-copying decoys | 16× vs ordinary",
-                  "--- | --- | --- | --- | ---"]  # fmt: skip
-        for name, row in m["rows"].items():
-            cells = ["–" if v is None else f"{v:.2f}" for v in row.values()]
-            lines.append(" | ".join([name, *cells]))
-        lines.append("")
+        lines += [f"## {model}", "", *extra(m), *table(m["rows"]), ""]
     return "\n".join(lines)
+
+
+def save(result: dict, stem: str, markdown: str) -> None:
+    atomic_write(RESULTS / f"{stem}.json", (json.dumps(result, indent=1) + "\n").encode())
+    atomic_write(RESULTS / f"{stem}.md", markdown.encode())
+    print(markdown)
+
+
+def markdown(result: dict) -> str:
+    def read_again(m: dict) -> list[str]:
+        difference = m["contrast2_max_difference_from_stored"]
+        return [f"contrast2 read again: largest difference from the stored readings {difference:.1e}.", ""]
+
+    return report(result, "Detection: neighbour contrasts on the calibration split", read_again)
 
 
 if __name__ == "__main__":
