@@ -8,7 +8,8 @@ combination prompt at evaluation seeds (10,000 on; probes use seeds below) for:
 - memctl's knob (both maps) at fidelity −1 … +1, and the condition map baked into the weights at −1 (`memctl.bake`,
   its edit fit on the probe set's memorized prompts);
 - composed extrapolation (`memctl.composed`, no map) at −1 and −0.5 on the attribute testbeds, with their caption
-  parts, and at −1 only above noise level 0.7;
+  parts, and at −1 only above noise level 0.7 and in the window `memctl.composed.calibrate_window` picks from the
+  probe set;
 - the controls of `memctl.controls`: uniform, text edit, placement shuffled, random subspace; at +1, the uniform
   map's guidance (every step and cached), which shows whether the map's placement matters on the fidelity (+) side;
 - the baselines of `memctl.baselines` (Wen, Ren, Jain, NeMo), each calibrated from the probe set only.
