@@ -438,6 +438,7 @@ def calibrate_window(
     image, closer than a third of the second nearest (d1 < d2 / 3, `memctl.metrics`). The first start whose copy
     rate is at most `max_copy` is chosen; if none is, the widest (the last). Returns `{"start", "stop",
     "copy_rates": {start: rate}, "reached": bool, "seeds"}`. Cost: the probe prompts sampled once per start tried.
+    Give `steps`, `guidance` and other call arguments (`call_kwargs`, e.g. a video's frames) as you will sample.
     """
     from memctl import metrics
     from memctl.evaluate import EvalSpec, generate
