@@ -63,16 +63,37 @@ def main(family: str, models: list[str], remeasure: bool = False, replace: bool 
         )
         _write_json(path, record)
         print(name, json.dumps({k: v for k, v in record["bars"].items() if k.endswith("_checks")}), flush=True)
+    quoted = json.dumps(family, ensure_ascii=False)
+    flag = "--remeasure " if remeasure else "--replace " if replace else ""
+    note = f"- added rows `{family}`: `python bench/effect_add_rows.py {flag}{quoted} {' '.join(models)}`\n"
+    rebuild_tables(note, tuple(f" {name}`\n" for name in models) if remeasure else ())
+
+
+def rebar(models: list[str]) -> None:
+    """The bars of each model's record computed again from its stored rows (no sampling; after `memctl.effect.bars`
+    gains checks), and the tables rebuilt."""
+    from memctl.effect import bars
+    from memctl.zoo import load_testbed
+
+    for name in models:
+        path = OUT / "effect" / f"{name}.json"
+        record = json.loads(path.read_text())
+        record["bars"] = bars(load_testbed(name), record["rows"], record["eval"]["seeds"])
+        _write_json(path, record)
+    rebuild_tables(
+        f"- bars computed again from the stored rows: `python bench/effect_add_rows.py --rebar {' '.join(models)}`\n"
+    )
+
+
+def rebuild_tables(note: str, stale: tuple[str, ...] = ()) -> None:
+    """effect.json and effect.md from every record; `note` joins the md's header (in place of an equal line), and
+    earlier "added rows" lines ending in one of `stale` leave it."""
     results = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "effect").glob("*.json"))}
     report = json.loads((OUT / "effect.json").read_text())
     report["models"] = results
     _write_json(OUT / "effect.json", report)
     lines = (OUT / "effect.md").read_text().splitlines(keepends=True)
     head = lines[: lines.index("\n")]  # the title and one line per model's command, up to the first blank line
-    quoted = json.dumps(family, ensure_ascii=False)
-    flag = "--remeasure " if remeasure else "--replace " if replace else ""
-    note = f"- added rows `{family}`: `python bench/effect_add_rows.py {flag}{quoted} {' '.join(models)}`\n"
-    stale = tuple(f" {name}`\n" for name in models) if remeasure else ()  # earlier additions to re-measured records
     head = [line for line in head if line != note and not (line.startswith("- added rows") and line.endswith(stale))]
     head += [note]
     md = [*head, "\nSummary: most-exposed canaries copied / canary novel-valid (attribute-correct on digits-attr) / "
@@ -83,6 +104,8 @@ def main(family: str, models: list[str], remeasure: bool = False, replace: bool 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if args[:1] == ["--rebar"]:
+        sys.exit(rebar(args[1:]) if args[1:] else "usage: python bench/effect_add_rows.py --rebar MODEL...")
     remeasure, replace = "--remeasure" in args, "--replace" in args
     args = [a for a in args if a not in ("--remeasure", "--replace")]
     if len(args) < 2:

@@ -76,6 +76,9 @@ OTHER_CHECKS = (
     ("per_prompt_fidelity_checks", "fidelity per-prompt γ"),
     ("per_prompt_cached_fidelity_checks", "fidelity per-prompt γ cached"),
     ("bake_checks", "baked"),
+    ("composed_checks", "composed"),
+    ("composed_window_checks", "composed t ≥ 0.7"),
+    ("composed_calibrated_checks", "composed calibrated window"),
 )
 
 

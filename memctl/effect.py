@@ -372,6 +372,16 @@ def bars(tb, rows: dict, seeds: int) -> dict:
                 "most-exposed copy_1/3 at +1 >= plain": g["most_copy"] >= plain["most_copy"],
                 "ordinary valid at +1 >= 0.95 x plain": g["ordinary_valid"] >= 0.95 * plain["ordinary_valid"],
             }
+    composed_checks = {}  # composed extrapolation at -1: the extrapolation bars, novel-valid vs plain (not in "pass")
+    for fam, key in (("composed", "composed_checks"), (COMPOSED_WINDOW_FAMILY, "composed_window_checks"),
+                     (COMPOSED_CALIBRATED_FAMILY, "composed_calibrated_checks")):  # fmt: skip
+        if "-1.0" in head.get(fam, {}):
+            g = head[fam]["-1.0"]
+            composed_checks[key] = {
+                "most-exposed copy_1/3 at -1 <= 0.05": g["most_copy"] <= 0.05,
+                "ordinary valid at -1 >= 0.95 x plain": g["ordinary_valid"] >= 0.95 * plain["ordinary_valid"],
+                "canary novel-valid at -1 >= plain": g["novel_valid"] >= plain["novel_valid"],
+            }
     baked = {}
     if "memctl map baked" in head:  # issue: a baked checkpoint; within 5 points of the hooked knob (not in "pass")
         b = head["memctl map baked"]["-1.0"]
@@ -382,6 +392,7 @@ def bars(tb, rows: dict, seeds: int) -> dict:
     return {
         "checks": checks,
         **other_modes,
+        **composed_checks,
         **({"bake_checks": baked} if baked else {}),
         "pass": all(checks.values()),
         "map_at_-1": ext,

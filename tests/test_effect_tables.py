@@ -99,3 +99,17 @@ def test_video_table_shows_the_most_exposed_nearest_bound_share_where_measured()
     assert "most-exposed nearest bound" in next(line for line in lines if line.startswith("row | "))
     assert next(line for line in lines if line.startswith("plain | 0 | ")).endswith("| 75% | 90% | 100% | 1.20")
     assert next(line for line in lines if line.startswith("uniform | -1.0 | ")).endswith("| – | 90% | 100% | 1.20")
+
+
+def test_composed_rows_are_checked_against_the_extrapolation_bars_and_plain():
+    rows = _rows(0.75)
+    rows["composed calibrated window"] = {"-1.0": _row(0.0, 0.0, 0.12, valid=0.96, evals=46)}  # plain: 0.1, 1.0
+    rows["composed"] = {"-1.0": _row(0.09, 0.0, 0.05, valid=0.8, evals=100)}
+    b = bars(TB, rows, 8)
+    assert all(b["composed_calibrated_checks"].values())
+    assert not any(b["composed_checks"].values())
+    assert "composed_window_checks" not in b and b["pass"] == bars(TB, _rows(0.75), 8)["pass"]  # beside the bars
+    md = "".join(_effect_md({"m": {"bars": b, "rows": rows, "probe_seconds": 1, "prompt_map": {"seconds": 1}}}))
+    assert "PASS: composed calibrated window (not in the bars above): ordinary valid at -1 >= 0.95 x plain" in md
+    assert "FAIL: composed (not in the bars above): most-exposed copy_1/3 at -1 <= 0.05" in md
+    assert "composed calibrated window -1.0 | 0% / 12% / 96% (46)" in effect_summary({"m": {"bars": b, "rows": rows}})
