@@ -31,9 +31,20 @@ class EvalSpec:
     steps: int = 25
     guidance: float = 1.0
     batch_size: int = 256
+    # "shared": every prompt's sample s starts from seed `seed_base + s` (the same noises for all prompts: rows are
+    # paired, but a row's level rests on `seeds` noise draws); "per-prompt": prompt i's from `seed_base + i * seeds +
+    # s`, distinct noises (still paired across rows)
+    noise: str = "shared"
+
+    def __post_init__(self):
+        if self.noise not in ("shared", "per-prompt"):
+            raise ValueError(f"Expected noise 'shared' or 'per-prompt', but got {self.noise!r}.")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["noise"] == "shared":  # records made before the field existed compare equal
+            del d["noise"]
+        return d
 
 
 @dataclass
@@ -67,11 +78,12 @@ def generate(pipe, prompts: list[str], seeds: list[int], spec: EvalSpec, **call_
 def sample_testbed(pipe, tb, spec: EvalSpec = EvalSpec(), **call_kwargs) -> Samples:
     """Every canary prompt, the testbed's ordinary evaluation prompts and its never-shown combinations' prompts,
     each at `spec.seeds` evaluation seeds."""
-    seeds = [spec.seed_base + s for s in range(spec.seeds)]
     call_kwargs = {**getattr(tb, "call_kwargs", {}), **call_kwargs}  # a video testbed's frames and size
     groups = [[c[0] for c in tb.canaries], [p for p, _ in tb.eval_prompts()], tb.unseen_prompts()]
-    prompts = [p for group in groups for p in group for _ in seeds]
-    images = generate(pipe, prompts, seeds * (len(prompts) // len(seeds)), spec, **call_kwargs)
+    prompts = [p for group in groups for p in group for _ in range(spec.seeds)]
+    per = spec.noise == "per-prompt"  # sample k = (prompt k // seeds, seed k % seeds)
+    seeds = [spec.seed_base + (k if per else k % spec.seeds) for k in range(len(prompts))]
+    images = generate(pipe, prompts, seeds, spec, **call_kwargs)
     images = images.reshape(-1, spec.seeds, *images.shape[1:])  # (P, S, C, H, W)
     a, b = len(groups[0]), len(groups[0]) + len(groups[1])
     return Samples(images[:a], images[a:b], spec, images[b:] if groups[2] else None)
