@@ -21,15 +21,17 @@ import torch
 
 from memctl.effect import (
     CALIBRATION_SEEDS,
-    COMPOSED_WINDOW,
+    COMPOSED_CALIBRATED_FAMILY,
+    COMPOSED_WINDOW_FAMILY,
     _headline,
     _measure,
     _parts,
-    calibrated_composed_setup,
-    composed_setup,
+    composed_plan,
+    extrapolation_checks,
+    probe_reference,
     testbed_probes,
 )
-from memctl.effect_video import VIDEO_STEPS, is_video
+from memctl.effect_video import VIDEO_STEPS, is_video, video_composed_plan
 from memctl.evaluate import EvalSpec
 
 OUT = Path(__file__).parent / "results" / "composed_fresh_seeds.json"
@@ -49,16 +51,12 @@ def run(name: str) -> dict:
     spec = EvalSpec(seeds=4, seed_base=SEED_BASE, guidance=tb.guidance)
     probes = testbed_probes(tb)
     plain, ref = _measure(tb, pipe, spec, None, nullcontext)
-    reference = torch.cat([probes.images("memorized"), probes.images("general")])
-    setup = calibrated_composed_setup(pipe, _parts(tb), probes.memorized, reference, seeds=CALIBRATION_SEEDS,
-                                      steps=spec.steps, guidance=spec.guidance)  # fmt: skip
+    plan = composed_plan(pipe, _parts(tb), probes.memorized, probe_reference(probes), seeds=CALIBRATION_SEEDS,
+                         steps=spec.steps, guidance=spec.guidance)  # fmt: skip
+    setup = next(s for family, _, s in plan if family == COMPOSED_CALIBRATED_FAMILY)
     row, _ = _measure(tb, pipe, spec, ref, setup)
     p, c = _headline(tb, plain), _headline(tb, row)
-    checks = {
-        "most-exposed copy_1/3 at -1 <= 0.05": c["most_copy"] <= 0.05,
-        "ordinary valid at -1 >= 0.95 x plain": c["ordinary_valid"] >= 0.95 * p["ordinary_valid"],
-        "canary novel-valid at -1 >= plain": c["novel_valid"] >= p["novel_valid"],
-    }
+    checks = extrapolation_checks(p, c)
     out = {"eval": spec.to_dict(), "plain": p, "composed calibrated window": c, "calibration": row["calibration"],
            "evals_per_image": row["cost"]["denoiser_evals_per_image"], "checks": checks}  # fmt: skip
     print(name, json.dumps(out), flush=True)
@@ -70,7 +68,8 @@ def run_video(tb, pipe) -> dict:
 
     spec = EvalSpec(seeds=2, seed_base=SEED_BASE, guidance=tb.guidance, steps=VIDEO_STEPS)
     plain, ref = _measure(tb, pipe, spec, None, nullcontext)
-    row, _ = _measure(tb, pipe, spec, ref, composed_setup(pipe, -1.0, tb.prompt_parts, COMPOSED_WINDOW))
+    setup = next(s for family, _, s in video_composed_plan(tb, pipe) if family == COMPOSED_WINDOW_FAMILY)
+    row, _ = _measure(tb, pipe, spec, ref, setup)
 
     def read(r: dict) -> dict:
         most = str(max(tb.exposures))

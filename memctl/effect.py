@@ -183,6 +183,21 @@ def calibrated_composed_setup(pipe, parts, memorized, reference, **sampling):
     return setup
 
 
+def composed_plan(pipe, parts, memorized, reference, **sampling) -> list[tuple[str, str, object]]:
+    """The composed-extrapolation rows (family, setting, setup): every level at `COMPOSED_FIDELITIES`, -1 above
+    `COMPOSED_WINDOW`, and -1 in the window `calibrate_window` picks from the probe pairs `memorized` against
+    `reference` (`sampling`: its seeds, steps, guidance and call arguments)."""
+    plan = [("composed", f"{f:+.1f}", composed_setup(pipe, f, parts)) for f in COMPOSED_FIDELITIES]
+    plan.append((COMPOSED_WINDOW_FAMILY, "-1.0", composed_setup(pipe, -1.0, parts, COMPOSED_WINDOW)))
+    calibrated = calibrated_composed_setup(pipe, parts, memorized, reference, **sampling)
+    return [*plan, (COMPOSED_CALIBRATED_FAMILY, "-1.0", calibrated)]
+
+
+def probe_reference(probes) -> torch.Tensor:
+    """The probe set's images (memorized, then general): what `calibrate_window`'s copy test compares against."""
+    return torch.cat([probes.images("memorized"), probes.images("general")])
+
+
 def baseline_setup(pipe, name: str, kw: dict, probes):
     """A row's setup: baseline `name` with settings `kw`, fit on `probes`, removed afterwards."""
 
@@ -199,7 +214,7 @@ def _plan(
     pipe, bmap, prompt_map, probes, attention_map=None, parts=None, sampling=None
 ) -> list[tuple[str, str, object]]:
     """(family, setting, setup) for every row after the plain model; `parts` (a testbed's `prompt_parts`) adds the
-    composed-extrapolation rows, `sampling` (steps and guidance) the one whose window is calibrated on `probes`."""
+    composed-extrapolation rows, their calibrated window sampled with `sampling` (steps and guidance) on `probes`."""
 
     def knob(m, f, mode=None):
         return knob_setup(pipe, m, f, mode)
@@ -223,13 +238,8 @@ def _plan(
         memorized = [str(c) for c in probes.conditions("memorized")]
         plan += [("memctl map baked", f"{f:+.1f}", bake_setup(pipe, bmap, f, memorized)) for f in BAKE_FIDELITIES]
     if parts is not None:
-        plan += [("composed", f"{f:+.1f}", composed_setup(pipe, f, parts)) for f in COMPOSED_FIDELITIES]
-        plan.append((COMPOSED_WINDOW_FAMILY, "-1.0", composed_setup(pipe, -1.0, parts, COMPOSED_WINDOW)))
-        if sampling is not None:
-            reference = torch.cat([probes.images("memorized"), probes.images("general")])
-            setup = calibrated_composed_setup(pipe, parts, probes.memorized, reference, seeds=CALIBRATION_SEEDS,
-                                              **sampling)  # fmt: skip
-            plan.append((COMPOSED_CALIBRATED_FAMILY, "-1.0", setup))
+        plan += composed_plan(pipe, parts, probes.memorized, probe_reference(probes), seeds=CALIBRATION_SEEDS,
+                              **(sampling or {}))  # fmt: skip
     if prompt_map is not None:
         plan += [("memctl prompt map", f"{f:+.1f}", knob(prompt_map, f, "guidance")) for f in (-1.0, 1.0)]
     controls = control_maps(pipe.unet, bmap, seeds=CONTROL_SEEDS)
@@ -343,6 +353,15 @@ def _at_copy(plain: dict, family: dict, x: float, key: str) -> float:
     return float(np.interp(x, xs, ys))
 
 
+def extrapolation_checks(plain: dict, g: dict) -> dict:
+    """A fidelity -1 row's headline `g` against the plain one: the extrapolation bars, and novel-valid vs plain."""
+    return {
+        "most-exposed copy_1/3 at -1 <= 0.05": g["most_copy"] <= 0.05,
+        "ordinary valid at -1 >= 0.95 x plain": g["ordinary_valid"] >= 0.95 * plain["ordinary_valid"],
+        "canary novel-valid at -1 >= plain": g["novel_valid"] >= plain["novel_valid"],
+    }
+
+
 def bars(tb, rows: dict, seeds: int) -> dict:
     """The localization and fidelity bars (issue: localization that earns its place) on this model's rows."""
     head = {fam: {s: _headline(tb, r) for s, r in by.items()} for fam, by in rows.items()}
@@ -376,12 +395,7 @@ def bars(tb, rows: dict, seeds: int) -> dict:
     for fam, key in (("composed", "composed_checks"), (COMPOSED_WINDOW_FAMILY, "composed_window_checks"),
                      (COMPOSED_CALIBRATED_FAMILY, "composed_calibrated_checks")):  # fmt: skip
         if "-1.0" in head.get(fam, {}):
-            g = head[fam]["-1.0"]
-            composed_checks[key] = {
-                "most-exposed copy_1/3 at -1 <= 0.05": g["most_copy"] <= 0.05,
-                "ordinary valid at -1 >= 0.95 x plain": g["ordinary_valid"] >= 0.95 * plain["ordinary_valid"],
-                "canary novel-valid at -1 >= plain": g["novel_valid"] >= plain["novel_valid"],
-            }
+            composed_checks[key] = extrapolation_checks(plain, head[fam]["-1.0"])
     baked = {}
     if "memctl map baked" in head:  # issue: a baked checkpoint; within 5 points of the hooked knob (not in "pass")
         b = head["memctl map baked"]["-1.0"]

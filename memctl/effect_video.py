@@ -22,10 +22,6 @@ from memctl.controls import TextEdit, control_maps
 from memctl.effect import (
     BAKE_FIDELITIES,
     BASELINE_SETTINGS,
-    COMPOSED_CALIBRATED_FAMILY,
-    COMPOSED_FIDELITIES,
-    COMPOSED_WINDOW,
-    COMPOSED_WINDOW_FAMILY,
     CONTROL_FIDELITIES,
     CONTROL_SEEDS,
     KNOB_FIDELITIES,
@@ -34,8 +30,7 @@ from memctl.effect import (
     bake_setup,
     bars,
     baseline_setup,
-    calibrated_composed_setup,
-    composed_setup,
+    composed_plan,
     knob_setup,
 )
 from memctl.evaluate import EvalSpec
@@ -62,6 +57,14 @@ def is_video(name: str) -> bool:
         return json.loads((path / "testbed.json").read_text()).get("name") == "moving-digits"
     except (OSError, json.JSONDecodeError):
         return False
+
+
+def video_composed_plan(tb, pipe, steps: int = VIDEO_STEPS) -> list[tuple[str, str, object]]:
+    """`memctl.effect.composed_plan` for a video testbed: the window calibrated on the canaries' bound clips (the
+    prompt-only probes have none) at `VIDEO_CALIBRATION_SEEDS`, with the bench's steps and the testbed's call."""
+    bound = [(c[0], c[1]) for c in tb.canaries]
+    return composed_plan(pipe, tb.prompt_parts, bound, None, seeds=VIDEO_CALIBRATION_SEEDS, steps=steps,
+                         guidance=tb.guidance, **tb.call_kwargs)  # fmt: skip
 
 
 def effect_for_video(
@@ -96,12 +99,7 @@ def effect_for_video(
     plan = [("memctl map", f"{f:+.1f}", knob_setup(pipe, bmap, f, "guidance")) for f in KNOB_FIDELITIES]
     memorized = [str(c) for c in probes.conditions("memorized")]  # the bake's edit is fit on the probes' prompts
     plan += [("memctl map baked", f"{f:+.1f}", bake_setup(pipe, bmap, f, memorized)) for f in BAKE_FIDELITIES]
-    plan += [("composed", f"{f:+.1f}", composed_setup(pipe, f, tb.prompt_parts)) for f in COMPOSED_FIDELITIES]
-    plan.append((COMPOSED_WINDOW_FAMILY, "-1.0", composed_setup(pipe, -1.0, tb.prompt_parts, COMPOSED_WINDOW)))
-    bound = [(c[0], c[1]) for c in tb.canaries]  # the canaries' bound clips (the prompt-only probes have none)
-    calibrate = calibrated_composed_setup(pipe, tb.prompt_parts, bound, None, seeds=VIDEO_CALIBRATION_SEEDS,
-                                          steps=steps, guidance=tb.guidance, **tb.call_kwargs)  # fmt: skip
-    plan.append((COMPOSED_CALIBRATED_FAMILY, "-1.0", calibrate))
+    plan += video_composed_plan(tb, pipe, steps)
     controls = control_maps(denoiser, bmap, seeds=CONTROL_SEEDS)
     plan += [("uniform", f"{f:+.1f}", knob_setup(pipe, controls["uniform"], f)) for f in CONTROL_FIDELITIES]
     plan += [("text edit", f"{f:+.1f}", lambda f=f: TextEdit(pipe, bmap, f).applied()) for f in CONTROL_FIDELITIES]
