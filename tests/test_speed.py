@@ -21,14 +21,30 @@ def _unet():
 
 def test_interleaved_rows_have_ratios_to_plain():
     unet, inputs, cmap, rmap = _unet()
-    rows = speed.time_cases(speed.unet_cases(unet, inputs, cmap, rmap, speed.baked_unet(unet, cmap)), repeats=2)
+    cases = speed.unet_cases(unet, inputs, cmap, rmap, speed.baked_unet(unet, cmap))
+    rows = speed.time_cases(cases, repeats=2)
     assert rows["plain"]["ratio"] == {"median": 1.0, "min": 1.0, "max": 1.0}
     assert {"FreeU (SD 1.5 setting)", "knob +1, condition map, in-attention guidance",
             "baked (condition map at -1, no hooks)"} <= set(rows)  # fmt: skip
     assert all(r["repeats"] == 2 and r["ratio"]["min"] > 0 for r in rows.values())
     assert not any(n for n, _ in __import__("memctl").list_hooks(unet))  # every setup took its hooks off
-    # the extra pass costs a second forward; in-attention guidance does not
-    assert rows["knob +1, condition map, extra-pass guidance"]["ratio"]["median"] > 1.5
+
+    def passes(name: str) -> int:  # whole denoiser passes a case's run makes (each goes through conv_in once)
+        (setup, run) = next(c[1:3] for c in cases if c[0] == name)
+        calls = []
+        handle = unet.conv_in.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            with setup():
+                run()
+        finally:
+            handle.remove()
+        return len(calls)
+
+    # the extra pass costs a second forward; in-attention guidance does not (counted, not timed: wall-clock ratios
+    # belong to `memctl bench speed`, and on a shared 2-core machine this one read 1.41 once)
+    plain = passes("plain")
+    assert passes("knob +1, condition map, extra-pass guidance") == 2 * plain
+    assert passes("knob +1, condition map, in-attention guidance") == plain
 
 
 def test_wan_rows_include_the_baked_condition_map():
