@@ -50,7 +50,7 @@ def main(family: str, models: list[str], remeasure: bool = False, replace: bool 
                 partial.write_text(json.dumps(old, indent=1) + "\n")
             before = json.loads(path.read_text())
             record = effect_for_video(name, seeds=before["eval"]["seeds"], families=(*CPU_ROWS, *families),
-                                      partial=partial)  # fmt: skip
+                                      partial=partial, noise=before["eval"].get("noise", "shared"))  # fmt: skip
             partial.unlink()
             if not remeasure:  # the commands that added the rows kept from the record
                 record["added_rows"] = {**before.get("added_rows", {}), **record.get("added_rows", {})}

@@ -170,7 +170,9 @@ def effect_summary(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_bench(suite: str, out: Path, models: list[str], quick: bool = False, seeds: int | None = None) -> dict:
+def run_bench(
+    suite: str, out: Path, models: list[str], quick: bool = False, seeds: int | None = None, noise: str = "per-prompt"
+) -> dict:
     torch.set_num_threads(1)
     seeds = seeds or (2 if quick else 8)
     if suite not in SUITES:
@@ -188,10 +190,11 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False, see
         per_model.mkdir(parents=True, exist_ok=True)
         for name in models:  # one file per model as it finishes, so a long run keeps what it measured
             if is_video(name):  # clips: the knob and the controls, rows written as they come (memctl.effect_video)
-                results[name] = effect_for_video(name, seeds=seeds, partial=per_model / f"{name}.partial.json")
+                partial = per_model / f"{name}.partial.json"
+                results[name] = effect_for_video(name, seeds=seeds, partial=partial, noise=noise)
             else:
-                results[name] = effect_for_model(name, seeds=seeds)
-            command = f"memctl bench effect --seeds {seeds} --models {name}" + (" --quick" if quick else "")
+                results[name] = effect_for_model(name, seeds=seeds, noise=noise)
+            command = f"memctl bench effect --seeds {seeds} --noise {noise} --models {name}" + (" --quick" * quick)
             record = {"seeds_per_prompt": seeds, "versions": provenance(), "command": command, **results[name]}
             _write_json(per_model / f"{name}.json", record)
             (per_model / f"{name}.partial.json").unlink(missing_ok=True)
@@ -218,8 +221,8 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False, see
     _write_json(out / f"{name}.json", report)
     md = [f"# memctl bench {suite}\n", f"`{report['command']}`, {seeds} seeds per prompt, one CPU thread.\n"]
     if suite == "effect":  # the table merges every model's file: each was made by its own command
-        md[1] = "".join(f"- {m}: `{r.get('command', '?')}`, {r.get('seeds_per_prompt', '?')} seeds per prompt, one "
-                        "CPU thread\n" for m, r in results.items())  # fmt: skip
+        md[1] = "".join(f"- {m}: `{r.get('command', '?')}`, {r.get('seeds_per_prompt', '?')} seeds per prompt, "
+                        f"{_noise(r)}, one CPU thread\n" for m, r in results.items())  # fmt: skip
         md += ["\nSummary: most-exposed canaries copied / canary novel-valid (attribute-correct on digits-attr) / "
                "compositional (digits-attr) / ordinary valid (denoiser evaluations per image).\n\n",
                effect_summary(results)]  # fmt: skip
@@ -236,6 +239,13 @@ def run_bench(suite: str, out: Path, models: list[str], quick: bool = False, see
     (out / f"{name}.md").write_text("".join(md))
     print("".join(md))
     return report
+
+
+def _noise(record: dict) -> str:
+    """How an effect record's starting noises were drawn, in words (records without the field shared them)."""
+    if record.get("eval", {}).get("noise", "shared") == "per-prompt":
+        return "noise per prompt"
+    return "noise shared by all prompts"
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="fewer seeds (a smoke run, not for the record)")
     p.add_argument("--seeds", type=int, default=0, help="evaluation seeds per prompt; 0 = 8, or 2 with --quick")
+    p.add_argument(
+        "--noise",
+        choices=["per-prompt", "shared"],
+        default=argparse.SUPPRESS,
+        help="effect only: every prompt its own starting noises (per-prompt, the default), or all prompts the same "
+        "`--seeds` noises (the records before stop 32: a row's level then rests on that many noise draws)",
+    )
     p.set_defaults(func=_cmd_bench)
 
     p = _command(

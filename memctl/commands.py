@@ -30,7 +30,12 @@ def _cmd_render(args) -> int:
 def _cmd_bench(args) -> int:
     from memctl.bench import run_bench
 
-    run_bench(args.suite, Path(args.out), models=args.models, quick=args.quick, seeds=args.seeds)
+    noise = getattr(args, "noise", None)  # no default in the parser: --noise with another suite is refused
+    if noise is not None and args.suite != "effect":
+        raise ValueError(f"Expected --noise with the effect suite only, but got --noise {noise} with {args.suite}.")
+    run_bench(
+        args.suite, Path(args.out), models=args.models, quick=args.quick, seeds=args.seeds, noise=noise or "per-prompt"
+    )
     return 0
 
 

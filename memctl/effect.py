@@ -255,13 +255,15 @@ def _plan(
     return plan
 
 
-def effect_for_model(name: str, seeds: int = 8, progress: bool = True, steps: int = 25) -> dict:
+def effect_for_model(
+    name: str, seeds: int = 8, progress: bool = True, steps: int = 25, noise: str = "per-prompt"
+) -> dict:
     from memctl.zoo import load_testbed
 
     tb = load_testbed(name)
     pipe = tb.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    spec = EvalSpec(seeds=seeds, guidance=tb.guidance, steps=steps)
+    spec = EvalSpec(seeds=seeds, guidance=tb.guidance, steps=steps, noise=noise)
     probes = testbed_probes(tb)
     t0 = time.perf_counter()
     bmap = probe(pipe, probes, method="condition", progress=progress)

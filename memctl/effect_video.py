@@ -45,7 +45,21 @@ def video_probes(tb) -> ProbeSet:
 
 VIDEO_STEPS = 10  # denoising steps per clip in the bench (the testbed's own default is 20): CPU time
 VIDEO_CALIBRATION_SEEDS = (0, 1)  # composed calibrated window: clips cost ~50 transformer calls each
-CPU_ROWS = ("plain", "memctl map", "memctl map baked", "uniform", "text edit", "placement shuffled", "random subspace")
+CPU_ROWS = (
+    "plain",
+    "memctl map",
+    "memctl map baked",
+    "uniform",
+    "text edit",
+    "placement shuffled",
+    "random subspace",
+    "composed",
+    "composed t ≥ 0.7",
+    "composed calibrated window",
+    "wen",
+    "jain",
+    "nemo",
+)
 
 
 def is_video(name: str) -> bool:
@@ -74,16 +88,18 @@ def effect_for_video(
     progress: bool = True,
     families: tuple[str, ...] = CPU_ROWS,
     partial: Path | None = None,
+    noise: str = "per-prompt",
 ) -> dict:
-    """The effect rows of `families` (default: the knob and the controls, one setting or control seed each; the
-    baselines with `families=None`) on a video testbed; with `partial`, the record so far is written there after
+    """The effect rows of `families` (default: the knob, its bake, the controls, the composed rows and the wen, jain
+    and nemo baselines, one setting or control seed each; every setting with `families=None`) on a video testbed,
+    `noise` as in `EvalSpec`; with `partial`, the record so far is written there after
     every row, so a long CPU run keeps what it measured, and a run that finds one there resumes from it (its plain
     row must come out the same)."""
     from memctl.zoo import load_testbed
 
     tb = load_testbed(name)
     pipe = tb.pipeline()
-    spec = EvalSpec(seeds=seeds, guidance=tb.guidance, steps=steps)
+    spec = EvalSpec(seeds=seeds, guidance=tb.guidance, steps=steps, noise=noise)
     probes = video_probes(tb)
     t0 = time.perf_counter()
     bmap = probe(pipe, probes, method="prompt", progress=progress, call_kwargs=tb.call_kwargs)

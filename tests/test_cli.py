@@ -84,3 +84,19 @@ def test_package_names_load_on_first_use():
     assert set(memctl.__all__) <= set(dir(memctl))
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         memctl.nope  # noqa: B018
+
+
+def test_bench_noise_is_for_the_effect_suite_only(monkeypatch):
+    """`--noise` reaches the effect bench (per-prompt unless asked), and another suite refuses it instead of
+    ignoring it."""
+    import memctl.bench
+
+    seen = {}
+    monkeypatch.setattr(memctl.bench, "run_bench", lambda suite, out, **kw: seen.update(suite=suite, **kw))
+    parser = cli.build_parser()
+    for argv, noise in ((["bench", "effect"], "per-prompt"), (["bench", "effect", "--noise", "shared"], "shared")):
+        args = parser.parse_args(argv)
+        assert args.func(args) == 0 and seen["noise"] == noise
+    args = parser.parse_args(["bench", "detect", "--noise", "shared"])
+    with pytest.raises(ValueError, match="--noise with the effect suite only, but got --noise shared with detect"):
+        args.func(args)
