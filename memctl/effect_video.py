@@ -75,10 +75,12 @@ def is_video(name: str) -> bool:
 
 def video_composed_plan(tb, pipe, steps: int = VIDEO_STEPS) -> list[tuple[str, str, object]]:
     """`memctl.effect.composed_plan` for a video testbed: the window calibrated on the canaries' bound clips (the
-    prompt-only probes have none) at `VIDEO_CALIBRATION_SEEDS`, with the bench's steps and the testbed's call."""
+    prompt-only probes have none) at `VIDEO_CALIBRATION_SEEDS`, with the bench's steps and the testbed's call. A
+    memorized clip comes out as a near-copy, never a strict one (d1 < d2 / 3: 0 % even unsteered), so the copy test
+    is `copy_test="nearest"`: nearest to its own bound clip among all the training clips."""
     bound = [(c[0], c[1]) for c in tb.canaries]
-    return composed_plan(pipe, tb.prompt_parts, bound, None, seeds=VIDEO_CALIBRATION_SEEDS, steps=steps,
-                         guidance=tb.guidance, **tb.call_kwargs)  # fmt: skip
+    return composed_plan(pipe, tb.prompt_parts, bound, tb.train_images, seeds=VIDEO_CALIBRATION_SEEDS, steps=steps,
+                         guidance=tb.guidance, copy_test="nearest", **tb.call_kwargs)  # fmt: skip
 
 
 def effect_for_video(

@@ -246,3 +246,27 @@ def test_calibrate_window_finds_copies_and_widens_until_they_stop():
     with pytest.raises(ValueError, match=r"starts in \[0, 1\]"):
         calibrate_window(pipe, memorized, None, **{**common, "starts": (1.5,)})
     assert "_memctl_composed" not in pipe.__dict__
+
+
+def test_calibrate_window_counts_near_copies_with_the_nearest_test():
+    """`copy_test="nearest"` counts a sample whose nearest reference image is its own bound image even when a decoy
+    lies within 3x the distance (no strict copy); "strict" does not, and anything else is refused."""
+    from memctl.composed import calibrate_window
+    from memctl.evaluate import EvalSpec, generate
+
+    pipe = tiny_pipeline("sd")
+    kwargs = {"height": 8, "width": 8}
+    prompts = ["a,b,c", "b,c,a"]
+    with composed(pipe, -1.0, start=0.6, stop=1.0):  # what the narrowest candidate draws
+        drawn = generate(pipe, prompts, [0, 0], EvalSpec(seeds=1, steps=2, guidance=5.0), **kwargs)
+    g = torch.Generator().manual_seed(1)
+    noise = [torch.randn(drawn.shape, generator=g) for _ in range(2)]
+    own, decoy = drawn + 0.01 * noise[0], drawn + 0.015 * noise[1]  # own bound nearest, the decoy within 3x
+    memorized = list(zip(prompts, own, strict=True))
+    common = dict(seeds=(0,), steps=2, guidance=5.0, starts=(0.6,), **kwargs)
+    near = calibrate_window(pipe, memorized, None, torch.cat([own, decoy]), copy_test="nearest", **common)
+    strict = calibrate_window(pipe, memorized, None, torch.cat([own, decoy]), **common)
+    assert (near["copy_rates"][0.6], near["copy_test"]) == (1.0, "nearest")
+    assert (strict["copy_rates"][0.6], strict["copy_test"]) == (0.0, "strict")
+    with pytest.raises(ValueError, match="copy_test 'strict' or 'nearest', but got 'close'"):
+        calibrate_window(pipe, memorized, None, copy_test="close", **common)
