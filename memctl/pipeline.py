@@ -99,6 +99,7 @@ class PixelPipeline(DiffusionPipeline):
             raise ValueError(f"Expected {len(prompts)} generators (one per image), but got {len(generator)}.")
         if fidelity is None and block_map is None and (fidelity_start, fidelity_stop) != (None, None):
             raise ValueError("Expected `fidelity=` with fidelity_start/fidelity_stop, but got no fidelity.")
+        self._guidance_scale = float(guidance_scale)  # as diffusers pipelines keep it: hooks read whether we guide
         with temporary_knob(self, fidelity, block_map, fidelity_start, fidelity_stop):
             images = self._sample(
                 prompts, negatives, num_inference_steps, guidance_scale, generator, callback_on_step_end
@@ -112,6 +113,11 @@ class PixelPipeline(DiffusionPipeline):
                 out = [_to_pil(x) for x in out]
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=out) if return_dict else (out,)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the current (or last) call runs the unconditional pass: guidance scale other than 1."""
+        return getattr(self, "_guidance_scale", 1.0) != 1.0
 
     def _sample(self, prompts, negatives, steps, guidance_scale, generator, callback_on_step_end):
         device, use_cfg = self._execution_device, guidance_scale != 1.0  # w < 1 mixes toward unconditional

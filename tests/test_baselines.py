@@ -68,6 +68,35 @@ def test_wen_reoptimizes_for_every_sample(pipe, probes):
     assert wen.extra_rows == 2 * first
 
 
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_wen_optimizes_every_prompt_when_seeds_repeat(pipe, probes, guidance):
+    """Two prompts from the same seed make a batch of two identical halves of latents. Without guidance both rows
+    are conditional and both are optimized; with guidance the batch is [uncond, cond] and the cond rows are. (Until
+    stop 32 the halves alone decided, and without guidance the first prompt was left as it was.)"""
+    rows = {}
+    for seeds in ((10, 11), (10, 10)):
+        wen = Wen(pipe, steps=1, lr=0.5, quantile=0.01).fit(probes)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        with wen.applied() as p:
+            p(PROMPTS, num_inference_steps=2, height=8, width=8, guidance_scale=guidance, output_type="pt",
+              generator=gens)  # fmt: skip
+        rows[seeds] = wen.extra_rows
+    assert rows[(10, 10)] == rows[(10, 11)] == 2 * (1 + 2 * 1)  # 2 rows: uncond reference + one forward/backward
+
+
+def test_pixel_pipeline_says_whether_it_guides():
+    from memctl.baselines.base import cfg_rows
+    from memctl.zoo import load_testbed
+
+    pipe = load_testbed("digits").pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    x = torch.ones(4, 1, 2, 2)
+    assert cfg_rows(x) == 2  # no pipeline to ask: identical halves read as guidance
+    for guidance, expected in ((1.0, 0), (3.0, 2)):
+        pipe(["a"], num_inference_steps=1, guidance_scale=guidance, output_type="pt")
+        assert pipe.do_classifier_free_guidance is (guidance != 1.0) and cfg_rows(x, pipe) == expected
+
+
 def test_jain_on_wan_swaps_in_the_empty_prompt_as_the_transformer_takes_it(probes):
     from tests.tiny import sample, tiny_pipeline
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from diffusers.hooks import ModelHook
@@ -50,11 +51,26 @@ def like(states: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return fit_length(states.to(e), e.shape[1]).expand_as(e)
 
 
-def cfg_rows(x: torch.Tensor) -> int:
+def cfg_rows(x: torch.Tensor, pipe: Any = None) -> int:
     """Rows at the start of a batch that are the unconditional pass: half the batch when it splits into two
-    identical halves (classifier-free guidance in one batch, unconditional first), else 0."""
+    identical halves (classifier-free guidance in one batch, unconditional first), else 0. Identical halves also
+    come from repeated seeds without guidance (the same noise for two prompts), so where `pipe` says whether its
+    current call guides (`do_classifier_free_guidance`, which diffusers pipelines and `memctl.PixelPipeline` keep
+    for the call), a call without guidance has no unconditional rows."""
     n = x.shape[0]
-    return n // 2 if n % 2 == 0 and n > 0 and torch.equal(x[: n // 2], x[n // 2 :]) else 0
+    if n % 2 or n == 0 or not torch.equal(x[: n // 2], x[n // 2 :]):
+        return 0
+    return 0 if _guides(pipe) is False else n // 2
+
+
+def _guides(pipe: Any) -> bool | None:
+    """Does `pipe`'s current call run classifier-free guidance? None where the pipeline does not say."""
+    if pipe is None or not hasattr(pipe, "_guidance_scale"):  # set by the pipeline's __call__
+        return None
+    try:
+        return bool(pipe.do_classifier_free_guidance)
+    except (AttributeError, TypeError):
+        return None
 
 
 class InputsHook(ModelHook):

@@ -70,7 +70,7 @@ class Wen(Baseline):
         tt = float(t.float().max()) if isinstance(t, torch.Tensor) else float(t)
         first = self._last_t is None or tt > self._last_t  # a new sample starts at its largest timestep
         self._last_t = tt
-        k = cfg_rows(x)
+        k = cfg_rows(x, self.pipe)
         if first:
             self._cache = (e[k:].clone(), self._optimize(hook, x[k:], t, e[k:]))
         orig, opt = self._cache
