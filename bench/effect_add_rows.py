@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from memctl.bench import _effect_md, _write_json, effect_summary
+from memctl.bench import _effect_md, _write_json, effect_commands, effect_summary
 from memctl.effect import add_rows
 from memctl.effect_video import CPU_ROWS, effect_for_video, is_video
 
@@ -52,6 +52,7 @@ def main(family: str, models: list[str], remeasure: bool = False, replace: bool 
             record = effect_for_video(name, seeds=before["eval"]["seeds"], families=(*CPU_ROWS, *families),
                                       partial=partial, noise=before["eval"].get("noise", "shared"))  # fmt: skip
             partial.unlink()
+            record = {k: before[k] for k in ("seeds_per_prompt", "versions", "command") if k in before} | record
             if not remeasure:  # the commands that added the rows kept from the record
                 record["added_rows"] = {**before.get("added_rows", {}), **record.get("added_rows", {})}
         else:
@@ -93,9 +94,10 @@ def rebuild_tables(note: str, stale: tuple[str, ...] = ()) -> None:
     report["models"] = results
     _write_json(OUT / "effect.json", report)
     lines = (OUT / "effect.md").read_text().splitlines(keepends=True)
-    head = lines[: lines.index("\n")]  # the title and one line per model's command, up to the first blank line
-    head = [line for line in head if line != note and not (line.startswith("- added rows") and line.endswith(stale))]
-    head += [note]
+    head = lines[: lines.index("\n")]  # the title, one line per model's command, notes, up to the first blank line
+    notes = [line for line in head if line.startswith("- ") and not line.startswith(tuple(f"- {m}:" for m in results))]
+    notes = [line for line in notes if line != note and not (line.startswith("- added rows") and line.endswith(stale))]
+    head = [lines[0], *effect_commands(results), *notes, note]
     md = [*head, "\nSummary: most-exposed canaries copied / canary novel-valid (attribute-correct on digits-attr) / "
           "compositional (digits-attr) / ordinary valid (denoiser evaluations per image).\n\n",
           effect_summary(results), *_effect_md(results)]  # fmt: skip

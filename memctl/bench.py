@@ -213,7 +213,10 @@ def run_bench(
         "seconds": round(time.perf_counter() - t0, 1),
         "machine": {"platform": platform.platform(), "threads": 1},
         "versions": provenance(),
-        "command": f"memctl bench {suite} --seeds {seeds} --models {' '.join(models)}" + (" --quick" if quick else ""),
+        "command": f"memctl bench {suite} --seeds {seeds}"
+        + (f" --noise {noise}" if suite == "effect" else "")
+        + f" --models {' '.join(models)}"
+        + (" --quick" if quick else ""),
         "models": results,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -221,8 +224,7 @@ def run_bench(
     _write_json(out / f"{name}.json", report)
     md = [f"# memctl bench {suite}\n", f"`{report['command']}`, {seeds} seeds per prompt, one CPU thread.\n"]
     if suite == "effect":  # the table merges every model's file: each was made by its own command
-        md[1] = "".join(f"- {m}: `{r.get('command', '?')}`, {r.get('seeds_per_prompt', '?')} seeds per prompt, "
-                        f"{_noise(r)}, one CPU thread\n" for m, r in results.items())  # fmt: skip
+        md[1] = "".join(effect_commands(results))
         md += ["\nSummary: most-exposed canaries copied / canary novel-valid (attribute-correct on digits-attr) / "
                "compositional (digits-attr) / ordinary valid (denoiser evaluations per image).\n\n",
                effect_summary(results)]  # fmt: skip
@@ -239,6 +241,12 @@ def run_bench(
     (out / f"{name}.md").write_text("".join(md))
     print("".join(md))
     return report
+
+
+def effect_commands(results: dict) -> list[str]:
+    """effect.md's header lines: each model's record, the command that made it, its seeds and its noise."""
+    return [f"- {m}: `{r.get('command', '?')}`, {r.get('seeds_per_prompt', '?')} seeds per prompt, {_noise(r)}, one "
+            "CPU thread\n" for m, r in results.items()]  # fmt: skip
 
 
 def _noise(record: dict) -> str:

@@ -56,7 +56,8 @@ def cfg_rows(x: torch.Tensor, pipe: Any = None) -> int:
     identical halves (classifier-free guidance in one batch, unconditional first), else 0. Identical halves also
     come from repeated seeds without guidance (the same noise for two prompts), so where `pipe` says whether its
     current call guides (`do_classifier_free_guidance`, which diffusers pipelines and `memctl.PixelPipeline` keep
-    for the call), a call without guidance has no unconditional rows."""
+    for the call), a call without guidance has no unconditional rows. Still read wrong: a pipeline that guides with
+    two calls (Wan, Flux's true CFG) and repeats a seed within a call: its first half still counts as unconditional."""
     n = x.shape[0]
     if n % 2 or n == 0 or not torch.equal(x[: n // 2], x[n // 2 :]):
         return 0
