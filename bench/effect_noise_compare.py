@@ -66,7 +66,14 @@ def compare(rev: str, models: list[str]) -> dict:
                         cells.update({k: [_clip(old, family, setting, k), _clip(new, family, setting, k)]
                                       for k in VIDEO})  # fmt: skip
                     rows[f"{family} {setting}"] = cells
+        setups = []  # rows whose setup changed too, not only the noise (the window rule's copy test)
+        for family, by in new["rows"].items():
+            for setting, row in by.items():
+                was = old["rows"].get(family, {}).get(setting, {}).get("calibration", {}).get("copy_test", "strict")
+                if "calibration" in row and row["calibration"].get("copy_test", "strict") != was:
+                    setups.append(f"{family} {setting}: copy test {was} → {row['calibration']['copy_test']}")
         result["models"][name] = {
+            "setup_changed": setups,
             "checks": {k: [a.get(k), b[k]] for k in b},
             "flipped": sorted(k for k in b if k in a and a[k] != b[k]),
             "rows": rows,
@@ -79,6 +86,7 @@ def markdown(result: dict) -> str:
           f"`{result['command']}`. Cells: shared → per-prompt.\n"]  # fmt: skip
     for name, r in result["models"].items():
         md.append(f"\n## {name}: {len(r['flipped'])} of {len(r['checks'])} checks flip\n\n")
+        md += [f"Setup changed as well as the noise: {c}.\n\n" for c in r["setup_changed"]]
         md.append("check | shared | per-prompt\n--- | --- | ---\n")
         for k, (x, y) in r["checks"].items():
             word = {True: "PASS", False: "FAIL", None: "–"}
