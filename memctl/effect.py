@@ -51,6 +51,7 @@ COMPOSED_WINDOW_FAMILY = "composed t ≥ 0.7"
 # memorized pairs, sampled at calibration seeds (images 0-7, clips 0-1); never the evaluation seeds
 COMPOSED_CALIBRATED_FAMILY = "composed calibrated window"
 CALIBRATION_SEEDS = tuple(range(8))
+VIDEO_CALIBRATION_SEEDS = (0, 1)  # composed calibrated window: clips cost ~50 transformer calls each
 CONTROL_FIDELITIES = (-1.0, -0.5)
 CONTROL_SEEDS = 2
 # one setting each: the published defaults (Ren's C = 1.25), and for the thresholds a rule fixed before measuring
@@ -191,6 +192,20 @@ def composed_plan(pipe, parts, memorized, reference, **sampling) -> list[tuple[s
     plan.append((COMPOSED_WINDOW_FAMILY, "-1.0", composed_setup(pipe, -1.0, parts, COMPOSED_WINDOW)))
     calibrated = calibrated_composed_setup(pipe, parts, memorized, reference, **sampling)
     return [*plan, (COMPOSED_CALIBRATED_FAMILY, "-1.0", calibrated)]
+
+
+def calibration_inputs(tb) -> tuple[list, torch.Tensor, dict]:
+    """What `calibrate_window` needs for testbed `tb`: its memorized probe pairs, the reference of the copy test, and
+    the seeds, copy test and call arguments. Images: the probe set's memorized pairs against its images (memorized
+    and general), strict copies, `CALIBRATION_SEEDS`. Clips: the canaries and their bound clips against all training
+    clips, near copies (a memorized clip comes out as a near-copy, never a strict one: 0 % even unsteered), at
+    `VIDEO_CALIBRATION_SEEDS` and the testbed's own frames and size."""
+    call = dict(getattr(tb, "call_kwargs", {}))
+    if "num_frames" in call:
+        bound = [(c[0], c[1]) for c in tb.canaries]
+        return bound, tb.train_images, dict(seeds=VIDEO_CALIBRATION_SEEDS, copy_test="nearest", **call)
+    probes = testbed_probes(tb)
+    return probes.memorized, probe_reference(probes), dict(seeds=CALIBRATION_SEEDS)
 
 
 def probe_reference(probes) -> torch.Tensor:

@@ -30,6 +30,7 @@ from memctl.effect import (
     bake_setup,
     bars,
     baseline_setup,
+    calibration_inputs,
     composed_plan,
     knob_setup,
 )
@@ -44,7 +45,6 @@ def video_probes(tb) -> ProbeSet:
 
 
 VIDEO_STEPS = 10  # denoising steps per clip in the bench (the testbed's own default is 20): CPU time
-VIDEO_CALIBRATION_SEEDS = (0, 1)  # composed calibrated window: clips cost ~50 transformer calls each
 CPU_ROWS = (
     "plain",
     "memctl map",
@@ -74,13 +74,11 @@ def is_video(name: str) -> bool:
 
 
 def video_composed_plan(tb, pipe, steps: int = VIDEO_STEPS) -> list[tuple[str, str, object]]:
-    """`memctl.effect.composed_plan` for a video testbed: the window calibrated on the canaries' bound clips (the
-    prompt-only probes have none) at `VIDEO_CALIBRATION_SEEDS`, with the bench's steps and the testbed's call. A
-    memorized clip comes out as a near-copy, never a strict one (d1 < d2 / 3: 0 % even unsteered), so the copy test
-    is `copy_test="nearest"`: nearest to its own bound clip among all the training clips."""
-    bound = [(c[0], c[1]) for c in tb.canaries]
-    return composed_plan(pipe, tb.prompt_parts, bound, tb.train_images, seeds=VIDEO_CALIBRATION_SEEDS, steps=steps,
-                         guidance=tb.guidance, copy_test="nearest", **tb.call_kwargs)  # fmt: skip
+    """`memctl.effect.composed_plan` for a video testbed, the window calibrated as `calibration_inputs` says (the
+    canaries' bound clips, as the prompt-only probes have none; near copies against all training clips), with the
+    bench's steps."""
+    memorized, reference, calibration = calibration_inputs(tb)
+    return composed_plan(pipe, tb.prompt_parts, memorized, reference, steps=steps, guidance=tb.guidance, **calibration)
 
 
 def effect_for_video(

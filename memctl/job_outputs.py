@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from memctl.jobfile import got
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from memctl.jobs import Shot
 
 NAME_FIELDS = ("shot", "seed", "fidelity", "index", "strength", "steps", "guidance")
+CALIBRATED = "calibrated"  # a shot's `window: calibrated` (composed extrapolation), until the renderer resolves it
 DEFAULT_NAME = "{shot}/f{fidelity}_s{seed}"
 MAX_OUTPUTS = 1_000_000
 MAX_NAME = 240  # characters of an output name
@@ -87,6 +88,11 @@ def _shot_batches(shot: Shot, batch_size: int):
 
 def _output(shot: Shot, index: int, seed: int, fid: float, batch_size: int) -> Output:
     v = shot.values
+    if v["window"] == CALIBRATED:
+        raise ValueError(
+            f"Expected {shot.where()}'s window as [start, stop], but it is still '{CALIBRATED}': the renderer "
+            "calibrates it once the model is loaded (memctl.renderer.Renderer(job).job has it resolved)."
+        )
     opts = GenerationOptions(
         prompt=v["prompt"], negative_prompt=v["negative_prompt"], seed=seed, steps=v["steps"], guidance=v["guidance"],
         fidelity=fid, strength=v["strength"], start=v["window"][0], stop=v["window"][1], batch_size=batch_size,
@@ -117,6 +123,8 @@ def _check_names(shots: list[Shot], errors: list[str]) -> None:
     owner: dict[str, str] = {}
     total = [0]
     for shot in shots:
+        if shot.values.get("window") == CALIBRATED:  # names do not depend on the window: any stands in for it
+            shot = replace(shot, values={**shot.values, "window": (0.0, 1.0)})
         try:
             if not _check_shot_names(shot, owner, total, errors):
                 return

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from memctl.job_outputs import (
+    CALIBRATED,
     DEFAULT_NAME,
     MAX_NAME,
     MAX_OUTPUTS,
@@ -34,8 +35,8 @@ from memctl.jobfile import got, parse_json, parse_yaml
 from memctl.options import GenerationOptions, needs_map, short_repr
 
 __all__ = [
-    "DEFAULT_NAME", "DTYPES", "JOB_FIELDS", "MAX_NAME", "MAX_OUTPUTS", "NAME_FIELDS", "SHOT_FIELDS", "Job", "JobError",
-    "Output", "Shot", "load_job", "name_problem", "parse_job",
+    "CALIBRATED", "DEFAULT_NAME", "DTYPES", "JOB_FIELDS", "MAX_NAME", "MAX_OUTPUTS", "NAME_FIELDS", "SHOT_FIELDS",
+    "Job", "JobError", "Output", "Shot", "load_job", "name_problem", "parse_job",
 ]  # fmt: skip
 
 SHOT_FIELDS = (
@@ -179,6 +180,8 @@ def _check_bake(top: dict, shots: list[Shot], errors: list[str]) -> None:
             f"guidance, an extra pass per step, not a weight edit; 0 is the model itself), but got fidelities {fids}."
         )
     for s in shots:
+        if s.values["window"] == CALIBRATED:  # composed only: refused above
+            continue
         window = tuple(s.values["window"])
         if window != (0.0, 1.0) and (guarded or any(f < 0 for f in s.values["fidelity"])):
             errors.append(
@@ -304,6 +307,12 @@ def _shot_values(merged: dict, where: str, errors: list[str]) -> dict:
     v["seeds"] = _seeds(merged["seeds"], where, errors) if "seeds" in merged else ()  # missing: reported above
     v["fidelity"] = _fidelities(merged.get("fidelity", 0.0), where, errors)
     v["window"] = _window(merged.get("window", [0.0, 1.0]), where, errors)
+    if v["window"] == CALIBRATED and v["extrapolation"] != "composed":
+        errors.append(
+            f"{where}, field `window`: Expected '{CALIBRATED}' only with extrapolation: composed (the window is "
+            f"calibrated for composed extrapolation), but got extrapolation {v['extrapolation']!r}. Give [start, "
+            "stop]."
+        )
     v["size"] = _size(merged.get("size"), where, errors)
     v["name"] = _pattern(merged.get("name", DEFAULT_NAME), where, errors)
     if v["fps"] is not None and v["frames"] is None:
@@ -370,11 +379,14 @@ def _fidelities(raw: Any, where: str, errors: list[str]) -> tuple[float, ...]:
     return tuple(values)
 
 
-def _window(raw: Any, where: str, errors: list[str]) -> tuple[float, float]:
+def _window(raw: Any, where: str, errors: list[str]) -> tuple[float, float] | str:
+    if raw == CALIBRATED:  # resolved by the renderer once the model is loaded (composed extrapolation only)
+        return CALIBRATED
     if not (isinstance(raw, list) and len(raw) == 2 and all(_is_num(x) for x in raw)):
         errors.append(
             f"{where}, field `window`: Expected [start, stop] with 0 <= start <= stop <= 1 (the part of "
-            f"the noise schedule where the knob acts), but got {got(raw)}."
+            f"the noise schedule where the knob acts) or '{CALIBRATED}' (with extrapolation: composed), but got "
+            f"{got(raw)}."
         )
         return (0.0, 1.0)
     try:

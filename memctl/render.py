@@ -71,6 +71,7 @@ def render_job(job: str | Path | Job, out: str | Path | None = None, force: bool
 
 def _render_locked(job: Job, out: Path, force: bool, pipeline, state) -> Summary:
     renderer = Renderer(job, state.device, pipeline)
+    job = renderer.job  # a `window: calibrated` shot's window resolved
     batches = job.batches()
     names = {o.name for b in batches for o in b}
     _check_inside(out, names)

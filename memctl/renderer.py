@@ -21,7 +21,7 @@ from memctl.blockmap import BlockMap, fingerprint
 from memctl.blocks import require_denoisers
 from memctl.composed import check_denoiser, composed, parts_for, require_parts
 from memctl.detection import prompt_lines
-from memctl.jobs import Job, JobError, Output
+from memctl.jobs import CALIBRATED, Job, JobError, Output
 from memctl.knob import apply_knob, fidelity, get_knob, remove_knob
 from memctl.loading import is_testbed, load_model_and_testbed
 from memctl.metadata import provenance, save_png
@@ -36,6 +36,9 @@ class Renderer:
 
     def __init__(self, job: Job, device, pipeline=None):
         self.job, self.testbed, self.bmap, self._applied = job, None, None, None
+        self.calibrations: dict[
+            str, dict
+        ] = {}  # `window: calibrated`: calibrate_window's choice per (steps, guidance)
         errors: list[str] = []
         self.pipe = pipeline if pipeline is not None else self._load_model(errors)
         if pipeline is not None:  # a pipeline handed in: still know the testbed the job names (for `shipped`)
@@ -46,6 +49,8 @@ class Renderer:
             if hasattr(self.pipe, "to") and pipeline is None:
                 self.pipe.to(device)
             self._check_shots(errors)
+            if not errors:
+                self._calibrate_windows(errors)
             if job.block_map is not None:
                 self.bmap = self._load_map(errors)
             self.bake_prompts = self._bake_prompts(errors)
@@ -201,6 +206,45 @@ class Renderer:
                     f"{shot.where()}, field `size`: Expected null or {list(native) if native else 'null'} "
                     f"(this pipeline renders at one size), but got {list(v['size'])}."
                 )
+
+    def _calibrate_windows(self, errors: list[str]) -> None:
+        """Shots with `window: calibrated` get the window `memctl.composed.calibrate_window` picks for this model from
+        its testbed's memorized probe pairs (`memctl.effect.calibration_inputs`, calibration seeds), once per steps and
+        guidance; `self.job` then holds them as numbers, so names, resume keys and manifests see [start, stop]."""
+        from dataclasses import replace
+
+        from memctl.composed import calibrate_window
+        from memctl.effect import calibration_inputs
+
+        todo = [s for s in self.job.shots if s.values["window"] == CALIBRATED]
+        if not todo:
+            return
+        if self.testbed is None:
+            errors.append(
+                f"{todo[0].where()}, field `window`: Expected a testbed model for '{CALIBRATED}' (the window is "
+                f"calibrated on its memorized canaries), but got model {short_repr(self.job.model)}. Give [start, "
+                "stop] (memctl.composed.calibrate_window picks one from your own memorized pairs in Python)."
+            )
+            return
+        memorized, reference, calibration = calibration_inputs(self.testbed)
+        shots = []
+        for shot in self.job.shots:
+            if shot.values["window"] == CALIBRATED:
+                key = f"steps {shot.values['steps']}, guidance {shot.values['guidance']:g}"
+                if key not in self.calibrations:
+                    print(f"memctl render: calibrating the composed window ({key}) on {len(memorized)} memorized "
+                          "probe pairs", flush=True)  # fmt: skip
+                    self.calibrations[key] = calibrate_window(
+                        self.pipe, memorized, parts_for(self.testbed), reference, steps=shot.values["steps"],
+                        guidance=shot.values["guidance"], **calibration,
+                    )  # fmt: skip
+                    c = self.calibrations[key]
+                    print(f"memctl render: window [{c['start']:g}, {c['stop']:g}] (copy rates {c['copy_rates']})",
+                          flush=True)  # fmt: skip
+                choice = self.calibrations[key]
+                shot = replace(shot, values={**shot.values, "window": (choice["start"], choice["stop"])})
+            shots.append(shot)
+        self.job = replace(self.job, shots=tuple(shots))
 
     def _check_composed(self, shot, errors: list[str]) -> None:
         try:

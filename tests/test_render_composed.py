@@ -99,3 +99,56 @@ def test_bad_composed_shot_is_a_clear_error(change: dict, words: str, tmp_path: 
 def test_composed_cannot_be_baked(tmp_path: Path):
     with pytest.raises(JobError, match="no weights to bake"):
         load_job(write_job(tmp_path, {**JOB, "block_map": "map.safetensors", "bake": True, "shots": [SHOT]}))
+
+
+@pytest.fixture(scope="module")
+def attr_pipe():
+    from memctl.zoo.testbed import load_testbed
+
+    return load_testbed("digits-attr-s0").pipeline()
+
+
+def test_calibrated_window_is_picked_for_the_model_and_recorded(tmp_path: Path, attr_pipe, capsys):
+    """`window: calibrated` runs `calibrate_window` on the testbed's memorized probe pairs once per steps and
+    guidance, and every output is rendered and recorded with the window it chose, exactly as a shot that gives that
+    window as numbers."""
+    from memctl.composed import calibrate_window
+    from memctl.effect import calibration_inputs
+    from memctl.zoo.testbed import load_testbed
+
+    tb = load_testbed("digits-attr-s0")
+    job = {**JOB, "model": "digits-attr-s0", "defaults": {"steps": 2, "guidance": 1.0}}
+    shot = {**SHOT, "prompt": tb.canaries[-1][0], "fidelity": [-1], "window": "calibrated", "seeds": [0, 1]}
+    out = tmp_path / "out"
+    shots = [shot, {**shot, "id": "again", "seeds": [0, 1], "fidelity": [-1]}]  # same steps, guidance: one calibration
+    summary = render_job(write_job(tmp_path, {**job, "shots": shots}), out, pipeline=attr_pipe)
+    assert summary.ok and len(summary.done) == 4
+    assert capsys.readouterr().out.count("calibrating the composed window") == 1
+    memorized, reference, calibration = calibration_inputs(tb)
+    choice = calibrate_window(attr_pipe, memorized, tb.prompt_parts, reference, steps=2, guidance=1.0, **calibration)
+    records = {r["name"]: r["settings"] for r in manifest(out)}
+    assert {(s["start"], s["stop"]) for s in records.values()} == {(choice["start"], choice["stop"])}
+    assert choice["start"] > 0  # at 2 steps this model's copies stop above a start of 0: a window, not every level
+    numbers = {**shot, "window": [choice["start"], choice["stop"]]}
+    numbered = write_job(tmp_path / "n", {**job, "shots": [numbers]})
+    assert render_job(numbered, tmp_path / "n-out", pipeline=attr_pipe).ok
+    for name in ("seven/f-1.00_s0.png", "seven/f-1.00_s1.png"):
+        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(tmp_path / "n-out" / name)))
+
+
+def test_calibrated_window_needs_composed_and_a_testbed(tmp_path: Path, pipe):
+    from memctl.renderer import Renderer
+
+    plain = {"id": "seven", "prompt": PROMPT, "seeds": [0], "fidelity": [-1], "window": "calibrated"}
+    with pytest.raises(JobError, match="Expected 'calibrated' only with extrapolation: composed"):
+        load_job(write_job(tmp_path / "a", {**JOB, "shots": [plain]}))
+    with pytest.raises(JobError, match=r"Expected \[start, stop\] .* or 'calibrated'"):
+        load_job(write_job(tmp_path / "b", {**JOB, "shots": [{**SHOT, "window": "auto"}]}))
+    job = load_job(write_job(tmp_path / "c", {**JOB, "shots": [{**SHOT, "window": "calibrated"}]}))
+    with pytest.raises(ValueError, match="still 'calibrated'"):
+        job.outputs()  # unresolved: only a renderer knows the window
+    renderer = Renderer.__new__(Renderer)  # the model check alone, as for a model that is no testbed
+    renderer.job, renderer.testbed, renderer.calibrations = job, None, {}
+    errors: list[str] = []
+    renderer._calibrate_windows(errors)
+    assert len(errors) == 1 and "Expected a testbed model for 'calibrated'" in errors[0]
