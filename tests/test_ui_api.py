@@ -138,6 +138,26 @@ def test_composed_lever_needs_no_map(app):
     assert not np.array_equal(pixels(upper[0]["image"]), pixels(gallery[0]["image"]))
 
 
+def test_calibrate_window_button_sets_the_composed_window(app, video_model):
+    """The app's window calibration gives what `calibrate_window` gives on the testbed's memorized pairs at the
+    current steps and guidance, switches the lever to composed and says what it read; a model that is no testbed
+    is refused with a clear message."""
+    from memctl.composed import calibrate_window, parts_for
+    from memctl.effect import calibration_inputs
+
+    c = client(app)
+    start, stop, lever, text = generate(c, api_name="/calibrate_window", model="digits-attr-s0", map_label="none")
+    loaded = app["engine"].model("digits-attr-s0")
+    memorized, reference, calibration = calibration_inputs(loaded.testbed)
+    with app["engine"].lock:
+        choice = calibrate_window(loaded.pipe, memorized, parts_for(loaded.testbed), reference, steps=STEPS,
+                                  guidance=1.0, **calibration)  # fmt: skip
+    assert (start, stop, lever) == (choice["start"], choice["stop"], "composed")
+    assert f"[{choice['start']:g}, {choice['stop']:g}]" in text and f"steps {STEPS}" in text
+    with pytest.raises(AppError, match="Expected an embedded testbed to calibrate the composed window"):
+        generate(c, api_name="/calibrate_window", model=video_model, map_label="none")
+
+
 def test_random_seed_is_shown_back(app):
     gallery, _, seed_used, _ = generate(client(app), seed=-1, batch=1)
     assert seed_used.isdigit()

@@ -156,6 +156,13 @@ def create_demo(engine: Engine | None = None, out_dir: str | None = None) -> gr.
         ab_outputs = [out["ab"], out["ab_badges"], c["seed_used"], out["ab_video"]]
         c["ab"].click(h.compare, outputs=ab_outputs, api_name="compare", **run)
         bake_btn.click(h.bake, inputs=inputs, outputs=[map_status, bake_file], api_name="bake", concurrency_limit=1)
+        c["calibrate_window"].click(
+            h.calibrate_window,
+            inputs=inputs,
+            outputs=[c["start"], c["stop"], c["extrapolation"], c["window_status"]],
+            api_name="calibrate_window",
+            concurrency_limit=1,
+        )
         c["random"].click(lambda: -1, None, c["seed"], api_name=False, queue=False)
         c["reuse"].click(
             lambda s: int(s) if str(s).strip() else -1, c["seed_used"], c["seed"], api_name=False, queue=False

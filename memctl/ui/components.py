@@ -127,6 +127,12 @@ def sampling_controls(d: GenerationOptions) -> dict:
             "parts ('a two, small, bold'), no map, one more pass per part, inside the window",
             elem_id="extrapolation",
         )
+        c["calibrate_window"] = gr.Button("Calibrate the window for composed", size="sm", elem_id="calibrate-window")
+        c["window_status"] = gr.Markdown(
+            "Embedded testbeds: the narrowest high-noise window where composing stops the memorized probes "
+            "copying, at the current steps and guidance.",
+            elem_id="window-status",
+        )
     with gr.Row():
         c["seed"] = gr.Number(d.seed, label="Seed (−1 = random)", precision=None, elem_id="seed", scale=3)
         c["random"] = gr.Button("random", size="sm", scale=0, min_width=70)

@@ -235,6 +235,25 @@ class Engine:
                             fidelity_mode=opts.fidelity_mode):  # fmt: skip
             yield
 
+    def calibrated_window(self, source: str | None, steps: int, guidance: float) -> dict:
+        """`memctl.composed.calibrate_window` for this model at these sampling settings, on its testbed's memorized
+        probe pairs (`memctl.effect.calibration_inputs`); other models are refused (their memorized pairs are the
+        user's own: calibrate in Python)."""
+        from memctl.composed import calibrate_window
+        from memctl.effect import calibration_inputs
+
+        loaded = self.model(source)
+        if loaded.testbed is None:
+            raise ValueError(
+                f"Expected an embedded testbed to calibrate the composed window on (its memorized canaries), but got "
+                f"{loaded.source!r}. Set the window by hand, or run memctl.composed.calibrate_window in Python on "
+                "your own memorized (prompt, image) pairs."
+            )
+        memorized, reference, calibration = calibration_inputs(loaded.testbed)
+        with self.lock:
+            return calibrate_window(loaded.pipe, memorized, parts_for(loaded.testbed), reference, steps=steps,
+                                    guidance=guidance, **calibration)  # fmt: skip
+
     def _sample(self, loaded: Loaded, opts: GenerationOptions, map_label: str | None, bmap) -> list[Sample]:
         seeds = [opts.seed + i for i in range(opts.batch_size)]
         kwargs = dict(

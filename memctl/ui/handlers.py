@@ -169,6 +169,23 @@ class Handlers:
         single = self._serve(folder / "denoiser.safetensors", f"{folder.name}-denoiser.safetensors")
         return baking.bake_message(folder, info, is_embedded(model)), single
 
+    @user_errors
+    @takes_controls("model", "map_label")
+    def calibrate_window(self, c: Controls, model, map_label):
+        """The composed lever's window for this testbed model at the current steps and guidance
+        (`Engine.calibrated_window`): window start and stop, the lever set to composed, what the calibration read."""
+        opts = c.options(self._is_video(model))
+        choice = self.engine.calibrated_window(model, opts.steps, opts.guidance)
+        rates = ", ".join(f"from {float(k):g}: {100 * v:.0f} %" for k, v in choice["copy_rates"].items())
+        test = "near copies of" if choice["copy_test"] == "nearest" else "copies of"
+        verdict = "" if choice["reached"] else " None reached 5 %: the widest window is set."
+        text = (
+            f"Window **[{choice['start']:g}, {choice['stop']:g}]** (steps {opts.steps}, guidance {opts.guidance:g}): "
+            f"the narrowest where composing at −1 leaves at most 5 % {test} the memorized probes' own images "
+            f"(seeds {', '.join(map(str, choice['seeds']))}; {rates}).{verdict}"
+        )
+        return choice["start"], choice["stop"], "composed", text
+
     # ------------------------------------------------------------------------------------------------------------
     # model and examples
 
