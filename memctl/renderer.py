@@ -36,9 +36,8 @@ class Renderer:
 
     def __init__(self, job: Job, device, pipeline=None):
         self.job, self.testbed, self.bmap, self._applied = job, None, None, None
-        self.calibrations: dict[
-            str, dict
-        ] = {}  # `window: calibrated`: calibrate_window's choice per (steps, guidance)
+        # `window: calibrated`: calibrate_window's choice per steps and guidance
+        self.calibrations: dict[str, dict] = {}
         errors: list[str] = []
         self.pipe = pipeline if pipeline is not None else self._load_model(errors)
         if pipeline is not None:  # a pipeline handed in: still know the testbed the job names (for `shipped`)
