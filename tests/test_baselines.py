@@ -111,6 +111,23 @@ def test_jain_on_wan_swaps_in_the_empty_prompt_as_the_transformer_takes_it(probe
         assert torch.equal(sample(p, "wan", prompt="ab"), ref)
 
 
+def test_wen_on_wan_optimizes_both_prompts_of_a_repeated_seed(probes):
+    """Wan guides with two calls ("cond", "uncond"): a conditional call whose latents repeat in halves (one seed
+    for two prompts) is all conditional, and the unconditional call is left alone."""
+    from tests.tiny import PIPELINE_FAMILIES, tiny_pipeline
+
+    pipe = tiny_pipeline("wan")
+    call = {**PIPELINE_FAMILIES["wan"].call, "prompt": ["ab", "ba"], "output_type": "pt"}
+    assert call["guidance_scale"] > 1  # both calls run
+    rows = {}
+    for seeds in ((3, 4), (3, 3)):
+        wen = Wen(pipe, steps=1, lr=0.5, quantile=0.01).fit(probes)
+        with wen.applied() as p:
+            p(**call, generator=[torch.Generator().manual_seed(s) for s in seeds])
+        rows[seeds] = wen.extra_rows
+    assert rows[(3, 3)] == rows[(3, 4)] == 2 * (1 + 2 * 1)  # 2 rows, once per sample: uncond reference + one step
+
+
 def test_wen_on_a_video_transformer_calibrates_at_its_first_call(probes):
     """Wan takes its latent size per call: Wen's calibration noise takes the first call's latent shape."""
     from tests.tiny import sample, tiny_pipeline

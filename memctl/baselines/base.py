@@ -11,6 +11,7 @@ from diffusers.hooks import ModelHook
 
 from memctl.blocks import require_denoisers, unwrap
 from memctl.hooks import _arg_position, _get_arg, attached, latents_arg
+from memctl.passes import _ContextName
 from memctl.subspace import fit_length
 
 HOOK = "memctl.baseline"
@@ -51,14 +52,17 @@ def like(states: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return fit_length(states.to(e), e.shape[1]).expand_as(e)
 
 
-def cfg_rows(x: torch.Tensor, pipe: Any = None) -> int:
+def cfg_rows(x: torch.Tensor, pipe: Any = None, context: str | None = None) -> int:
     """Rows at the start of a batch that are the unconditional pass: half the batch when it splits into two
     identical halves (classifier-free guidance in one batch, unconditional first), else 0. Identical halves also
     come from repeated seeds without guidance (the same noise for two prompts), so where `pipe` says whether its
     current call guides (`do_classifier_free_guidance`, which diffusers pipelines and `memctl.PixelPipeline` keep
-    for the call), a call without guidance has no unconditional rows. Still read wrong: a pipeline that guides with
-    two calls (Wan, Flux's true CFG) and repeats a seed within a call: its first half still counts as unconditional."""
+    for the call), a call without guidance has no unconditional rows. A pipeline that guides with two calls (Wan,
+    Flux's true CFG) names each (`context`, the `cache_context` name): an "uncond" call is all unconditional, a
+    "cond" call all conditional, whatever its halves hold."""
     n = x.shape[0]
+    if context in ("cond", "uncond"):
+        return n if context == "uncond" else 0
     if n % 2 or n == 0 or not torch.equal(x[: n // 2], x[n // 2 :]):
         return 0
     return 0 if _guides(pipe) is False else n // 2
@@ -75,11 +79,21 @@ def _guides(pipe: Any) -> bool | None:
 
 
 class InputsHook(ModelHook):
-    """A root hook that hands (sample, timestep, encoder_hidden_states) to `edit`, which returns new states."""
+    """A root hook that hands (sample, timestep, encoder_hidden_states) to `edit`, which returns new states.
+
+    Stateful in diffusers' sense only so that diffusers hands it the pipeline's `cache_context` name ("cond" /
+    "uncond" where guidance runs as two calls, as in Wan): `edit` reads it as `hook.context.name`."""
+
+    _is_stateful = True
 
     def __init__(self, edit):
         super().__init__()
         self.edit = edit
+        self.context = _ContextName()
+
+    def reset_state(self, module):
+        self.context.set_context(None)
+        return module
 
     def initialize_hook(self, module):
         self._pos = {a: _arg_position(module, a) for a in (latents_arg(module), "timestep", "encoder_hidden_states")}

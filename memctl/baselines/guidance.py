@@ -67,10 +67,12 @@ class Wen(Baseline):
             self._calibrate(tuple(x.shape[1:]), hook.fn_ref.forward)  # the denoiser below this hook
         if self.target is None:
             raise ValueError("Expected Wen.fit(probes) (or target=) before use, but no target is set.")
+        k = cfg_rows(x, self.pipe, hook.context.name)
+        if k == len(x):  # the unconditional call of a two-call pipeline (Wan): nothing to optimize
+            return e
         tt = float(t.float().max()) if isinstance(t, torch.Tensor) else float(t)
         first = self._last_t is None or tt > self._last_t  # a new sample starts at its largest timestep
         self._last_t = tt
-        k = cfg_rows(x, self.pipe)
         if first:
             self._cache = (e[k:].clone(), self._optimize(hook, x[k:], t, e[k:]))
         orig, opt = self._cache
