@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from memctl.attention_calibrate import attention_map
 from memctl.bake import bake
 from memctl.baselines import BASELINES
-from memctl.composed import calibrate_window, composed
+from memctl.composed import calibrate_window, composed, parts_for
 from memctl.controls import TextEdit, control_maps
 from memctl.evaluate import EvalSpec, sample_testbed, score_samples
 from memctl.knob import _pairs, apply_knob, fidelity, remove_knob
@@ -206,6 +206,14 @@ def calibration_inputs(tb) -> tuple[list, torch.Tensor, dict]:
         return bound, tb.train_images, dict(seeds=VIDEO_CALIBRATION_SEEDS, copy_test="nearest", **call)
     probes = testbed_probes(tb)
     return probes.memorized, probe_reference(probes), dict(seeds=CALIBRATION_SEEDS)
+
+
+def testbed_window(pipe, tb, steps: int, guidance: float) -> dict:
+    """`calibrate_window` for testbed `tb`'s model `pipe` sampled at `steps` and `guidance`: its memorized probe pairs
+    and copy test as `calibration_inputs` gives them, its captions split as `memctl.composed.parts_for` does (what
+    `memctl render`'s `window: calibrated` and the app's calibration button run)."""
+    memorized, reference, calibration = calibration_inputs(tb)
+    return calibrate_window(pipe, memorized, parts_for(tb), reference, steps=steps, guidance=guidance, **calibration)
 
 
 def probe_reference(probes) -> torch.Tensor:

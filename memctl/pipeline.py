@@ -120,7 +120,7 @@ class PixelPipeline(DiffusionPipeline):
         return getattr(self, "_guidance_scale", 1.0) != 1.0
 
     def _sample(self, prompts, negatives, steps, guidance_scale, generator, callback_on_step_end):
-        device, use_cfg = self._execution_device, guidance_scale != 1.0  # w < 1 mixes toward unconditional
+        device, use_cfg = self._execution_device, self.do_classifier_free_guidance  # w < 1 mixes toward uncond
         cond = self.encode_prompt(prompts)
         if use_cfg:
             cond = torch.cat([self.encode_prompt(negatives), cond])

@@ -208,12 +208,11 @@ class Renderer:
 
     def _calibrate_windows(self, errors: list[str]) -> None:
         """Shots with `window: calibrated` get the window `memctl.composed.calibrate_window` picks for this model from
-        its testbed's memorized probe pairs (`memctl.effect.calibration_inputs`, calibration seeds), once per steps and
+        its testbed's memorized probe pairs (`memctl.effect.testbed_window`, calibration seeds), once per steps and
         guidance; `self.job` then holds them as numbers, so names, resume keys and manifests see [start, stop]."""
         from dataclasses import replace
 
-        from memctl.composed import calibrate_window
-        from memctl.effect import calibration_inputs
+        from memctl.effect import testbed_window
 
         todo = [s for s in self.job.shots if s.values["window"] == CALIBRATED]
         if not todo:
@@ -225,18 +224,16 @@ class Renderer:
                 "stop] (memctl.composed.calibrate_window picks one from your own memorized pairs in Python)."
             )
             return
-        memorized, reference, calibration = calibration_inputs(self.testbed)
         shots = []
         for shot in self.job.shots:
             if shot.values["window"] == CALIBRATED:
                 key = f"steps {shot.values['steps']}, guidance {shot.values['guidance']:g}"
                 if key not in self.calibrations:
-                    print(f"memctl render: calibrating the composed window ({key}) on {len(memorized)} memorized "
+                    print(f"memctl render: calibrating the composed window ({key}) on the testbed's memorized "
                           "probe pairs", flush=True)  # fmt: skip
-                    self.calibrations[key] = calibrate_window(
-                        self.pipe, memorized, parts_for(self.testbed), reference, steps=shot.values["steps"],
-                        guidance=shot.values["guidance"], **calibration,
-                    )  # fmt: skip
+                    self.calibrations[key] = testbed_window(
+                        self.pipe, self.testbed, shot.values["steps"], shot.values["guidance"]
+                    )
                     c = self.calibrations[key]
                     print(f"memctl render: window [{c['start']:g}, {c['stop']:g}] (copy rates {c['copy_rates']})",
                           flush=True)  # fmt: skip

@@ -237,10 +237,9 @@ class Engine:
 
     def calibrated_window(self, source: str | None, steps: int, guidance: float) -> dict:
         """`memctl.composed.calibrate_window` for this model at these sampling settings, on its testbed's memorized
-        probe pairs (`memctl.effect.calibration_inputs`); other models are refused (their memorized pairs are the
+        probe pairs (`memctl.effect.testbed_window`); other models are refused (their memorized pairs are the
         user's own: calibrate in Python)."""
-        from memctl.composed import calibrate_window
-        from memctl.effect import calibration_inputs
+        from memctl.effect import testbed_window
 
         loaded = self.model(source)
         if loaded.testbed is None:
@@ -249,10 +248,8 @@ class Engine:
                 f"{loaded.source!r}. Set the window by hand, or run memctl.composed.calibrate_window in Python on "
                 "your own memorized (prompt, image) pairs."
             )
-        memorized, reference, calibration = calibration_inputs(loaded.testbed)
         with self.lock:
-            return calibrate_window(loaded.pipe, memorized, parts_for(loaded.testbed), reference, steps=steps,
-                                    guidance=guidance, **calibration)  # fmt: skip
+            return testbed_window(loaded.pipe, loaded.testbed, steps, guidance)
 
     def _sample(self, loaded: Loaded, opts: GenerationOptions, map_label: str | None, bmap) -> list[Sample]:
         seeds = [opts.seed + i for i in range(opts.batch_size)]
