@@ -34,7 +34,7 @@ from memctl.effect import (
     probe_reference,
     testbed_probes,
 )
-from memctl.effect_video import VIDEO_STEPS, is_video, video_composed_plan
+from memctl.effect_video import VIDEO_STEPS, clip_readout, is_video, video_composed_plan
 from memctl.evaluate import EvalSpec
 
 OUT = Path(__file__).parent / "results" / "composed_fresh_seeds.json"
@@ -52,9 +52,9 @@ def run(name: str, noise: str = "shared") -> dict:
     tb = load_testbed(name)
     pipe = tb.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    if is_video(name):
-        return run_video(tb, pipe, noise)
     base = PER_PROMPT_SEED_BASE if noise == "per-prompt" else SEED_BASE
+    if is_video(name):
+        return run_video(tb, pipe, noise, base)
     spec = EvalSpec(seeds=4, seed_base=base, guidance=tb.guidance, noise=noise)
     probes = testbed_probes(tb)
     plain, ref = _measure(tb, pipe, spec, None, nullcontext)
@@ -75,19 +75,18 @@ def run(name: str, noise: str = "shared") -> dict:
     return out
 
 
-def run_video(tb, pipe, noise: str = "shared") -> dict:
+def run_video(tb, pipe, noise: str, base: int) -> dict:
     from contextlib import nullcontext
 
-    base = PER_PROMPT_SEED_BASE if noise == "per-prompt" else SEED_BASE
     spec = EvalSpec(seeds=2, seed_base=base, guidance=tb.guidance, steps=VIDEO_STEPS, noise=noise)
     plain, ref = _measure(tb, pipe, spec, None, nullcontext)
     setup = next(s for family, _, s in video_composed_plan(tb, pipe) if family == COMPOSED_WINDOW_FAMILY)
     row, _ = _measure(tb, pipe, spec, ref, setup)
 
     def read(r: dict) -> dict:
-        most = str(max(tb.exposures))
-        return {**_headline(tb, r), "most_nearest_bound": r["canary"][most]["nearest_bound"],
-                "canary_motion_valid": r["canary"]["all"]["motion_valid"]}  # fmt: skip
+        clip = clip_readout(r)
+        return {**_headline(tb, r), "most_nearest_bound": clip["nearest_bound"],
+                "canary_motion_valid": clip["canary_motion_valid"]}  # fmt: skip
 
     out = {"eval": spec.to_dict(), "plain": read(plain), "composed t ≥ 0.7": read(row),
            "evals_per_image": row["cost"]["denoiser_evals_per_image"]}  # fmt: skip

@@ -14,10 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from memctl.effect_video import clip_readout
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
 MEASURES = ("most_copy", "novel_valid", "compositional", "ordinary_valid")
-VIDEO = ("nearest_bound", "motion_valid")  # most-exposed clips nearest their bound clip; canary motion validity
+VIDEO = ("nearest_bound", "canary_motion_valid")  # memctl.effect_video.clip_readout
 
 
 def _old(rev: str, name: str) -> dict:
@@ -26,13 +28,6 @@ def _old(rev: str, name: str) -> dict:
     if text.returncode != 0:
         raise SystemExit(f"Expected {path} at revision {rev}, but git said: {text.stderr.strip()}")
     return json.loads(text.stdout)
-
-
-def _clip(record: dict, family: str, setting: str, key: str) -> float | None:
-    """A clip measure of one row: the most-exposed canaries' nearest-bound share, or the canaries' motion validity."""
-    canary = record["rows"][family][setting]["canary"]
-    most = max((e for e in canary if e != "all"), key=int)
-    return canary[most].get(key) if key == "nearest_bound" else canary["all"].get(key)
 
 
 def _noise(record: dict) -> str:
@@ -63,8 +58,8 @@ def compare(rev: str, models: list[str]) -> dict:
                 if before is not None:
                     cells = {m: [before.get(m), h.get(m)] for m in MEASURES}
                     if "frame_valid" in new["rows"][family][setting]["canary"]["all"]:  # clips: nearest bound, motion
-                        cells.update({k: [_clip(old, family, setting, k), _clip(new, family, setting, k)]
-                                      for k in VIDEO})  # fmt: skip
+                        a_clip, b_clip = (clip_readout(r["rows"][family][setting]) for r in (old, new))
+                        cells.update({k: [a_clip[k], b_clip[k]] for k in VIDEO})
                     rows[f"{family} {setting}"] = cells
         setups = []  # rows whose setup changed too, not only the noise (the window rule's copy test)
         for family, by in new["rows"].items():

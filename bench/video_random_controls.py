@@ -19,7 +19,7 @@ import torch
 from memctl.blocks import pipeline_denoisers
 from memctl.controls import control_maps
 from memctl.effect import _headline, _measure, knob_setup
-from memctl.effect_video import VIDEO_STEPS, video_probes
+from memctl.effect_video import VIDEO_STEPS, clip_readout, video_probes
 from memctl.evaluate import EvalSpec
 from memctl.probe import probe
 
@@ -27,10 +27,7 @@ OUT = Path(__file__).parent / "results" / "video_random_controls.json"
 
 
 def _row(tb, row: dict) -> dict:
-    canary = row["canary"]
-    most = max((e for e in canary if e != "all"), key=int)
-    return {**_headline(tb, row), "nearest_bound": canary[most]["nearest_bound"],
-            "canary_motion_valid": canary["all"]["motion_valid"]}  # fmt: skip
+    return {**_headline(tb, row), **clip_readout(row)}
 
 
 def run(seeds: int) -> dict:

@@ -62,6 +62,14 @@ CPU_ROWS = (
 )
 
 
+def clip_readout(row: dict) -> dict:
+    """A video row's two clip measures beside its headline: the share of the most-exposed canaries' clips whose
+    nearest training clip is their bound clip, and the canaries' motion validity."""
+    canary = row["canary"]
+    most = max((e for e in canary if e != "all"), key=int)
+    return {"nearest_bound": canary[most]["nearest_bound"], "canary_motion_valid": canary["all"]["motion_valid"]}
+
+
 def is_video(name: str) -> bool:
     """Is `name` (a testbed name or folder) a video testbed?"""
     from memctl.zoo.testbed import TESTBEDS, assets_dir
